@@ -1,0 +1,415 @@
+"""``SubspaceAdamW``: AdamW whose projected param groups run inside a moving rank-``r`` subspace.
+
+One step for a projected ``m x n`` weight (ALGORITHMS.md section 2), with ``X`` the gradient
+oriented so that its rows are the short side ``d`` (``linalg.orient``):
+
+1. first step: ``Q = rule.init(X)``; every ``update_interval`` steps after that:
+   ``Q_old = Q; Q = rule.update(Q, X)`` and the moments are transported (``transport.py``);
+2. ``R = Q^T X``; ``M = b1 M + (1 - b1) R``; ``V = b2 V + (1 - b2) R*R``; ``N = M / (sqrt(V) + eps)``;
+3. ``D = alpha Q N`` (+ ``alpha_r c E Phi`` with recovery scaling, ``recovery.py``);
+4. ``W = W - lr_t D`` with ``lr_t = lr sqrt(1 - b2^t) / (1 - b1^t)``, then ``W = W - lr wd W``.
+
+A param group is projected when it has a ``rank``; otherwise it is plain AdamW with the same Adam
+convention. Subspace maths and all optimizer state are float32 whatever the parameter's dtype;
+nothing is tied to a device. Random rules draw only from generators the optimizer owns, seeded
+from ``(seed, parameter index)``, saved in ``state_dict``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from . import recovery as rec
+from .linalg import is_transposed, largest_angle, orient, reorthonormalize
+from .rules import RuleContext, all_rule_options, get_rule
+from .transport import TRANSPORTS, transport
+
+__all__ = ["SubspaceAdamW", "SUBSPACE_DEFAULTS"]
+
+#: Defaults of a projected group (a group with a ``rank``). The components default to SubTrack++.
+SUBSPACE_DEFAULTS: dict[str, Any] = {
+    "update_interval": 200,
+    "alpha": 0.25,
+    "alpha_r": None,  # None: the same as alpha (Fira's form alpha * (Q N + S))
+    "rule": "track",
+    "transport": "rotate",
+    "recovery": True,
+    "zeta": 1.01,
+}
+_PLAIN_KEYS = {"params", "param_names", "lr", "betas", "eps", "weight_decay", "seed", "check_finite",
+               "initial_lr", "name"}
+_SUBSPACE_KEYS = {"rank", *SUBSPACE_DEFAULTS}
+
+
+def _mix_seed(seed: int, index: int) -> int:
+    """A 63-bit generator seed from ``(seed, parameter index)`` (splitmix64 finaliser)."""
+    z = (seed * 0x9E3779B97F4A7C15 + (index + 1) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
+
+
+def _suggest(key: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+class SubspaceAdamW(Optimizer):
+    """AdamW with gradient-subspace projection for the param groups that carry a ``rank``.
+
+    Args:
+        params: parameters, ``(name, parameter)`` pairs, or param-group dicts (see
+            :func:`grassopt.param_groups`, which builds them from a model and a preset).
+        lr, betas, eps, weight_decay: AdamW hyper-parameters (GaLore's convention: ``eps`` is added
+            to ``sqrt(V)`` and bias correction is folded into the step size; ``eps=1e-6``).
+        seed: seeds the per-parameter generators of random rules (with the parameter's index).
+        check_finite: check, before anything is changed, that every gradient is finite, and raise a
+            ``FloatingPointError`` naming the offending parameters otherwise. Costs one fused
+            norm over all gradients per step.
+
+    Projected-group keys: ``rank`` (required), ``update_interval`` (``T``), ``alpha``, ``alpha_r``,
+    ``rule`` (see ``grassopt.rules.RULES``), ``transport`` (``keep``/``reset``/``rotate``),
+    ``recovery`` (bool), ``zeta`` (limiter), and the options of the chosen rule (for example
+    ``step_size``, ``step_mode``, ``update_rank`` for ``track``; defaults come from the rule).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        *,
+        seed: int = 0,
+        check_finite: bool = True,
+    ):
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, seed=seed,
+                        check_finite=check_finite)
+        self._generators: dict[Tensor, torch.Generator] = {}
+        self._diag: dict[Tensor, dict[str, Any]] = {}
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ groups and validation
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        projected = param_group.get("rank") is not None
+        if not projected:
+            param_group.pop("rank", None)
+        for key in param_group:
+            allowed = _PLAIN_KEYS | (_SUBSPACE_KEYS | all_rule_options() if projected else set())
+            if key not in allowed:
+                hint = ("; subspace options need a 'rank' in the group"
+                        if key in _SUBSPACE_KEYS | all_rule_options() else _suggest(key, allowed))
+                raise ValueError(f"unknown param-group option {key!r}{hint}")
+        if projected:
+            rule = get_rule(param_group.get("rule", SUBSPACE_DEFAULTS["rule"]))
+            for key in all_rule_options() - set(rule.OPTIONS):
+                if key in param_group:
+                    raise ValueError(
+                        f"option {key!r} is not used by subspace rule {rule.NAME!r} "
+                        f"(its options: {sorted(rule.OPTIONS) or 'none'}); remove it or change the rule")
+            for key, value in {**SUBSPACE_DEFAULTS, **rule.OPTIONS}.items():
+                param_group.setdefault(key, value)
+        super().add_param_group(param_group)
+        self._validate_group(param_group, len(self.param_groups) - 1)
+
+    def _validate_group(self, group: dict[str, Any], gi: int) -> None:
+        names = group.get("param_names") or [f"param {j}" for j in range(len(group["params"]))]
+        where = f"param group {gi}"
+
+        def bad(msg: str) -> None:
+            self.param_groups.pop()  # leave the optimizer as it was
+            raise ValueError(f"{where}: {msg}")
+
+        if not group["lr"] >= 0:
+            bad(f"lr={group['lr']} must be >= 0")
+        if not group["eps"] >= 0:
+            bad(f"eps={group['eps']} must be >= 0")
+        if not group["weight_decay"] >= 0:
+            bad(f"weight_decay={group['weight_decay']} must be >= 0")
+        b1, b2 = group["betas"]
+        if not (0 <= b1 < 1 and 0 <= b2 < 1):
+            bad(f"betas={group['betas']} must each lie in [0, 1)")
+        if "rank" not in group:
+            return
+        rule = get_rule(group["rule"])
+        rank = group["rank"]
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            bad(f"rank={rank!r} must be an integer >= 1")
+        T = group["update_interval"]
+        if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+            bad(f"update_interval={T!r} must be an integer >= 1 (steps between basis updates)")
+        if group["transport"] not in TRANSPORTS:
+            bad(f"unknown transport {group['transport']!r}; choose one of {list(TRANSPORTS)}")
+        if not group["zeta"] >= 1:
+            bad(f"zeta={group['zeta']} must be >= 1 (the limiter may only shrink the residual's growth)")
+        if not group["alpha"] > 0:
+            bad(f"alpha={group['alpha']} must be > 0")
+        if group["alpha_r"] is not None and not group["alpha_r"] >= 0:
+            bad(f"alpha_r={group['alpha_r']} must be >= 0 or None")
+        if not isinstance(group["recovery"], bool):
+            bad(f"recovery={group['recovery']!r} must be True or False")
+        if "step_mode" in group and group["step_mode"] not in ("normalized", "raw"):
+            bad(f"step_mode={group['step_mode']!r} must be 'normalized' or 'raw'")
+        if "step_size" in group and not group["step_size"] > 0:
+            bad(f"step_size={group['step_size']} must be > 0")
+        if "update_rank" in group and not (isinstance(group["update_rank"], int) and 1 <= group["update_rank"] <= rank):
+            bad(f"update_rank={group['update_rank']!r} must be an integer in [1, rank={rank}]")
+        if "jump_prob" in group and not 0 <= group["jump_prob"] <= 1:
+            bad(f"jump_prob={group['jump_prob']} must lie in [0, 1]")
+        if "init" in group and group["init"] not in ("svd", "random"):
+            bad(f"init={group['init']!r} must be 'svd' or 'random'")
+        for name, p in zip(names, group["params"]):
+            if p.dim() != 2:
+                bad(f"{name} has shape {tuple(p.shape)}: only 2-D weights can be projected; put it in a "
+                    f"group without 'rank' (grassopt.param_groups does this for you)")
+            if rank >= min(p.shape):
+                bad(f"rank={rank} must be < min{tuple(p.shape)}={min(p.shape)} for {name}; lower the rank "
+                    f"or train this matrix in a plain group (grassopt.param_groups falls back with a warning)")
+        del rule
+
+    def _param_name(self, gi: int, i: int) -> str:
+        names = self.param_groups[gi].get("param_names")
+        return names[i] if names else f"parameter {i} of param group {gi}"
+
+    # ------------------------------------------------------------------ randomness
+    def _flat_params(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _generator(self, p: Tensor) -> torch.Generator:
+        gen = self._generators.get(p)
+        if gen is None:
+            index = next(i for i, q in enumerate(self._flat_params()) if q is p)
+            seed = next(g["seed"] for g in self.param_groups if any(q is p for q in g["params"]))
+            gen = torch.Generator(device=p.device)
+            gen.manual_seed(_mix_seed(int(seed), index))
+            self._generators[p] = gen
+        return gen
+
+    # ------------------------------------------------------------------ state dict
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        for i, p in enumerate(self._flat_params()):
+            gen = self._generators.get(p)
+            if gen is not None:
+                sd["state"][i] = {**sd["state"].get(i, {}), "rng_state": gen.get_state()}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict; float32 state stays float32 (it is not cast to a bf16 parameter's dtype)."""
+        saved = state_dict.get("state")
+        if not isinstance(saved, dict) or not isinstance(state_dict.get("param_groups"), list):
+            raise ValueError("not an optimizer state dict: expected keys 'state' and 'param_groups'")
+        for gi, (mine, theirs) in enumerate(zip(self.param_groups, state_dict["param_groups"])):
+            if ("rank" in mine) != ("rank" in theirs) or mine.get("rank") != theirs.get("rank"):
+                raise ValueError(
+                    f"param group {gi}: the saved optimizer has rank={theirs.get('rank')} but this one "
+                    f"has rank={mine.get('rank')}; build the optimizer with the same groups before loading")
+        super().load_state_dict({**state_dict, "state": {}})
+        params = self._flat_params()
+        self.state.clear()
+        self._generators.clear()
+        self._diag.clear()
+        for key, st in saved.items():
+            i = int(key)
+            if not 0 <= i < len(params):
+                raise ValueError(f"state for parameter index {i} but the optimizer has {len(params)} parameters")
+            p = params[i]
+            new: dict[str, Any] = {}
+            for k, v in st.items():
+                if k == "rng_state":
+                    gen = torch.Generator(device=p.device)
+                    gen.set_state(v.to("cpu", torch.uint8))
+                    self._generators[p] = gen
+                elif isinstance(v, Tensor):
+                    new[k] = v.detach().to(device=p.device).clone()
+                else:
+                    new[k] = v
+            self.state[p] = new
+
+    # ------------------------------------------------------------------ diagnostics
+    def diagnostics(self) -> dict[str, dict[str, Any]]:
+        """Per projected parameter: the last basis update and the recovery of the last step.
+
+        ``angle_deg``: largest principal angle turned by the last basis update (degrees);
+        ``last_update``: the step it happened at; ``residual_norm``: ``||X - Q Q^T X||_F`` and
+        ``residual_ratio`` (its share of ``||X||_F``), measured at every step with recovery, at
+        basis updates otherwise; ``limiter``: the norm-growth limiter's factor (1 = did not act).
+        """
+        out: dict[str, dict[str, Any]] = {}
+        for group in self.param_groups:
+            if "rank" not in group:
+                continue
+            names = group.get("param_names") or [None] * len(group["params"])
+            for name, p in zip(names, group["params"]):
+                d = self._diag.get(p)
+                if d is None:
+                    continue
+                key = name or f"param {next(i for i, q in enumerate(self._flat_params()) if q is p)}"
+                out[key] = {k: (float(v) if isinstance(v, Tensor) else v) for k, v in d.items()}
+                if out[key].get("angle") is not None:
+                    out[key]["angle_deg"] = math.degrees(out[key].pop("angle"))
+        return out
+
+    # ------------------------------------------------------------------ the step
+    def _check_finite(self) -> None:
+        items = [(gi, i, p) for gi, g in enumerate(self.param_groups) for i, p in enumerate(g["params"])
+                 if p.grad is not None and g["check_finite"]]
+        if not items:
+            return
+        norms = torch._foreach_norm([p.grad for _, _, p in items], 2, dtype=torch.float32)
+        ok = torch.stack([n.to(norms[0].device) for n in norms]).isfinite()
+        if bool(ok.all()):
+            return
+        bad = [self._param_name(gi, i) for (gi, i, _), good in zip(items, ok.tolist()) if not good]
+        raise FloatingPointError(
+            f"non-finite gradient (NaN or inf) in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
+            "nothing was updated. Lower the learning rate, clip gradients, or use a GradScaler with fp16; "
+            "pass check_finite=False to skip this check.")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        """Perform one optimization step (optionally re-evaluating the loss with ``closure``)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_finite()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                if p.grad.is_sparse:
+                    raise RuntimeError("SubspaceAdamW does not support sparse gradients")
+            if not params:
+                continue
+            if "rank" in group:
+                for p in params:
+                    self._projected_step(p, group)
+            else:
+                self._plain_step(params, group)
+        return loss
+
+    def _plain_step(self, params: list[Tensor], group: dict[str, Any]) -> None:
+        b1, b2 = group["betas"]
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        fast: list[tuple[Tensor, Tensor, Tensor, Tensor, float]] = []
+        for p in params:
+            st = self.state[p]
+            if "step" not in st:
+                st["step"] = 0
+                st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            st["step"] += 1
+            t = st["step"]
+            step_size = lr * math.sqrt(1 - b2**t) / (1 - b1**t)
+            if p.dtype == torch.float32 and p.grad.dtype == torch.float32:
+                fast.append((p, p.grad, st["exp_avg"], st["exp_avg_sq"], step_size))
+            else:  # low-precision parameter: do the update in float32 and round once
+                w, g = p.float(), p.grad.float()
+                m, v = st["exp_avg"], st["exp_avg_sq"]
+                m.mul_(b1).add_(g, alpha=1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                w.addcdiv_(m, v.sqrt().add_(eps), value=-step_size)
+                if wd:
+                    w.add_(w, alpha=-lr * wd)
+                p.copy_(w)
+        if not fast:
+            return
+        ps, gs, ms, vs, sizes = (list(x) for x in zip(*fast))
+        torch._foreach_mul_(ms, b1)
+        torch._foreach_add_(ms, gs, alpha=1 - b1)
+        torch._foreach_mul_(vs, b2)
+        torch._foreach_addcmul_(vs, gs, gs, value=1 - b2)
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_add_(denom, eps)
+        if len(set(sizes)) == 1:
+            torch._foreach_addcdiv_(ps, ms, denom, value=-sizes[0])
+        else:
+            torch._foreach_addcdiv_(ps, ms, denom, [-s for s in sizes])
+        if wd:
+            torch._foreach_add_(ps, ps, alpha=-lr * wd)
+
+    def _projected_step(self, p: Tensor, group: dict[str, Any]) -> None:
+        st = self.state[p]
+        rule = get_rule(group["rule"])
+        transposed = is_transposed(p.shape)
+        x = orient(p.grad)  # d x k, float32
+        ctx = RuleContext(rank=group["rank"], transposed=transposed, options=group,
+                          generator=self._generator(p) if rule.NEEDS_GENERATOR else None)
+        diag = self._diag.setdefault(p, {})
+        basis_update = False
+        if "Q" not in st:
+            q = rule.init(x, ctx).to(torch.float32).contiguous()
+            st["step"], st["adam_step"] = 0, 0
+            st["Q"] = q
+            st["exp_avg"] = x.new_zeros(q.shape[1], x.shape[1])
+            st["exp_avg_sq"] = x.new_zeros(q.shape[1], x.shape[1])
+            if group["recovery"]:
+                st["residual_norm"] = x.new_zeros(())
+            diag.update(angle=None, last_update=0)
+            basis_update = True
+        elif st["step"] % group["update_interval"] == 0:
+            q_old = st["Q"]
+            q_new = rule.update(q_old, x, ctx)
+            if q_new is not q_old:
+                q_new = reorthonormalize(q_new.to(torch.float32))
+                angle = ctx.angle if ctx.angle is not None else largest_angle(q_old, q_new)
+                if transport(group["transport"], q_old, q_new, st["exp_avg"], st["exp_avg_sq"]):
+                    st["adam_step"] = 0
+                st["Q"] = q_new.contiguous()
+            else:
+                angle = x.new_zeros(())
+            diag.update(angle=angle, last_update=st["step"])
+            basis_update = True
+
+        q, m, v = st["Q"], st["exp_avg"], st["exp_avg_sq"]
+        b1, b2 = group["betas"]
+        lr, wd = group["lr"], group["weight_decay"]
+        r = q.mT @ x  # r x k, the low-rank gradient
+        st["step"] += 1
+        st["adam_step"] += 1
+        t = st["adam_step"]
+        m.mul_(b1).add_(r, alpha=1 - b1)
+        v.mul_(b2).addcmul_(r, r, value=1 - b2)
+        n = m / v.sqrt().add_(group["eps"])
+        step_size = lr * math.sqrt(1 - b2**t) / (1 - b1**t)
+        alpha = group["alpha"]
+
+        if group["recovery"]:
+            alpha_r = alpha if group["alpha_r"] is None else group["alpha_r"]
+            out = rec.residual_scaling(x, r, n, st["residual_norm"], group["zeta"])
+            st["residual_norm"].copy_(out.norm)
+            low = n.mul_(alpha).sub_(r * out.phi, alpha=alpha_r)  # alpha N - alpha_r c R Phi
+            diag.update(residual_norm=out.residual_norm, residual_ratio=out.residual_norm / out.grad_norm.clamp_min(1e-30),
+                        limiter=out.limiter)
+        else:
+            low = n.mul_(alpha)
+            if basis_update:
+                x2 = torch.linalg.vector_norm(x).square()
+                e = (x2 - r.square().sum()).clamp_min(0).sqrt()
+                diag.update(residual_norm=e, residual_ratio=e / x2.sqrt().clamp_min(1e-30))
+        diag["step"] = st["step"]
+
+        w = p if p.dtype == torch.float32 else p.float()
+        if transposed:  # W (m x n) -= step (Q low)^T = low^T Q^T: no full-size temporary
+            w.addmm_(low.mT, q.mT, alpha=-step_size)
+        else:
+            w.addmm_(q, low, alpha=-step_size)
+        if group["recovery"]:
+            g = x.mT if transposed else x
+            phi = out.phi.unsqueeze(1) if transposed else out.phi.unsqueeze(0)
+            w.addcmul_(g, phi, value=-step_size * alpha_r)
+        if wd:  # decoupled, after the update, exactly as GaLore and Fira do it
+            w.add_(w, alpha=-lr * wd)
+        if w is not p:
+            p.copy_(w)
+

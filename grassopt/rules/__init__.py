@@ -1,0 +1,55 @@
+"""Subspace rules: where the basis ``Q`` comes from (ALGORITHMS.md section 1).
+
+A rule is one small module with
+
+- ``NAME``: its registry name;
+- ``OPTIONS``: a dict of its own options and their defaults (they live in the param group);
+- ``NEEDS_GENERATOR``: whether it draws random numbers (the optimizer then owns a generator
+  for the parameter, seeded from ``(seed, parameter index)`` and saved in ``state_dict``);
+- ``init(x, ctx) -> Q`` and ``update(q, x, ctx) -> Q'``, pure functions on float32 tensors:
+  ``x`` is the gradient oriented with the short side as rows (``d x k``), ``Q`` is ``d x r``.
+  ``update`` may set ``ctx.angle`` to the largest principal angle it moved (when it knows it
+  exactly); otherwise the optimizer measures it.
+
+Adding a rule is one file here and one line in ``RULES``; the optimizer does not change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Mapping
+
+import torch
+
+from . import frozen, hybrid, jump, power, rsvd, svd, track, walk
+
+RULES: dict[str, ModuleType] = {
+    m.NAME: m for m in (svd, rsvd, frozen, power, track, walk, jump, hybrid)
+}
+
+
+@dataclass
+class RuleContext:
+    """What a rule may read besides the gradient: the group's options and the parameter's RNG."""
+
+    rank: int
+    transposed: bool
+    generator: torch.Generator | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
+    angle: torch.Tensor | None = None
+
+
+def get_rule(name: str) -> ModuleType:
+    """The rule module registered as ``name``; a ``ValueError`` listing the known ones otherwise."""
+    try:
+        return RULES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown subspace rule {name!r}; choose one of {sorted(RULES)}"
+        ) from None
+
+
+def all_rule_options() -> set[str]:
+    """Every option name some rule understands."""
+    return {k for m in RULES.values() for k in m.OPTIONS}

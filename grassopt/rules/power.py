@@ -1,0 +1,17 @@
+"""``power``: one warm-started power (subspace) iteration, ``Q' = qr(X X^T Q)`` (ALGORITHMS.md 4.2).
+
+The cheapest data-driven rule: two ``d x k x r`` products. The QR's signs are fixed so that
+``diag(R) > 0``, which keeps each column continuous with the previous basis.
+"""
+
+from ..linalg import qr_positive
+from . import svd
+
+NAME = "power"
+OPTIONS: dict = {}
+NEEDS_GENERATOR = False
+init = svd.init
+
+
+def update(q, x, ctx):
+    return qr_positive(x @ (x.mT @ q))

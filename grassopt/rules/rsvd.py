@@ -1,0 +1,27 @@
+"""``rsvd``: randomized SVD (Halko et al.): a Gaussian sketch, power iterations, a small SVD.
+
+Costs ``O(d k (r + p))`` instead of the ``O(d^2 k)`` of a full SVD.
+"""
+
+import torch
+
+from ..linalg import qr_positive
+
+NAME = "rsvd"
+OPTIONS = {"oversample": 8, "power_iters": 2}
+NEEDS_GENERATOR = True
+
+
+def init(x, ctx):
+    d, k = x.shape
+    width = min(ctx.rank + int(ctx.options.get("oversample", 8)), d)
+    omega = torch.randn(k, width, generator=ctx.generator, device=x.device, dtype=x.dtype)
+    y = qr_positive(x @ omega)
+    for _ in range(int(ctx.options.get("power_iters", 2))):
+        y = qr_positive(x @ (x.mT @ y))
+    u, _, _ = torch.linalg.svd(y.mT @ x, full_matrices=False)
+    return (y @ u[:, : ctx.rank]).contiguous()
+
+
+def update(q, x, ctx):
+    return init(x, ctx)

@@ -1,0 +1,27 @@
+import warnings
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
+
+
+def random_orthonormal(d, r, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(d, r, generator=g, dtype=dtype))
+    return q
+
+
+def principal_angles(q1, q2):
+    """Principal angles (radians, ascending) between two orthonormal bases, in float64."""
+    q1, q2 = q1.double(), q2.double()
+    cos = torch.linalg.svdvals(q1.mT @ q2).clamp(0, 1)  # descending: smallest angles first
+    sin = torch.linalg.svdvals(q2 - q1 @ (q1.mT @ q2)).clamp(0, 1).flip(0)  # ascending
+    return torch.atan2(sin, cos)  # accurate for small and large angles
+
+
+warnings.filterwarnings("ignore", message=".*kernels.*")

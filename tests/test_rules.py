@@ -1,0 +1,162 @@
+import math
+
+import pytest
+import torch
+
+from grassopt import linalg
+from grassopt.rules import RULES, RuleContext, get_rule
+from conftest import principal_angles
+
+
+def estimation_error(Q, X):
+    Q, X = Q.double(), X.double()
+    return (X - Q @ (Q.T @ X)).square().sum().item()
+
+
+def low_rank_plus_noise(d, k, r, noise=0.05, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(d, r, generator=g) @ torch.randn(r, k, generator=g)
+    return A + noise * torch.randn(d, k, generator=g)
+
+
+def ctx(rank, transposed=False, seed=0, **opts):
+    return RuleContext(rank=rank, transposed=transposed, generator=torch.Generator().manual_seed(seed), options=opts)
+
+
+def test_registry_has_every_rule_and_unknown_is_clear():
+    assert set(RULES) == {"svd", "rsvd", "frozen", "power", "track", "walk", "jump", "hybrid"}
+    with pytest.raises(ValueError, match="unknown subspace rule 'svdd'.*choose one of"):
+        get_rule("svdd")
+
+
+@pytest.mark.parametrize("name", sorted(RULES))
+def test_every_rule_returns_orthonormal_basis_of_right_shape(name):
+    rule = get_rule(name)
+    X = torch.randn(24, 50)
+    c = ctx(5)
+    Q = rule.init(X, c)
+    assert Q.shape == (24, 5) and Q.dtype == torch.float32
+    assert linalg.orthonormality_error(Q) < 1e-5
+    Q2 = rule.update(Q, torch.randn(24, 50), c)
+    assert Q2.shape == (24, 5)
+    assert linalg.orthonormality_error(Q2) < 1e-4
+
+
+@pytest.mark.parametrize("q", [1, 2, 4])
+def test_track_small_step_lowers_estimation_error(q):
+    X = low_rank_plus_noise(30, 60, 4, seed=1)
+    Q = linalg.haar(30, 4, torch.Generator().manual_seed(3), "cpu")  # a poor basis
+    before = estimation_error(Q, X)
+    Q2 = get_rule("track").update(Q, X, ctx(4, step_size=0.05, update_rank=q))
+    assert estimation_error(Q2, X) < before
+    assert linalg.orthonormality_error(Q2) < 1e-5
+
+
+def test_track_direction_is_minus_gradient_of_F_by_finite_differences():
+    # d/dt F(Q(t)) at t=0 along the geodesic must equal -||grad F||-weighted: check that a tiny raw
+    # step reduces F by about theta * sigma_1 (first-order decrease along the top singular direction)
+    X = low_rank_plus_noise(16, 40, 3, seed=2).double()
+    Q = linalg.haar(16, 3, torch.Generator().manual_seed(4), "cpu").double()
+    A = Q.T @ X
+    E = X - Q @ A
+    gradF = -2 * E @ A.T
+    sigma1 = torch.linalg.svdvals(gradF)[0].item()
+    eta = 1e-6
+    Q2 = get_rule("track").update(Q, X, RuleContext(rank=3, transposed=False, options={"step_size": eta, "step_mode": "raw"}))
+    theta = eta * sigma1
+    dF = estimation_error(Q2, X) - estimation_error(Q, X)
+    # moving Q by angle theta along the top direction of -gradF changes F by -theta * sigma1 / ... :
+    # along the geodesic Q(t) = Q + t U V^T + O(t^2), dF/dt = <gradF, U V^T> = -sigma1.
+    assert dF == pytest.approx(-theta * sigma1, rel=1e-3)
+
+
+def test_track_normalized_step_bounds_the_angle():
+    X = low_rank_plus_noise(20, 40, 3, seed=5)
+    Q = linalg.haar(20, 3, torch.Generator().manual_seed(6), "cpu")
+    c = ctx(3, step_size=0.4, step_mode="normalized")
+    Q2 = get_rule("track").update(Q, X, c)
+    assert 0 < c.angle.item() <= 0.4
+    assert principal_angles(Q, Q2).max().item() == pytest.approx(c.angle.item(), abs=1e-4)
+    # scale-free: multiplying the gradient by 1000 gives the same step
+    c2 = ctx(3, step_size=0.4, step_mode="normalized")
+    Q3 = get_rule("track").update(Q, 1000 * X, c2)
+    assert torch.allclose(Q2, Q3, atol=1e-5)
+
+
+def test_track_converges_to_the_dominant_subspace():
+    X = low_rank_plus_noise(30, 80, 4, noise=0.01, seed=7)
+    U = torch.linalg.svd(X.double())[0][:, :4]
+    Q = linalg.haar(30, 4, torch.Generator().manual_seed(8), "cpu")
+    c = ctx(4, step_size=1.0, update_rank=4)
+    for _ in range(60):
+        Q = get_rule("track").update(Q, X, c)
+    assert principal_angles(Q, U).max() < 0.01
+
+
+@pytest.mark.parametrize("q", [1, 3])
+def test_walk_moves_by_eta(q):
+    Q = linalg.haar(30, 5, torch.Generator().manual_seed(9), "cpu")
+    for eta in (0.05, 0.3):
+        c = ctx(5, step_size=eta, update_rank=q, seed=10)
+        Q2 = get_rule("walk").update(Q, None, c)
+        assert principal_angles(Q, Q2).max().item() == pytest.approx(eta, abs=1e-4)
+        assert c.angle.item() == pytest.approx(eta, abs=1e-6)
+
+
+def test_walk_is_reproducible_from_the_generator_and_ignores_the_gradient():
+    Q = linalg.haar(30, 5, torch.Generator().manual_seed(9), "cpu")
+    a = get_rule("walk").update(Q, torch.randn(30, 40), ctx(5, seed=11, step_size=0.1))
+    b = get_rule("walk").update(Q, torch.randn(30, 40), ctx(5, seed=11, step_size=0.1))
+    c = get_rule("walk").update(Q, None, ctx(5, seed=12, step_size=0.1))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_jump_is_haar_by_monte_carlo():
+    d, r, n = 5, 2, 10000
+    c = ctx(r, seed=13)
+    Q = linalg.haar(d, r, torch.Generator().manual_seed(1), "cpu")
+    acc = torch.zeros(d, d, dtype=torch.float64)
+    for _ in range(n):
+        Q = get_rule("jump").update(Q, None, c)
+        acc += (Q @ Q.T).double()
+    assert torch.allclose(acc / n, (r / d) * torch.eye(d, dtype=torch.float64), atol=5 / math.sqrt(n))
+
+
+def test_jump_random_init_and_svd_init():
+    X = low_rank_plus_noise(20, 40, 3, seed=14)
+    U = torch.linalg.svd(X)[0][:, :3]
+    assert principal_angles(get_rule("jump").init(X, ctx(3, init="svd")), U).max() < 1e-3
+    assert principal_angles(get_rule("jump").init(X, ctx(3, init="random")), U).max() > 0.1
+
+
+def test_hybrid_jumps_with_probability_p():
+    Q = linalg.haar(30, 3, torch.Generator().manual_seed(15), "cpu")
+    c = ctx(3, seed=16, step_size=0.1, jump_prob=0.3)
+    n, jumps = 400, 0
+    for _ in range(n):
+        Q2 = get_rule("hybrid").update(Q, None, c)
+        if principal_angles(Q, Q2).max() > 0.11:  # a walk moves by exactly 0.1
+            jumps += 1
+    sd = math.sqrt(n * 0.3 * 0.7)
+    assert abs(jumps - 0.3 * n) < 4 * sd
+
+
+def test_rsvd_finds_the_top_subspace_of_a_low_rank_matrix():
+    X = low_rank_plus_noise(40, 100, 5, noise=1e-3, seed=17)
+    U = torch.linalg.svd(X.double())[0][:, :5]
+    Q = get_rule("rsvd").init(X, ctx(5, seed=18))
+    assert principal_angles(Q, U).max() < 1e-2
+
+
+def test_power_iteration_converges_to_top_subspace():
+    X = low_rank_plus_noise(30, 60, 3, noise=0.05, seed=19)
+    U = torch.linalg.svd(X.double())[0][:, :3]
+    Q = linalg.haar(30, 3, torch.Generator().manual_seed(20), "cpu")
+    for _ in range(30):
+        Q = get_rule("power").update(Q, X, ctx(3))
+    assert principal_angles(Q, U).max() < 1e-3
+
+
+def test_frozen_never_moves():
+    Q = linalg.haar(10, 2, torch.Generator().manual_seed(21), "cpu")
+    assert get_rule("frozen").update(Q, torch.randn(10, 20), ctx(2)) is Q
