@@ -261,16 +261,20 @@ class SubspaceAdamW(Optimizer):
         return out
 
     # ------------------------------------------------------------------ the step
-    def _check_finite(self) -> None:
-        items = [(gi, i, p) for gi, g in enumerate(self.param_groups) for i, p in enumerate(g["params"])
-                 if p.grad is not None and g["check_finite"]]
-        if not items:
+    def _check_finite(self, checks: list[tuple[int, int, Tensor]]) -> None:
+        """Raise, before anything changes, if a gradient is not finite.
+
+        For a projected parameter with a basis the tensor checked is ``R = Q^T X`` (a NaN or inf
+        anywhere in ``X`` reaches ``R``), which the step needs anyway: the check costs no pass over
+        the full gradient. Other parameters are checked on their gradient. One host sync per step.
+        """
+        if not checks:
             return
-        norms = torch._foreach_norm([p.grad for _, _, p in items], 2, dtype=torch.float32)
+        norms = torch._foreach_norm([t for _, _, t in checks], 2, dtype=torch.float32)
         ok = torch.stack([n.to(norms[0].device) for n in norms]).isfinite()
         if bool(ok.all()):
             return
-        bad = [self._param_name(gi, i) for (gi, i, _), good in zip(items, ok.tolist()) if not good]
+        bad = [self._param_name(gi, i) for (gi, i, _), good in zip(checks, ok.tolist()) if not good]
         raise FloatingPointError(
             f"non-finite gradient (NaN or inf) in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
             "nothing was updated. Lower the learning rate, clip gradients, or use a GradScaler with fp16; "
@@ -283,19 +287,32 @@ class SubspaceAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._check_finite()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            for p in params:
+        work: list[list[tuple[Tensor, Tensor | None, Tensor | None]]] = []
+        checks: list[tuple[int, int, Tensor]] = []
+        for gi, group in enumerate(self.param_groups):
+            items = []
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
                 if p.grad.is_sparse:
-                    raise RuntimeError("SubspaceAdamW does not support sparse gradients")
-            if not params:
+                    raise RuntimeError(f"{self._param_name(gi, i)}: SubspaceAdamW does not support sparse gradients")
+                x = r = None
+                if "rank" in group:
+                    x = orient(p.grad)  # d x k, float32
+                    q = self.state[p].get("Q")
+                    r = None if q is None else q.mT @ x  # the low-rank gradient in the current basis
+                items.append((p, x, r))
+                if group["check_finite"]:
+                    checks.append((gi, i, p.grad if r is None else r))
+            work.append(items)
+        self._check_finite(checks)
+        for group, items in zip(self.param_groups, work):
+            if not items:
                 continue
             if "rank" in group:
-                for p in params:
-                    self._projected_step(p, group)
+                self._projected_step(group, items)
             else:
-                self._plain_step(params, group)
+                self._plain_step([p for p, _, _ in items], group)
         return loss
 
     def _plain_step(self, params: list[Tensor], group: dict[str, Any]) -> None:
@@ -325,80 +342,82 @@ class SubspaceAdamW(Optimizer):
         if not fast:
             return
         ps, gs, ms, vs, sizes = (list(x) for x in zip(*fast))
-        torch._foreach_mul_(ms, b1)
-        torch._foreach_add_(ms, gs, alpha=1 - b1)
-        torch._foreach_mul_(vs, b2)
-        torch._foreach_addcmul_(vs, gs, gs, value=1 - b2)
-        denom = torch._foreach_sqrt(vs)
-        torch._foreach_add_(denom, eps)
-        if len(set(sizes)) == 1:
-            torch._foreach_addcdiv_(ps, ms, denom, value=-sizes[0])
-        else:
-            torch._foreach_addcdiv_(ps, ms, denom, [-s for s in sizes])
+        ns = _adam_moments(ms, vs, gs, b1, b2, eps)
+        torch._foreach_mul_(ns, [-s for s in sizes])
+        torch._foreach_add_(ps, ns)
         if wd:
             torch._foreach_add_(ps, ps, alpha=-lr * wd)
 
-    def _projected_step(self, p: Tensor, group: dict[str, Any]) -> None:
-        st = self.state[p]
+    def _projected_step(self, group: dict[str, Any], items: list[tuple[Tensor, Tensor, Tensor | None]]) -> None:
         rule = get_rule(group["rule"])
-        transposed = is_transposed(p.shape)
-        x = orient(p.grad)  # d x k, float32
-        ctx = RuleContext(rank=group["rank"], transposed=transposed, options=group,
-                          generator=self._generator(p) if rule.NEEDS_GENERATOR else None)
-        diag = self._diag.setdefault(p, {})
-        basis_update = False
-        if "Q" not in st:
-            q = rule.init(x, ctx).to(torch.float32).contiguous()
-            st["step"], st["adam_step"] = 0, 0
-            st["Q"] = q
-            st["exp_avg"] = x.new_zeros(q.shape[1], x.shape[1])
-            st["exp_avg_sq"] = x.new_zeros(q.shape[1], x.shape[1])
-            if group["recovery"]:
-                st["residual_norm"] = x.new_zeros(())
-            diag.update(angle=None, last_update=0)
-            basis_update = True
-        elif st["step"] % group["update_interval"] == 0:
-            q_old = st["Q"]
-            q_new = rule.update(q_old, x, ctx)
-            if q_new is not q_old:
-                q_new = reorthonormalize(q_new.to(torch.float32))
-                angle = ctx.angle if ctx.angle is not None else largest_angle(q_old, q_new)
-                if transport(group["transport"], q_old, q_new, st["exp_avg"], st["exp_avg_sq"]):
-                    st["adam_step"] = 0
-                st["Q"] = q_new.contiguous()
-            else:
-                angle = x.new_zeros(())
-            diag.update(angle=angle, last_update=st["step"])
-            basis_update = True
-
-        q, m, v = st["Q"], st["exp_avg"], st["exp_avg_sq"]
+        T = group["update_interval"]
         b1, b2 = group["betas"]
-        lr, wd = group["lr"], group["weight_decay"]
-        r = q.mT @ x  # r x k, the low-rank gradient
-        st["step"] += 1
-        st["adam_step"] += 1
-        t = st["adam_step"]
-        m.mul_(b1).add_(r, alpha=1 - b1)
-        v.mul_(b2).addcmul_(r, r, value=1 - b2)
-        n = m / v.sqrt().add_(group["eps"])
-        step_size = lr * math.sqrt(1 - b2**t) / (1 - b1**t)
-        alpha = group["alpha"]
+        lr = group["lr"]
+        rs, sizes = [], []
+        for p, x, r in items:
+            st = self.state[p]
+            diag = self._diag.setdefault(p, {})
+            ctx = RuleContext(rank=group["rank"], transposed=is_transposed(p.shape), options=group,
+                              generator=self._generator(p) if rule.NEEDS_GENERATOR else None)
+            if r is None:  # first step: the initial basis
+                q = rule.init(x, ctx).to(torch.float32).contiguous()
+                st["step"], st["adam_step"] = 0, 0
+                st["Q"] = q
+                st["exp_avg"] = x.new_zeros(q.shape[1], x.shape[1])
+                st["exp_avg_sq"] = x.new_zeros(q.shape[1], x.shape[1])
+                if group["recovery"]:
+                    st["residual_norm"] = x.new_zeros(())
+                diag.update(angle=None, last_update=0, basis_update=True)
+                r = q.mT @ x
+            elif st["step"] % T == 0:  # basis update, then moment transport
+                q_old = st["Q"]
+                ctx.projected = r
+                q_new = rule.update(q_old, x, ctx)
+                if q_new is not q_old:
+                    q_new = reorthonormalize(q_new.to(torch.float32)).contiguous()
+                    angle = ctx.angle if ctx.angle is not None else largest_angle(q_old, q_new)
+                    if transport(group["transport"], q_old, q_new, st["exp_avg"], st["exp_avg_sq"]):
+                        st["adam_step"] = 0
+                    st["Q"] = q_new
+                    r = q_new.mT @ x
+                else:
+                    angle = x.new_zeros(())
+                diag.update(angle=angle, last_update=st["step"], basis_update=True)
+            else:
+                diag["basis_update"] = False
+            st["step"] += 1
+            st["adam_step"] += 1
+            t = st["adam_step"]
+            rs.append(r)
+            sizes.append(lr * math.sqrt(1 - b2**t) / (1 - b1**t))
+        states = [self.state[p] for p, _, _ in items]
+        ns = _adam_moments([s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], rs, b1, b2,
+                           group["eps"])
+        for (p, x, _), st, r, n, step_size in zip(items, states, rs, ns, sizes):
+            self._apply(p, group, st, x, r, n, step_size)
 
+    def _apply(self, p: Tensor, group: dict[str, Any], st: dict[str, Any], x: Tensor, r: Tensor, n: Tensor,
+               step_size: float) -> None:
+        """``W -= step_size * D`` with ``D = alpha Q N (+ alpha_r c E Phi)``, then weight decay."""
+        q = st["Q"]
+        diag = self._diag[p]
+        alpha, lr, wd = group["alpha"], group["lr"], group["weight_decay"]
+        transposed = is_transposed(p.shape)
         if group["recovery"]:
             alpha_r = alpha if group["alpha_r"] is None else group["alpha_r"]
             out = rec.residual_scaling(x, r, n, st["residual_norm"], group["zeta"])
             st["residual_norm"].copy_(out.norm)
             low = n.mul_(alpha).sub_(r * out.phi, alpha=alpha_r)  # alpha N - alpha_r c R Phi
-            diag.update(residual_norm=out.residual_norm, residual_ratio=out.residual_norm / out.grad_norm.clamp_min(1e-30),
-                        limiter=out.limiter)
+            diag.update(residual_norm=out.residual_norm, limiter=out.limiter,
+                        residual_ratio=out.residual_norm / out.grad_norm.clamp_min(1e-30))
         else:
             low = n.mul_(alpha)
-            if basis_update:
-                x2 = torch.linalg.vector_norm(x).square()
+            if diag.pop("basis_update", False):
+                x2 = rec.col_sq(x).sum()
                 e = (x2 - r.square().sum()).clamp_min(0).sqrt()
                 diag.update(residual_norm=e, residual_ratio=e / x2.sqrt().clamp_min(1e-30))
+        diag.pop("basis_update", None)
         diag["step"] = st["step"]
-
         w = p if p.dtype == torch.float32 else p.float()
         if transposed:  # W (m x n) -= step (Q low)^T = low^T Q^T: no full-size temporary
             w.addmm_(low.mT, q.mT, alpha=-step_size)
@@ -413,3 +432,14 @@ class SubspaceAdamW(Optimizer):
         if w is not p:
             p.copy_(w)
 
+
+def _adam_moments(ms: list[Tensor], vs: list[Tensor], gs: list[Tensor], b1: float, b2: float,
+                  eps: float) -> list[Tensor]:
+    """Update the moments in place (fused over tensors) and return ``N = M / (sqrt(V) + eps)``."""
+    torch._foreach_mul_(ms, b1)
+    torch._foreach_add_(ms, gs, alpha=1 - b1)
+    torch._foreach_mul_(vs, b2)
+    torch._foreach_addcmul_(vs, gs, gs, value=1 - b2)
+    denom = torch._foreach_sqrt(vs)
+    torch._foreach_add_(denom, eps)
+    return torch._foreach_div(ms, denom)

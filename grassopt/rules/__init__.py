@@ -37,6 +37,9 @@ class RuleContext:
     transposed: bool
     generator: torch.Generator | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
+    #: ``Q^T X`` in the current basis when the optimizer already has it (saves a product)
+    projected: torch.Tensor | None = None
+    #: set by ``update`` to the largest principal angle it moved, when it knows it exactly
     angle: torch.Tensor | None = None
 
 

@@ -24,7 +24,7 @@ init = svd.init
 def update(q, x, ctx):
     eta = float(ctx.options.get("step_size", OPTIONS["step_size"]))
     mode = ctx.options.get("step_mode", OPTIONS["step_mode"])
-    a = q.mT @ x  # r x k
+    a = ctx.projected if ctx.projected is not None else q.mT @ x  # r x k
     h = 2.0 * (x @ a.mT - q @ (a @ a.mT))  # d x r, = -grad F
     if mode == "raw":
         scale = eta
