@@ -296,14 +296,14 @@ class SubspaceAdamW(Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{self._param_name(gi, i)}: SubspaceAdamW does not support sparse gradients")
-                x = r = None
+                x = rt = None
                 if "rank" in group:
                     x = orient(p.grad)  # d x k, float32
                     q = self.state[p].get("Q")
-                    r = None if q is None else q.mT @ x  # the low-rank gradient in the current basis
-                items.append((p, x, r))
+                    rt = None if q is None else x.mT @ q  # (Q^T X)^T, k x r: the low-rank gradient
+                items.append((p, x, rt))
                 if group["check_finite"]:
-                    checks.append((gi, i, p.grad if r is None else r))
+                    checks.append((gi, i, p.grad if rt is None else rt))
             work.append(items)
         self._check_finite(checks)
         for group, items in zip(self.param_groups, work):
@@ -342,36 +342,41 @@ class SubspaceAdamW(Optimizer):
         if not fast:
             return
         ps, gs, ms, vs, sizes = (list(x) for x in zip(*fast))
-        ns = _adam_moments(ms, vs, gs, b1, b2, eps)
-        torch._foreach_mul_(ns, [-s for s in sizes])
-        torch._foreach_add_(ps, ns)
+        denom = _adam_moments(ms, vs, gs, b1, b2, eps)
+        if len(set(sizes)) == 1:
+            torch._foreach_addcdiv_(ps, ms, denom, value=-sizes[0])
+        else:
+            torch._foreach_addcdiv_(ps, ms, denom, [-s for s in sizes])
         if wd:
             torch._foreach_add_(ps, ps, alpha=-lr * wd)
 
     def _projected_step(self, group: dict[str, Any], items: list[tuple[Tensor, Tensor, Tensor | None]]) -> None:
+        """One step for every parameter of a projected group: per-parameter basis maintenance and
+        matrix products, with the elementwise work (Adam, the limiter) fused over the group."""
         rule = get_rule(group["rule"])
         T = group["update_interval"]
         b1, b2 = group["betas"]
-        lr = group["lr"]
-        rs, sizes = [], []
-        for p, x, r in items:
+        lr, wd, alpha = group["lr"], group["weight_decay"], group["alpha"]
+        rts, sizes, states, diags = [], [], [], []
+        for p, x, rt in items:
             st = self.state[p]
             diag = self._diag.setdefault(p, {})
             ctx = RuleContext(rank=group["rank"], transposed=is_transposed(p.shape), options=group,
                               generator=self._generator(p) if rule.NEEDS_GENERATOR else None)
-            if r is None:  # first step: the initial basis
+            basis_update = True
+            if rt is None:  # first step: the initial basis
                 q = rule.init(x, ctx).to(torch.float32).contiguous()
                 st["step"], st["adam_step"] = 0, 0
                 st["Q"] = q
-                st["exp_avg"] = x.new_zeros(q.shape[1], x.shape[1])
-                st["exp_avg_sq"] = x.new_zeros(q.shape[1], x.shape[1])
+                st["exp_avg"] = x.new_zeros(x.shape[1], q.shape[1])
+                st["exp_avg_sq"] = x.new_zeros(x.shape[1], q.shape[1])
                 if group["recovery"]:
                     st["residual_norm"] = x.new_zeros(())
-                diag.update(angle=None, last_update=0, basis_update=True)
-                r = q.mT @ x
+                diag.update(angle=None, last_update=0)
+                rt = x.mT @ q
             elif st["step"] % T == 0:  # basis update, then moment transport
                 q_old = st["Q"]
-                ctx.projected = r
+                ctx.projected = rt.mT
                 q_new = rule.update(q_old, x, ctx)
                 if q_new is not q_old:
                     q_new = reorthonormalize(q_new.to(torch.float32)).contiguous()
@@ -379,67 +384,70 @@ class SubspaceAdamW(Optimizer):
                     if transport(group["transport"], q_old, q_new, st["exp_avg"], st["exp_avg_sq"]):
                         st["adam_step"] = 0
                     st["Q"] = q_new
-                    r = q_new.mT @ x
+                    rt = x.mT @ q_new
                 else:
                     angle = x.new_zeros(())
-                diag.update(angle=angle, last_update=st["step"], basis_update=True)
+                diag.update(angle=angle, last_update=st["step"])
             else:
-                diag["basis_update"] = False
+                basis_update = False
             st["step"] += 1
             st["adam_step"] += 1
             t = st["adam_step"]
-            rs.append(r)
+            diag["step"] = st["step"]
+            rts.append(rt)
             sizes.append(lr * math.sqrt(1 - b2**t) / (1 - b1**t))
-        states = [self.state[p] for p, _, _ in items]
-        ns = _adam_moments([s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], rs, b1, b2,
-                           group["eps"])
-        for (p, x, _), st, r, n, step_size in zip(items, states, rs, ns, sizes):
-            self._apply(p, group, st, x, r, n, step_size)
-
-    def _apply(self, p: Tensor, group: dict[str, Any], st: dict[str, Any], x: Tensor, r: Tensor, n: Tensor,
-               step_size: float) -> None:
-        """``W -= step_size * D`` with ``D = alpha Q N (+ alpha_r c E Phi)``, then weight decay."""
-        q = st["Q"]
-        diag = self._diag[p]
-        alpha, lr, wd = group["alpha"], group["lr"], group["weight_decay"]
-        transposed = is_transposed(p.shape)
+            states.append(st)
+            diags.append((diag, basis_update))
+        # Adam in the subspace, fused over the group
+        ms, vs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        nts = torch._foreach_div(ms, _adam_moments(ms, vs, rts, b1, b2, group["eps"]))
         if group["recovery"]:
             alpha_r = alpha if group["alpha_r"] is None else group["alpha_r"]
-            out = rec.residual_scaling(x, r, n, st["residual_norm"], group["zeta"])
-            st["residual_norm"].copy_(out.norm)
-            low = n.mul_(alpha).sub_(r * out.phi, alpha=alpha_r)  # alpha N - alpha_r c R Phi
-            diag.update(residual_norm=out.residual_norm, limiter=out.limiter,
-                        residual_ratio=out.residual_norm / out.grad_norm.clamp_min(1e-30))
-        else:
-            low = n.mul_(alpha)
-            if diag.pop("basis_update", False):
+            scales = [rec.channel_scale(rt, nt) for rt, nt in zip(rts, nts)]
+            phis = [phi for phi, _ in scales]
+            terms = [rec.residual_terms(x, r_norm, phi) for (_, x, _), (phi, r_norm) in zip(items, scales)]
+            s_norm, e2, x2 = (torch.stack(v) for v in zip(*terms))
+            s_norm = s_norm.sqrt()
+            prev = [s["residual_norm"] for s in states]
+            c = rec.limit(s_norm, torch.stack(prev), group["zeta"])
+            torch._foreach_copy_(prev, list((s_norm * c).unbind()))
+            phis = [phi * ci for phi, ci in zip(phis, c.unbind())]  # the limiter folded into Phi
+            e = e2.sqrt()
+            ratio = e / x2.sqrt().clamp_min(1e-30)
+            for i, (diag, _) in enumerate(diags):
+                diag.update(residual_norm=e[i], residual_ratio=ratio[i], limiter=c[i])
+        torch._foreach_mul_(nts, alpha)
+        for i, ((p, x, _), st, rt, nt, step_size) in enumerate(zip(items, states, rts, nts, sizes)):
+            q = st["Q"]
+            transposed = is_transposed(p.shape)
+            if group["recovery"]:  # alpha N - alpha_r c R Phi
+                phi = phis[i].unsqueeze(1)
+                nt.addcmul_(rt, phi, value=-alpha_r)
+            elif diags[i][1]:  # residual diagnostics at basis updates only (costs a pass over X)
                 x2 = rec.col_sq(x).sum()
-                e = (x2 - r.square().sum()).clamp_min(0).sqrt()
-                diag.update(residual_norm=e, residual_ratio=e / x2.sqrt().clamp_min(1e-30))
-        diag.pop("basis_update", None)
-        diag["step"] = st["step"]
-        w = p if p.dtype == torch.float32 else p.float()
-        if transposed:  # W (m x n) -= step (Q low)^T = low^T Q^T: no full-size temporary
-            w.addmm_(low.mT, q.mT, alpha=-step_size)
-        else:
-            w.addmm_(q, low, alpha=-step_size)
-        if group["recovery"]:
-            g = x.mT if transposed else x
-            phi = out.phi.unsqueeze(1) if transposed else out.phi.unsqueeze(0)
-            w.addcmul_(g, phi, value=-step_size * alpha_r)
-        if wd:  # decoupled, after the update, exactly as GaLore and Fira do it
-            w.add_(w, alpha=-lr * wd)
-        if w is not p:
-            p.copy_(w)
+                e = (x2 - rt.square().sum()).clamp_min(0).sqrt()
+                diags[i][0].update(residual_norm=e, residual_ratio=e / x2.sqrt().clamp_min(1e-30))
+            w = p if p.dtype == torch.float32 else p.float()
+            if transposed:  # W (m x n) -= step (Q N)^T = Nt Q^T: no full-size temporary
+                w.addmm_(nt, q.mT, alpha=-step_size)
+            else:
+                w.addmm_(q, nt.mT, alpha=-step_size)
+            if group["recovery"]:  # + alpha_r c X Phi, with Phi along the long side
+                w.addcmul_(p.grad if w is p else x.mT if transposed else x,
+                           phi if transposed else phi.mT, value=-step_size * alpha_r)
+            if wd:  # decoupled, after the update, exactly as GaLore and Fira do it
+                w.add_(w, alpha=-lr * wd)
+            if w is not p:
+                p.copy_(w)
 
 
 def _adam_moments(ms: list[Tensor], vs: list[Tensor], gs: list[Tensor], b1: float, b2: float,
                   eps: float) -> list[Tensor]:
-    """Update the moments in place (fused over tensors) and return ``N = M / (sqrt(V) + eps)``."""
+    """Update the moments in place (fused over tensors) and return ``sqrt(V) + eps``."""
     torch._foreach_mul_(ms, b1)
     torch._foreach_add_(ms, gs, alpha=1 - b1)
     torch._foreach_mul_(vs, b2)
     torch._foreach_addcmul_(vs, gs, gs, value=1 - b2)
     denom = torch._foreach_sqrt(vs)
     torch._foreach_add_(denom, eps)
-    return torch._foreach_div(ms, denom)
+    return denom
