@@ -287,12 +287,25 @@ class SubspaceAdamW(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._step(None)
+        return loss
+
+    @torch.no_grad()
+    def step_parameters(self, params: Iterable[Tensor]) -> None:
+        """Step only ``params`` (those with a gradient), exactly as :meth:`step` would step them.
+
+        This is what layer-wise updates call from a gradient hook: each parameter is updated as
+        soon as its gradient is complete, and its gradient can then be freed.
+        """
+        self._step({id(p) for p in params})
+
+    def _step(self, only: set[int] | None) -> None:
         work: list[list[tuple[Tensor, Tensor | None, Tensor | None]]] = []
         checks: list[tuple[int, int, Tensor]] = []
         for gi, group in enumerate(self.param_groups):
             items = []
             for i, p in enumerate(group["params"]):
-                if p.grad is None:
+                if p.grad is None or (only is not None and id(p) not in only):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{self._param_name(gi, i)}: SubspaceAdamW does not support sparse gradients")
@@ -313,7 +326,6 @@ class SubspaceAdamW(Optimizer):
                 self._projected_step(group, items)
             else:
                 self._plain_step([p for p, _, _ in items], group)
-        return loss
 
     def _plain_step(self, params: list[Tensor], group: dict[str, Any]) -> None:
         b1, b2 = group["betas"]

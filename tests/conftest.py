@@ -1,7 +1,12 @@
+import os
 import warnings
 
 import pytest
 import torch
+
+# Two OpenMP threads on two shared cores can make a 1 s test take 40 s when anything else runs
+# (threads busy-wait for each other). Tests measure correctness, not speed: use one thread.
+torch.set_num_threads(int(os.environ.get("GRASSOPT_TEST_THREADS", "1")))
 
 
 @pytest.fixture(autouse=True)

@@ -337,3 +337,22 @@ def test_param_groups_overrides_weight_decay_and_unknown_preset():
         grassopt.param_groups(Block(), "subtrack++", stepsize=0.1)
     with pytest.raises(ValueError, match=r"rank=0 must be an integer >= 1"):
         grassopt.param_groups(Block(), "galore", rank=0)
+
+
+def test_step_parameters_one_at_a_time_equals_one_step():
+    def make():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 24), nn.Tanh(), nn.Linear(24, 12), nn.LayerNorm(12))
+        return model, grassopt.make_optimizer(model, "subtrack++", lr=1e-2, rank=3, update_interval=2)
+
+    (m1, o1), (m2, o2) = make(), make()
+    for i in range(5):
+        x = torch.randn(8, 16, generator=torch.Generator().manual_seed(i))
+        for m in (m1, m2):
+            m.zero_grad()
+            m(x).square().mean().backward()
+        o1.step()
+        for p in reversed(list(m2.parameters())):  # the order backward would produce them in
+            o2.step_parameters([p])
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
