@@ -30,3 +30,13 @@ def principal_angles(q1, q2):
 
 
 warnings.filterwarnings("ignore", message=".*kernels.*")
+
+
+@pytest.fixture(scope="session")
+def sotu_1k(tmp_path_factory):
+    """The real SOTU corpus with a 1024-token BPE, tokenized once per test session."""
+    from grassopt.train.data import prepare
+
+    root = tmp_path_factory.getbasetemp() / "grassopt-cache"
+    root.mkdir(exist_ok=True)
+    return prepare(vocab_size=1024, cache_dir=root, progress=False)

@@ -1,0 +1,138 @@
+"""``grassopt train``: train a LLaMA-style model on real text with any preset (see ``--help``)."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import sys
+
+from ..presets import PRESETS
+from .loop import EXTRA_PRESETS, CheckpointError, TrainConfig, train
+from .model import CONFIGS
+
+
+def _kv(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        parsed = value
+    return key.strip().replace("-", "_"), parsed
+
+
+def add_run_arguments(ap: argparse.ArgumentParser, *, with_preset: bool = True) -> None:
+    """The options shared by ``grassopt train`` and ``grassopt bench``."""
+    d = TrainConfig()
+    g = ap.add_argument_group("model and data")
+    g.add_argument("--model", default=d.model, choices=sorted(CONFIGS), help="model config (default: %(default)s)")
+    g.add_argument("--corpus", default=None,
+                   help="a folder of .txt files or a .jsonl with a 'text' field (default: the SOTU corpus)")
+    g.add_argument("--vocab-size", type=int, default=d.vocab_size, help="BPE vocabulary size (default: %(default)s)")
+    g.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="sequences per micro-batch on each process (default: %(default)s)")
+    g.add_argument("--grad-accum", type=int, default=d.grad_accum,
+                   help="micro-batches per optimizer step (default: %(default)s)")
+    g.add_argument("--cache-dir", default=None, help="tokenizer/token cache (default: $GRASSOPT_CACHE or ~/.cache/grassopt)")
+    g = ap.add_argument_group("optimizer")
+    if with_preset:
+        g.add_argument("--preset", default=d.preset, choices=sorted(set(PRESETS) | set(EXTRA_PRESETS)),
+                       help="optimizer preset (default: %(default)s); adamw-torch is torch.optim.AdamW")
+    g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default: %(default)s)")
+    g.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio,
+                   help="final LR as a fraction of the peak after cosine decay (default: %(default)s)")
+    g.add_argument("--warmup", type=int, default=None, help="linear warmup steps (default: 10%% of the steps)")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="decoupled weight decay (default: %(default)s)")
+    g.add_argument("--rank", type=int, default=d.rank, help="subspace rank r (default: %(default)s)")
+    g.add_argument("--update-interval", type=int, default=d.update_interval,
+                   help="steps between basis updates T (default: %(default)s)")
+    g.add_argument("--targets", nargs="+", default=d.targets,
+                   help="modules to project: 'all-linear', name substrings or regexes (default: all-linear)")
+    g.add_argument("--opt", action="append", type=_kv, default=[], metavar="KEY=VALUE",
+                   help="any other subspace option, e.g. --opt alpha=0.25 --opt step_size=0.3 --opt transport=keep "
+                        "--opt recovery=False (repeatable)")
+    g.add_argument("--clip", type=float, default=d.clip, help="global gradient-norm clipping, 0 = off (default: %(default)s)")
+    g = ap.add_argument_group("run")
+    g.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (default: %(default)s)")
+    g.add_argument("--tokens", type=int, default=None, help="train on this many tokens instead of --steps")
+    g.add_argument("--bf16", action="store_true", help="bf16 autocast for forward and backward")
+    g.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate every N steps (default: %(default)s)")
+    g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
+    g.add_argument("--log-every", type=int, default=d.log_every, help="metrics line every N steps (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=d.seed, help="model init and data order (default: %(default)s)")
+    g.add_argument("--device", default=None, help="device (default: the accelerator if any, else cpu)")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
+    return TrainConfig(
+        model=args.model, corpus=args.corpus, vocab_size=args.vocab_size, seq_len=args.seq_len,
+        batch_size=args.batch_size, grad_accum=args.grad_accum, steps=args.steps, tokens=args.tokens,
+        preset=getattr(args, "preset", TrainConfig.preset), lr=args.lr, min_lr_ratio=args.min_lr_ratio,
+        warmup=args.warmup, weight_decay=args.weight_decay, rank=args.rank, update_interval=args.update_interval,
+        targets=list(args.targets), options=dict(args.opt), clip=args.clip, bf16=args.bf16,
+        eval_every=args.eval_every, eval_batch_size=args.eval_batch_size, log_every=args.log_every, seed=args.seed,
+        device=args.device, threads=args.threads, progress=not args.no_progress, cache_dir=args.cache_dir,
+        **overrides)
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="grassopt train",
+        description="Train a LLaMA-style model on real text (the SOTU corpus by default) with a grassopt "
+                    "preset or torch.optim.AdamW. Writes metrics.jsonl, loss.png, summary.json and an atomic "
+                    "checkpoint.pt to --out. Ctrl-C stops after the current step and writes a checkpoint.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_run_arguments(ap)
+    g = ap.add_argument_group("checkpoints and output")
+    g.add_argument("--out", default="runs/train", help="output folder")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    g.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (0 = only at the end)")
+    g.add_argument("--stop-after", type=int, default=None, help="stop (with a checkpoint) after N steps of this invocation")
+    g.add_argument("--no-plot", action="store_true", help="do not write loss.png")
+    return ap
+
+
+def _init_distributed() -> bool:
+    """Join the process group when started by torchrun (WORLD_SIZE > 1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    import torch
+    import torch.distributed as dist
+
+    from .loop import default_device
+    device = default_device()
+    backend = "gloo" if device == "cpu" else "nccl" if device.startswith("cuda") else None
+    if device.startswith("cuda"):
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    cfg = config_from_args(args, out=args.out, resume=args.resume, checkpoint_every=args.checkpoint_every,
+                           stop_after=args.stop_after, plot=not args.no_plot)
+    distributed = _init_distributed()
+    try:
+        summary = train(cfg)
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"grassopt train: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if distributed:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+    if not (distributed and int(os.environ.get("RANK", "0")) != 0):
+        keys = ("preset", "steps", "tokens", "final_eval_loss", "final_eval_ppl", "tokens_per_s", "optimizer_state_bytes")
+        print(json.dumps({k: summary.get(k) for k in keys}, indent=2))
+    return 130 if summary.get("interrupted") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
