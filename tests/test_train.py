@@ -57,9 +57,13 @@ def s_out(tmp_path):
     return str(tmp_path / "run")
 
 
-def test_bf16_autocast_and_bf16_run_lower_the_loss(tmp_path, sotu_1k):
-    s = train(cfg(tmp_path, preset="subtrack++", steps=60, bf16=True, eval_every=60), dataset=sotu_1k)
+@pytest.mark.parametrize("kw", [{"bf16": True}, {"param_dtype": "bfloat16"}], ids=["autocast", "bf16-params"])
+def test_bf16_autocast_and_bf16_parameters_lower_the_loss(kw, tmp_path, sotu_1k):
+    s = train(cfg(tmp_path, preset="subtrack++", steps=60, eval_every=60, **kw), dataset=sotu_1k)
     assert s["final_eval_loss"] < 6.2
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    dtypes = {v.dtype for v in state["model"].values()}
+    assert dtypes == ({torch.bfloat16} if "param_dtype" in kw else {torch.float32})
 
 
 def test_eval_is_the_exact_mean_over_every_validation_token(sotu_1k):

@@ -60,6 +60,8 @@ def add_run_arguments(ap: argparse.ArgumentParser, *, with_preset: bool = True) 
     g.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (default: %(default)s)")
     g.add_argument("--tokens", type=int, default=None, help="train on this many tokens instead of --steps")
     g.add_argument("--bf16", action="store_true", help="bf16 autocast for forward and backward")
+    g.add_argument("--param-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the parameters (optimizer state stays float32)")
     g.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate every N steps (default: %(default)s)")
     g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
     g.add_argument("--log-every", type=int, default=d.log_every, help="metrics line every N steps (default: %(default)s)")
@@ -75,7 +77,7 @@ def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
         batch_size=args.batch_size, grad_accum=args.grad_accum, steps=args.steps, tokens=args.tokens,
         preset=getattr(args, "preset", TrainConfig.preset), lr=args.lr, min_lr_ratio=args.min_lr_ratio,
         warmup=args.warmup, weight_decay=args.weight_decay, rank=args.rank, update_interval=args.update_interval,
-        targets=list(args.targets), options=dict(args.opt), clip=args.clip, bf16=args.bf16,
+        targets=list(args.targets), options=dict(args.opt), clip=args.clip, bf16=args.bf16, param_dtype=args.param_dtype,
         eval_every=args.eval_every, eval_batch_size=args.eval_batch_size, log_every=args.log_every, seed=args.seed,
         device=args.device, threads=args.threads, progress=not args.no_progress, cache_dir=args.cache_dir,
         **overrides)

@@ -86,6 +86,7 @@ class TrainConfig:
     options: dict[str, Any] = field(default_factory=dict)  # other subspace options (alpha, step_size, ...)
     clip: float = 1.0  # global gradient-norm clipping; 0 disables it
     bf16: bool = False  # bf16 autocast for the forward pass
+    param_dtype: str = "float32"  # dtype of the parameters themselves ("bfloat16" for pure bf16 training)
     eval_every: int = 100
     eval_batch_size: int = 32
     log_every: int = 10
@@ -124,6 +125,8 @@ class TrainConfig:
             raise ValueError(f"lr={self.lr} must be > 0")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]")
+        if self.param_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"param_dtype={self.param_dtype!r} must be float32, bfloat16 or float16")
         if self.clip < 0:
             raise ValueError(f"clip={self.clip} must be >= 0 (0 disables clipping)")
 
@@ -329,7 +332,7 @@ def train(cfg: TrainConfig, dataset: data_mod.TokenizedCorpus | None = None) -> 
 
     torch.manual_seed(cfg.seed)
     model = Llama(model_config(cfg.model, vocab_size=dataset.vocab_size, max_seq_len=max(cfg.seq_len, 1024)))
-    model.to(device)
+    model.to(device=device, dtype=getattr(torch, cfg.param_dtype))
     ddp_model: nn.Module = model
     if world > 1:
         ddp_model = nn.parallel.DistributedDataParallel(model)
