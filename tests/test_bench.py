@@ -30,3 +30,11 @@ def test_bench_writes_a_side_by_side_report_and_reuses_finished_runs(tmp_path, s
 def test_bench_rejects_unknown_presets(tmp_path, capsys):
     assert cli.main(["--presets", "adamw-torch", "nonsense", "--out", str(tmp_path)]) == 2
     assert "unknown preset 'nonsense'" in capsys.readouterr().err
+
+
+def test_variants_parse_into_config_fields_and_subspace_options():
+    name, fields, options = cli.parse_variant("subtrack++:transport=keep,recovery=False,update_interval=50,lr=0.01")
+    assert name == "subtrack++"
+    assert fields == {"update_interval": 50, "lr": 0.01}
+    assert options == {"transport": "keep", "recovery": False}
+    assert cli.parse_variant("galore") == ("galore", {}, {})

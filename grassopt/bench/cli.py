@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..presets import PRESETS
-from ..train.cli import add_run_arguments, config_from_args
+from ..train.cli import _kv, add_run_arguments, config_from_args
 from ..train.loop import EXTRA_PRESETS, TrainConfig, train
 from .report import write_report
 
@@ -38,6 +38,28 @@ def _preset_lr(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"expected PRESET=LR, got {text!r}") from None
 
 
+_CONFIG_KEYS = {"rank", "update_interval", "lr", "weight_decay", "clip", "param_dtype", "bf16"}
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """``NAME[:key=value,key=value]`` -> (preset, TrainConfig overrides, subspace options).
+
+    Lets one bench compare ablations, e.g. ``subtrack++:transport=keep`` or
+    ``subtrack++:recovery=False,update_interval=50``.
+    """
+    name, _, rest = text.partition(":")
+    fields: dict[str, Any] = {}
+    options: dict[str, Any] = {}
+    for item in filter(None, (x.strip() for x in rest.split(","))):
+        key, value = _kv(item)
+        (fields if key in _CONFIG_KEYS else options)[key] = value
+    return name, fields, options
+
+
+def _slug(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "+-._" else "_" for c in label)
+
+
 def _float_list(text: str) -> list[float]:
     return [float(x) for x in text.replace(",", " ").split()]
 
@@ -51,8 +73,9 @@ def parser() -> argparse.ArgumentParser:
     add_run_arguments(ap, with_preset=False)
     g = ap.add_argument_group("benchmark")
     known = sorted(set(PRESETS) | set(EXTRA_PRESETS))
-    g.add_argument("--presets", nargs="+", default=DEFAULT_PRESETS, metavar="PRESET",
-                   help=f"presets to compare; known: {', '.join(known)}")
+    g.add_argument("--presets", nargs="+", default=DEFAULT_PRESETS, metavar="PRESET[:K=V,...]",
+                   help=f"presets to compare, each optionally with overrides (e.g. subtrack++:transport=keep,"
+                        f"recovery=False or galore:update_interval=50); known presets: {', '.join(known)}")
     g.add_argument("--no-refs", action="store_true",
                    help="do not add ref-galore / ref-apollo even when galore-torch / apollo-torch are installed")
     g.add_argument("--seeds", nargs="+", type=int, default=[0], help="seeds (model init and data order)")
@@ -96,46 +119,60 @@ def _history(out: str) -> list[dict[str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    presets = list(dict.fromkeys(args.presets))
+    labels = list(dict.fromkeys(args.presets))
     known = set(PRESETS) | set(EXTRA_PRESETS)
-    for p in presets:
-        if p not in known:
-            print(f"grassopt bench: error: unknown preset {p!r}; choose from {sorted(known)}", file=sys.stderr)
+    try:
+        variants = {label: parse_variant(label) for label in labels}
+    except argparse.ArgumentTypeError as e:
+        print(f"grassopt bench: error: {e}", file=sys.stderr)
+        return 2
+    for label, (name, _, _) in variants.items():
+        if name not in known:
+            print(f"grassopt bench: error: unknown preset {name!r}; choose from {sorted(known)}", file=sys.stderr)
             return 2
     if not args.no_refs:
-        presets += [p for p in REFERENCE_PRESETS if p not in presets and _available(p)]
-    missing = [p for p in presets if not _available(p)]
+        for p in REFERENCE_PRESETS:
+            if p not in variants and _available(p):
+                labels.append(p)
+                variants[p] = (p, {}, {})
+    missing = [label for label in labels if not _available(variants[label][0])]
     if missing:
         print(f"[bench] skipping {missing}: install the reference packages with pip install grassopt[bench]",
               file=sys.stderr)
-        presets = [p for p in presets if p not in missing]
+        labels = [label for label in labels if label not in missing]
     out = Path(args.out)
     base = config_from_args(args, plot=True)
-    lrs = {p: base.lr for p in presets}
+
+    def config_for(label: str, **kw: Any) -> TrainConfig:
+        name, fields, options = variants[label]
+        c = dataclasses.replace(base, preset=name, options={**base.options, **options}, **fields)
+        return dataclasses.replace(c, **kw)
+
+    lrs = {label: config_for(label).lr for label in labels}
     lrs.update(dict(args.lrs))
     started = time.time()
     sweep_rows = []
     if args.sweep:
         sweep_steps = args.sweep_steps or max(1, base.total_steps() // 4)
-        for p in presets:
+        for label in labels:
             best = None
             for lr in args.sweep:
-                c = dataclasses.replace(base, preset=p, lr=lr, seed=args.seeds[0], model=args.sweep_model or base.model,
-                                        tokens=None, steps=sweep_steps, eval_every=sweep_steps, plot=False,
-                                        out=str(out / "sweep" / f"{p}-lr{lr:g}"))
-                s = _run(c, not args.no_reuse, f"sweep {p} lr={lr:g}")
+                c = config_for(label, lr=lr, seed=args.seeds[0], model=args.sweep_model or base.model, tokens=None,
+                               steps=sweep_steps, eval_every=sweep_steps, plot=False,
+                               out=str(out / "sweep" / f"{_slug(label)}-lr{lr:g}"))
+                s = _run(c, not args.no_reuse, f"sweep {label} lr={lr:g}")
                 loss = s["final_eval_loss"]
-                sweep_rows.append({"preset": p, "lr": lr, "final_eval_loss": loss})
+                sweep_rows.append({"preset": label, "lr": lr, "final_eval_loss": loss})
                 if loss is not None and math.isfinite(loss) and (best is None or loss < best[1]):
                     best = (lr, loss)
-            if best is not None and p not in dict(args.lrs):
-                lrs[p] = best[0]
+            if best is not None and label not in dict(args.lrs):
+                lrs[label] = best[0]
     runs = []
-    for p in presets:
+    for label in labels:
         for seed in args.seeds:
-            c = dataclasses.replace(base, preset=p, lr=lrs[p], seed=seed, out=str(out / "runs" / f"{p}-s{seed}"))
-            s = _run(c, not args.no_reuse, f"{p} seed={seed} lr={lrs[p]:g}")
-            runs.append({"preset": p, "seed": seed, "lr": lrs[p], "summary": s, "history": _history(c.out)})
+            c = config_for(label, lr=lrs[label], seed=seed, out=str(out / "runs" / f"{_slug(label)}-s{seed}"))
+            s = _run(c, not args.no_reuse, f"{label} seed={seed} lr={lrs[label]:g}")
+            runs.append({"preset": label, "seed": seed, "lr": lrs[label], "summary": s, "history": _history(c.out)})
     cmd = "grassopt bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     table = write_report(out, runs, sweep_rows, base, command=cmd, wall_time=time.time() - started,
                          title=args.title)

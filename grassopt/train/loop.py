@@ -311,8 +311,25 @@ def _check_resume_config(saved: dict[str, Any], cfg: TrainConfig, path: Path) ->
                               "resume with the same settings, or start a new run in another --out folder")
 
 
-def train(cfg: TrainConfig, dataset: data_mod.TokenizedCorpus | None = None) -> dict[str, Any]:
-    """Run (or resume) training; returns the run's summary (also written to ``out/summary.json``)."""
+def train(cfg: TrainConfig, dataset: data_mod.TokenizedCorpus | None = None,
+          hooks: list[Any] | None = None) -> dict[str, Any]:
+    """Run (or resume) training; returns the run's summary (also written to ``out/summary.json``).
+
+    ``hooks``: objects with any of the methods ``on_start(model, optimizer, cfg)``,
+    ``after_backward(step, model, optimizer)`` (gradients complete, before clipping and the
+    optimizer step; ``step`` counts from 0), ``after_step(step, model, optimizer, record)`` (after the
+    optimizer step, ``step`` steps done; ``record`` is the metrics line of this step or None) and
+    ``on_end(model, optimizer, summary)``. Used by ``grassopt analyze``; hooks must not draw from
+    the global RNG if the run is to stay bit-identical to a run without them.
+    """
+    hooks = list(hooks or [])
+
+    def call(name: str, *a: Any) -> None:
+        for h in hooks:
+            fn = getattr(h, name, None)
+            if fn is not None:
+                fn(*a)
+
     cfg.validate()
     rank, world = _dist()
     main_proc = rank == 0
@@ -379,6 +396,7 @@ def train(cfg: TrainConfig, dataset: data_mod.TokenizedCorpus | None = None) -> 
     log_loss, log_n, opt_time, interrupted = 0.0, 0, 0.0, False
     stop_at = total if cfg.stop_after is None else min(total, step + cfg.stop_after)
     params = [p for p in model.parameters() if p.requires_grad]
+    call("on_start", model, opt, cfg)
     with _StopFlag() as stop:
         while step < stop_at:
             t0 = time.perf_counter()
@@ -396,6 +414,7 @@ def train(cfg: TrainConfig, dataset: data_mod.TokenizedCorpus | None = None) -> 
                         _, loss = ddp_model(x, y)
                     (loss / cfg.grad_accum).backward()
                 step_loss += loss.detach() / cfg.grad_accum
+            call("after_backward", step, model, opt)
             grad_norm = None
             if cfg.clip > 0:
                 grad_norm = nn.utils.clip_grad_norm_(params, cfg.clip)
@@ -425,6 +444,7 @@ def train(cfg: TrainConfig, dataset: data_mod.TokenizedCorpus | None = None) -> 
                 history.append(record)
                 if main_proc:
                     _append_metric(out / "metrics.jsonl", record)
+            call("after_step", step, model, opt, record)
             if bar is not None:
                 bar.update(1)
                 losses = [h["loss"] for h in history[-3:] if "loss" in h]
@@ -440,6 +460,7 @@ def train(cfg: TrainConfig, dataset: data_mod.TokenizedCorpus | None = None) -> 
     checkpoint()
     summary = _summary(cfg, history, step, total, train_time, tokens_seen, opt, n_params, interrupted)
     summary["mean_opt_step_s"] = opt_time / max(1, step - (int(ckpt["step"]) if ckpt else 0))
+    call("on_end", model, opt, summary)
     if main_proc:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         if cfg.plot:
