@@ -44,6 +44,8 @@ EXTRA_PRESETS = {
     "adamw-torch": "torch.optim.AdamW (full rank, PyTorch's own implementation)",
     "ref-galore": "GaLoreAdamW from the reference package galore-torch (optional: pip install grassopt[bench])",
     "ref-apollo": "APOLLOAdamW from the reference package apollo-torch (optional: pip install grassopt[bench])",
+    "zo": "forward-only training: zeroth-order low-rank (U V^T, Haar V) gradient estimates (grassopt.zo)",
+    "mezo": "forward-only training with dense Gaussian perturbations (MeZO), the baseline of zo",
 }
 
 #: Config fields that may change when a run is resumed (they do not affect the numbers).
@@ -167,6 +169,14 @@ def _reference_groups(model: nn.Module, cfg: TrainConfig, extra: dict[str, Any])
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """The optimizer named by ``cfg.preset`` for ``model``."""
     opts = dict(cfg.options)
+    if cfg.preset in ("zo", "mezo"):
+        from ..zo import ZO
+        known = {"eps", "momentum", "law", "lazy", "others"}
+        bad = set(opts) - known
+        if bad:
+            raise ValueError(f"unknown option(s) {sorted(bad)} for preset {cfg.preset!r}; it takes {sorted(known)}")
+        return ZO(model, rank=cfg.rank, lr=cfg.lr, weight_decay=cfg.weight_decay, targets=cfg.targets,
+                  dense=cfg.preset == "mezo", seed=cfg.seed, **opts)
     if cfg.preset == "adamw-torch":
         return torch.optim.AdamW(_decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     if cfg.preset == "ref-galore":
@@ -396,32 +406,48 @@ def train(cfg: TrainConfig, dataset: data_mod.TokenizedCorpus | None = None,
     log_loss, log_n, opt_time, interrupted = 0.0, 0, 0.0, False
     stop_at = total if cfg.stop_after is None else min(total, step + cfg.stop_after)
     params = [p for p in model.parameters() if p.requires_grad]
+    zeroth_order = getattr(opt, "zeroth_order", False)
+    if zeroth_order and world > 1:
+        raise ValueError(f"preset {cfg.preset!r} (forward-only) does not support data parallelism; run one process")
     call("on_start", model, opt, cfg)
     with _StopFlag() as stop:
         while step < stop_at:
             t0 = time.perf_counter()
             step_loss = torch.zeros((), device=device)
-            for micro in range(cfg.grad_accum):
+            batches = []
+            for _ in range(cfg.grad_accum):
                 x, y = sampler.next()
                 if world > 1:
                     x, y = x[rank * cfg.batch_size:(rank + 1) * cfg.batch_size], y[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
-                x, y = x.to(device), y.to(device)
-                sync = contextlib.nullcontext()
-                if world > 1 and micro < cfg.grad_accum - 1:
-                    sync = ddp_model.no_sync()
-                with sync:
-                    with torch.autocast(**autocast):
-                        _, loss = ddp_model(x, y)
-                    (loss / cfg.grad_accum).backward()
-                step_loss += loss.detach() / cfg.grad_accum
-            call("after_backward", step, model, opt)
+                batches.append((x.to(device), y.to(device)))
             grad_norm = None
-            if cfg.clip > 0:
-                grad_norm = nn.utils.clip_grad_norm_(params, cfg.clip)
             lr_used = opt.param_groups[0]["lr"]
-            t1 = time.perf_counter()
-            opt.step()
-            t2 = time.perf_counter()
+            if zeroth_order:  # two forward passes inside the optimizer, no backward
+                def closure() -> torch.Tensor:
+                    total = torch.zeros((), device=device)
+                    for xb, yb in batches:
+                        with torch.autocast(**autocast):
+                            total = total + model(xb, yb)[1].float()
+                    return total / len(batches)
+                t1 = time.perf_counter()
+                step_loss = opt.step(closure)
+                t2 = time.perf_counter()
+            else:
+                for micro, (x, y) in enumerate(batches):
+                    sync = contextlib.nullcontext()
+                    if world > 1 and micro < cfg.grad_accum - 1:
+                        sync = ddp_model.no_sync()
+                    with sync:
+                        with torch.autocast(**autocast):
+                            _, loss = ddp_model(x, y)
+                        (loss / cfg.grad_accum).backward()
+                    step_loss += loss.detach() / cfg.grad_accum
+                call("after_backward", step, model, opt)
+                if cfg.clip > 0:
+                    grad_norm = nn.utils.clip_grad_norm_(params, cfg.clip)
+                t1 = time.perf_counter()
+                opt.step()
+                t2 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             sched.step()
             step += 1
