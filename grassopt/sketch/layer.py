@@ -155,8 +155,11 @@ class SketchState:
         return d
 
 
-class SketchedLinear(nn.Module):
+class SketchedLinear(nn.Linear):
     """A linear layer whose backward pass stores only ``x P`` (see :mod:`grassopt.sketch`).
+
+    It is an ``nn.Linear`` (same ``weight``, ``bias``, ``in_features``, ``out_features``), so code
+    that selects linear layers, such as :func:`grassopt.param_groups`, still finds it.
 
     Built from an ``nn.Linear`` by :func:`grassopt.sketch.sketch`; ``weight`` and ``bias`` are the
     very Parameter objects of that layer. In ``"estimator"`` mode ``weight.grad`` receives the
@@ -167,7 +170,7 @@ class SketchedLinear(nn.Module):
     """
 
     def __init__(self, linear: nn.Linear, rank: int, state: SketchState, index: int, name: str = ""):
-        super().__init__()
+        nn.Module.__init__(self)  # not nn.Linear.__init__: the parameters are the given layer's
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         if linear.bias is not None:
