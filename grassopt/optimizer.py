@@ -9,6 +9,17 @@ oriented so that its rows are the short side ``d`` (``linalg.orient``):
 3. ``D = alpha Q N`` (+ ``alpha_r c E Phi`` with recovery scaling, ``recovery.py``);
 4. ``W = W - lr_t D`` with ``lr_t = lr sqrt(1 - b2^t) / (1 - b1^t)``, then ``W = W - lr wd W``.
 
+Two optional components make the other baselines (ALGORITHMS.md section 4) configurations of this
+same step rather than copies of it:
+
+- ``scaling="channel"`` or ``"tensor"`` (APOLLO, APOLLO-Mini): Adam in the subspace only estimates
+  a scale, ``phi = ||N|| / (||R|| + 1e-8)`` per slice along the long side or per tensor, and the
+  direction is the raw gradient scaled, ``D = alpha c X Phi``, with the norm-growth limiter ``c``;
+- ``error_feedback=True`` (LDAdam): ``X = G + E`` and, after the step, ``E = X - Q Q^T X``, kept
+  in one full-size float32 buffer per matrix (formed in place: no full-size temporary).
+
+Rules whose basis is a function of a seed (``gaussian``) store the seed, not ``Q``.
+
 A param group is projected when it has a ``rank``; otherwise it is plain AdamW with the same Adam
 convention. Subspace maths and all optimizer state are float32 whatever the parameter's dtype;
 nothing is tied to a device. Random rules draw only from generators the optimizer owns, seeded
@@ -28,7 +39,7 @@ from torch.optim import Optimizer
 
 from . import recovery as rec
 from .linalg import is_transposed, largest_angle, orient, reorthonormalize
-from .rules import RuleContext, all_rule_options, get_rule
+from .rules import RuleContext, all_rule_options, get_rule, rule_flag
 from .transport import TRANSPORTS, transport
 
 __all__ = ["SubspaceAdamW", "SUBSPACE_DEFAULTS"]
@@ -42,7 +53,10 @@ SUBSPACE_DEFAULTS: dict[str, Any] = {
     "transport": "rotate",
     "recovery": True,
     "zeta": 1.01,
+    "scaling": None,  # None (the projected update), "channel" or "tensor" (APOLLO's gradient scaling)
+    "error_feedback": False,  # LDAdam's full-size error-feedback buffer
 }
+SCALINGS = (None, "channel", "tensor")
 _PLAIN_KEYS = {"params", "param_names", "lr", "betas", "eps", "weight_decay", "seed", "check_finite",
                "initial_lr", "name"}
 _SUBSPACE_KEYS = {"rank", *SUBSPACE_DEFAULTS}
@@ -76,7 +90,9 @@ class SubspaceAdamW(Optimizer):
 
     Projected-group keys: ``rank`` (required), ``update_interval`` (``T``), ``alpha``, ``alpha_r``,
     ``rule`` (see ``grassopt.rules.RULES``), ``transport`` (``keep``/``reset``/``rotate``),
-    ``recovery`` (bool), ``zeta`` (limiter), and the options of the chosen rule (for example
+    ``recovery`` (bool), ``zeta`` (limiter), ``scaling`` (``None``/``"channel"``/``"tensor"``:
+    APOLLO's update, the raw gradient scaled by ``||N|| / ||R||``), ``error_feedback`` (bool:
+    LDAdam's full-size error buffer), and the options of the chosen rule (for example
     ``step_size``, ``step_mode``, ``update_rank`` for ``track``; defaults come from the rule).
     """
 
@@ -94,6 +110,7 @@ class SubspaceAdamW(Optimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, seed=seed,
                         check_finite=check_finite)
         self._generators: dict[Tensor, torch.Generator] = {}
+        self._seed_generators: dict[str, torch.Generator] = {}  # scratch, reseeded before each use
         self._diag: dict[Tensor, dict[str, Any]] = {}
         super().__init__(params, defaults)
 
@@ -158,6 +175,24 @@ class SubspaceAdamW(Optimizer):
             bad(f"alpha_r={group['alpha_r']} must be >= 0 or None")
         if not isinstance(group["recovery"], bool):
             bad(f"recovery={group['recovery']!r} must be True or False")
+        if group["scaling"] not in SCALINGS:
+            bad(f"scaling={group['scaling']!r} must be None, 'channel' or 'tensor'")
+        if not isinstance(group["error_feedback"], bool):
+            bad(f"error_feedback={group['error_feedback']!r} must be True or False")
+        if group["scaling"] is not None and group["recovery"]:
+            bad(f"scaling={group['scaling']!r} replaces the projected update by the scaled raw gradient, so there "
+                "is no residual to recover: set recovery=False")
+        if group["scaling"] is not None and group["error_feedback"]:
+            bad(f"scaling={group['scaling']!r} applies the full gradient, so there is no compression error to feed "
+                "back: set error_feedback=False")
+        if not rule_flag(rule, "ORTHONORMAL"):
+            needs = [k for k, on in (("transport='rotate'", group["transport"] == "rotate"),
+                                     ("recovery=True", group["recovery"]),
+                                     ("error_feedback=True", group["error_feedback"])) if on]
+            if needs:
+                bad(f"rule {rule.NAME!r} draws bases without orthonormal columns, but {' and '.join(needs)} "
+                    "assume Q Q^T is a projector; use transport='keep' or 'reset', recovery=False, "
+                    "error_feedback=False (or an orthonormal rule)")
         if "step_mode" in group and group["step_mode"] not in ("normalized", "raw"):
             bad(f"step_mode={group['step_mode']!r} must be 'normalized' or 'raw'")
         if "step_size" in group and not group["step_size"] > 0:
@@ -185,10 +220,33 @@ class SubspaceAdamW(Optimizer):
     def _flat_params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
 
+    def _param_index(self, p: Tensor) -> int:
+        return next(i for i, q in enumerate(self._flat_params()) if q is p)
+
+    def _seeded(self, group: dict[str, Any], rule, seed: int, x: Tensor) -> Tensor:
+        """The basis of a ``FROM_SEED`` rule for ``seed``: ``rule.init`` with a generator seeded from it."""
+        key = str(x.device)
+        gen = self._seed_generators.get(key)
+        if gen is None:
+            gen = self._seed_generators[key] = torch.Generator(device=x.device)
+        gen.manual_seed(seed)
+        ctx = RuleContext(rank=group["rank"], transposed=False, options=group, generator=gen)
+        return rule.init(x, ctx).to(torch.float32)
+
+    def basis(self, p: Tensor) -> Tensor | None:
+        """The current basis ``Q`` (``d x r``, float32) of a projected parameter; None before its first
+        step or for a plain parameter. Rules that keep a seed instead (``gaussian``) regenerate it."""
+        st = self.state.get(p, {})
+        if "Q" in st or "seed" not in st:
+            return st.get("Q")
+        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+        return self._seeded(group, get_rule(group["rule"]), st["seed"],
+                            torch.empty(min(p.shape), 0, device=p.device))
+
     def _generator(self, p: Tensor) -> torch.Generator:
         gen = self._generators.get(p)
         if gen is None:
-            index = next(i for i, q in enumerate(self._flat_params()) if q is p)
+            index = self._param_index(p)
             seed = next(g["seed"] for g in self.param_groups if any(q is p for q in g["params"]))
             gen = torch.Generator(device=p.device)
             gen.manual_seed(_mix_seed(int(seed), index))
@@ -300,21 +358,32 @@ class SubspaceAdamW(Optimizer):
         self._step({id(p) for p in params})
 
     def _step(self, only: set[int] | None) -> None:
-        work: list[list[tuple[Tensor, Tensor | None, Tensor | None]]] = []
+        work: list[list[tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]]] = []
         checks: list[tuple[int, int, Tensor]] = []
         for gi, group in enumerate(self.param_groups):
             items = []
+            projected = "rank" in group
+            if projected:
+                rule = get_rule(group["rule"])
+                seeded, T = rule_flag(rule, "FROM_SEED"), group["update_interval"]
+                # with error feedback X = G + E is formed in E's buffer after the check
+                deferred = group.get("error_feedback", False)
             for i, p in enumerate(group["params"]):
                 if p.grad is None or (only is not None and id(p) not in only):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{self._param_name(gi, i)}: SubspaceAdamW does not support sparse gradients")
-                x = rt = None
-                if "rank" in group:
+                x = rt = q = None
+                if projected and not deferred:
                     x = orient(p.grad)  # d x k, float32
-                    q = self.state[p].get("Q")
+                    st = self.state[p]
+                    if seeded:  # regenerated, except at a basis update (the old one is not needed)
+                        if "seed" in st and st["step"] % T:
+                            q = self._seeded(group, rule, st["seed"], x)
+                    else:
+                        q = st.get("Q")
                     rt = None if q is None else x.mT @ q  # (Q^T X)^T, k x r: the low-rank gradient
-                items.append((p, x, rt))
+                items.append((p, x, rt, q))
                 if group["check_finite"]:
                     checks.append((gi, i, p.grad if rt is None else rt))
             work.append(items)
@@ -325,7 +394,7 @@ class SubspaceAdamW(Optimizer):
             if "rank" in group:
                 self._projected_step(group, items)
             else:
-                self._plain_step([p for p, _, _ in items], group)
+                self._plain_step([p for p, _, _, _ in items], group)
 
     def _plain_step(self, params: list[Tensor], group: dict[str, Any]) -> None:
         b1, b2 = group["betas"]
@@ -362,50 +431,81 @@ class SubspaceAdamW(Optimizer):
         if wd:
             torch._foreach_add_(ps, ps, alpha=-lr * wd)
 
-    def _projected_step(self, group: dict[str, Any], items: list[tuple[Tensor, Tensor, Tensor | None]]) -> None:
+    def _projected_step(self, group: dict[str, Any],
+                        items: list[tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]]) -> None:
         """One step for every parameter of a projected group: per-parameter basis maintenance and
         matrix products, with the elementwise work (Adam, the limiter) fused over the group."""
         rule = get_rule(group["rule"])
+        seeded, orthonormal = rule_flag(rule, "FROM_SEED"), rule_flag(rule, "ORTHONORMAL")
+        scaling, feedback = group.get("scaling"), group.get("error_feedback", False)
         T = group["update_interval"]
         b1, b2 = group["betas"]
         lr, wd, alpha = group["lr"], group["weight_decay"], group["alpha"]
-        rts, sizes, states, diags = [], [], [], []
-        for p, x, rt in items:
+        xs, qs, rts, sizes, states, diags = [], [], [], [], [], []
+        for p, x, rt, q in items:
             st = self.state[p]
             diag = self._diag.setdefault(p, {})
+            first = "step" not in st
+            if feedback:  # X = G + E, formed in the error buffer itself: E is X until the end of the step
+                e = st.get("error")
+                if e is None:
+                    e = st["error"] = torch.empty_like(p, dtype=torch.float32,
+                                                       memory_format=torch.contiguous_format).copy_(p.grad)
+                else:
+                    e.add_(p.grad)
+                x = orient(e)
             ctx = RuleContext(rank=group["rank"], transposed=is_transposed(p.shape), options=group,
-                              generator=self._generator(p) if rule.NEEDS_GENERATOR else None)
+                              generator=self._generator(p) if rule.NEEDS_GENERATOR and not seeded else None)
             basis_update = True
-            if rt is None:  # first step: the initial basis
-                q = rule.init(x, ctx).to(torch.float32).contiguous()
+            if first:  # the initial basis
+                if seeded:
+                    st["seed"] = _mix_seed(int(group["seed"]), self._param_index(p))
+                    q = self._seeded(group, rule, st["seed"], x)
+                else:
+                    q = st["Q"] = rule.init(x, ctx).to(torch.float32).contiguous()
                 st["step"], st["adam_step"] = 0, 0
-                st["Q"] = q
                 st["exp_avg"] = x.new_zeros(x.shape[1], q.shape[1])
                 st["exp_avg_sq"] = x.new_zeros(x.shape[1], q.shape[1])
-                if group["recovery"]:
+                if group["recovery"] or scaling is not None:  # the limiter's previous norm
                     st["residual_norm"] = x.new_zeros(())
                 diag.update(angle=None, last_update=0)
                 rt = x.mT @ q
             elif st["step"] % T == 0:  # basis update, then moment transport
-                q_old = st["Q"]
-                ctx.projected = rt.mT
-                q_new = rule.update(q_old, x, ctx)
-                if q_new is not q_old:
-                    q_new = reorthonormalize(q_new.to(torch.float32)).contiguous()
-                    angle = ctx.angle if ctx.angle is not None else largest_angle(q_old, q_new)
-                    if transport(group["transport"], q_old, q_new, st["exp_avg"], st["exp_avg_sq"]):
+                if seeded:  # a fresh draw from a new seed; keep/reset transports need no old basis
+                    st["seed"] = _mix_seed(st["seed"], st["step"])
+                    q = self._seeded(group, rule, st["seed"], x)
+                    if transport(group["transport"], q, q, st["exp_avg"], st["exp_avg_sq"]):
                         st["adam_step"] = 0
-                    st["Q"] = q_new
-                    rt = x.mT @ q_new
+                    angle = None
                 else:
-                    angle = x.new_zeros(())
+                    q_old = st["Q"]
+                    ctx.projected = (x.mT @ q_old if rt is None else rt).mT
+                    q_new = rule.update(q_old, x, ctx)
+                    if q_new is not q_old:
+                        q_new = q_new.to(torch.float32)
+                        if orthonormal:
+                            q_new = reorthonormalize(q_new)
+                        q_new = q_new.contiguous()
+                        angle = (ctx.angle if ctx.angle is not None
+                                 else largest_angle(q_old, q_new) if orthonormal else None)
+                        if transport(group["transport"], q_old, q_new, st["exp_avg"], st["exp_avg_sq"]):
+                            st["adam_step"] = 0
+                        st["Q"] = q = q_new
+                    else:
+                        q, angle = q_old, x.new_zeros(())
+                rt = x.mT @ q
                 diag.update(angle=angle, last_update=st["step"])
             else:
                 basis_update = False
+                if rt is None:  # error feedback: X was only formed now
+                    q = st["Q"]
+                    rt = x.mT @ q
             st["step"] += 1
             st["adam_step"] += 1
             t = st["adam_step"]
             diag["step"] = st["step"]
+            xs.append(x)
+            qs.append(q)
             rts.append(rt)
             sizes.append(lr * math.sqrt(1 - b2**t) / (1 - b1**t))
             states.append(st)
@@ -413,44 +513,66 @@ class SubspaceAdamW(Optimizer):
         # Adam in the subspace, fused over the group
         ms, vs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
         nts = torch._foreach_div(ms, _adam_moments(ms, vs, rts, b1, b2, group["eps"]))
-        if group["recovery"]:
-            alpha_r = alpha if group["alpha_r"] is None else group["alpha_r"]
-            scales = [rec.channel_scale(rt, nt) for rt, nt in zip(rts, nts)]
-            phis = [phi for phi, _ in scales]
-            terms = [rec.residual_terms(x, r_norm, phi) for (_, x, _), (phi, r_norm) in zip(items, scales)]
-            s_norm, e2, x2 = (torch.stack(v) for v in zip(*terms))
-            s_norm = s_norm.sqrt()
+        if scaling is not None or group["recovery"]:
+            if scaling == "tensor":
+                phis = [rec.tensor_scale(rt, nt) for rt, nt in zip(rts, nts)]
+                s_norm = torch.stack([phi * torch.linalg.vector_norm(x) for phi, x in zip(phis, xs)])
+            else:
+                scales = [rec.channel_scale(rt, nt) for rt, nt in zip(rts, nts)]
+                phis = [phi for phi, _ in scales]
+                if scaling == "channel":  # ||X Phi||^2 = sum_j phi_j^2 ||X_j||^2
+                    s_norm = torch.stack([torch.dot(phi.square(), rec.col_sq(x)) for phi, x in zip(phis, xs)])
+                else:  # recovery: the residual E Phi only
+                    terms = [rec.residual_terms(x, r_norm, phi) for x, (phi, r_norm) in zip(xs, scales)]
+                    s_norm, e2, x2 = (torch.stack(v) for v in zip(*terms))
+                s_norm = s_norm.sqrt()
             prev = [s["residual_norm"] for s in states]
             c = rec.limit(s_norm, torch.stack(prev), group["zeta"])
             torch._foreach_copy_(prev, list((s_norm * c).unbind()))
             phis = [phi * ci for phi, ci in zip(phis, c.unbind())]  # the limiter folded into Phi
-            e = e2.sqrt()
-            ratio = e / x2.sqrt().clamp_min(1e-30)
-            for i, (diag, _) in enumerate(diags):
-                diag.update(residual_norm=e[i], residual_ratio=ratio[i], limiter=c[i])
-        torch._foreach_mul_(nts, alpha)
-        for i, ((p, x, _), st, rt, nt, step_size) in enumerate(zip(items, states, rts, nts, sizes)):
-            q = st["Q"]
-            transposed = is_transposed(p.shape)
-            if group["recovery"]:  # alpha N - alpha_r c R Phi
-                phi = phis[i].unsqueeze(1)
-                nt.addcmul_(rt, phi, value=-alpha_r)
-            elif diags[i][1]:  # residual diagnostics at basis updates only (costs a pass over X)
-                x2 = rec.col_sq(x).sum()
-                e = (x2 - rt.square().sum()).clamp_min(0).sqrt()
-                diags[i][0].update(residual_norm=e, residual_ratio=e / x2.sqrt().clamp_min(1e-30))
-            w = p if p.dtype == torch.float32 else p.float()
-            if transposed:  # W (m x n) -= step (Q N)^T = Nt Q^T: no full-size temporary
-                w.addmm_(nt, q.mT, alpha=-step_size)
+            if scaling is None:
+                alpha_r = alpha if group["alpha_r"] is None else group["alpha_r"]
+                e = e2.sqrt()
+                ratio = e / x2.sqrt().clamp_min(1e-30)
+                for i, (diag, _) in enumerate(diags):
+                    diag.update(residual_norm=e[i], residual_ratio=ratio[i], limiter=c[i])
             else:
-                w.addmm_(q, nt.mT, alpha=-step_size)
-            if group["recovery"]:  # + alpha_r c X Phi, with Phi along the long side
-                w.addcmul_(p.grad if w is p else x.mT if transposed else x,
-                           phi if transposed else phi.mT, value=-step_size * alpha_r)
+                for i, (diag, _) in enumerate(diags):
+                    diag.update(limiter=c[i])
+        if scaling is None:
+            torch._foreach_mul_(nts, alpha)
+        for i, ((p, _, _, _), x, q, st, rt, nt, step_size) in enumerate(zip(items, xs, qs, states, rts, nts, sizes)):
+            transposed = is_transposed(p.shape)
+            w = p if p.dtype == torch.float32 else p.float()
+            # the raw gradient in W's layout: p.grad itself when W is float32 and X was not rebuilt
+            g = p.grad if w is p and not feedback else x.mT if transposed else x
+            if scaling is not None:  # APOLLO: D = alpha c X Phi, nothing back-projected
+                phi = phis[i] if scaling == "tensor" else phis[i].unsqueeze(1) if transposed else phis[i].unsqueeze(0)
+                w.addcmul_(g, phi, value=-step_size * alpha)
+            else:
+                if group["recovery"]:  # alpha N - alpha_r c R Phi
+                    phi = phis[i].unsqueeze(1)
+                    nt.addcmul_(rt, phi, value=-alpha_r)
+                elif diags[i][1] and orthonormal:  # residual diagnostics at basis updates only (a pass over X)
+                    x2 = rec.col_sq(x).sum()
+                    e = (x2 - rt.square().sum()).clamp_min(0).sqrt()
+                    diags[i][0].update(residual_norm=e, residual_ratio=e / x2.sqrt().clamp_min(1e-30))
+                if transposed:  # W (m x n) -= step (Q N)^T = Nt Q^T: no full-size temporary
+                    w.addmm_(nt, q.mT, alpha=-step_size)
+                else:
+                    w.addmm_(q, nt.mT, alpha=-step_size)
+                if group["recovery"]:  # + alpha_r c X Phi, with Phi along the long side
+                    w.addcmul_(g, phi if transposed else phi.mT, value=-step_size * alpha_r)
             if wd:  # decoupled, after the update, exactly as GaLore and Fira do it
                 w.add_(w, alpha=-lr * wd)
             if w is not p:
                 p.copy_(w)
+            if feedback:  # E = X - Q R, in place in the buffer that held X (m x n)
+                e = st["error"]
+                if transposed:
+                    e.addmm_(rt, q.mT, alpha=-1.0)
+                else:
+                    e.addmm_(q, rt.mT, alpha=-1.0)
 
 
 def _adam_moments(ms: list[Tensor], vs: list[Tensor], gs: list[Tensor], b1: float, b2: float,

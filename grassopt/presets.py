@@ -4,10 +4,16 @@ A preset is a dict of component choices for a projected group (ALGORITHMS.md sec
 component can be overridden, so each ablation of the papers is a configuration, e.g.
 ``param_groups(model, "subtrack++", rank=64, transport="keep")`` is SubTrack++ without the
 projection-aware optimizer, and ``recovery=False`` drops recovery scaling.
+
+Ranks. A preset may have a default rank (``DEFAULT_RANKS``; 128 otherwise). A rank is an int, the
+same for every matrix, or a fraction of each matrix's short side written ``"d/4"`` (``r =
+max(1, d // 4)``), APOLLO's default. A param group holds one int rank, so ``param_groups`` makes
+one projected group per distinct rank; the optimizer and its state dict only ever see ints.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from collections.abc import Iterable
@@ -18,7 +24,8 @@ from torch import nn
 from .optimizer import SUBSPACE_DEFAULTS, SubspaceAdamW
 from .rules import all_rule_options
 
-__all__ = ["PRESETS", "param_groups", "make_optimizer", "select_targets", "resolve_preset"]
+__all__ = ["PRESETS", "DEFAULT_RANKS", "param_groups", "make_optimizer", "select_targets", "resolve_preset",
+           "resolve_rank"]
 
 #: Component choices of every preset. ``None`` means no projection (plain AdamW).
 PRESETS: dict[str, dict[str, Any] | None] = {
@@ -28,7 +35,40 @@ PRESETS: dict[str, dict[str, Any] | None] = {
     "subtrack++": {"rule": "track", "transport": "rotate", "recovery": True},
     "grasswalk": {"rule": "walk", "transport": "rotate", "recovery": True},
     "grassjump": {"rule": "jump", "transport": "rotate", "recovery": True},
+    # APOLLO: a Gaussian projection redrawn every T steps (moments kept) only estimates a per-channel
+    # scale of the raw gradient; alpha = sqrt(APOLLO's scale), scale = 1
+    "apollo": {"rule": "gaussian", "transport": "keep", "recovery": False, "scaling": "channel", "alpha": 1.0},
+    # APOLLO-Mini: rank 1, one scale per tensor, scale = 128 (alpha = sqrt(128))
+    "apollo-mini": {"rule": "gaussian", "transport": "keep", "recovery": False, "scaling": "tensor",
+                    "alpha": math.sqrt(128)},
+    # LDAdam: a warm-started power iteration at every step, rotate, full-size error feedback; no scale
+    "ldadam": {"rule": "power", "transport": "rotate", "recovery": False, "error_feedback": True,
+               "update_interval": 1, "alpha": 1.0},
 }
+
+#: The rank a preset uses when none is given (``"d/4"``: a quarter of each matrix's short side).
+DEFAULT_RANKS: dict[str, int | str] = {"apollo": "d/4", "apollo-mini": 1}
+DEFAULT_RANK = 128
+_FRACTION = re.compile(r"\s*d\s*/\s*(\d+)\s*")
+
+
+def resolve_rank(rank: int | str, shape) -> int:
+    """The int rank of an ``m x n`` matrix for a rank spec: an int, or ``"d/N"`` (``max(1, d // N)``,
+    ``d = min(m, n)``)."""
+    if isinstance(rank, str):
+        match = _FRACTION.fullmatch(rank)
+        if not match or int(match.group(1)) < 1:
+            raise ValueError(f"rank={rank!r}: a rank is an integer >= 1 or a fraction of the short side "
+                             "such as 'd/4'")
+        return max(1, min(shape[-2], shape[-1]) // int(match.group(1)))
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"rank={rank!r} must be an integer >= 1 (or a fraction of the short side such as 'd/4')")
+    return rank
+
+
+def default_rank(preset: str) -> int | str:
+    """The rank ``preset`` uses when none is given."""
+    return DEFAULT_RANKS.get(preset, DEFAULT_RANK)
 
 #: Names of linear layers that ``"all-linear"`` leaves out (the output layer, as Hugging Face does).
 _OUTPUT_NAMES = ("lm_head", "output", "classifier", "score", "head")
@@ -105,7 +145,7 @@ def select_targets(model: nn.Module, targets: str | Iterable[str] = "all-linear"
 def param_groups(
     model: nn.Module,
     preset: str = "subtrack++",
-    rank: int = 128,
+    rank: int | str | None = None,
     update_interval: int | None = None,
     targets: str | Iterable[str] = "all-linear",
     *,
@@ -113,9 +153,10 @@ def param_groups(
     weight_decay: float = 0.0,
     **overrides: Any,
 ) -> list[dict[str, Any]]:
-    """Optimizer param groups for ``model``: one projected group and the plain rest.
+    """Optimizer param groups for ``model``: the projected group(s) and the plain rest.
 
-    Only 2-D weights of ``nn.Linear`` modules selected by ``targets`` are projected (see
+    ``rank`` is an int, ``"d/N"`` (a fraction of each matrix's short side: one projected group per
+    distinct rank), or None for the preset's default (``DEFAULT_RANKS``, else 128). Only 2-D weights of ``nn.Linear`` modules selected by ``targets`` are projected (see
     :func:`select_targets`); embeddings, norms, biases and the output layer go to the plain
     AdamW group. A matrix whose short side is not larger than ``rank`` cannot be projected: it
     falls back to the plain group with a warning. With ``weight_decay > 0``, parameters with
@@ -125,34 +166,38 @@ def param_groups(
     if update_interval is not None and PRESETS.get(preset) is not None:
         overrides["update_interval"] = update_interval
     settings = resolve_preset(preset, **overrides)
-    if settings is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise ValueError(f"rank={rank!r} must be an integer >= 1")
-    projected_ids: set[int] = set()
+    if rank is None:
+        rank = default_rank(preset)
+    if settings is not None:
+        resolve_rank(rank, (1 << 62, 1 << 62))  # validates the spec before looking at the model
+    rank_of: dict[int, int] = {}
     if settings is not None:
         for name, mod in select_targets(model, targets):
             w = mod.weight
             if not w.requires_grad or w.dim() != 2:
                 continue
-            if rank >= min(w.shape):
-                warnings.warn(f"{name}.weight {tuple(w.shape)}: rank {rank} >= min(m, n) = {min(w.shape)}; "
+            r = resolve_rank(rank, w.shape)
+            if r >= min(w.shape):
+                warnings.warn(f"{name}.weight {tuple(w.shape)}: rank {r} >= min(m, n) = {min(w.shape)}; "
                               "it is trained with plain AdamW instead", stacklevel=2)
                 continue
-            projected_ids.add(id(w))
-    proj, decay, no_decay = [], [], []
+            rank_of[id(w)] = r
+    proj: dict[int, list] = {}  # rank -> (name, parameter) pairs
+    decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if id(p) in projected_ids:
-            proj.append((name, p))
+        if id(p) in rank_of:
+            proj.setdefault(rank_of[id(p)], []).append((name, p))
         elif weight_decay > 0 and p.dim() < 2:
             no_decay.append((name, p))
         else:
             decay.append((name, p))
     common = {} if lr is None else {"lr": lr}
     groups: list[dict[str, Any]] = []
-    if proj:
-        groups.append({"params": proj, "rank": rank, "weight_decay": weight_decay, **settings, **common})
-    elif settings is not None:
+    for r, params in proj.items():
+        groups.append({"params": params, "rank": r, "weight_decay": weight_decay, **settings, **common})
+    if not proj and settings is not None:
         warnings.warn(f"preset {preset!r}: no parameter matched targets={targets!r}; everything is plain AdamW",
                       stacklevel=2)
     if decay:
@@ -162,7 +207,7 @@ def param_groups(
     return groups
 
 
-def make_optimizer(model: nn.Module, preset: str = "subtrack++", lr: float = 1e-3, rank: int = 128,
+def make_optimizer(model: nn.Module, preset: str = "subtrack++", lr: float = 1e-3, rank: int | str | None = None,
                    update_interval: int | None = None, targets: str | Iterable[str] = "all-linear", *,
                    weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-6, seed: int = 0,
                    **overrides: Any) -> SubspaceAdamW:

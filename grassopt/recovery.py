@@ -13,6 +13,10 @@ Nothing here forms ``E``: since ``Q^T (X Phi) = R Phi``,
 norm is therefore exact up to float32 cancellation (``sqrt(eps) ||X||``), which only matters when
 the residual is a tiny part of the gradient.
 
+The same scale and limiter serve APOLLO (ALGORITHMS.md 4.1), whose direction is the whole raw
+gradient scaled, ``X Phi`` (``||X Phi||^2 = sum_j phi_j^2 ||X_j||^2``), or with one scale per
+tensor (:func:`tensor_scale`).
+
 Layout: the low-rank gradient and Adam's output are stored ``k x r`` (one row per slice ``j`` along
 the long side), so every per-slice norm is a fast contiguous row reduction. All results are
 tensors (no host synchronisation); the limiter is vectorised over all parameters of a group.
@@ -42,6 +46,11 @@ def channel_scale(rt: Tensor, nt: Tensor) -> tuple[Tensor, Tensor]:
     and the ``||R_j||`` it used."""
     r_norm = torch.linalg.vector_norm(rt, dim=1)
     return torch.linalg.vector_norm(nt, dim=1) / (r_norm + PHI_EPS), r_norm
+
+
+def tensor_scale(rt: Tensor, nt: Tensor) -> Tensor:
+    """APOLLO-Mini's one scale per tensor, ``||N||_F / (||R||_F + 1e-8)`` (a 0-d tensor)."""
+    return torch.linalg.vector_norm(nt) / (torch.linalg.vector_norm(rt) + PHI_EPS)
 
 
 def residual_terms(x: Tensor, r_norm: Tensor, phi: Tensor) -> tuple[Tensor, Tensor, Tensor]:

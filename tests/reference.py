@@ -1,4 +1,5 @@
-"""An independent, naive float64 implementation of ALGORITHMS.md section 2, for tests.
+"""An independent, naive float64 implementation of ALGORITHMS.md section 2 (and the scaling and
+error feedback of section 4), for tests.
 
 It forms every matrix explicitly (the residual ``E``, ``D``, the transport's covariance), so it
 shares no code path with the optimizer's fused formulas. Bases are supplied from outside (the
@@ -12,13 +13,16 @@ import torch
 
 class ReferenceStep:
     def __init__(self, w0, rank, lr, betas=(0.9, 0.999), eps=1e-6, wd=0.0, alpha=0.25, alpha_r=None,
-                 transport="keep", recovery=False, zeta=1.01, update_interval=200):
+                 transport="keep", recovery=False, zeta=1.01, update_interval=200, scaling=None,
+                 error_feedback=False):
         self.W = w0.detach().double().clone()
         self.m_, self.n_ = w0.shape
         self.transposed = self.m_ >= self.n_
         self.lr, self.b1, self.b2, self.eps, self.wd = lr, betas[0], betas[1], eps, wd
         self.alpha, self.alpha_r = alpha, alpha if alpha_r is None else alpha_r
         self.transport, self.recovery, self.zeta, self.T = transport, recovery, zeta, update_interval
+        self.scaling, self.error_feedback = scaling, error_feedback
+        self.E = torch.zeros(min(self.m_, self.n_), max(self.m_, self.n_), dtype=torch.float64)
         self.Q = None
         self.t = 0  # steps taken
         self.count = 0  # bias-correction count
@@ -26,6 +30,8 @@ class ReferenceStep:
 
     def step(self, G, Q_new):
         X = (G.T if self.transposed else G).double()
+        if self.error_feedback:
+            X = X + self.E
         Q_new = Q_new.double()
         if self.Q is None:
             self.Q = Q_new
@@ -50,6 +56,19 @@ class ReferenceStep:
         self.V = self.b2 * self.V + (1 - self.b2) * R * R
         N = self.M / (self.V.sqrt() + self.eps)
         D = self.alpha * Q @ N
+        if self.scaling is not None:  # APOLLO: the raw gradient scaled, nothing back-projected
+            if self.scaling == "channel":
+                phi = N.norm(dim=0) / (R.norm(dim=0) + 1e-8)
+            else:
+                phi = N.norm() / (R.norm() + 1e-8)
+            S = X * phi
+            s = S.norm().item()
+            if self.prev_norm > 0 and s > self.zeta * self.prev_norm:
+                S = S * (self.zeta * self.prev_norm / s)
+            self.prev_norm = S.norm().item()
+            D = self.alpha * S
+        if self.error_feedback:
+            self.E = X - Q @ R
         if self.recovery:
             E = X - Q @ R
             phi = N.norm(dim=0) / (R.norm(dim=0) + 1e-8)

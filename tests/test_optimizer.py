@@ -30,12 +30,14 @@ def test_every_preset_matches_the_naive_float64_reference(preset, shape):
     p = nn.Parameter(w0.clone())
     opt = SubspaceAdamW([{"params": [p], "rank": rank, "update_interval": T, **grassopt.PRESETS[preset]}],
                         lr=lr, weight_decay=wd)
-    ref = ReferenceStep(w0, rank, lr, wd=wd, alpha=0.25, transport=opt.param_groups[0]["transport"],
-                        recovery=opt.param_groups[0]["recovery"], update_interval=T)
+    group = opt.param_groups[0]
+    ref = ReferenceStep(w0, rank, lr, wd=wd, alpha=group["alpha"], transport=group["transport"],
+                        recovery=group["recovery"], update_interval=group["update_interval"],
+                        scaling=group["scaling"], error_feedback=group["error_feedback"])
     for G in grads(shape, 14):
         p.grad = G
         opt.step()
-        W_ref = ref.step(G, opt.state[p]["Q"])
+        W_ref = ref.step(G, opt.basis(p))
         assert torch.allclose(p.detach().double(), W_ref, atol=2e-6, rtol=1e-5), preset
     assert opt.state[p]["step"] == 14
 

@@ -11,6 +11,15 @@ A rule is one small module with
   ``update`` may set ``ctx.angle`` to the largest principal angle it moved (when it knows it
   exactly); otherwise the optimizer measures it.
 
+Two optional flags (read with :func:`rule_flag`):
+
+- ``ORTHONORMAL`` (default True): the bases have orthonormal columns. When False (``gaussian``)
+  the optimizer skips re-orthonormalisation and angle diagnostics, and refuses ``rotate``
+  transport and recovery scaling, which assume ``Q Q^T`` is a projector;
+- ``FROM_SEED`` (default False): the basis is a pure function of a seed. The optimizer then stores
+  the seed (a plain int), not ``Q``, draws a new seed at each basis update, and calls ``init``
+  with a generator seeded from it at every step to regenerate ``Q``.
+
 Adding a rule is one file here and one line in ``RULES``; the optimizer does not change.
 """
 
@@ -22,10 +31,10 @@ from typing import Any, Mapping
 
 import torch
 
-from . import frozen, hybrid, jump, power, rsvd, svd, track, walk
+from . import frozen, gaussian, hybrid, jump, power, rsvd, svd, track, walk
 
 RULES: dict[str, ModuleType] = {
-    m.NAME: m for m in (svd, rsvd, frozen, power, track, walk, jump, hybrid)
+    m.NAME: m for m in (svd, rsvd, frozen, power, track, walk, jump, hybrid, gaussian)
 }
 
 
@@ -51,6 +60,14 @@ def get_rule(name: str) -> ModuleType:
         raise ValueError(
             f"unknown subspace rule {name!r}; choose one of {sorted(RULES)}"
         ) from None
+
+
+_FLAG_DEFAULTS = {"ORTHONORMAL": True, "FROM_SEED": False}
+
+
+def rule_flag(rule: ModuleType, flag: str) -> bool:
+    """A rule's optional flag (``ORTHONORMAL`` or ``FROM_SEED``), with its default."""
+    return bool(getattr(rule, flag, _FLAG_DEFAULTS[flag]))
 
 
 def all_rule_options() -> set[str]:

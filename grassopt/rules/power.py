@@ -14,4 +14,5 @@ init = svd.init
 
 
 def update(q, x, ctx):
-    return qr_positive(x @ (x.mT @ q))
+    a = ctx.projected if ctx.projected is not None else q.mT @ x  # Q^T X, r x k (often known already)
+    return qr_positive(x @ a.mT)
