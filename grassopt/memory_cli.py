@@ -1,0 +1,137 @@
+"""``grassopt memory``: the memory a model config needs for a preset (weights, gradients, optimizer
+states, saved activations), from formulas that agree exactly with the live optimizer.
+
+    grassopt memory 7b --preset galore --rank 1024 --dtype bf16
+    grassopt memory 1b --preset adamw galore apollo apollo-mini ldadam --rank 512 --state-dtype bf16
+    grassopt memory tiny --preset subtrack++ --rank 64 --per-layer
+    grassopt memory path/to/config.json --preset apollo --activations estimator --sketch-rank 0.125 --json
+
+The model is built on the ``meta`` device (nothing is allocated), so any size costs nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+__all__ = ["main", "build_parser"]
+
+
+def _rank(text: str) -> int | str:
+    try:
+        return int(text)
+    except ValueError:
+        from .presets import resolve_rank
+
+        try:
+            resolve_rank(text, (1 << 30, 1 << 30))
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return text
+
+
+def _sketch_rank(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is neither an integer nor a fraction") from None
+        if not 0 < v < 1:
+            raise argparse.ArgumentTypeError(f"{text}: a fractional sketch rank lies in (0, 1)")
+        return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .memory import DTYPES
+    from .presets import DEFAULT_RANK, DEFAULT_RANKS, PRESETS
+    from .train.model import CONFIGS
+
+    defaults = ", ".join(f"{p}: {r}" for p, r in DEFAULT_RANKS.items())
+    ap = argparse.ArgumentParser(
+        prog="grassopt memory", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Optimizer states: SubspaceAdamW keeps them in float32 whatever the weights' dtype; "
+               "--state-dtype bf16 reproduces the convention of papers' 'BF16' tables. Saved activations: "
+               "an exact count for grassopt's LLaMA with a fused attention kernel (no T x T matrix).")
+    ap.add_argument("model", help=f"a config name ({', '.join(CONFIGS)}) or a Hugging Face-style config.json")
+    ap.add_argument("--preset", nargs="+", default=["adamw"], choices=sorted(PRESETS), metavar="PRESET",
+                    help=f"one or more presets ({', '.join(PRESETS)}); several give a comparison table "
+                         "(default: adamw)")
+    ap.add_argument("--rank", type=_rank, default=None,
+                    help=f"rank of the projected matrices: an integer or 'd/N' (a fraction of each matrix's "
+                         f"short side); default: the preset's ({defaults}; otherwise {DEFAULT_RANK})")
+    ap.add_argument("--targets", nargs="+", default=["all-linear"],
+                    help="projected (and sketched) linear layers: 'all-linear' or module-name patterns")
+    ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="weights/gradients/activations dtype")
+    ap.add_argument("--state-dtype", default="fp32", choices=sorted(DTYPES),
+                    help="bytes per optimizer-state element (default fp32, what SubspaceAdamW allocates)")
+    ap.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch (default 1)")
+    ap.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the config's max)")
+    ap.add_argument("--vocab-size", type=int, default=None, help="override the config's vocabulary size")
+    ap.add_argument("--activations", choices=["none", "estimator", "rso"], default="none",
+                    help="activation-saving linear layers (grassopt.sketch): 'estimator' (unbiased low-rank "
+                         "gradient estimator) or 'rso' (randomized subspace optimization); default none")
+    ap.add_argument("--sketch-rank", type=_sketch_rank, default=0.125,
+                    help="sketch rank of the activation-saving layers: an integer or a fraction of each "
+                         "layer's in_features (default 0.125)")
+    ap.add_argument("--per-layer", action="store_true", help="also print the breakdown per layer")
+    ap.add_argument("--unit", default="auto", choices=["auto", "B", "KiB", "MiB", "GiB", "KB", "MB", "GB"],
+                    help="unit of the human-readable columns (default: auto, binary units)")
+    ap.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .memory import _human, estimate
+
+    args = build_parser().parse_args(argv)
+    mode = None if args.activations == "none" else args.activations
+    if args.batch_size < 1 or (args.seq_len is not None and args.seq_len < 1):
+        print("grassopt memory: --batch-size and --seq-len must be >= 1", file=sys.stderr)
+        return 2
+    results = []
+    try:
+        for preset in args.preset:
+            results.append(estimate(args.model, preset, args.rank, args.dtype, batch_size=args.batch_size,
+                                    seq_len=args.seq_len, mode=mode, sketch_rank=args.sketch_rank if mode else None,
+                                    targets=args.targets, state_dtype=args.state_dtype, vocab_size=args.vocab_size))
+            if mode == "rso":
+                break  # RSO replaces the optimizer: one row
+    except ValueError as e:
+        print(f"grassopt memory: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        out = [r.to_dict(per_layer=args.per_layer) for r in results]
+        print(json.dumps(out[0] if len(out) == 1 else out, indent=2))
+        return 0
+    if len(results) == 1:
+        print(results[0].table(per_layer=args.per_layer, unit=args.unit))
+        return 0
+    cols = ("weights", "gradients", "bases", "moments", "other", "states", "activations", "total")
+    first = results[0]
+    print(f"{first.model}, weights {first.dtype}, states {first.state_dtype}, batch {first.batch_size} x "
+          f"{first.seq_len} tokens" + (f", activations {mode} (sketch rank {args.sketch_rank})" if mode else ""))
+    print()
+    w = max(len(f"{r.preset} (rank {r.rank})") for r in results)
+    print(f"{'preset':<{w}}  " + "  ".join(f"{c:>12}" for c in cols))
+    for r in results:
+        t = r.totals()
+        label = r.preset if r.rank is None else f"{r.preset} (rank {r.rank})"
+        print(f"{label:<{w}}  " + "  ".join(f"{_human(t[c], args.unit):>12}" for c in cols))
+    if args.per_layer:
+        for r in results:
+            print()
+            print(r.table(per_layer=True, unit=args.unit))
+    notes = sorted({n for r in results for n in r.notes})
+    for n in notes[:10]:
+        print(f"note: {n}")
+    if len(notes) > 10:
+        print(f"note: ... and {len(notes) - 10} more")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
