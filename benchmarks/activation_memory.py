@@ -15,7 +15,7 @@ Writes ``activation_memory.md``, ``activation_memory.json`` and ``activation_mem
 ``--out`` (default: this folder). Commands:
 
     python benchmarks/activation_memory.py --parts memory    # about 3 min on an idle machine
-    python benchmarks/activation_memory.py --parts loss      # about 40 min (12 runs of 250 steps on tiny)
+    python benchmarks/activation_memory.py --parts loss      # about 50 min (15 runs of 250 steps on tiny)
     python benchmarks/activation_memory.py                   # both
     python benchmarks/activation_memory.py --smoke           # a few steps of everything (~2 min): a check
 """
@@ -298,7 +298,7 @@ def write_report(args, mem: list[dict], loss: list[dict], out: Path) -> None:
                   "; ".join(f"{k}: {v['lr']:g} ({v['final_eval']:.4f})" for k, v in best.items()) + ".", ""]
     lines += ["## Commands", "", "```",
               "python benchmarks/activation_memory.py --parts memory   # both models, 7 configurations each",
-              "python benchmarks/activation_memory.py --parts loss     # 3 methods x 4 learning rates on tiny",
+              "python benchmarks/activation_memory.py --parts loss     # 3 methods x 5 learning rates on tiny",
               "python benchmarks/activation_memory.py --parts loss --loss-ranks 0.25 0.125   # and n/8",
               "```", ""]
     (out / "activation_memory.md").write_text("\n".join(lines))
@@ -373,7 +373,7 @@ def main(argv=None) -> None:
     ap.add_argument("--inner-steps", type=int, default=25, help="RSO: inner steps per outer iteration (K)")
     ap.add_argument("--loss-model", default="tiny")
     ap.add_argument("--loss-ranks", nargs="+", type=float, default=[0.25])
-    ap.add_argument("--lrs", nargs="+", type=float, default=[5e-4, 1e-3, 2e-3, 4e-3])
+    ap.add_argument("--lrs", nargs="+", type=float, default=[5e-4, 1e-3, 2e-3, 4e-3, 8e-3])
     ap.add_argument("--steps", type=int, default=250, help="training steps of each loss run")
     ap.add_argument("--weight-decay", type=float, default=0.0)
     ap.add_argument("--clip", type=float, default=0.0, help="gradient-norm clipping (0: off)")

@@ -106,6 +106,22 @@ def test_autocast_bf16_runs_and_keeps_the_weight_gradient_float32():
     torch.testing.assert_close(model[0].weight.grad, g @ p @ p.T, rtol=0.05, atol=0.05)
 
 
+def test_rso_on_a_bf16_model_keeps_b_float32_and_merges_in_float32():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 16, bias=False)).to(torch.bfloat16)
+    w0 = model[0].weight.detach().float()
+    opt = gs.rso(model, rank=8, inner_steps=1, lr=0.05, inner="sgd")
+    assert model[0].B.dtype == torch.float32 and model[0].weight.dtype == torch.bfloat16
+    x = torch.randn(6, 32, dtype=torch.bfloat16)
+    model(x).float().square().sum().backward()
+    assert model[0].B.grad.dtype == torch.float32
+    b1 = -0.05 * model[0].B.grad
+    p = model[0].projection_matrix()
+    assert p.dtype == torch.float32
+    opt.step()
+    torch.testing.assert_close(model[0].weight.float(), (w0 + b1 @ p.T).bfloat16().float())
+
+
 # ---------------------------------------------------------------------------- laws of P
 @pytest.mark.parametrize("law", LAWS)
 def test_law_shapes_and_structure(law):

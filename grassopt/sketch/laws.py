@@ -80,6 +80,8 @@ def projection(law: str, n: int, r: int, seed: int, step: int, index: int, devic
     """The sketch matrix of layer group ``index`` at ``step``: :func:`draw` from a generator on
     ``device`` seeded with :func:`mix_seed` ``(seed, step, index)``."""
     device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "meta":  # shapes only (memory estimates of big models): no values, no generator
+        return draw(law, n, r, None, device=device, dtype=dtype)
     gen = torch.Generator(device=device)
     gen.manual_seed(mix_seed(seed, step, index))
     return draw(law, n, r, gen, device=device, dtype=dtype)

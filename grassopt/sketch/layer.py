@@ -35,6 +35,7 @@ __all__ = ["MODES", "SHARES", "SketchState", "ProjectionGroup", "SketchedLinear"
 MODES: dict[str, int] = {"estimator": 0, "rso": 1}
 #: How layers share projections: ``"input"`` (layers reading the same tensor) or ``None``.
 SHARES = ("input", None)
+_AUTOCAST_DEVICES = {"cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla", "ipu", "maia"}
 _FORMAT = 1  # layout of the _extra_state tensor
 _REGISTRY_LIMIT = 64  # inputs remembered for group formation (dead references are pruned first)
 
@@ -164,7 +165,7 @@ class SketchedLinear(nn.Linear):
     Built from an ``nn.Linear`` by :func:`grassopt.sketch.sketch`; ``weight`` and ``bias`` are the
     very Parameter objects of that layer. In ``"estimator"`` mode ``weight.grad`` receives the
     unbiased estimate ``G P P^T``; in ``"rso"`` mode ``weight`` is frozen and the trainable ``B``
-    (``out_features x rank``, zero-initialised) gets the exact gradient ``G P``; the layer computes
+    (``out_features x rank``, zero-initialised, at least float32) gets the exact gradient ``G P``; the layer computes
     ``x (W + B P^T)^T + bias``. Without autograd (``torch.no_grad()``, evaluation) no ``x P`` is
     stored and the estimator layer is an ordinary linear layer.
     """
@@ -183,7 +184,9 @@ class SketchedLinear(nn.Linear):
         self._weight_requires_grad = linear.weight.requires_grad
         if state.mode == "rso":
             w = linear.weight
-            self.B = nn.Parameter(torch.zeros(self.out_features, self.rank, device=w.device, dtype=w.dtype))
+            # B is the optimizer's variable: at least float32, like the merge (cast for the forward)
+            self.B = nn.Parameter(torch.zeros(self.out_features, self.rank, device=w.device,
+                                              dtype=_master_dtype(w.dtype)))
             w.requires_grad_(False)
         else:
             self.register_parameter("B", None)
@@ -229,7 +232,7 @@ class SketchedLinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         w, bias, b = self.weight, self.bias, self.B
         dev = x.device.type
-        autocast = torch.is_autocast_enabled(dev) and x.is_floating_point()
+        autocast = dev in _AUTOCAST_DEVICES and x.is_floating_point() and torch.is_autocast_enabled(dev)
         graph = torch.is_grad_enabled() and (w.requires_grad or (b is not None and b.requires_grad)
                                              or (bias is not None and bias.requires_grad))
         if not graph:
