@@ -297,7 +297,7 @@ def write_report(args, mem: list[dict], loss: list[dict], out: Path) -> None:
         lines += ["", "Best learning rate of each method (bold above): " +
                   "; ".join(f"{k}: {v['lr']:g} ({v['final_eval']:.4f})" for k, v in best.items()) + ".", ""]
     lines += ["## Commands", "", "```",
-              "python benchmarks/activation_memory.py --parts memory   # both models, 7 configurations each",
+              "python benchmarks/activation_memory.py --parts memory   # both models, 6 configurations each",
               "python benchmarks/activation_memory.py --parts loss     # 3 methods x 5 learning rates on tiny",
               "python benchmarks/activation_memory.py --parts loss --loss-ranks 0.25 0.125   # and n/8",
               "```", ""]
