@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 import grassopt
+from grassopt.presets import DEFAULT_RANKS, resolve_rank
 
 SHAPES = [(512, 512)] * 4 + [(1376, 512)] * 2 + [(512, 1376)]
 BLOCKS = 8
@@ -44,7 +45,12 @@ def make_grads(n_sets: int, seed: int = 1) -> list[list[torch.Tensor]]:
 
 
 def contestants(rank: int, interval: int, lr: float = 1e-3):
-    """(label, factory) pairs; each factory takes a parameter list and returns an optimizer."""
+    """(label, factory) pairs; each factory takes a parameter list and returns an optimizer.
+
+    Presets with a default rank of their own use it (``apollo``: ``d/4``, which is 128 on these
+    matrices; ``apollo-mini``: 1); ``ldadam`` updates its basis every step whatever ``interval``.
+    ``ref-apollo`` is apollo-torch's APOLLO at the rank ``apollo`` uses.
+    """
     out = [("torch.optim.AdamW", lambda ps: torch.optim.AdamW(ps, lr=lr))]
     try:
         with warnings.catch_warnings():
@@ -54,12 +60,35 @@ def contestants(rank: int, interval: int, lr: float = 1e-3):
             [{"params": ps, "rank": rank, "update_proj_gap": interval, "scale": 0.25, "proj_type": "std"}], lr=lr)))
     except ImportError:
         print("galore-torch not installed: its row is skipped (pip install -e .[bench])", file=sys.stderr)
+
+    def groups(ps, preset, settings):
+        spec = DEFAULT_RANKS.get(preset, rank)
+        by_rank = {}
+        for p in ps:
+            by_rank.setdefault(resolve_rank(spec, p.shape), []).append(p)
+        return [{"params": q, "rank": r, "update_interval": interval, "alpha": 0.25, **settings}
+                for r, q in by_rank.items()]
+
     for preset, settings in grassopt.PRESETS.items():
         if settings is None:
             out.append(("adamw", lambda ps: grassopt.SubspaceAdamW(ps, lr=lr)))
         else:
-            out.append((preset, lambda ps, s=settings: grassopt.SubspaceAdamW(
-                [{"params": ps, "rank": rank, "update_interval": interval, "alpha": 0.25, **s}], lr=lr)))
+            out.append((preset, lambda ps, p=preset, s=settings: grassopt.SubspaceAdamW(groups(ps, p, s), lr=lr)))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from apollo_torch import APOLLOAdamW
+
+        def ref_apollo(ps):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return APOLLOAdamW([{**g, "proj": "random", "scale_type": "channel", "update_proj_gap": interval,
+                                     "scale": 1, "proj_type": "std"}
+                                    for g in ({"params": q["params"], "rank": q["rank"]}
+                                              for q in groups(ps, "apollo", {}))], lr=lr)
+        out.append(("ref-apollo", ref_apollo))
+    except ImportError:
+        print("apollo-torch not installed: its row is skipped (pip install apollo-torch==1.0.3)", file=sys.stderr)
     return out
 
 
