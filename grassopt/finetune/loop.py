@@ -473,7 +473,7 @@ def finetune(cfg: FinetuneConfig, task: TextTask | None = None) -> dict[str, Any
         bar.close()
     checkpoint()
     finished = step >= total
-    final: dict[str, Any] = {}
+    final: dict[str, Any] = {f"{s}_{k}": None for s in ("val", "test") for k in ("acc", "balanced_acc", "loss", "n")}
     if finished:
         last_val = next((h for h in reversed(history) if "val_acc" in h and h["step"] == step), None)
         final.update({k: v for k, v in (last_val or run_eval("val")).items() if k.startswith("val_")})

@@ -244,16 +244,17 @@ def sotu_task(kind: str = "era", *, min_words: int = 30, fractions: Sequence[flo
             groups_by_label.setdefault(y, set()).add(g)
     where = _split_groups({k: list(v) for k, v in groups_by_label.items()}, fractions, split_seed)
     raw: dict[str, list[tuple[str, int]]] = {s: [] for s in SPLITS}
-    n_groups: Counter = Counter()
+    speeches: dict[str, list[str]] = {s: [] for s in SPLITS}
     for fid in sorted(paras):
         s = where[group_of[fid]]
-        n_groups[s] += 1
+        speeches[s].append(fid)
         raw[s].extend((p, label_of[fid]) for p in paras[fid])
     before = {s: {labels[i]: n for i, n in sorted(Counter(y for _, y in raw[s]).items())} for s in SPLITS}
     splits = _balance(raw, len(labels), balance, per_class, split_seed)
     info = {"source": str(d), "kind": kind, "min_words": min_words, "fractions": list(fractions), "group": group,
             "balance": balance, "per_class": per_class, "split_seed": split_seed,
-            "counts_before_balancing": before, "groups_per_split": {s: n_groups[s] for s in SPLITS}}
+            "counts_before_balancing": before, "groups_per_split": {s: len(speeches[s]) for s in SPLITS},
+            "speeches": speeches}
     return TextTask(name=f"sotu-{kind}", labels=labels, splits=splits, info=info)
 
 
