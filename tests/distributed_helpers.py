@@ -163,33 +163,63 @@ def ddp_layerwise_worker(rank: int, world: int, out: str, cases: list[tuple[str,
             save_params(model, Path(out) / f"lw-{preset}-{as_view}-{mode}-rank{rank}.pt")
 
 
-def fsdp_worker(rank: int, world: int, out: str, vocab: int, steps: int) -> None:
-    """FSDP2 on gloo: preset 'adamw' (plain groups) trains and matches DDP; projected groups refuse."""
-    import grassopt
-    from grassopt.distributed import ShardedParameterError, check_params
+def _fsdp_model(vocab: int):
     from torch.distributed.fsdp import fully_shard
 
-    batches = torch.load(Path(out) / "batches.pt")[:steps]
-    result = {}
-    # DDP reference
-    model = build_model(vocab)
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
-    opt = build_optimizer(model, "adamw")
-    result["ddp_losses"] = train(model, opt, batches, rank, world, ddp=ddp)
-    result["ddp"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    # FSDP2
     model = build_model(vocab)
     for block in model.layers:
         fully_shard(block)
     fully_shard(model)
-    from torch.distributed.tensor import DTensor
-    assert all(isinstance(p, DTensor) for p in model.parameters())
-    opt = build_optimizer(model, "adamw")
-    result["fsdp_losses"] = train(model, opt, batches, rank, world)
-    result["fsdp"] = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
-                      for k, v in model.state_dict().items()}
+    return model
+
+
+def _full(sd: dict) -> dict:
+    from grassopt.distributed import is_dtensor
+
+    return {k: (v.full_tensor() if is_dtensor(v) else v).detach().clone() for k, v in sd.items()}
+
+
+def fsdp_worker(rank: int, world: int, out: str, vocab: int, steps: int, presets: list[str]) -> None:
+    """FSDP2 on gloo, 2 ranks: each preset trains ``steps`` steps with FSDP2 and with DDP from the
+    same init. Projected presets use FSDPSubspaceAdamW; SubspaceAdamW itself must refuse them."""
+    import grassopt
+    from grassopt.distributed import FSDPSubspaceAdamW, ShardedParameterError, check_params, is_dtensor
+
+    batches = torch.load(Path(out) / "batches.pt")[:steps]
+    result: dict = {}
+    for preset in presets:
+        model = build_model(vocab)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        opt = build_optimizer(model, preset)
+        result[f"{preset}/ddp_losses"] = train(model, opt, batches, rank, world, ddp=ddp)
+        result[f"{preset}/ddp"] = _full(model.state_dict())
+        ddp_opt_state = opt.state_dict()
+
+        model = _fsdp_model(vocab)
+        assert all(is_dtensor(p) for p in model.parameters())
+        kw = {} if grassopt.PRESETS[preset] is None else {"update_interval": UPDATE_INTERVAL}
+        groups = grassopt.param_groups(model, preset, rank=RANK, **kw)
+        opt = FSDPSubspaceAdamW(groups, lr=LR, seed=0)
+        result[f"{preset}/fsdp_losses"] = train(model, opt, batches, rank, world)
+        result[f"{preset}/fsdp"] = _full(model.state_dict())
+        # the checkpoint has the DDP format (full tensors) and survives a load into a fresh optimizer
+        sd = opt.state_dict()
+        fresh = FSDPSubspaceAdamW(grassopt.param_groups(model, preset, rank=RANK, **kw), lr=LR, seed=0)
+        fresh.load_state_dict(sd)
+        again = fresh.state_dict()
+        for i, st in sd["state"].items():
+            for k, v in st.items():
+                assert not is_dtensor(v), (i, k)
+                w = ddp_opt_state["state"][i][k]
+                assert type(v) is type(w) and (not torch.is_tensor(v) or v.shape == w.shape), (i, k)
+                assert torch.equal(v, again["state"][i][k]) if torch.is_tensor(v) else v == again["state"][i][k]
+        result[f"{preset}/opt_state_diff"] = max(
+            (v.double() - ddp_opt_state["state"][i][k].double()).abs().max().item()
+            for i, st in sd["state"].items() for k, v in st.items()
+            if torch.is_tensor(v) and v.is_floating_point())
     # projected groups on DTensors: the documented error, from check_params and (once the optimizer
     # calls it) from SubspaceAdamW itself
+    model = _fsdp_model(vocab)
     groups = grassopt.param_groups(model, "subtrack++", rank=RANK)
     try:
         check_params(groups)

@@ -3,7 +3,8 @@
 * DDP leaves bit-identical parameters on both ranks for every preset listed in ``DDP_PRESETS``
   (including the random rules) and matches one process on the same global batch;
 * layer-wise updates under DDP (the communication hook) equal ordinary DDP, with accumulation;
-* FSDP2: the plain groups train and match DDP; projected groups raise the documented error.
+* FSDP2: every preset trains with ``FSDPSubspaceAdamW`` and matches DDP; ``SubspaceAdamW`` itself
+  refuses projected groups of sharded parameters with the documented error.
 """
 
 from __future__ import annotations
@@ -84,17 +85,27 @@ def test_layerwise_ddp_equals_ddp(sotu_1k, tmp_path):
         assert diff < 1e-6, f"{preset} (gradient_as_bucket_view={as_view}): layer-wise DDP differs by {diff}"
 
 
+FSDP_PRESETS = ["adamw", "subtrack++", "grassjump"]
+
+
 @pytest.mark.distributed
-def test_fsdp2_plain_groups_match_ddp_and_projected_groups_refuse(sotu_1k, tmp_path):
+def test_fsdp2_trains_and_matches_ddp(sotu_1k, tmp_path):
     steps = 10
     torch.save(_batches(sotu_1k, steps, seed=2), tmp_path / "batches.pt")
-    H.spawn(H.fsdp_worker, WORLD, str(tmp_path), sotu_1k.vocab_size, steps)
+    H.spawn(H.fsdp_worker, WORLD, str(tmp_path), sotu_1k.vocab_size, steps, FSDP_PRESETS)
     r0, r1 = (torch.load(tmp_path / f"fsdp-rank{r}.pt", weights_only=True) for r in range(WORLD))
-    assert r0["fsdp_losses"][-1] < r0["fsdp_losses"][0]
-    for k in r0["ddp"]:
-        assert torch.equal(r0["fsdp"][k], r1["fsdp"][k]), k
-    assert _max_diff(r0["fsdp"], r0["ddp"]) < 1e-5
+    for preset in FSDP_PRESETS:
+        losses = r0[f"{preset}/fsdp_losses"]
+        assert losses[-1] < losses[0], (preset, losses)
+        for k in r0[f"{preset}/ddp"]:
+            assert torch.equal(r0[f"{preset}/fsdp"][k], r1[f"{preset}/fsdp"][k]), (preset, k)
+        diff = _max_diff(r0[f"{preset}/fsdp"], r0[f"{preset}/ddp"])
+        assert diff < 1e-5, f"{preset}: FSDP2 and DDP differ by {diff}"
+        assert r0[f"{preset}/opt_state_diff"] < 1e-3, (preset, r0[f"{preset}/opt_state_diff"])
+        print(f"{preset}: FSDP2 vs DDP max |param diff| {diff:.2e}, "
+              f"optimizer state {r0[f'{preset}/opt_state_diff']:.2e}")
     assert "FSDP2-sharded DTensor" in r0["check_error"] and "layers.0.self_attn.q_proj.weight" in r0["check_error"]
+    assert "FSDPSubspaceAdamW" in r0["check_error"]
     if r0["ctor_error"] is None:
         pytest.xfail("SubspaceAdamW does not call grassopt.distributed.check_params yet (one line in "
                      "add_param_group); check_params itself raised the documented error")
