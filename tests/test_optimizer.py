@@ -120,6 +120,12 @@ def test_state_dict_loads_weights_only_and_resume_is_bit_identical(preset, tmp_p
         assert torch.equal(a, b)
     if preset in ("grasswalk", "grassjump"):
         assert any("rng_state" in s for s in ckpt["opt"]["state"].values())
+    settings = grassopt.PRESETS[preset] or {}
+    saved = [s for s in ckpt["opt"]["state"].values() if "adam_step" in s]  # the projected parameters
+    if settings.get("rule") == "gaussian":  # the basis travels as a plain int seed, not a tensor
+        assert saved and all(type(s["seed"]) is int and "Q" not in s for s in saved)
+    if settings.get("error_feedback"):
+        assert saved and all(s["error"].dtype == torch.float32 for s in saved)
 
 
 def test_loading_keeps_float32_state_for_bf16_parameters():
