@@ -98,8 +98,11 @@ def main(argv: list[str] | None = None) -> int:
             results.append(estimate(args.model, preset, args.rank, args.dtype, batch_size=args.batch_size,
                                     seq_len=args.seq_len, mode=mode, sketch_rank=args.sketch_rank if mode else None,
                                     targets=args.targets, state_dtype=args.state_dtype, vocab_size=args.vocab_size))
-            if mode == "rso":
-                break  # RSO replaces the optimizer: one row
+            if mode == "rso":  # RSO replaces the optimizer (inner Adam on B, AdamW elsewhere): one row
+                if args.preset != ["adamw"]:
+                    print("grassopt memory: --activations rso brings its own optimizer; --preset is ignored",
+                          file=sys.stderr)
+                break
     except ValueError as e:
         print(f"grassopt memory: {e}", file=sys.stderr)
         return 2
@@ -110,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(results) == 1:
         print(results[0].table(per_layer=args.per_layer, unit=args.unit))
         return 0
-    cols = ("weights", "gradients", "bases", "moments", "other", "states", "activations", "total")
+    cols = ("weights", "gradients", "bases", "moments", "other", "states", "activations",
+            *(("sketch_matrices",) if mode else ()), "total")
     first = results[0]
     print(f"{first.model}, weights {first.dtype}, states {first.state_dtype}, batch {first.batch_size} x "
           f"{first.seq_len} tokens" + (f", activations {mode} (sketch rank {args.sketch_rank})" if mode else ""))
