@@ -24,7 +24,7 @@ from torch import nn
 from .optimizer import SUBSPACE_DEFAULTS, SubspaceAdamW
 from .rules import all_rule_options
 
-__all__ = ["PRESETS", "DEFAULT_RANKS", "param_groups", "make_optimizer", "select_targets", "resolve_preset",
+__all__ = ["PRESETS", "DEFAULT_RANKS", "param_groups", "make_optimizer", "select_targets", "resolve_preset", "default_rank",
            "resolve_rank"]
 
 #: Component choices of every preset. ``None`` means no projection (plain AdamW).
