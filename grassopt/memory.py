@@ -206,7 +206,8 @@ def activation_bytes(cfg, batch_size: int, seq_len: int, dtype: str | torch.dtyp
     (``tokens x r``, in ``dtype``); layers reading the same input share one ``x P``; an input is
     freed when every layer reading it is covered and nothing else saves it (the attention output
     is saved by the attention kernel anyway). With ``"rso"`` and 16-bit weights each covered layer
-    also saves the 16-bit cast of its float32 ``B`` (``m x r``, independent of the batch). ``covered``: names of covered projections (default:
+    also saves the 16-bit cast of its float32 ``B`` (``m x r``, independent of the batch).
+    ``covered``: names of covered projections (default:
     all seven). Returns bytes by block (``layers.N``), ``norm``, ``lm_head``, ``loss`` and ``inputs``.
     """
     a = _size(dtype)

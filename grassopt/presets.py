@@ -24,8 +24,8 @@ from torch import nn
 from .optimizer import SUBSPACE_DEFAULTS, SubspaceAdamW
 from .rules import all_rule_options
 
-__all__ = ["PRESETS", "DEFAULT_RANKS", "param_groups", "make_optimizer", "select_targets", "resolve_preset", "default_rank",
-           "resolve_rank"]
+__all__ = ["PRESETS", "DEFAULT_RANKS", "param_groups", "make_optimizer", "select_targets", "resolve_preset",
+           "default_rank", "resolve_rank"]
 
 #: Component choices of every preset. ``None`` means no projection (plain AdamW).
 PRESETS: dict[str, dict[str, Any] | None] = {
@@ -156,7 +156,8 @@ def param_groups(
     """Optimizer param groups for ``model``: the projected group(s) and the plain rest.
 
     ``rank`` is an int, ``"d/N"`` (a fraction of each matrix's short side: one projected group per
-    distinct rank), or None for the preset's default (``DEFAULT_RANKS``, else 128). Only 2-D weights of ``nn.Linear`` modules selected by ``targets`` are projected (see
+    distinct rank), or None for the preset's default (``DEFAULT_RANKS``, else 128). Only 2-D
+    weights of ``nn.Linear`` modules selected by ``targets`` are projected (see
     :func:`select_targets`); embeddings, norms, biases and the output layer go to the plain
     AdamW group. A matrix whose short side is not larger than ``rank`` cannot be projected: it
     falls back to the plain group with a warning. With ``weight_decay > 0``, parameters with

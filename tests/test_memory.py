@@ -39,7 +39,8 @@ def test_estimate_equals_the_live_optimizer_for_every_preset(name, preset):
     assert t["weights"] == sum(p.numel() * p.element_size() for p in model.parameters())
     assert t["gradients"] == sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
     projected = sum(len(g["params"]) for g in opt.param_groups if "rank" in g)
-    assert sum(p.kind == "projected" for p in est.params) == projected == (0 if preset == "adamw" else 7 * cfg.num_layers)
+    expected = 0 if preset == "adamw" else 7 * cfg.num_layers
+    assert sum(p.kind == "projected" for p in est.params) == projected == expected
     if preset != "adamw":
         assert t["states"] < estimate(name, "adamw", dtype="fp32", vocab_size=VOCAB).totals()["states"]
 
