@@ -91,6 +91,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .distributed import is_dtensor
+
 __all__ = ["LayerwiseUpdater", "LayerwiseError", "clip_grad_norm_per_parameter_"]
 
 _ATTACHED = "_grassopt_layerwise"  # marker attribute on an optimizer that has an updater
@@ -147,14 +149,6 @@ def clip_grad_norm_per_parameter_(params: Iterable[Tensor], max_norm: float,
         p.grad.mul_(_clip_coef(n, max_norm).to(p.grad.dtype))
         norms.append(n)
     return norms
-
-
-def _is_dtensor(t: Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        return False
-    return isinstance(t, DTensor)
 
 
 def _queue_end_of_backward(fn: Callable[[], None]) -> None:
@@ -225,7 +219,7 @@ class LayerwiseUpdater:
                     raise LayerwiseError("a parameter appears twice in the optimizer's param groups")
                 self._group_of[id(p)] = gi
                 params.append(p)
-        dtensors = [i for i, p in enumerate(params) if _is_dtensor(p)]
+        dtensors = [i for i, p in enumerate(params) if is_dtensor(p)]
         if dtensors:
             raise LayerwiseError(
                 "layer-wise updates do not support FSDP2 (DTensor) parameters: FSDP2 reduce-scatters "

@@ -161,6 +161,20 @@ def ddp_layerwise_worker(rank: int, world: int, out: str, cases: list[tuple[str,
             if lw is not None:
                 assert lw.step_count == steps, (lw.step_count, steps)
             save_params(model, Path(out) / f"lw-{preset}-{as_view}-{mode}-rank{rank}.pt")
+    # a user communication hook (fp16 compression) composes with the layer-wise step
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_hook
+
+    for mode in ("plain", "layerwise"):
+        model = build_model(vocab)
+        ddp = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
+        opt = build_optimizer(model, "subtrack++")
+        lw = None
+        if mode == "layerwise":
+            lw = LayerwiseUpdater(opt, ddp_model=ddp, comm_hook=fp16_compress_hook)
+        else:
+            ddp.register_comm_hook(None, fp16_compress_hook)
+        train(model, opt, batches[:4], rank, world, ddp=ddp, layerwise=lw)
+        save_params(model, Path(out) / f"lw-fp16-{mode}-rank{rank}.pt")
 
 
 def _fsdp_model(vocab: int):

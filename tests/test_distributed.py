@@ -83,6 +83,8 @@ def test_layerwise_ddp_equals_ddp(sotu_1k, tmp_path):
             assert torch.equal(runs["layerwise", 0][k], runs["layerwise", 1][k]), f"{preset}: {k} differs between ranks"
         diff = _max_diff(runs["plain", 0], runs["layerwise", 0])
         assert diff < 1e-6, f"{preset} (gradient_as_bucket_view={as_view}): layer-wise DDP differs by {diff}"
+    fp16 = {mode: _load(tmp_path / f"lw-fp16-{mode}-rank0.pt") for mode in ("plain", "layerwise")}
+    assert _max_diff(fp16["plain"], fp16["layerwise"]) < 1e-6, "layer-wise DDP with fp16_compress_hook differs"
 
 
 FSDP_PRESETS = ["adamw", "subtrack++", "grassjump"]
