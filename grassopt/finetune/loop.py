@@ -559,7 +559,8 @@ def plot_curves(history: list[dict[str, Any]], path: Path, title: str = "") -> N
     for a in (a1, a2):
         a.set_xlabel("step")
         a.grid(alpha=0.3)
-        a.legend()
+        if a.get_legend_handles_labels()[0]:
+            a.legend()
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
