@@ -66,6 +66,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--smoke", action="store_true", help="3 steps, seed 0, the middle rate, tiny splits")
     ap.add_argument("--list", action="store_true", help="print the runs and exit")
     ap.add_argument("--no-reuse", action="store_true", help="redo finished runs")
+    ap.add_argument("--keep-checkpoints", action="store_true",
+                    help="keep each finished run's checkpoint.pt (about 95 MB each; deleted by default)")
     return ap
 
 
@@ -110,6 +112,8 @@ def run(args: argparse.Namespace, label: str, lr: float, seed: int) -> dict[str,
     s["process_wall_s"] = time.perf_counter() - t0
     summary.write_text(json.dumps(s, indent=2))
     stamp.write_text(json.dumps(cli))
+    if not args.keep_checkpoints:  # reuse needs only summary.json and args.json
+        (out / "checkpoint.pt").unlink(missing_ok=True)
     return s
 
 
