@@ -156,7 +156,7 @@ def test_the_analyze_hook_leaves_a_training_run_bit_identical(tmp_path, sotu_1k)
     base = dict(preset="grasswalk")
     plain_probe = _Probe()
     s_plain = train(_nano(tmp_path, "plain", **base), sotu_1k, hooks=[plain_probe])
-    an = SubspaceAnalyzer(every=2, out=tmp_path / "an" / "analysis", top=5, plot=False)
+    an = SubspaceAnalyzer(every=2, out=tmp_path / "an" / "analysis", top=5, energy_ranks=(2, 32), plot=False)
     probe = _Probe(capture_every=2)
     s_an = train(_nano(tmp_path, "an", **base), sotu_1k, hooks=[an, probe])
 
@@ -182,6 +182,8 @@ def test_the_analyze_hook_leaves_a_training_run_bit_identical(tmp_path, sotu_1k)
         if g is None:
             continue
         assert r["energy_svd"] == pytest.approx(reference_share(g, 8), abs=1e-5)
+        assert r["energy_svd_at"]["2"] == pytest.approx(reference_share(g, 2), abs=1e-5)
+        assert r["energy_svd_at"]["32"] == pytest.approx(reference_share(g, 32), abs=1e-5)
         if r["step"] == 0:  # no basis yet: the first gradient initialises it
             assert r["energy_basis"] is None and r["df_sv"] is None
         else:
