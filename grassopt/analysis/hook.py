@@ -20,6 +20,11 @@ and at every basis change of the optimizer (``kind="basis"``), the largest and m
 angles between the old and the new basis. Gradients are those the optimizer will see, before
 gradient clipping (clipping is one global factor: it changes ``df_sv``, not the shares or angles).
 
+A resumed run (``cfg.resume``) appends to ``analysis.jsonl`` after dropping what the interrupted
+invocation wrote from the resumed step on; the first record after the resumption has no SVD drift
+(the previous SVD basis is not checkpointed), and a basis update in the very first resumed step is
+not seen as one.
+
 The hook does not disturb the run: it reads gradients and optimizer state without changing them,
 never touches the global RNG, and keeps only references to bases the optimizer has already
 replaced (one ``d x r`` basis per matrix) and the previous rank-``r`` SVD basis (another).
