@@ -44,6 +44,7 @@ import torch
 
 from ..rules import RuleContext, get_rule
 from ..transport import TRANSPORTS, transport
+from .metrics import principal_angles
 
 __all__ = ["ackley", "ackley_grad", "AckleyConfig", "run", "run_all", "main"]
 
@@ -114,7 +115,7 @@ def run(cfg: AckleyConfig) -> dict[str, Any]:
         elif not full and step % cfg.update_interval == 0:
             ctx.angle = None
             q_new = rule.update(q, x, ctx)
-            angles.append(math.degrees(math.acos(min(1.0, abs(float(q.mT @ q_new))))))
+            angles.append(math.degrees(float(principal_angles(q, q_new)[0])))
             if transport(cfg.transport, q, q_new, mt, vt):
                 t_adam = 0
             q = q_new
