@@ -10,6 +10,11 @@ device (no memory, so ``7b`` is free), forms the optimizer's param groups exactl
 (:func:`grassopt.param_groups`, then :class:`grassopt.SubspaceAdamW` for the resolved settings),
 and adds up weights, gradients and optimizer states (bases, moments, other) per parameter, plus an
 analytical count of the activations a forward pass saves for backward (:func:`activation_bytes`).
+
+Peaks: ``with TensorPeak() as tp: ...`` records the largest number of bytes that tensors allocated
+inside the block held at once (``tp.peak``), counted from the storages that PyTorch's operators
+return, on any device, whatever the operating system reports (``ru_maxrss`` is not available in
+every sandbox, and it includes the allocator's and the interpreter's own memory).
 """
 
 from __future__ import annotations
@@ -18,12 +23,15 @@ import json
 import math
 import re
 import warnings
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 __all__ = [
     "state_bytes",
@@ -36,6 +44,7 @@ __all__ = [
     "Estimate",
     "ParamMemory",
     "DTYPES",
+    "TensorPeak",
 ]
 
 _BASIS_KEYS = {"Q"}
@@ -48,6 +57,52 @@ DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
     "fp16": torch.float16, "float16": torch.float16,
 }
+
+
+class TensorPeak(TorchDispatchMode):
+    """Peak bytes of the tensors allocated inside a ``with`` block, live at the same time.
+
+    Every storage an operator returns that none of its inputs owned is a new allocation; it counts
+    until it is freed (a weak reference on the storage tells when). Views and in-place results share
+    an input's storage and count nothing, and tensors that existed before the block (weights,
+    optimizer state) are not counted, so ``peak`` is what the block adds at its worst moment and
+    ``live`` what it leaves allocated at the end. Autograd's backward is seen too (its ops run
+    through the dispatcher with this mode active). Not seen: memory outside tensors (BLAS
+    workspaces, the allocator's caches).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._finalizers: dict[int, Any] = {}
+
+    def _free(self, key: int, nbytes: int) -> None:
+        self._finalizers.pop(key, None)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs))
+                  if isinstance(t, Tensor) and t.layout == torch.strided}
+        for t in tree_leaves(out):
+            if not isinstance(t, Tensor) or t.layout != torch.strided or t.device.type == "meta":
+                continue
+            st = t.untyped_storage()
+            key = id(st)
+            if key in inputs or key in self._finalizers:
+                continue
+            nbytes = st.nbytes()
+            self._finalizers[key] = weakref.finalize(st, self._free, key, nbytes)
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+        return out
+
+    def __exit__(self, *exc):
+        for fin in list(self._finalizers.values()):
+            fin.detach()  # storages that outlive the block stay counted in ``live``, not tracked further
+        self._finalizers.clear()
+        return super().__exit__(*exc)
 
 
 def _nbytes(t: Tensor) -> int:

@@ -169,3 +169,21 @@ def test_cli_json_table_per_layer_and_errors(capsys):
     with pytest.raises(SystemExit):
         main(["nano", "--rank", "d/zero"])
     assert "rank='d/zero'" in capsys.readouterr().err
+
+
+def test_tensor_peak_counts_allocations_live_at_once():
+    from grassopt.memory import TensorPeak
+    w = torch.randn(256, 128, requires_grad=True)  # exists before the block: not counted
+    with TensorPeak() as tp:
+        a = torch.zeros(1000)                   # 4000 B
+        b = a[10:].view(-1, 10)                 # a view: shares a's storage
+        a.add_(1.0)                             # in place: nothing new
+        c = torch.ones(500, dtype=torch.float64)  # 4000 B: 8000 B live
+        del a, b, c                             # freed
+        d = torch.empty(100, dtype=torch.int16)  # 200 B
+    assert tp.peak == 8000 and tp.live == 200
+    x = torch.randn(32, 256)
+    with TensorPeak() as tp:
+        (x @ w).square().sum().backward()       # the gradient stays; so do no activations
+    assert tp.live == w.numel() * 4 == w.grad.untyped_storage().nbytes()
+    assert tp.peak >= w.numel() * 4 + 32 * 128 * 4  # gradient and the saved product at once

@@ -154,7 +154,7 @@ def test_unknown_preset_and_bad_settings(tmp_path):
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path, sotu_1k):
-    # 2 micro-batches of 4 = 1 batch of 8 drawn... differently; compare against manual accumulation instead:
+    # 2 micro-batches of 4 against one batch of the same 8 sequences, by hand
     c = cfg(tmp_path, preset="adamw-torch", steps=1, grad_accum=2, clip=0)
     train(c, dataset=sotu_1k)
     from grassopt.train.data import BatchSampler
@@ -169,9 +169,21 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, sotu_1k):
     for g in opt.param_groups:
         g["lr"] = c.lr * loop.lr_factor(0, 1, 1, c.min_lr_ratio)
     opt.step()
-    got = final_params(c.out)
+    ckpt = torch.load(os.path.join(c.out, "checkpoint.pt"), weights_only=True)
+    # the accumulated gradient itself: after one step Adam's first moment is (1 - b1) g, a
+    # well-conditioned function of g (the step g / (|g| + eps) is not: an element whose gradient
+    # is near 0 may move by up to lr under the rounding of another summation order)
+    ref = opt.state_dict()["state"]
+    assert ckpt["optimizer"]["state"].keys() == ref.keys()
+    for i, st in ref.items():
+        got = ckpt["optimizer"]["state"][i]["exp_avg"]
+        scale = st["exp_avg"].abs().max()
+        assert torch.allclose(got, st["exp_avg"], rtol=1e-4, atol=1e-5 * scale), i
+    got = ckpt["model"]
+    lr_t = opt.param_groups[0]["lr"]
     for k, v in model.state_dict().items():
-        assert torch.allclose(got[k], v, atol=1e-6), k
+        diff = (got[k] - v).abs()
+        assert diff.max() <= 1.01 * lr_t and (diff > 1e-6).float().mean() < 1e-3, k
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
