@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 import warnings
 import weakref
 from dataclasses import asdict, dataclass, field
@@ -45,6 +46,10 @@ __all__ = [
     "ParamMemory",
     "DTYPES",
     "TensorPeak",
+    "peak_rss_bytes",
+    "current_rss_bytes",
+    "reset_peak_rss",
+    "peak_rss_since_reset",
 ]
 
 _BASIS_KEYS = {"Q"}
@@ -501,3 +506,55 @@ def estimate(config: Any, preset: str = "adamw", rank: int | str | None = None, 
                     state_dtype=str(_dtype(state_dtype)).replace("torch.", ""), batch_size=batch_size,
                     seq_len=seq_len, mode=mode, sketch_rank=sketch_rank, params=params, activations=acts,
                     sketch_matrices=sketch_matrices, notes=notes)
+
+
+# ---------------------------------------------------------------------------------------- the process
+def peak_rss_bytes() -> int | None:
+    """Peak resident memory of this process so far (``getrusage``), or None where the system does
+    not report it (some sandboxes give 0)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024) or None
+
+
+def current_rss_bytes() -> int | None:
+    """Resident memory of this process now (Linux ``/proc/self/statm``), or None."""
+    try:
+        import resource
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except (ImportError, OSError, ValueError, IndexError):
+        return None
+
+
+def reset_peak_rss() -> bool:
+    """Give freed heap memory back to the system (glibc ``malloc_trim``) and reset this process's
+    peak-RSS mark (Linux: ``/proc/self/clear_refs``), so that :func:`peak_rss_since_reset` measures
+    a phase of the run. False where this is not possible (other systems)."""
+    import ctypes
+    import ctypes.util
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_since_reset() -> int | None:
+    """Peak resident memory since :func:`reset_peak_rss` (``VmHWM``), or None where unavailable."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 or None
+    except (OSError, ValueError, IndexError):
+        pass
+    return None

@@ -38,7 +38,8 @@ def _preset_lr(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"expected PRESET=LR, got {text!r}") from None
 
 
-_CONFIG_KEYS = {"rank", "update_interval", "lr", "weight_decay", "clip", "param_dtype", "bf16"}
+_CONFIG_KEYS = {"rank", "update_interval", "lr", "weight_decay", "clip", "clip_mode", "param_dtype", "bf16",
+                "layerwise", "sketch", "sketch_rank"}
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
@@ -61,7 +62,20 @@ def _slug(label: str) -> str:
 
 
 def _float_list(text: str) -> list[float]:
-    return [float(x) for x in text.replace(",", " ").split()]
+    try:
+        values = [float(x) for x in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one learning rate")
+    return values
+
+
+def _preset_lrs(text: str) -> tuple[str, list[float]]:
+    preset, sep, lrs = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected PRESET=LR,LR,..., got {text!r}")
+    return preset.strip(), _float_list(lrs)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -83,8 +97,12 @@ def parser() -> argparse.ArgumentParser:
                    help="learning rate per preset, overriding --lr (e.g. galore=0.01 adamw-torch=0.003)")
     g.add_argument("--sweep", type=_float_list, default=None, metavar="LRS",
                    help="learning rates to sweep first, e.g. '1e-3,3e-3,1e-2'; each preset then runs at its best")
+    g.add_argument("--sweep-lrs", nargs="+", type=_preset_lrs, default=[], metavar="PRESET=LR,LR,...",
+                   help="learning rates to sweep for one preset instead of --sweep (e.g. adamw-torch=1e-3,3e-3,1e-2)")
     g.add_argument("--sweep-model", default=None, help="model for the sweep (default: --model)")
     g.add_argument("--sweep-steps", type=int, default=None, help="steps of each sweep run (default: --steps / 4)")
+    g.add_argument("--sweep-eval-tokens", type=int, default=None,
+                   help="validation tokens each sweep run is scored on (default: --eval-tokens, i.e. all)")
     g.add_argument("--out", default="runs/bench", help="output folder")
     g.add_argument("--no-reuse", action="store_true", help="rerun finished runs instead of reusing their results")
     g.add_argument("--title", default=None, help="title of the report")
@@ -152,13 +170,19 @@ def main(argv: list[str] | None = None) -> int:
     lrs.update(dict(args.lrs))
     started = time.time()
     sweep_rows = []
-    if args.sweep:
+    sweep_lrs = dict(args.sweep_lrs)
+    unknown = sorted(set(sweep_lrs) - set(labels))
+    if unknown:
+        print(f"grassopt bench: error: --sweep-lrs names {unknown}, which are not among --presets", file=sys.stderr)
+        return 2
+    if args.sweep or sweep_lrs:
         sweep_steps = args.sweep_steps or max(1, base.total_steps() // 4)
         for label in labels:
             best = None
-            for lr in args.sweep:
+            for lr in sweep_lrs.get(label, args.sweep or []):
                 c = config_for(label, lr=lr, seed=args.seeds[0], model=args.sweep_model or base.model, tokens=None,
                                steps=sweep_steps, eval_every=sweep_steps, plot=False,
+                               eval_tokens=args.sweep_eval_tokens or base.eval_tokens,
                                out=str(out / "sweep" / f"{_slug(label)}-lr{lr:g}"))
                 s = _run(c, not args.no_reuse, f"sweep {label} lr={lr:g}")
                 loss = s["final_eval_loss"]

@@ -110,7 +110,7 @@ def write_report(out: Path, runs, sweep_rows, base, command: str, wall_time: flo
     tokens = rows[0]["tokens"] if rows else 0
     lines = [f"# {title or 'grassopt bench'}", "",
              f"Model `{base.model}`, corpus `{base.corpus or 'sotu'}`, {tokens:,} training tokens per run "
-             f"({base.batch_size} x {base.seq_len} tokens x {base.grad_accum} accumulation per step), rank {base.rank}, "
+             f"({base.batch_size} x {base.seq_len} tokens x {base.grad_accum} accumulation per step), rank {base.rank or 'of each preset'}, "
              f"update interval {base.update_interval}, seeds {sorted({r['seed'] for r in runs})}, "
              f"{'bf16 autocast' if base.bf16 else 'fp32'}; warmup then cosine decay to {base.min_lr_ratio:g} of the peak LR. "
              f"Eval loss: mean token loss over the whole validation split at the end (mean over seeds; spread = max - min). "

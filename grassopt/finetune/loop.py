@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import resource
 import sys
 import time
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..memory import current_rss_bytes, peak_rss_bytes, peak_rss_since_reset, reset_peak_rss
 from ..presets import PRESETS
 from ..train.loop import (RUN_CONTROL, CheckpointError, TrainConfig, _append_metric, _read_metrics, _StopFlag,
                           _write_metrics, build_optimizer, default_device, load_checkpoint, lr_factor,
@@ -267,50 +267,6 @@ def make_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimiz
 
 
 # ---------------------------------------------------------------------------------------- measurement
-def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far (``getrusage``)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
-
-
-def _current_rss_bytes() -> int | None:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize()
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def reset_peak_rss() -> bool:
-    """Give freed heap memory back to the system (glibc ``malloc_trim``) and reset this process's
-    peak-RSS mark (Linux: ``/proc/self/clear_refs``), so that :func:`peak_rss_since_reset` measures
-    a phase of the run. False where this is not possible (other systems)."""
-    import ctypes
-    import ctypes.util
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_since_reset() -> int | None:
-    """Peak resident memory since :func:`reset_peak_rss` (``VmHWM``), or None where unavailable."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def activation_bytes(model: nn.Module, input_ids: Tensor, attention_mask: Tensor, labels: Tensor,
                      autocast: dict[str, Any] | None = None) -> int:
     """Bytes the forward pass of one training micro-batch saves for backward (parameters excluded):
@@ -451,7 +407,7 @@ def finetune(cfg: FinetuneConfig, task: TextTask | None = None) -> dict[str, Any
 
     peak_before = peak_rss_bytes()
     can_reset = reset_peak_rss()  # the training phase's own peak: model, optimizer, grads, activations
-    rss_before = _current_rss_bytes()
+    rss_before = current_rss_bytes()
     bar = None
     if cfg.progress:
         from tqdm.auto import tqdm
@@ -525,7 +481,7 @@ def finetune(cfg: FinetuneConfig, task: TextTask | None = None) -> dict[str, Any
         "wall_time_s": time.perf_counter() - t_start,
         "optimizer_state_bytes": optimizer_state_bytes(opt), "saved_activation_bytes": act_bytes,
         "parameters": n_params, "trainable_parameters": n_trainable,
-        "peak_rss_bytes": max(peak_before, peak_rss_bytes()), "rss_before_training_bytes": rss_before,
+        "peak_rss_bytes": max(peak_before or 0, peak_rss_bytes() or 0) or None, "rss_before_training_bytes": rss_before,
         "train_peak_rss_bytes": train_peak,
         "threads": torch.get_num_threads(), "device": str(device),
     }

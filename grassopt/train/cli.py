@@ -24,6 +24,24 @@ def _kv(text: str) -> tuple[str, object]:
     return key.strip().replace("-", "_"), parsed
 
 
+def _rank_spec(text: str) -> int | str:
+    from ..presets import resolve_rank
+    value: int | str = int(text) if text.strip().lstrip("-").isdigit() else text
+    try:
+        resolve_rank(value, (1 << 62, 1 << 62))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return value
+
+
+def _rank_or_fraction(text: str) -> float | int:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1) or an integer >= 1, got {text!r}") from None
+    return int(value) if value >= 1 and value.is_integer() else value
+
+
 def add_run_arguments(ap: argparse.ArgumentParser, *, with_preset: bool = True) -> None:
     """The options shared by ``grassopt train`` and ``grassopt bench``."""
     d = TrainConfig()
@@ -47,15 +65,32 @@ def add_run_arguments(ap: argparse.ArgumentParser, *, with_preset: bool = True) 
                    help="final LR as a fraction of the peak after cosine decay (default: %(default)s)")
     g.add_argument("--warmup", type=int, default=None, help="linear warmup steps (default: 10%% of the steps)")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="decoupled weight decay (default: %(default)s)")
-    g.add_argument("--rank", type=int, default=d.rank, help="subspace rank r (default: %(default)s)")
-    g.add_argument("--update-interval", type=int, default=d.update_interval,
-                   help="steps between basis updates T (default: %(default)s)")
+    g.add_argument("--rank", type=_rank_spec, default=None,
+                   help="subspace rank r: an integer, or 'd/N' for a fraction of each matrix's short side "
+                        "(default: the preset's: 128; apollo d/4; apollo-mini 1)")
+    g.add_argument("--update-interval", type=int, default=None,
+                   help="steps between basis updates T (default: the preset's: 200; ldadam 1)")
     g.add_argument("--targets", nargs="+", default=d.targets,
                    help="modules to project: 'all-linear', name substrings or regexes (default: all-linear)")
     g.add_argument("--opt", action="append", type=_kv, default=[], metavar="KEY=VALUE",
                    help="any other subspace option, e.g. --opt alpha=0.25 --opt step_size=0.3 --opt transport=keep "
                         "--opt recovery=False (repeatable)")
-    g.add_argument("--clip", type=float, default=d.clip, help="global gradient-norm clipping, 0 = off (default: %(default)s)")
+    g.add_argument("--clip", type=float, default=d.clip, help="gradient-norm clipping, 0 = off (default: %(default)s)")
+    g.add_argument("--clip-mode", default=d.clip_mode, choices=["global", "per-parameter"],
+                   help="clip the norm of all gradients together (torch's clip_grad_norm_) or of each parameter's "
+                        "gradient separately; --layerwise needs per-parameter (default: %(default)s)")
+    g.add_argument("--layerwise", action="store_true",
+                   help="step each parameter inside backward as soon as its gradient is complete, then free the "
+                        "gradient (grassopt.layerwise): the full set of gradients is never resident. Global-norm "
+                        "clipping needs all gradients at once: use --clip-mode per-parameter or --clip 0")
+    g = ap.add_argument_group("activation memory")
+    g.add_argument("--sketch", default=None, choices=["haar", "gaussian", "coordinate"],
+                   help="store only x P (tokens x r) for the backward pass of the covered linear layers, with a "
+                        "random P of this law: W.grad gets the unbiased estimate G P P^T, a fresh P every step, "
+                        "under any preset; with --preset rso, the law of its subspaces (haar if not given)")
+    g.add_argument("--sketch-rank", type=_rank_or_fraction, default=d.sketch_rank,
+                   help="rank r of P: a fraction of each layer's in_features such as 0.125, or an integer "
+                        "(default: %(default)s)")
     g = ap.add_argument_group("run")
     g.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (default: %(default)s)")
     g.add_argument("--tokens", type=int, default=None, help="train on this many tokens instead of --steps")
@@ -64,6 +99,8 @@ def add_run_arguments(ap: argparse.ArgumentParser, *, with_preset: bool = True) 
                    help="dtype of the parameters (optimizer state stays float32)")
     g.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate every N steps (default: %(default)s)")
     g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
+    g.add_argument("--eval-tokens", type=int, default=None,
+                   help="evaluate on the first N tokens of the validation split (default: all of it, exactly)")
     g.add_argument("--log-every", type=int, default=d.log_every, help="metrics line every N steps (default: %(default)s)")
     g.add_argument("--seed", type=int, default=d.seed, help="model init and data order (default: %(default)s)")
     g.add_argument("--device", default=None, help="device (default: the accelerator if any, else cpu)")
@@ -77,8 +114,10 @@ def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
         batch_size=args.batch_size, grad_accum=args.grad_accum, steps=args.steps, tokens=args.tokens,
         preset=getattr(args, "preset", TrainConfig.preset), lr=args.lr, min_lr_ratio=args.min_lr_ratio,
         warmup=args.warmup, weight_decay=args.weight_decay, rank=args.rank, update_interval=args.update_interval,
-        targets=list(args.targets), options=dict(args.opt), clip=args.clip, bf16=args.bf16, param_dtype=args.param_dtype,
-        eval_every=args.eval_every, eval_batch_size=args.eval_batch_size, log_every=args.log_every, seed=args.seed,
+        targets=list(args.targets), options=dict(args.opt), clip=args.clip, clip_mode=args.clip_mode,
+        layerwise=args.layerwise, sketch=args.sketch, sketch_rank=args.sketch_rank, bf16=args.bf16,
+        param_dtype=args.param_dtype,
+        eval_every=args.eval_every, eval_batch_size=args.eval_batch_size, eval_tokens=args.eval_tokens, log_every=args.log_every, seed=args.seed,
         device=args.device, threads=args.threads, progress=not args.no_progress, cache_dir=args.cache_dir,
         **overrides)
 
@@ -131,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
             import torch.distributed as dist
             dist.destroy_process_group()
     if not (distributed and int(os.environ.get("RANK", "0")) != 0):
-        keys = ("preset", "steps", "tokens", "final_eval_loss", "final_eval_ppl", "tokens_per_s", "optimizer_state_bytes")
+        keys = ("preset", "steps", "tokens", "final_eval_loss", "final_eval_ppl", "tokens_per_s", "optimizer_state_bytes",
+                "saved_activation_bytes", "train_peak_rss_bytes")
         print(json.dumps({k: summary.get(k) for k in keys}, indent=2))
     return 130 if summary.get("interrupted") else 0
 

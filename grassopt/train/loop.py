@@ -32,7 +32,9 @@ from torch import nn
 
 from .. import memory
 from ..optimizer import SubspaceAdamW
-from ..presets import PRESETS, param_groups, select_targets
+from ..layerwise import clip_grad_norm_per_parameter_
+from ..optimizer import SUBSPACE_DEFAULTS
+from ..presets import PRESETS, default_rank, param_groups, resolve_rank, select_targets
 from . import data as data_mod
 from .model import Llama, config as model_config
 
@@ -46,6 +48,8 @@ EXTRA_PRESETS = {
     "ref-apollo": "APOLLOAdamW from the reference package apollo-torch (optional: pip install grassopt[bench])",
     "zo": "forward-only training: zeroth-order low-rank (U V^T, Haar V) gradient estimates (grassopt.zo)",
     "mezo": "forward-only training with dense Gaussian perturbations (MeZO), the baseline of zo",
+    "rso": "randomized subspace optimization (grassopt.sketch.rso): the covered layers train a low-rank B in a "
+           "random subspace P (resampled every --update-interval steps) and store only x P for backward",
 }
 
 #: Config fields that may change when a run is resumed (they do not affect the numbers).
@@ -82,15 +86,20 @@ class TrainConfig:
     warmup: int | None = None  # default: 10% of the steps
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
-    rank: int = 64
-    update_interval: int = 200
+    rank: int | str | None = None  # None: the preset's default (128; apollo d/4; apollo-mini 1); or "d/N"
+    update_interval: int | None = None  # None: the preset's default (200; ldadam: every step)
     targets: list[str] = field(default_factory=lambda: ["all-linear"])
     options: dict[str, Any] = field(default_factory=dict)  # other subspace options (alpha, step_size, ...)
-    clip: float = 1.0  # global gradient-norm clipping; 0 disables it
+    clip: float = 1.0  # gradient-norm clipping; 0 disables it
+    clip_mode: str = "global"  # "global" (torch's clip_grad_norm_ over all parameters) or "per-parameter"
+    layerwise: bool = False  # step each parameter inside backward (grassopt.layerwise); frees its gradient
+    sketch: str | None = None  # sketch law (haar, gaussian, coordinate): the unbiased estimator; for rso, P's law
+    sketch_rank: float = 0.125  # rank of the sketch: a fraction of each layer's in_features, or an int >= 1
     bf16: bool = False  # bf16 autocast for the forward pass
     param_dtype: str = "float32"  # dtype of the parameters themselves ("bfloat16" for pure bf16 training)
     eval_every: int = 100
     eval_batch_size: int = 32
+    eval_tokens: int | None = None  # None: the whole validation split; else its first N predicted tokens
     log_every: int = 10
     checkpoint_every: int = 0  # 0: only at the end and on Ctrl-C
     seed: int = 0  # model init and data order
@@ -121,6 +130,14 @@ class TrainConfig:
         for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.rank is not None:
+            resolve_rank(self.rank, (1 << 62, 1 << 62))
+        if self.update_interval is not None and (isinstance(self.update_interval, bool) or
+                                                 not isinstance(self.update_interval, int) or self.update_interval < 1):
+            raise ValueError(f"update_interval={self.update_interval!r} must be an integer >= 1 (steps between "
+                             "basis updates), or None for the preset's default")
+        if self.eval_tokens is not None and self.eval_tokens < 1:
+            raise ValueError(f"eval_tokens={self.eval_tokens} must be >= 1 (or None for the whole validation split)")
         if self.tokens is not None and self.tokens < 1:
             raise ValueError(f"tokens={self.tokens} must be >= 1")
         if self.lr <= 0:
@@ -131,6 +148,25 @@ class TrainConfig:
             raise ValueError(f"param_dtype={self.param_dtype!r} must be float32, bfloat16 or float16")
         if self.clip < 0:
             raise ValueError(f"clip={self.clip} must be >= 0 (0 disables clipping)")
+        if self.clip_mode not in ("global", "per-parameter"):
+            raise ValueError(f"clip_mode={self.clip_mode!r} must be 'global' or 'per-parameter'")
+        forward_only = self.preset in ("zo", "mezo")
+        if self.layerwise and forward_only:
+            raise ValueError(f"layerwise=True needs a backward pass; preset {self.preset!r} is forward-only")
+        if self.layerwise and self.clip > 0 and self.clip_mode == "global":
+            raise ValueError(
+                "layerwise=True cannot clip by the global gradient norm: each parameter is stepped and its "
+                "gradient freed during backward, before the later gradients exist. Use clip_mode='per-parameter' "
+                "(--clip-mode per-parameter) or clip=0 (--clip 0)")
+        if self.sketch is not None:
+            from ..sketch.laws import check_law
+            check_law(self.sketch)
+            if forward_only:
+                raise ValueError(f"sketch={self.sketch!r} sketches the backward pass; preset {self.preset!r} has none "
+                                 "(its own law is the option 'law')")
+        r = self.sketch_rank
+        if isinstance(r, bool) or not (0 < r < 1 or (r >= 1 and float(r).is_integer())):
+            raise ValueError(f"sketch_rank={r!r} must be a fraction of in_features in (0, 1) or an integer >= 1")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -156,26 +192,63 @@ def _decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     return groups
 
 
-def _reference_groups(model: nn.Module, cfg: TrainConfig, extra: dict[str, Any]) -> list[dict[str, Any]]:
-    """Projected/plain groups for the reference packages, with the same targets as ours."""
-    proj = {id(m.weight) for _, m in select_targets(model, cfg.targets)
-            if cfg.rank < min(m.weight.shape)}
-    projected = [p for p in model.parameters() if id(p) in proj]
-    plain = [p for p in model.parameters() if p.requires_grad and id(p) not in proj]
-    return [{"params": plain}, {"params": projected, "rank": cfg.rank, "update_proj_gap": cfg.update_interval,
-                                "proj_type": "std", **extra}]
+def _reference_groups(model: nn.Module, cfg: TrainConfig, ours: str,
+                      extra: dict[str, Any]) -> list[dict[str, Any]]:
+    """Projected/plain groups for the reference packages: the same targets and ranks (``cfg.rank``,
+    else the default rank of our preset ``ours``) as :func:`grassopt.param_groups`."""
+    spec = default_rank(ours) if cfg.rank is None else cfg.rank
+    rank_of = {}
+    for _, m in select_targets(model, cfg.targets):
+        r = resolve_rank(spec, m.weight.shape)
+        if m.weight.requires_grad and r < min(m.weight.shape):
+            rank_of[id(m.weight)] = r
+    plain = [p for p in model.parameters() if p.requires_grad and id(p) not in rank_of]
+    groups: list[dict[str, Any]] = [{"params": plain}]
+    for r in sorted(set(rank_of.values())):
+        groups.append({"params": [p for p in model.parameters() if rank_of.get(id(p)) == r], "rank": r,
+                       "update_proj_gap": cfg.update_interval or SUBSPACE_DEFAULTS["update_interval"],
+                       "proj_type": "std", **extra})
+    return groups
+
+
+def _sketch_rank(cfg: TrainConfig) -> float | int:
+    r = cfg.sketch_rank
+    return int(r) if r >= 1 else float(r)
+
+
+def sketch_model(model: nn.Module, cfg: TrainConfig) -> bool:
+    """Sketch ``model`` in place for the unbiased estimator when ``cfg.sketch`` names a law (not for
+    ``rso``, whose optimizer sketches the model itself). True if it did; call before wrapping in DDP."""
+    if cfg.sketch is None or cfg.preset == "rso":
+        return False
+    from .. import sketch as gs
+    gs.sketch(model, _sketch_rank(cfg), law=cfg.sketch, targets=cfg.targets, mode="estimator", seed=cfg.seed)
+    return True
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """The optimizer named by ``cfg.preset`` for ``model``."""
+    """The optimizer named by ``cfg.preset`` for ``model`` (for ``rso``, this also sketches ``model``)."""
     opts = dict(cfg.options)
+    if cfg.preset == "rso":
+        from .. import sketch as gs
+        known = {"inner_steps", "mu", "inner", "eps"}
+        bad = set(opts) - known
+        if bad:
+            raise ValueError(f"unknown option(s) {sorted(bad)} for preset 'rso'; it takes {sorted(known)} "
+                             "(the rank is sketch_rank, the law is sketch, the outer iteration is update_interval)")
+        return gs.rso(model, _sketch_rank(cfg), inner_steps=int(opts.get("inner_steps", cfg.update_interval or SUBSPACE_DEFAULTS["update_interval"])),
+                      lr=cfg.lr, weight_decay=cfg.weight_decay, mu=float(opts.get("mu", 0.0)),
+                      law=cfg.sketch or "haar", seed=cfg.seed, targets=cfg.targets, betas=cfg.betas,
+                      eps=float(opts.get("eps", 1e-6)), inner=opts.get("inner", "adam"))
     if cfg.preset in ("zo", "mezo"):
         from ..zo import ZO
         known = {"eps", "momentum", "law", "lazy", "others"}
         bad = set(opts) - known
         if bad:
             raise ValueError(f"unknown option(s) {sorted(bad)} for preset {cfg.preset!r}; it takes {sorted(known)}")
-        return ZO(model, rank=cfg.rank, lr=cfg.lr, weight_decay=cfg.weight_decay, targets=cfg.targets,
+        if isinstance(cfg.rank, str):
+            raise ValueError(f"preset {cfg.preset!r} takes an integer rank, got rank={cfg.rank!r}")
+        return ZO(model, rank=8 if cfg.rank is None else cfg.rank, lr=cfg.lr, weight_decay=cfg.weight_decay, targets=cfg.targets,
                   dense=cfg.preset == "mezo", seed=cfg.seed, **opts)
     if cfg.preset == "adamw-torch":
         return torch.optim.AdamW(_decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
@@ -183,14 +256,14 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             from galore_torch import GaLoreAdamW
-            return GaLoreAdamW(_reference_groups(model, cfg, {"scale": opts.get("alpha", 0.25)}), lr=cfg.lr,
+            return GaLoreAdamW(_reference_groups(model, cfg, "galore", {"scale": opts.get("alpha", 0.25)}), lr=cfg.lr,
                                betas=cfg.betas, weight_decay=cfg.weight_decay, no_deprecation_warning=True)
     if cfg.preset == "ref-apollo":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             from apollo_torch import APOLLOAdamW
             extra = {"scale": opts.get("scale", 1.0), "proj": "random", "scale_type": opts.get("scale_type", "channel")}
-            return APOLLOAdamW(_reference_groups(model, cfg, extra), lr=cfg.lr, betas=cfg.betas,
+            return APOLLOAdamW(_reference_groups(model, cfg, "apollo", extra), lr=cfg.lr, betas=cfg.betas,
                                weight_decay=cfg.weight_decay)
     groups = param_groups(model, cfg.preset, rank=cfg.rank, update_interval=cfg.update_interval,
                           targets=cfg.targets, weight_decay=cfg.weight_decay,
@@ -357,13 +430,23 @@ def train(cfg: TrainConfig, dataset: data_mod.TokenizedCorpus | None = None,
                                    progress=cfg.progress and main_proc)
     dataset.check_size(cfg.batch_size * world, cfg.seq_len)
 
+    if cfg.layerwise and any(callable(getattr(h, "after_backward", None)) for h in hooks):
+        raise ValueError("a hook reads the gradients after backward (after_backward), but with layerwise=True "
+                         "each gradient is stepped and freed inside backward; run it without layerwise")
+
     torch.manual_seed(cfg.seed)
     model = Llama(model_config(cfg.model, vocab_size=dataset.vocab_size, max_seq_len=max(cfg.seq_len, 1024)))
     model.to(device=device, dtype=getattr(torch, cfg.param_dtype))
+    sketched = sketch_model(model, cfg)  # the estimator: W.grad = G P P^T, a fresh P every step
+    opt = build_optimizer(model, cfg)  # (rso sketches the model here)
     ddp_model: nn.Module = model
-    if world > 1:
-        ddp_model = nn.parallel.DistributedDataParallel(model)
-    opt = build_optimizer(model, cfg)
+    if world > 1:  # after sketching: DDP sees the final parameters (B for rso)
+        ddp_model = nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=cfg.layerwise)
+    updater = None
+    if cfg.layerwise:
+        from ..layerwise import LayerwiseUpdater
+        updater = LayerwiseUpdater(opt, ddp_model=ddp_model if world > 1 else None,
+                                   clip_norm=cfg.clip if cfg.clip > 0 else None)
     total, warmup = cfg.total_steps(world), cfg.warmup_steps(world)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup, cfg.min_lr_ratio))
     sampler = data_mod.BatchSampler(dataset.train, cfg.batch_size * world, cfg.seq_len, seed=cfg.seed)
@@ -385,9 +468,23 @@ def train(cfg: TrainConfig, dataset: data_mod.TokenizedCorpus | None = None,
         _write_metrics(out / "metrics.jsonl", history)
     n_params = sum(p.numel() for p in model.parameters())
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+    saved_bytes = None
+    if not getattr(opt, "zeroth_order", False):
+        # bytes one training micro-batch saves for backward (exact; on a batch of the training shape,
+        # the sampler's position restored so the run is unchanged)
+        from ..sketch import saved_activation_bytes
+        position = sampler.state_dict()
+        xb, yb = (t[:cfg.batch_size].to(device) for t in sampler.next())
+        sampler.load_state_dict(position)
+        with torch.autocast(**autocast):
+            saved_bytes = saved_activation_bytes(model, lambda: model(xb, yb)[1]).total
+        del xb, yb
+    rss_before = memory.current_rss_bytes()
+    can_reset_peak = memory.reset_peak_rss()  # the training phase's own peak resident memory
 
     def run_eval() -> dict[str, Any]:
-        loss, count = evaluate(model, dataset.val, cfg.eval_batch_size, cfg.seq_len, device, cfg.bf16, rank, world)
+        val = dataset.val if cfg.eval_tokens is None else dataset.val[:cfg.eval_tokens + 1]
+        loss, count = evaluate(model, val, cfg.eval_batch_size, cfg.seq_len, device, cfg.bf16, rank, world)
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700)), "eval_tokens": count}
 
     def checkpoint() -> None:
@@ -434,20 +531,34 @@ def train(cfg: TrainConfig, dataset: data_mod.TokenizedCorpus | None = None,
                 t2 = time.perf_counter()
             else:
                 for micro, (x, y) in enumerate(batches):
-                    sync = contextlib.nullcontext()
-                    if world > 1 and micro < cfg.grad_accum - 1:
+                    last = micro == cfg.grad_accum - 1
+                    if updater is not None:  # the last backward steps every parameter (and frees its grad)
+                        sync = updater.accumulate(enabled=not last)
+                    elif world > 1 and not last:
                         sync = ddp_model.no_sync()
+                    else:
+                        sync = contextlib.nullcontext()
                     with sync:
                         with torch.autocast(**autocast):
                             _, loss = ddp_model(x, y)
                         (loss / cfg.grad_accum).backward()
                     step_loss += loss.detach() / cfg.grad_accum
-                call("after_backward", step, model, opt)
-                if cfg.clip > 0:
-                    grad_norm = nn.utils.clip_grad_norm_(params, cfg.clip)
-                t1 = time.perf_counter()
-                opt.step()
-                t2 = time.perf_counter()
+                if updater is None:
+                    call("after_backward", step, model, opt)
+                    if cfg.clip > 0 and cfg.clip_mode == "global":
+                        grad_norm = nn.utils.clip_grad_norm_(params, cfg.clip)
+                    elif cfg.clip > 0:
+                        norms = clip_grad_norm_per_parameter_(params, cfg.clip)
+                        grad_norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else None
+                    t1 = time.perf_counter()
+                    opt.step()
+                    t2 = time.perf_counter()
+                else:  # the optimizer ran inside backward: its time is in the step time, not apart
+                    grad_norm = updater.last_grad_norm
+                    t1 = t2 = time.perf_counter()
+            if sketched:
+                from .. import sketch as gs
+                gs.next_step(model)
             opt.zero_grad(set_to_none=True)
             sched.step()
             step += 1
@@ -483,9 +594,15 @@ def train(cfg: TrainConfig, dataset: data_mod.TokenizedCorpus | None = None,
                 break
     if bar is not None:
         bar.close()
+    train_peak = memory.peak_rss_since_reset() if can_reset_peak else None
+    if updater is not None:
+        updater.remove()
     checkpoint()
     summary = _summary(cfg, history, step, total, train_time, tokens_seen, opt, n_params, interrupted)
-    summary["mean_opt_step_s"] = opt_time / max(1, step - (int(ckpt["step"]) if ckpt else 0))
+    summary["mean_opt_step_s"] = None if updater is not None else \
+        opt_time / max(1, step - (int(ckpt["step"]) if ckpt else 0))
+    summary.update(saved_activation_bytes=saved_bytes, peak_rss_bytes=memory.peak_rss_bytes(),
+                   rss_before_training_bytes=rss_before, train_peak_rss_bytes=train_peak)
     call("on_end", model, opt, summary)
     if main_proc:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
