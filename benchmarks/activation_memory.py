@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
-import resource
 import shlex
 import subprocess
 import sys
@@ -77,14 +75,10 @@ def build(model_name: str, vocab: int, seq: int, cfg: dict, lr: float, seed: int
 
 
 # ================================================================================ part 1: memory
-def max_rss_bytes() -> int:
-    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return kb if sys.platform == "darwin" else kb * 1024
-
-
 def measure(job: dict) -> dict:
     """Runs in a fresh process: saved bytes of one training forward pass, then peak RSS."""
     import grassopt.sketch as gs
+    from grassopt.memory import peak_rss_bytes as max_rss_bytes
 
     torch.set_num_threads(job["threads"])
     rss_import = max_rss_bytes()
@@ -135,80 +129,27 @@ def run_memory(args) -> list[dict]:
 
 
 # ================================================================================ part 2: loss
-def lr_lambda(steps: int, warmup_frac: float = 0.1, floor: float = 0.1):
-    warm = max(1, int(steps * warmup_frac))
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        t = min(1.0, (step - warm) / max(1, steps - warm))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
-
-    return f
-
-
-@torch.no_grad()
-def eval_loss(model, tokens, batch: int, seq: int, max_batches: int | None = None) -> float:
-    from grassopt.train.data import iter_eval_batches
-
-    was = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for i, (x, y) in enumerate(iter_eval_batches(tokens, batch, seq)):
-        if max_batches is not None and i >= max_batches:
-            break
-        total += float(model(x, y, reduction="sum")[1])
-        count += y.numel()
-    model.train(was)
-    return total / count
+def bench_command(args) -> list[str]:
+    """The `grassopt bench` run of the loss part: the settings of benchmarks/sotu_tiny.sh, so that the
+    `torch.optim.AdamW` runs (and its sweep) of that benchmark are reused when they share --loss-runs."""
+    r, k = args.loss_rank, args.inner_steps
+    est, rso = f"adamw-torch:sketch=haar,sketch_rank={r:g}", f"rso:sketch_rank={r:g},update_interval={k}"
+    cmd = ["grassopt", "bench", "--model", args.loss_model, "--no-refs", "--no-progress",
+           "--presets", "adamw-torch", est, rso,
+           "--tokens", str(args.loss_tokens), "--batch-size", str(args.batch), "--seq-len", str(args.seq),
+           "--rank", "64", "--update-interval", "50", "--eval-every", str(args.loss_eval_every),
+           "--seeds", *map(str, args.seeds), "--sweep-steps", str(args.sweep_steps), "--sweep-eval-tokens", "32768",
+           "--sweep-lrs", "adamw-torch=1e-3,3e-3,1e-2", f"{est}=3e-4,1e-3,3e-3", f"{rso}=1e-3,3e-3,1e-2",
+           "--title", "AdamW, AdamW on the haar estimator, and RSO on SOTU (same tokens)",
+           "--out", args.loss_runs, "--report-dir", str(Path(args.out) / "activation_memory_loss")]
+    return cmd
 
 
-def loss_run(ds, cfg: dict, lr: float, args) -> dict:
-    model, opt = build(args.loss_model, ds.vocab_size, args.seq, cfg, lr=lr, seed=args.seed,
-                       weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.steps))
-    sampler = ds.sampler(args.batch, args.seq, seed=args.seed)  # the same tokens for every run
-    curve, evals = [], []
-    t0 = time.perf_counter()
-    for step in range(args.steps):
-        x, y = sampler.next()
-        loss = model(x, y)[1]
-        loss.backward()
-        if args.clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        curve.append(float(loss))
-        if not math.isfinite(curve[-1]):
-            break
-        if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < args.steps:
-            evals.append((step + 1, eval_loss(model, ds.val, args.batch, args.seq, args.eval_batches)))
-    seconds = time.perf_counter() - t0
-    final = eval_loss(model, ds.val, args.batch, args.seq, args.final_eval_batches) \
-        if math.isfinite(curve[-1]) else float("nan")
-    return {"final_eval": final, "curve": curve, "evals": evals, "seconds": seconds,
-            "tokens": args.steps * args.batch * args.seq}
-
-
-def run_loss(args) -> list[dict]:
-    from grassopt.train.data import prepare
-
-    torch.set_num_threads(args.threads)
-    ds = prepare(vocab_size=args.vocab, progress=False)
-    cfgs = [{"label": "torch.optim.AdamW", "method": "plain", "rank": None}]
-    for r in args.loss_ranks:
-        cfgs.append({"label": f"AdamW + estimator haar n/{round(1 / r)}", "method": "estimator", "rank": r})
-        cfgs.append({"label": f"RSO n/{round(1 / r)} (K={args.inner_steps})", "method": "rso", "rank": r,
-                     "inner_steps": args.inner_steps})
-    rows = []
-    for cfg in cfgs:
-        for lr in args.lrs:
-            print(f"[loss] {cfg['label']} lr={lr:g}", file=sys.stderr, flush=True)
-            res = loss_run(ds, cfg, lr, args)
-            print(f"        eval loss {res['final_eval']:.4f} ({res['seconds']:.0f} s)", file=sys.stderr, flush=True)
-            rows.append({**cfg, "lr": lr, **res})
-    return rows
+def run_loss(args) -> dict:
+    cmd = bench_command(args)
+    print("[loss] " + shlex.join(cmd), file=sys.stderr, flush=True)
+    subprocess.run([sys.executable, "-m", "grassopt", *cmd[1:]], check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    return json.loads((Path(args.out) / "activation_memory_loss" / "results.json").read_text())
 
 
 # ================================================================================ report
@@ -253,8 +194,8 @@ def write_report(args, mem: list[dict], loss: list[dict], out: Path) -> None:
             for r in rows:
                 mods += [m for m in r["block0"] if m not in mods]
             tok = plain["tokens"]
-            lines += [f"Block 0 by module, bytes per token (first saver of a shared storage gets it; "
-                      f"`self_attn` / `mlp` are the attention and SwiGLU code around the linear layers):", "",
+            lines += ["Block 0 by module, bytes per token (first saver of a shared storage gets it; "
+                      "`self_attn` / `mlp` are the attention and SwiGLU code around the linear layers):", "",
                       "| module | " + " | ".join(r["label"] for r in rows) + " |",
                       "|---|" + "---:|" * len(rows)]
             for m in mods:
@@ -278,28 +219,27 @@ def write_report(args, mem: list[dict], loss: list[dict], out: Path) -> None:
                   "(saving `x` and `rsqrt`, not the normalised output) or SwiGLU (recomputing silu) in "
                   "`grassopt/train/model.py` would shrink the untouched part and raise the share.", ""]
     if loss:
+        rows = loss["rows"]
         lines += ["## Eval loss on SOTU (same tokens for every run)", "",
-                  f"`{args.loss_model}`, {args.steps} steps of {args.batch} x {args.seq} tokens, warm-up 10% then "
-                  f"cosine to 10%, weight decay {args.weight_decay}, clip {args.clip or 'off'}, seed {args.seed}; "
-                  "eval = mean token loss over the "
-                  + ("whole validation split" if args.final_eval_batches is None else
-                     f"first {args.final_eval_batches} validation batches") + ".", "",
-                  "| method | lr | eval loss | perplexity | time (s) |", "|---|---:|---:|---:|---:|"]
-        best = {}
-        for r in loss:
-            if math.isfinite(r["final_eval"]) and (r["label"] not in best or r["final_eval"] < best[r["label"]]["final_eval"]):
-                best[r["label"]] = r
-        for r in loss:
-            mark = "**" if best.get(r["label"]) is r else ""
-            ppl = math.exp(r["final_eval"]) if math.isfinite(r["final_eval"]) else float("nan")
-            lines.append(f"| {mark}{r['label']}{mark} | {r['lr']:g} | {mark}{r['final_eval']:.4f}{mark} | {ppl:.1f} | "
-                         f"{r['seconds']:.0f} |")
-        lines += ["", "Best learning rate of each method (bold above): " +
-                  "; ".join(f"{k}: {v['lr']:g} ({v['final_eval']:.4f})" for k, v in best.items()) + ".", ""]
+                  f"`grassopt bench` (report: [activation_memory_loss/report.md](activation_memory_loss/report.md), "
+                  f"with loss curves): `{args.loss_model}`, {rows[0]['tokens']:,} training tokens per run ({args.batch} "
+                  f"x {args.seq} per step), seeds {args.seeds}, each method at its best learning rate of a {args.sweep_steps}-step "
+                  f"sweep; sketch rank {args.loss_rank:g} of each layer's input (n/{round(1 / args.loss_rank)}); RSO "
+                  f"resamples its subspaces every {args.inner_steps} steps (K). Eval loss: mean token loss over the "
+                  "whole validation split (mean over seeds; spread = max - min).", "",
+                  "| method | lr | eval loss | spread | vs AdamW | saved act. (MiB) | opt. state (MiB) | tokens/s |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            lines.append(f"| {r['preset']} | {r['lr']:g} | {r['eval_loss']:.4f} | {r['eval_loss_spread']:.4f} | "
+                         f"{r.get('loss_vs_ref_pct', 0):+.2f}% | {r.get('saved_mb') or float('nan'):.1f} | "
+                         f"{r['state_mb']:.2f} | {r['tokens_per_s']:.0f} |")
+        lines += ["", f"Learning-rate sweep ({args.sweep_steps} steps, eval on the first 32k validation tokens): " + "; ".join(
+            f"{s['preset']} {s['lr']:g}: {s['final_eval_loss']:.3f}" for s in loss["sweep"]) + ".", ""]
     lines += ["## Commands", "", "```",
               "python benchmarks/activation_memory.py --parts memory   # both models, 6 configurations each",
-              "python benchmarks/activation_memory.py --parts loss     # 3 methods x 5 learning rates on tiny",
-              "python benchmarks/activation_memory.py --parts loss --loss-ranks 0.25 0.125   # and n/8",
+              "python benchmarks/activation_memory.py --parts loss     # grassopt bench: AdamW, estimator, RSO on tiny",
+              "# the bench command itself:",
+              shlex.join(bench_command(args)),
               "```", ""]
     (out / "activation_memory.md").write_text("\n".join(lines))
     (out / "activation_memory.json").write_text(json.dumps({"args": vars(args), "memory": mem, "loss": loss}, indent=1))
@@ -313,7 +253,7 @@ def plot(args, mem, loss, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = (1 if mem else 0) + (2 if loss else 0)
+    panels = 1 if mem else 0  # the loss part's curves are in activation_memory_loss/ (grassopt bench)
     if not panels:
         return
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), squeeze=False)
@@ -331,30 +271,6 @@ def plot(args, mem, loss, path: Path) -> None:
         ax.set_xlabel("saved bytes per token per block")
         ax.set_title("saved activations per transformer block")
         ax.legend()
-    if loss:
-        ax = axes.pop(0)
-        for label in dict.fromkeys(r["label"] for r in loss):
-            rs = [r for r in loss if r["label"] == label]
-            ax.plot([r["lr"] for r in rs], [r["final_eval"] for r in rs], marker="o", label=label)
-        ax.set_xscale("log")
-        ax.set_xlabel("learning rate")
-        ax.set_ylabel("eval loss")
-        ax.set_title(f"{args.loss_model}, {args.steps} steps: eval loss vs lr")
-        ax.legend(fontsize=8)
-        ax = axes.pop(0)
-        best = {}
-        for r in loss:
-            if math.isfinite(r["final_eval"]) and (r["label"] not in best or r["final_eval"] < best[r["label"]]["final_eval"]):
-                best[r["label"]] = r
-        for label, r in best.items():
-            c = r["curve"]
-            k = max(1, len(c) // 25)
-            smooth = [sum(c[max(0, i - k + 1):i + 1]) / len(c[max(0, i - k + 1):i + 1]) for i in range(len(c))]
-            ax.plot(range(1, len(c) + 1), smooth, label=f"{label} (lr {r['lr']:g})")
-        ax.set_xlabel("step")
-        ax.set_ylabel("training loss (moving average)")
-        ax.set_title("best learning rate of each method")
-        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -372,15 +288,13 @@ def main(argv=None) -> None:
     ap.add_argument("--mem-steps", type=int, default=3, help="training steps per memory measurement")
     ap.add_argument("--inner-steps", type=int, default=25, help="RSO: inner steps per outer iteration (K)")
     ap.add_argument("--loss-model", default="tiny")
-    ap.add_argument("--loss-ranks", nargs="+", type=float, default=[0.25])
-    ap.add_argument("--lrs", nargs="+", type=float, default=[5e-4, 1e-3, 2e-3, 4e-3, 8e-3])
-    ap.add_argument("--steps", type=int, default=250, help="training steps of each loss run")
-    ap.add_argument("--weight-decay", type=float, default=0.0)
-    ap.add_argument("--clip", type=float, default=0.0, help="gradient-norm clipping (0: off)")
-    ap.add_argument("--eval-every", type=int, default=50)
-    ap.add_argument("--eval-batches", type=int, default=8, help="validation batches of the intermediate evals")
-    ap.add_argument("--final-eval-batches", type=int, default=None, help="default: the whole validation split")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--loss-rank", type=float, default=0.25, help="sketch rank of the loss part (fraction of n)")
+    ap.add_argument("--loss-tokens", type=int, default=501760, help="training tokens of each loss run")
+    ap.add_argument("--loss-eval-every", type=int, default=123)
+    ap.add_argument("--sweep-steps", type=int, default=40)
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    ap.add_argument("--loss-runs", default="runs/sotu_tiny",
+                    help="folder of the bench runs (the default shares benchmarks/sotu_tiny.sh's, reusing its AdamW runs)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", default=str(HERE))
     ap.add_argument("--smoke", action="store_true", help="a few steps at a tiny batch: checks that the script runs")
@@ -390,9 +304,9 @@ def main(argv=None) -> None:
         print(json.dumps(measure(json.loads(args.measure))))
         return
     if args.smoke:
-        args.batch, args.seq, args.mem_steps, args.steps = 2, 64, 2, 6
-        args.lrs, args.eval_every, args.eval_batches, args.final_eval_batches = [1e-3], 3, 2, 4
-        args.inner_steps = 3
+        args.batch, args.seq, args.mem_steps = 2, 64, 2
+        args.loss_model, args.loss_tokens, args.loss_eval_every, args.sweep_steps = "nano", 1024, 4, 2
+        args.inner_steps, args.seeds, args.loss_runs = 3, [0], "runs/activation_smoke"
     mem = run_memory(args) if "memory" in args.parts else []
     loss = run_loss(args) if "loss" in args.parts else []
     write_report(args, mem, loss, Path(args.out))

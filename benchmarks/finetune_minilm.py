@@ -94,9 +94,16 @@ def run_args(args: argparse.Namespace, label: str, lr: float, seed: int) -> list
 def run(args: argparse.Namespace, label: str, lr: float, seed: int) -> dict[str, Any]:
     """One `grassopt finetune` process; reuses a finished run with the same arguments."""
     out = Path(args.out) / _slug(label) / f"lr{lr:g}-s{seed}"
-    cli = run_args(args, label, lr, seed) + ["--out", str(out)]
+    return run_process(out, run_args(args, label, lr, seed), reuse=not args.no_reuse,
+                       keep_checkpoint=args.keep_checkpoints)
+
+
+def run_process(out: Path, cli: list[str], reuse: bool = True, keep_checkpoint: bool = False) -> dict[str, Any]:
+    """``grassopt finetune <cli> --out <out>`` in its own process (its peak RSS is its own); returns the
+    summary. A finished run in ``out`` with the same arguments is reused."""
+    cli = [*cli, "--out", str(out)]
     stamp, summary = out / "args.json", out / "summary.json"
-    if not args.no_reuse and stamp.is_file() and summary.is_file() and json.loads(stamp.read_text()) == cli:
+    if reuse and stamp.is_file() and summary.is_file() and json.loads(stamp.read_text()) == cli:
         s = json.loads(summary.read_text())
         if s.get("finished"):
             return s
@@ -112,7 +119,7 @@ def run(args: argparse.Namespace, label: str, lr: float, seed: int) -> dict[str,
     s["process_wall_s"] = time.perf_counter() - t0
     summary.write_text(json.dumps(s, indent=2))
     stamp.write_text(json.dumps(cli))
-    if not args.keep_checkpoints:  # reuse needs only summary.json and args.json
+    if not keep_checkpoint:  # reuse needs only summary.json and args.json
         (out / "checkpoint.pt").unlink(missing_ok=True)
     return s
 

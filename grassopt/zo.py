@@ -34,7 +34,6 @@ rounding, as in MeZO).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 

@@ -1,6 +1,5 @@
 import io
 import math
-import warnings
 
 import pytest
 import torch

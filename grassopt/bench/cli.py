@@ -15,7 +15,6 @@ import importlib.util
 import json
 import math
 import shlex
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ REFERENCE_PRESETS = {"ref-galore": "galore_torch", "ref-apollo": "apollo_torch"}
 
 
 def _preset_lr(text: str) -> tuple[str, float]:
-    preset, _, lr = text.partition("=")
+    preset, _, lr = text.rpartition("=")
     try:
         return preset.strip(), float(lr)
     except ValueError:
@@ -71,8 +70,15 @@ def _float_list(text: str) -> list[float]:
     return values
 
 
+def _preset_pair(text: str) -> tuple[str, str]:
+    preset, sep, other = text.rpartition("=")
+    if not sep or not preset.strip() or not other.strip():
+        raise argparse.ArgumentTypeError(f"expected PRESET=OTHER, got {text!r}")
+    return preset.strip(), other.strip()
+
+
 def _preset_lrs(text: str) -> tuple[str, list[float]]:
-    preset, sep, lrs = text.partition("=")
+    preset, sep, lrs = text.rpartition("=")
     if not sep:
         raise argparse.ArgumentTypeError(f"expected PRESET=LR,LR,..., got {text!r}")
     return preset.strip(), _float_list(lrs)
@@ -99,11 +105,17 @@ def parser() -> argparse.ArgumentParser:
                    help="learning rates to sweep first, e.g. '1e-3,3e-3,1e-2'; each preset then runs at its best")
     g.add_argument("--sweep-lrs", nargs="+", type=_preset_lrs, default=[], metavar="PRESET=LR,LR,...",
                    help="learning rates to sweep for one preset instead of --sweep (e.g. adamw-torch=1e-3,3e-3,1e-2)")
+    g.add_argument("--lrs-from", nargs="+", type=_preset_pair, default=[], metavar="PRESET=OTHER",
+                   help="use OTHER's learning rate (swept or given) for PRESET, e.g. ref-galore=galore: the "
+                        "reference package of an algorithm at the rate chosen for ours")
     g.add_argument("--sweep-model", default=None, help="model for the sweep (default: --model)")
     g.add_argument("--sweep-steps", type=int, default=None, help="steps of each sweep run (default: --steps / 4)")
     g.add_argument("--sweep-eval-tokens", type=int, default=None,
                    help="validation tokens each sweep run is scored on (default: --eval-tokens, i.e. all)")
     g.add_argument("--out", default="runs/bench", help="output folder")
+    g.add_argument("--report-dir", default=None,
+                   help="where report.md, results.json and the PNGs go (default: --out); runs stay under --out, so "
+                        "several reports can share (and reuse) the same runs")
     g.add_argument("--no-reuse", action="store_true", help="rerun finished runs instead of reusing their results")
     g.add_argument("--title", default=None, help="title of the report")
     return ap
@@ -171,9 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     sweep_rows = []
     sweep_lrs = dict(args.sweep_lrs)
-    unknown = sorted(set(sweep_lrs) - set(labels))
+    unknown = sorted((set(sweep_lrs) | {p for pair in args.lrs_from for p in pair}) - set(labels))
     if unknown:
-        print(f"grassopt bench: error: --sweep-lrs names {unknown}, which are not among --presets", file=sys.stderr)
+        print(f"grassopt bench: error: --sweep-lrs/--lrs-from name {unknown}, which are not among --presets",
+              file=sys.stderr)
         return 2
     if args.sweep or sweep_lrs:
         sweep_steps = args.sweep_steps or max(1, base.total_steps() // 4)
@@ -191,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
                     best = (lr, loss)
             if best is not None and label not in dict(args.lrs):
                 lrs[label] = best[0]
+    for label, other in args.lrs_from:
+        lrs[label] = lrs[other]
     runs = []
     for label in labels:
         for seed in args.seeds:
@@ -198,10 +213,11 @@ def main(argv: list[str] | None = None) -> int:
             s = _run(c, not args.no_reuse, f"{label} seed={seed} lr={lrs[label]:g}")
             runs.append({"preset": label, "seed": seed, "lr": lrs[label], "summary": s, "history": _history(c.out)})
     cmd = "grassopt bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
-    table = write_report(out, runs, sweep_rows, base, command=cmd, wall_time=time.time() - started,
+    report_dir = Path(args.report_dir) if args.report_dir else out
+    table = write_report(report_dir, runs, sweep_rows, base, command=cmd, wall_time=time.time() - started,
                          title=args.title)
     print(table)
-    print(f"\nreport: {out / 'report.md'}")
+    print(f"\nreport: {report_dir / 'report.md'}")
     return 0
 
 

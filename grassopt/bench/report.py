@@ -32,6 +32,7 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "step_s": _mean([r["summary"]["mean_step_s"] for r in rs]),
             "opt_step_s": _mean([r["summary"].get("mean_opt_step_s") for r in rs]),
             "tokens_per_s": _mean([r["summary"]["tokens_per_s"] for r in rs]),
+            "saved_mb": _mean([(r["summary"].get("saved_activation_bytes") or math.nan) / 2**20 for r in rs]),
             "tokens": rs[0]["summary"]["tokens"],
         })
     ref = next((r for r in rows if r["preset"] == REFERENCE), None)
@@ -50,13 +51,13 @@ def _fmt(x, spec=".3f", none="n/a"):
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = ("| preset | lr | eval loss | spread | ppl | vs AdamW | opt. state (MB) | state / AdamW | "
-            "step (s) | opt. step (ms) | tokens/s | tokens/s / AdamW |")
-    lines = [head, "|" + "---|" * 12]
+            "saved act. (MB) | step (s) | opt. step (ms) | tokens/s | tokens/s / AdamW |")
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
         lines.append(
             f"| {r['preset']} | {r['lr']:g} | {_fmt(r['eval_loss'], '.4f')} | {_fmt(r['eval_loss_spread'], '.4f')} | "
             f"{_fmt(r['eval_ppl'], '.1f')} | {_fmt(r.get('loss_vs_ref_pct'), '+.2f')}% | {_fmt(r['state_mb'], '.2f')} | "
-            f"{_fmt(r.get('state_ratio'), '.3f')} | {_fmt(r['step_s'], '.3f')} | "
+            f"{_fmt(r.get('state_ratio'), '.3f')} | {_fmt(r.get('saved_mb'), '.1f')} | {_fmt(r['step_s'], '.3f')} | "
             f"{_fmt(None if r['opt_step_s'] is None else 1e3 * r['opt_step_s'], '.1f')} | "
             f"{_fmt(r['tokens_per_s'], '.0f')} | {_fmt(r.get('tokens_ratio'), '.3f')} |")
     return "\n".join(lines)
@@ -111,11 +112,12 @@ def write_report(out: Path, runs, sweep_rows, base, command: str, wall_time: flo
     lines = [f"# {title or 'grassopt bench'}", "",
              f"Model `{base.model}`, corpus `{base.corpus or 'sotu'}`, {tokens:,} training tokens per run "
              f"({base.batch_size} x {base.seq_len} tokens x {base.grad_accum} accumulation per step), rank {base.rank or 'of each preset'}, "
-             f"update interval {base.update_interval}, seeds {sorted({r['seed'] for r in runs})}, "
+             f"update interval {base.update_interval or 'of each preset'}, seeds {sorted({r['seed'] for r in runs})}, "
              f"{'bf16 autocast' if base.bf16 else 'fp32'}; warmup then cosine decay to {base.min_lr_ratio:g} of the peak LR. "
              f"Eval loss: mean token loss over the whole validation split at the end (mean over seeds; spread = max - min). "
              f"'vs AdamW' compares with `torch.optim.AdamW` (adamw-torch). Step time is the whole training step "
-             f"(forward, backward, optimizer); 'opt. step' the optimizer alone. Total wall time {wall_time / 60:.1f} min.",
+             f"(forward, backward, optimizer); 'opt. step' the optimizer alone; 'saved act.' the bytes one "
+             f"micro-batch's forward pass saves for backward. Total wall time {wall_time / 60:.1f} min.",
              "", f"Command: `{command}`", "", tab, ""]
     if sweep_rows:
         lines += ["## Learning-rate sweep", "", "| preset | lr | final eval loss |", "|---|---|---|"]

@@ -56,7 +56,12 @@ __all__ = ["FinetuneConfig", "finetune", "build_model", "evaluate", "METHODS", "
 METHODS = {
     "adamw-torch": "full fine-tuning with torch.optim.AdamW",
     "lora": "LoRA adapters (peft) of rank --rank on the encoder's linear layers, trained with torch.optim.AdamW",
+    "zo": "forward only (grassopt.zo): low-rank U V^T perturbations of the encoder's linear layers, V of law "
+          "--opt law=haar (default), gaussian or coordinate, kept --opt lazy=N steps; the head, biases and norms "
+          "get full-rank Gaussian perturbations",
+    "mezo": "forward only with dense Gaussian perturbations of every trainable parameter (MeZO), zo's baseline",
 }
+ZEROTH_ORDER = ("zo", "mezo")
 SKETCH_LAWS = ("haar", "gaussian", "coordinate")
 _RUN_CONTROL = RUN_CONTROL | {"eval_batch_size", "measure_activations"}
 
@@ -135,6 +140,8 @@ class FinetuneConfig:
         if self.sketch is not None:
             if self.sketch not in SKETCH_LAWS:
                 raise ValueError(f"sketch={self.sketch!r}: choose one of {SKETCH_LAWS} (or none)")
+            if self.method in ZEROTH_ORDER:
+                raise ValueError(f"sketch sketches the backward pass; method {self.method!r} has none")
             if self.method == "lora":
                 raise ValueError("sketch cannot be combined with lora (the adapters are not nn.Linear weights "
                                  "of the encoder); use it with adamw-torch or a preset")
@@ -258,11 +265,14 @@ def build_model(cfg: FinetuneConfig, num_labels: int) -> tuple[EncoderClassifier
 def make_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
     """The optimizer of ``cfg.method`` over the trainable parameters (reuses ``grassopt train``'s builder)."""
     preset = "adamw-torch" if cfg.method == "lora" else cfg.method
-    tcfg = TrainConfig(preset=preset, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, rank=cfg.rank,
-                       update_interval=cfg.update_interval, targets=list(cfg.targets), options=dict(cfg.options),
-                       seed=cfg.seed)
-    if PRESETS.get(preset) is None and cfg.options:
+    options = dict(cfg.options)
+    if preset in ZEROTH_ORDER:  # a fresh head must train too: perturb it (and biases, norms) full rank
+        options.setdefault("others", "perturb")
+    elif PRESETS.get(preset) is None and cfg.options:
         raise ValueError(f"method {cfg.method!r} takes no subspace options, got {sorted(cfg.options)}")
+    tcfg = TrainConfig(preset=preset, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, rank=cfg.rank,
+                       update_interval=cfg.update_interval, targets=list(cfg.targets), options=options,
+                       seed=cfg.seed)
     return build_optimizer(model, tcfg)
 
 
@@ -366,7 +376,7 @@ def finetune(cfg: FinetuneConfig, task: TextTask | None = None) -> dict[str, Any
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup, cfg.min_lr_ratio))
     sampler = EpochSampler(len(data["train"]), seed=cfg.seed)
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
-    step, history, train_time, seen = 0, [], 0.0, 0
+    step, history, train_time, seen, passes = 0, [], 0.0, 0, 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -376,6 +386,7 @@ def finetune(cfg: FinetuneConfig, task: TextTask | None = None) -> dict[str, Any
         if "cuda" in ckpt["rng"] and device.type == "cuda":
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
         step, train_time, seen = int(ckpt["step"]), float(ckpt["train_time"]), int(ckpt["examples_seen"])
+        passes = int(ckpt.get("forward_passes", 0))
         history = _read_metrics(out / "metrics.jsonl", upto=step)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -386,11 +397,16 @@ def finetune(cfg: FinetuneConfig, task: TextTask | None = None) -> dict[str, Any
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = sum(p.numel() for p in trainable)
 
+    zeroth_order = getattr(opt, "zeroth_order", False)
+    if zeroth_order:  # both forward passes of a step must compute the same function: no dropout
+        model.eval()
     act_bytes = None
     if cfg.measure_activations:
         idx = list(range(min(cfg.batch_size, len(data["train"]))))
         x, m = collate([data["train"].ids[i] for i in idx], pad_id, length=cfg.seq_len)
-        act_bytes = activation_bytes(model, x.to(device), m.to(device), data["train"].labels[idx].to(device), autocast)
+        with torch.set_grad_enabled(not zeroth_order):  # forward-only steps run under no_grad: nothing is saved
+            act_bytes = activation_bytes(model, x.to(device), m.to(device), data["train"].labels[idx].to(device),
+                                         autocast)
 
     def checkpoint() -> None:
         rng = {"cpu": torch.get_rng_state()}
@@ -399,7 +415,7 @@ def finetune(cfg: FinetuneConfig, task: TextTask | None = None) -> dict[str, Any
         save_checkpoint(ckpt_path, {
             "format": 1, "kind": "finetune", "config": cfg.to_dict(), "step": step, "model": model.state_dict(),
             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "sampler": sampler.state_dict(),
-            "rng": rng, "train_time": train_time, "examples_seen": seen})
+            "rng": rng, "train_time": train_time, "examples_seen": seen, "forward_passes": passes})
 
     def run_eval(split: str) -> dict[str, Any]:
         r = evaluate(model, data[split], pad_id, cfg.eval_batch_size, device, cfg.bf16)
@@ -420,28 +436,42 @@ def finetune(cfg: FinetuneConfig, task: TextTask | None = None) -> dict[str, Any
         while step < stop_at:
             t0 = time.perf_counter()
             step_loss = torch.zeros((), device=device)
+            batches = []
             for _ in range(cfg.grad_accum):
                 idx = sampler.next(cfg.batch_size)
                 x, m = collate([train_data.ids[i] for i in idx], pad_id)
-                y = train_data.labels[idx]
-                with torch.autocast(**autocast):
-                    _, loss = model(x.to(device), m.to(device), y.to(device))
-                (loss / cfg.grad_accum).backward()
-                step_loss += loss.detach() / cfg.grad_accum
-            grad_norm = nn.utils.clip_grad_norm_(trainable, cfg.clip) if cfg.clip > 0 else None
+                batches.append((x.to(device), m.to(device), train_data.labels[idx].to(device)))
             lr_used = opt.param_groups[0]["lr"]
-            opt.step()
+            grad_norm = None
+            if zeroth_order:  # two forward passes inside the optimizer, no backward
+                def closure() -> Tensor:
+                    total = torch.zeros((), device=device)
+                    for xb, mb, yb in batches:
+                        with torch.autocast(**autocast):
+                            total = total + model(xb, mb, yb)[1].float()
+                    return total / len(batches)
+                step_loss = opt.step(closure)
+            else:
+                for xb, mb, yb in batches:
+                    with torch.autocast(**autocast):
+                        _, loss = model(xb, mb, yb)
+                    (loss / cfg.grad_accum).backward()
+                    step_loss += loss.detach() / cfg.grad_accum
+                grad_norm = nn.utils.clip_grad_norm_(trainable, cfg.clip) if cfg.clip > 0 else None
+                opt.step()
             opt.zero_grad(set_to_none=True)
             sched.step()
             step += 1
             dt = time.perf_counter() - t0
             train_time += dt
             seen += cfg.batch_size * cfg.grad_accum
+            passes += (2 if zeroth_order else 1) * cfg.grad_accum
             log_loss += step_loss.item()
             log_n += 1
             record: dict[str, Any] | None = None
             if step % cfg.log_every == 0 or step == total:
-                record = {"step": step, "examples": seen, "epoch": seen / len(train_data), "loss": log_loss / log_n,
+                record = {"step": step, "examples": seen, "forward_passes": passes, "epoch": seen / len(train_data),
+                          "loss": log_loss / log_n,
                           "lr": lr_used, "grad_norm": None if grad_norm is None else float(grad_norm),
                           "examples_per_s": seen / train_time, "step_time": dt, "train_time": train_time}
                 log_loss, log_n = 0.0, 0
@@ -473,6 +503,7 @@ def finetune(cfg: FinetuneConfig, task: TextTask | None = None) -> dict[str, Any
         "method": cfg.method, "task": task.name, "labels": task.labels, "seed": cfg.seed, "lr": cfg.lr,
         "rank": cfg.rank, "sketch": cfg.sketch, "steps": step, "total_steps": total, "finished": finished,
         "interrupted": interrupted, "examples": seen, "epochs": seen / len(train_data),
+        "forward_passes": passes, "backward_passes": 0 if zeroth_order else passes,
         "train_examples": len(train_data), "val_examples": len(data["val"]), "test_examples": len(data["test"]),
         **final,
         "last_val_acc": evals[-1]["val_acc"] if evals else None,

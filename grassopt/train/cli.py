@@ -136,6 +136,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (0 = only at the end)")
     g.add_argument("--stop-after", type=int, default=None, help="stop (with a checkpoint) after N steps of this invocation")
     g.add_argument("--no-plot", action="store_true", help="do not write loss.png")
+    g.add_argument("--profile-memory", action="store_true",
+                   help="count the tensor bytes the second training step allocates at its worst moment, beyond "
+                        "the weights and optimizer state (grassopt.memory.TensorPeak; slows that one step)")
     return ap
 
 
@@ -158,7 +161,7 @@ def _init_distributed() -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     cfg = config_from_args(args, out=args.out, resume=args.resume, checkpoint_every=args.checkpoint_every,
-                           stop_after=args.stop_after, plot=not args.no_plot)
+                           stop_after=args.stop_after, plot=not args.no_plot, profile_memory=args.profile_memory)
     distributed = _init_distributed()
     try:
         summary = train(cfg)
@@ -171,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             dist.destroy_process_group()
     if not (distributed and int(os.environ.get("RANK", "0")) != 0):
         keys = ("preset", "steps", "tokens", "final_eval_loss", "final_eval_ppl", "tokens_per_s", "optimizer_state_bytes",
-                "saved_activation_bytes", "train_peak_rss_bytes")
+                "saved_activation_bytes", "step_peak_tensor_bytes", "train_peak_rss_bytes")
         print(json.dumps({k: summary.get(k) for k in keys}, indent=2))
     return 130 if summary.get("interrupted") else 0
 

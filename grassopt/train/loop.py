@@ -53,7 +53,8 @@ EXTRA_PRESETS = {
 }
 
 #: Config fields that may change when a run is resumed (they do not affect the numbers).
-RUN_CONTROL = {"out", "resume", "stop_after", "checkpoint_every", "log_every", "progress", "threads", "plot"}
+RUN_CONTROL = {"out", "resume", "stop_after", "checkpoint_every", "log_every", "progress", "threads", "plot",
+               "profile_memory"}
 
 
 class CheckpointError(ValueError):
@@ -102,6 +103,7 @@ class TrainConfig:
     eval_tokens: int | None = None  # None: the whole validation split; else its first N predicted tokens
     log_every: int = 10
     checkpoint_every: int = 0  # 0: only at the end and on Ctrl-C
+    profile_memory: bool = False  # count the tensor bytes one training step allocates (grassopt.memory.TensorPeak)
     seed: int = 0  # model init and data order
     device: str | None = None
     threads: int | None = None
@@ -507,65 +509,74 @@ def train(cfg: TrainConfig, dataset: data_mod.TokenizedCorpus | None = None,
     if zeroth_order and world > 1:
         raise ValueError(f"preset {cfg.preset!r} (forward-only) does not support data parallelism; run one process")
     call("on_start", model, opt, cfg)
+    profile_step, step_peak = step + 1, None  # the second step of this invocation: the optimizer state exists
     with _StopFlag() as stop:
         while step < stop_at:
             t0 = time.perf_counter()
-            step_loss = torch.zeros((), device=device)
-            batches = []
-            for _ in range(cfg.grad_accum):
-                x, y = sampler.next()
-                if world > 1:
-                    x, y = x[rank * cfg.batch_size:(rank + 1) * cfg.batch_size], y[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
-                batches.append((x.to(device), y.to(device)))
-            grad_norm = None
-            lr_used = opt.param_groups[0]["lr"]
-            if zeroth_order:  # two forward passes inside the optimizer, no backward
-                def closure() -> torch.Tensor:
-                    total = torch.zeros((), device=device)
-                    for xb, yb in batches:
-                        with torch.autocast(**autocast):
-                            total = total + model(xb, yb)[1].float()
-                    return total / len(batches)
-                t1 = time.perf_counter()
-                step_loss = opt.step(closure)
-                t2 = time.perf_counter()
-            else:
-                for micro, (x, y) in enumerate(batches):
-                    last = micro == cfg.grad_accum - 1
-                    if updater is not None:  # the last backward steps every parameter (and frees its grad)
-                        sync = updater.accumulate(enabled=not last)
-                    elif world > 1 and not last:
-                        sync = ddp_model.no_sync()
-                    else:
-                        sync = contextlib.nullcontext()
-                    with sync:
-                        with torch.autocast(**autocast):
-                            _, loss = ddp_model(x, y)
-                        (loss / cfg.grad_accum).backward()
-                    step_loss += loss.detach() / cfg.grad_accum
-                if updater is None:
-                    call("after_backward", step, model, opt)
-                    if cfg.clip > 0 and cfg.clip_mode == "global":
-                        grad_norm = nn.utils.clip_grad_norm_(params, cfg.clip)
-                    elif cfg.clip > 0:
-                        norms = clip_grad_norm_per_parameter_(params, cfg.clip)
-                        grad_norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else None
+            profiling = cfg.profile_memory and step == profile_step
+            with memory.TensorPeak() if profiling else contextlib.nullcontext() as peak:
+                step_loss = torch.zeros((), device=device)
+                batches = []
+                for _ in range(cfg.grad_accum):
+                    x, y = sampler.next()
+                    if world > 1:
+                        x, y = x[rank * cfg.batch_size:(rank + 1) * cfg.batch_size], y[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
+                    batches.append((x.to(device), y.to(device)))
+                grad_norm = None
+                lr_used = opt.param_groups[0]["lr"]
+                if zeroth_order:  # two forward passes inside the optimizer, no backward
+                    def closure() -> torch.Tensor:
+                        total = torch.zeros((), device=device)
+                        for xb, yb in batches:
+                            with torch.autocast(**autocast):
+                                total = total + model(xb, yb)[1].float()
+                        return total / len(batches)
                     t1 = time.perf_counter()
-                    opt.step()
+                    step_loss = opt.step(closure)
                     t2 = time.perf_counter()
-                else:  # the optimizer ran inside backward: its time is in the step time, not apart
-                    grad_norm = updater.last_grad_norm
-                    t1 = t2 = time.perf_counter()
-            if sketched:
-                from .. import sketch as gs
-                gs.next_step(model)
-            opt.zero_grad(set_to_none=True)
+                else:
+                    for micro, (x, y) in enumerate(batches):
+                        last = micro == cfg.grad_accum - 1
+                        if updater is not None:  # the last backward steps every parameter (and frees its grad)
+                            sync = updater.accumulate(enabled=not last)
+                        elif world > 1 and not last:
+                            sync = ddp_model.no_sync()
+                        else:
+                            sync = contextlib.nullcontext()
+                        with sync:
+                            with torch.autocast(**autocast):
+                                _, loss = ddp_model(x, y)
+                            (loss / cfg.grad_accum).backward()
+                        step_loss += loss.detach() / cfg.grad_accum
+                    if updater is None:
+                        call("after_backward", step, model, opt)
+                        if cfg.clip > 0 and cfg.clip_mode == "global":
+                            grad_norm = nn.utils.clip_grad_norm_(params, cfg.clip)
+                        elif cfg.clip > 0:
+                            norms = clip_grad_norm_per_parameter_(params, cfg.clip)
+                            grad_norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else None
+                        t1 = time.perf_counter()
+                        opt.step()
+                        t2 = time.perf_counter()
+                    else:  # the optimizer ran inside backward: its time is in the step time, not apart
+                        grad_norm = updater.last_grad_norm
+                        t1 = t2 = time.perf_counter()
+                if sketched:
+                    from .. import sketch as gs
+                    gs.next_step(model)
+                opt.zero_grad(set_to_none=True)
+            if profiling:
+                step_peak = peak.peak
             sched.step()
             step += 1
             dt = time.perf_counter() - t0
             train_time += dt
             opt_time += t2 - t1
             tokens_seen += cfg.tokens_per_step(world)
+            if world > 1:  # the logged loss is the mean over every rank's micro-batches
+                step_loss = step_loss.detach().clone()
+                torch.distributed.all_reduce(step_loss)
+                step_loss /= world
             log_loss += step_loss.item()
             log_n += 1
             record: dict[str, Any] | None = None
@@ -601,7 +612,8 @@ def train(cfg: TrainConfig, dataset: data_mod.TokenizedCorpus | None = None,
     summary = _summary(cfg, history, step, total, train_time, tokens_seen, opt, n_params, interrupted)
     summary["mean_opt_step_s"] = None if updater is not None else \
         opt_time / max(1, step - (int(ckpt["step"]) if ckpt else 0))
-    summary.update(saved_activation_bytes=saved_bytes, peak_rss_bytes=memory.peak_rss_bytes(),
+    summary.update(saved_activation_bytes=saved_bytes, step_peak_tensor_bytes=step_peak,
+                   peak_rss_bytes=memory.peak_rss_bytes(),
                    rss_before_training_bytes=rss_before, train_peak_rss_bytes=train_peak)
     call("on_end", model, opt, summary)
     if main_proc:
@@ -616,10 +628,12 @@ def train(cfg: TrainConfig, dataset: data_mod.TokenizedCorpus | None = None,
 def _summary(cfg, history, step, total, train_time, tokens_seen, opt, n_params, interrupted) -> dict[str, Any]:
     evals = [h for h in history if "eval_loss" in h]
     last = evals[-1] if evals else {}
+    logged = [h["loss"] for h in history if "loss" in h]
     return {
         "preset": cfg.preset, "model": cfg.model, "seed": cfg.seed, "lr": cfg.lr, "rank": cfg.rank,
         "steps": step, "total_steps": total, "tokens": tokens_seen, "finished": step >= total,
         "interrupted": interrupted, "final_eval_loss": last.get("eval_loss"), "final_eval_ppl": last.get("eval_ppl"),
+        "final_train_loss": logged[-1] if logged else None,
         "train_time_s": train_time, "tokens_per_s": tokens_seen / train_time if train_time else None,
         "mean_step_s": train_time / step if step else None, "optimizer_state_bytes": optimizer_state_bytes(opt),
         "parameters": n_params,

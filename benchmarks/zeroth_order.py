@@ -1,0 +1,165 @@
+"""Forward-only fine-tuning of MiniLM on sotu-era: zeroth-order low-rank estimates against backpropagation.
+
+Every run is one `grassopt finetune` process (see finetune_minilm.py, whose runner this reuses), two
+single-threaded runs at a time. Part 1 (accuracy against forward passes): `zo` with the `haar`,
+`gaussian` and `coordinate` laws of V (rank 8, V kept 50 steps), and the dense MeZO baseline, each
+over a grid of learning rates, against full fine-tuning by backpropagation with torch AdamW and
+with the `haar` estimator, all at the same batch and sequence length, with the validation
+accuracy recorded along the way. Part 2 (memory): peak resident memory of a few steps of each
+method at a larger batch, where activations matter.
+
+    python benchmarks/zeroth_order.py             # about 45 minutes on 2 idle cores
+    python benchmarks/zeroth_order.py --smoke     # a few steps of everything: checks the pipeline
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from finetune_minilm import ROOT, run_process  # noqa: E402
+
+MIB = 2 ** 20
+ZO_LRS = [5e-4, 1e-3, 2e-3]
+MEZO_LRS = [1e-4, 3e-4, 1e-3]
+ZO_METHODS = {  # label -> (CLI arguments, learning-rate grid)
+    "zo haar": (["--method", "zo", "--rank", "8", "--opt", "law=haar"], ZO_LRS),
+    "zo gaussian": (["--method", "zo", "--rank", "8", "--opt", "law=gaussian"], ZO_LRS),
+    "zo coordinate": (["--method", "zo", "--rank", "8", "--opt", "law=coordinate"], ZO_LRS),
+    "mezo (dense)": (["--method", "mezo"], MEZO_LRS),
+}
+BP_METHODS = {
+    "backprop, AdamW (full FT)": (["--method", "adamw-torch"], [1e-4]),
+    "backprop, AdamW + haar estimator": (["--method", "adamw-torch", "--sketch", "haar", "--sketch-rank", "0.25"],
+                                         [1e-4]),
+}
+
+
+def task_args(args) -> list[str]:
+    return ["--task", "sotu-era", "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
+            "--max-train-per-class", str(args.train_per_class), "--max-val-per-class", str(args.val_per_class),
+            "--max-test-per-class", str(args.test_per_class), "--threads", "1", "--no-progress", "--no-plot"]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/zeroth_order")
+    ap.add_argument("--report", default=str(ROOT / "benchmarks" / "zeroth_order.md"))
+    ap.add_argument("--seq-len", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--train-per-class", type=int, default=320)
+    ap.add_argument("--val-per-class", type=int, default=50)
+    ap.add_argument("--test-per-class", type=int, default=200)
+    ap.add_argument("--zo-steps", type=int, default=1500)
+    ap.add_argument("--bp-steps", type=int, default=160, help="backpropagation steps (2 epochs of 1,280)")
+    ap.add_argument("--eps", type=float, default=1e-3)
+    ap.add_argument("--lazy", type=int, default=50)
+    ap.add_argument("--mem-shape", default="64x128", help="batch x seq of the memory runs")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.zo_steps, args.bp_steps, args.train_per_class, args.val_per_class, args.test_per_class = 6, 4, 8, 4, 4
+        args.mem_shape, args.report = "8x32", str(Path(args.out) / "report.md")
+    out = Path(args.out)
+    started = time.perf_counter()
+    jobs = []  # (label, lr, kind, cli)
+    for label, (margs, lrs) in ZO_METHODS.items():
+        for lr in (lrs[1:2] if args.smoke else lrs):
+            every = max(1, args.zo_steps // 10)
+            jobs.append((label, lr, "curve", [*margs, "--lr", f"{lr:g}", "--steps", str(args.zo_steps),
+                                              "--opt", f"eps={args.eps:g}", "--opt", f"lazy={args.lazy}",
+                                              "--eval-every", str(every), "--log-every", str(every),
+                                              "--min-lr-ratio", "1.0", "--warmup", "1",
+                                              *task_args(args)]))
+    for label, (margs, lrs) in BP_METHODS.items():
+        every = max(1, args.bp_steps // 16)
+        for lr in lrs:
+            jobs.append((label, lr, "curve", [*margs, "--lr", f"{lr:g}", "--steps", str(args.bp_steps),
+                                              "--eval-every", str(every), "--log-every", str(every),
+                                              *task_args(args)]))
+    mb, mt = (int(v) for v in args.mem_shape.split("x"))
+    for label, (margs, lrs) in {**ZO_METHODS, **BP_METHODS}.items():
+        cli = [*margs, "--lr", f"{lrs[0]:g}", "--steps", "3", "--eval-every", "0", *task_args(args)]
+        cli[cli.index("--batch-size") + 1], cli[cli.index("--seq-len") + 1] = str(mb), str(mt)
+        jobs.append((label, lrs[0], "memory", cli))
+
+    def go(job):
+        label, lr, kind, cli = job
+        path = out / kind / "".join(c if c.isalnum() or c in "+-." else "_" for c in f"{label}-lr{lr:g}")
+        s = run_process(path, cli)
+        print(f"[{kind}] {label} lr={lr:g}: val acc {100 * (s['val_acc'] or 0):.1f}, "
+              f"{s['train_time_s']:.0f} s", flush=True)
+        s["history"] = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line]
+        s["cli"] = "grassopt finetune " + shlex.join(cli)
+        return s
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        results = list(pool.map(go, jobs))
+    runs = [{"label": j[0], "lr": j[1], "kind": j[2], "summary": s} for j, s in zip(jobs, results)]
+    write(args, runs, time.perf_counter() - started, argv)
+    return 0
+
+
+def _best(runs, label):
+    mine = [r for r in runs if r["label"] == label and r["kind"] == "curve"]
+    return max(mine, key=lambda r: (r["summary"]["val_acc"], -r["summary"]["val_loss"]))
+
+
+def write(args, runs, wall, argv) -> None:
+    cmd = "python benchmarks/zeroth_order.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    labels = list(dict.fromkeys(r["label"] for r in runs))
+    lines = ["# Forward-only fine-tuning: zeroth-order low-rank estimates against backpropagation", ""]
+    if args.smoke:
+        lines += ["> **Smoke run**: a few steps of everything, to check the pipeline. Not results.", ""]
+    lines += [f"Command: `{cmd.strip()}` (total {wall / 60:.1f} min, {args.jobs} single-threaded runs at a time).", "",
+              f"all-MiniLM-L6-v2 on `sotu-era` (4 eras, {args.train_per_class} training paragraphs per era, "
+              f"{args.val_per_class} validation and {args.test_per_class} test per era), batch {args.batch_size} x "
+              f"{args.seq_len} tokens, fp32, embeddings frozen. ZO: {args.zo_steps} steps of two forward passes, "
+              f"eps {args.eps:g}, perturbation rank 8 with V kept {args.lazy} steps (zo) or a dense Gaussian (MeZO), "
+              "the head, biases and LayerNorms perturbed full rank, dropout off, constant learning rate after one "
+              f"warmup step; backpropagation: {args.bp_steps} steps of AdamW (lr 1e-4, warmup then cosine), "
+              "dropout 0.1. *Forward passes* count micro-batch forward passes; a backpropagation step is one forward "
+              "and one backward pass (the backward costs about two forwards).", "",
+              "| method | best lr | val acc % | test acc % | forward passes | backward passes | train time (s) |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    best = {label: _best(runs, label) for label in labels}
+    for label in labels:
+        s = best[label]["summary"]
+        lines.append(f"| {label} | {best[label]['lr']:g} | {100 * s['val_acc']:.1f} | {100 * s['test_acc']:.1f} | "
+                     f"{s['forward_passes']:,} | {s['backward_passes']:,} | {s['train_time_s']:.0f} |")
+    lines += ["", "## Validation accuracy against forward passes", "", "| method | lr | " +
+              " | ".join(["(forward passes: val acc %)"]) + " |", "|---|---:|---|"]
+    for r in runs:
+        if r["kind"] != "curve":
+            continue
+        pts = [f"{h['forward_passes']}: {100 * h['val_acc']:.1f}" for h in r["summary"]["history"] if "val_acc" in h]
+        lines.append(f"| {r['label']} | {r['lr']:g} | {'; '.join(pts)} |")
+    lines += ["", f"## Peak process memory (batch {args.mem_shape.replace('x', ' x ')} tokens, 3 steps)", "",
+              "*Peak RSS*: the run's peak resident memory during training (VmHWM, reset before the first step); "
+              "*added*: that peak minus the resident memory when training starts. *Saved act.*: bytes one "
+              "micro-batch's forward pass saves for backward (0 for forward-only steps, which run under no_grad).", "",
+              "| method | peak RSS (MiB) | added (MiB) | opt. state (MiB) | saved act. (MiB) |",
+              "|---|---:|---:|---:|---:|"]
+    for r in runs:
+        if r["kind"] != "memory":
+            continue
+        s = r["summary"]
+        peak, before = s.get("train_peak_rss_bytes"), s.get("rss_before_training_bytes")
+        lines.append(f"| {r['label']} | {(peak or 0) / MIB:.0f} | "
+                     f"{((peak - before) / MIB) if peak and before else float('nan'):.0f} | "
+                     f"{s['optimizer_state_bytes'] / MIB:.2f} | {(s['saved_activation_bytes'] or 0) / MIB:.1f} |")
+    lines += ["", "Commands: " + "; ".join(f"`{best[label]['summary']['cli']}`" for label in labels), ""]
+    Path(args.report).write_text("\n".join(lines) + "\n")
+    (Path(args.out) / "results.json").write_text(json.dumps(runs, indent=1, default=str))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
