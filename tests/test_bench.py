@@ -38,3 +38,25 @@ def test_variants_parse_into_config_fields_and_subspace_options():
     assert fields == {"update_interval": 50, "lr": 0.01}
     assert options == {"transport": "keep", "recovery": False}
     assert cli.parse_variant("galore") == ("galore", {}, {})
+
+
+def test_sweep_per_preset_rates_borrowed_and_a_report_beside_shared_runs(tmp_path, sotu_1k, capsys):
+    out, rep = tmp_path / "bench", tmp_path / "report"
+    argv = ["--model", "nano", "--vocab-size", "1024", "--seq-len", "32", "--batch-size", "2", "--steps", "4",
+            "--rank", "8", "--eval-every", "4", "--eval-tokens", "512", "--threads", "1", "--no-progress",
+            "--presets", "adamw-torch", "galore", "galore:update_interval=2", "--no-refs",
+            "--sweep-lrs", "adamw-torch=1e-3,3e-2", "galore=1e-4,1e-2", "--sweep-steps", "3",
+            "--lrs-from", "galore:update_interval=2=galore",
+            "--out", str(out), "--report-dir", str(rep), "--cache-dir", str(sotu_1k.cache_dir.parent.parent)]
+    assert cli.main(argv) == 0
+    res = json.loads((rep / "results.json").read_text())
+    swept = {(s["preset"], s["lr"]): s["final_eval_loss"] for s in res["sweep"]}
+    assert set(swept) == {("adamw-torch", 1e-3), ("adamw-torch", 3e-2), ("galore", 1e-4), ("galore", 1e-2)}
+    lrs = {r["preset"]: r["lr"] for r in res["rows"]}
+    for p in ("adamw-torch", "galore"):  # each preset at the rate of its best sweep run
+        assert lrs[p] == min((lr for q, lr in swept if q == p), key=lambda lr: swept[(p, lr)])
+    assert lrs["galore:update_interval=2"] == lrs["galore"]
+    assert (rep / "report.md").is_file() and not (out / "report.md").exists() and (out / "runs").is_dir()
+    capsys.readouterr()
+    assert cli.main([*argv[:argv.index("--lrs-from")], "--lrs-from", "nonsense=galore", "--out", str(out)]) == 2
+    assert "nonsense" in capsys.readouterr().err

@@ -253,3 +253,15 @@ def test_layerwise_refuses_global_clipping_and_forward_only_presets(tmp_path):
     with pytest.raises(ValueError, match="sketch_rank=0 must be a fraction"):
         cfg(tmp_path, sketch="haar", sketch_rank=0).validate()
     cfg(tmp_path, layerwise=True, clip=0).validate()
+
+
+def test_layerwise_lowers_the_exact_step_peak_when_gradients_dominate(tmp_path, sotu_1k):
+    # batch 1 x 32: activations are small next to the gradients, which layer-wise mode never holds at once
+    kw = dict(preset="adamw-torch", batch_size=1, seq_len=32, steps=3, clip=0, profile_memory=True)
+    ordinary = train(cfg(tmp_path / "o", **kw), dataset=sotu_1k)
+    layerwise = train(cfg(tmp_path / "l", layerwise=True, **kw), dataset=sotu_1k)
+    grads = 4 * ordinary["parameters"]
+    assert ordinary["step_peak_tensor_bytes"] >= grads  # every gradient is alive before the step
+    saved = ordinary["step_peak_tensor_bytes"] - layerwise["step_peak_tensor_bytes"]
+    assert saved > 0.3 * grads, (ordinary["step_peak_tensor_bytes"], layerwise["step_peak_tensor_bytes"], grads)
+    assert ordinary["final_train_loss"] == pytest.approx(layerwise["final_train_loss"], rel=1e-5)
