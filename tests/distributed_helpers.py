@@ -73,6 +73,10 @@ def build_optimizer(model, preset: str):
 
     if preset == "adamw-torch":
         return torch.optim.AdamW(model.parameters(), lr=LR)
+    if preset in ("rso", "rso-sgd"):  # sketches the model in place: call before wrapping it in DDP
+        from grassopt.sketch import rso
+        return rso(model, rank=0.25, inner_steps=UPDATE_INTERVAL, lr=LR, seed=0,
+                   inner="sgd" if preset == "rso-sgd" else "adam")
     kw = {} if grassopt.PRESETS[preset] is None else {"update_interval": UPDATE_INTERVAL}
     return grassopt.make_optimizer(model, preset, lr=LR, rank=RANK, seed=0, **kw)
 
@@ -123,8 +127,8 @@ def ddp_presets_worker(rank: int, world: int, out: str, presets: list[str], voca
     batches = torch.load(Path(out) / "batches.pt")
     for preset in presets:
         model = build_model(vocab)
+        opt = build_optimizer(model, preset)  # before DDP: rso replaces layers and adds the B parameters
         ddp = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
-        opt = build_optimizer(model, preset)
         train(model, opt, batches, rank, world, ddp=ddp)
         assert_in_sync(model.parameters(), what=f"{preset} parameters")
         save_params(model, Path(out) / f"{preset}-rank{rank}.pt")

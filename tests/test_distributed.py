@@ -23,8 +23,13 @@ from grassopt.distributed import ShardedParameterError, backend_for, check_param
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 
-#: presets checked under DDP; add "apollo" and "rso" here when they exist
-DDP_PRESETS = [p for p in ("subtrack++", "grasswalk", "grassjump", "apollo", "rso") if p in grassopt.PRESETS]
+#: presets checked under DDP (rso: grassopt.sketch.rso, whose sketch matrices come from seeds, not broadcasts)
+DDP_PRESETS = ["subtrack++", "grasswalk", "grassjump", "apollo", "rso", "rso-sgd"]
+#: rso's inner Adam restarts from a fresh state every outer iteration (K = 5 steps here): its first
+#: step is g / (|g| + eps) elementwise, which turns the rounding of DDP's averaged gradient into
+#: steps of up to lr on near-zero elements. Ranks agree bit for bit; the match with one process is
+#: checked on the same method with a linear inner solver (rso-sgd), where rounding stays rounding.
+NOT_COMPARED_TO_ONE_PROCESS = {"rso"}
 WORLD = 2
 GLOBAL_BATCH = 4
 
@@ -43,7 +48,7 @@ def _load(path: Path) -> dict:
 
 
 def _max_diff(a: dict, b: dict) -> float:
-    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a if a[k].is_floating_point())
 
 
 @pytest.mark.distributed
@@ -54,8 +59,9 @@ def test_ddp_presets_identical_on_ranks_and_match_one_process(sotu_1k, tmp_path)
     single, moved = {}, {}
     for preset in DDP_PRESETS:
         model = H.build_model(sotu_1k.vocab_size)
-        init = {k: v.clone() for k, v in model.state_dict().items()}
-        H.train(model, H.build_optimizer(model, preset), batches)
+        opt = H.build_optimizer(model, preset)
+        init = {k: v.clone() for k, v in model.state_dict().items() if torch.is_tensor(v)}
+        H.train(model, opt, batches)
         single[preset] = model.state_dict()
         moved[preset] = _max_diff(single[preset], init)
     H.spawn(H.ddp_presets_worker, WORLD, str(tmp_path), DDP_PRESETS, sotu_1k.vocab_size)
@@ -65,6 +71,8 @@ def test_ddp_presets_identical_on_ranks_and_match_one_process(sotu_1k, tmp_path)
             assert torch.equal(r0[k], r1[k]), f"{preset}: {k} differs between ranks"
         diff = _max_diff(single[preset], r0)
         assert moved[preset] > 1e-2, f"{preset}: training barely moved the weights ({moved[preset]})"
+        if preset in NOT_COMPARED_TO_ONE_PROCESS:
+            continue
         assert diff < 1e-4 * max(1.0, moved[preset]), \
             f"{preset}: DDP and one process differ by {diff} (weights moved {moved[preset]})"
         print(f"{preset}: DDP vs one process max |diff| {diff:.2e}, weights moved {moved[preset]:.2e}")

@@ -117,7 +117,8 @@ def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
         targets=list(args.targets), options=dict(args.opt), clip=args.clip, clip_mode=args.clip_mode,
         layerwise=args.layerwise, sketch=args.sketch, sketch_rank=args.sketch_rank, bf16=args.bf16,
         param_dtype=args.param_dtype,
-        eval_every=args.eval_every, eval_batch_size=args.eval_batch_size, eval_tokens=args.eval_tokens, log_every=args.log_every, seed=args.seed,
+        eval_every=args.eval_every, eval_batch_size=args.eval_batch_size, eval_tokens=args.eval_tokens,
+        log_every=args.log_every, seed=args.seed,
         device=args.device, threads=args.threads, progress=not args.no_progress, cache_dir=args.cache_dir,
         **overrides)
 

@@ -238,7 +238,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
         if bad:
             raise ValueError(f"unknown option(s) {sorted(bad)} for preset 'rso'; it takes {sorted(known)} "
                              "(the rank is sketch_rank, the law is sketch, the outer iteration is update_interval)")
-        return gs.rso(model, _sketch_rank(cfg), inner_steps=int(opts.get("inner_steps", cfg.update_interval or SUBSPACE_DEFAULTS["update_interval"])),
+        inner_steps = int(opts.get("inner_steps", cfg.update_interval or SUBSPACE_DEFAULTS["update_interval"]))
+        return gs.rso(model, _sketch_rank(cfg), inner_steps=inner_steps,
                       lr=cfg.lr, weight_decay=cfg.weight_decay, mu=float(opts.get("mu", 0.0)),
                       law=cfg.sketch or "haar", seed=cfg.seed, targets=cfg.targets, betas=cfg.betas,
                       eps=float(opts.get("eps", 1e-6)), inner=opts.get("inner", "adam"))
@@ -250,8 +251,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
             raise ValueError(f"unknown option(s) {sorted(bad)} for preset {cfg.preset!r}; it takes {sorted(known)}")
         if isinstance(cfg.rank, str):
             raise ValueError(f"preset {cfg.preset!r} takes an integer rank, got rank={cfg.rank!r}")
-        return ZO(model, rank=8 if cfg.rank is None else cfg.rank, lr=cfg.lr, weight_decay=cfg.weight_decay, targets=cfg.targets,
-                  dense=cfg.preset == "mezo", seed=cfg.seed, **opts)
+        return ZO(model, rank=8 if cfg.rank is None else cfg.rank, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                  targets=cfg.targets, dense=cfg.preset == "mezo", seed=cfg.seed, **opts)
     if cfg.preset == "adamw-torch":
         return torch.optim.AdamW(_decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
     if cfg.preset == "ref-galore":
