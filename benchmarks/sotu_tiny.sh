@@ -7,6 +7,8 @@
 # (ldadam: every step, its own rule), eval on the whole validation split at steps 123 and 245.
 # The reference packages run at the rate swept for the preset they implement (ref-galore at
 # galore's, ref-apollo at apollo's): the same algorithm, so the same rate is the fair choice.
+# AdamW also runs at 3e-3 and 1e-2 for the whole horizon: a 40-step sweep favours a small rate for
+# Adam, and the subspace methods must be compared with the best AdamW, not a handicapped one.
 #
 #   bash benchmarks/sotu_tiny.sh            # about 2.5 hours on 2 idle cores (fp32)
 #   OUT=/tmp/x bash benchmarks/sotu_tiny.sh --steps 8 --sweep-steps 2   # a smoke run of the pipeline
@@ -20,6 +22,7 @@ SUBSPACE="3e-3,1e-2,3e-2"
 grassopt bench --model tiny --no-refs --no-progress \
   --presets adamw-torch galore ref-galore fira subtrack++ grasswalk grassjump \
             apollo ref-apollo apollo-mini:rank=1 ldadam:update_interval=1 \
+            adamw-torch:lr=0.003 adamw-torch:lr=0.01 \
   --tokens 501760 --batch-size 8 --seq-len 256 --rank 64 --update-interval 50 --eval-every 123 --seeds 0 1 \
   --sweep-steps 40 --sweep-eval-tokens 32768 \
   --sweep-lrs adamw-torch=$ADAM galore=$SUBSPACE fira=$SUBSPACE subtrack++=$SUBSPACE grasswalk=$SUBSPACE \

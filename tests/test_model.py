@@ -345,3 +345,55 @@ def test_matches_hugging_face_llama() -> None:
         theirs = hf(input_ids=idx).logits
         mine, _ = ours(idx)
     torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------ lean activations (RMSNorm, SwiGLU)
+def test_lean_norm_and_swiglu_gradients_match_finite_differences() -> None:
+    from grassopt.train.model import _LeanRMSNorm, _LeanSwiGLU
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.rand(7, dtype=torch.float64, generator=g).add_(0.5).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: _LeanRMSNorm.apply(a, b, 1e-6), (x, w))
+    gate = torch.randn(4, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    up = torch.randn(4, 6, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(_LeanSwiGLU.apply, (gate, up))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_lean_activations_same_forward_same_gradients(dtype: torch.dtype) -> None:
+    cfg = config("nano", vocab_size=256)
+    plain, lean = make(cfg, dtype=dtype), make(config("nano", vocab_size=256, lean_activations=True), dtype=dtype)
+    lean.load_state_dict(plain.state_dict())
+    with torch.no_grad():  # non-trivial norm weights
+        for (name, p), q in zip(plain.named_parameters(), lean.parameters()):
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+                q.copy_(p)
+    idx, targets = random_ids(cfg, 2, 16), random_ids(cfg, 2, 16, seed=3)
+    lp, loss_p = plain(idx, targets)
+    ll, loss_l = lean(idx, targets)
+    assert torch.equal(lp, ll)  # the forward pass is the same computation
+    loss_p.backward()
+    loss_l.backward()
+    tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 2e-2, "atol": 2e-3}
+    for (name, p), q in zip(plain.named_parameters(), lean.parameters()):
+        torch.testing.assert_close(q.grad.double(), p.grad.double(), msg=name, **tol)
+        assert q.grad.dtype == dtype
+
+
+def test_lean_activations_save_exactly_2d_plus_f_floats_per_token_and_block() -> None:
+    from grassopt.sketch import saved_activation_bytes
+
+    cfg = config("nano", vocab_size=256)
+    batch, seq = 2, 16
+    idx, targets = random_ids(cfg, batch, seq), random_ids(cfg, batch, seq, seed=3)
+    saved = {}
+    for lean in (False, True):
+        model = make(config("nano", vocab_size=256, lean_activations=lean))
+        rep = saved_activation_bytes(model, lambda: model(idx, targets)[1])
+        rep.output.backward()
+        saved[lean] = rep.total
+    d, f, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+    per_token = layers * (2 * d + f) + d  # two norms and one SwiGLU per block, and the final norm
+    assert saved[False] - saved[True] == 4 * batch * seq * per_token

@@ -22,7 +22,7 @@ from typing import Any
 
 from ..presets import PRESETS
 from ..train.cli import _kv, add_run_arguments, config_from_args
-from ..train.loop import EXTRA_PRESETS, TrainConfig, train
+from ..train.loop import EXTRA_PRESETS, TrainConfig, config_differences, train
 from .report import write_report
 
 DEFAULT_PRESETS = ["adamw-torch", "galore", "fira", "subtrack++", "grasswalk", "grassjump"]
@@ -38,7 +38,7 @@ def _preset_lr(text: str) -> tuple[str, float]:
 
 
 _CONFIG_KEYS = {"rank", "update_interval", "lr", "weight_decay", "clip", "clip_mode", "param_dtype", "bf16",
-                "layerwise", "sketch", "sketch_rank"}
+                "layerwise", "sketch", "sketch_rank", "lean_activations"}
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
@@ -132,8 +132,7 @@ def _run(cfg: TrainConfig, reuse: bool, label: str) -> dict[str, Any]:
     summary_path, config_path = out / "summary.json", out / "config.json"
     if reuse and summary_path.is_file() and config_path.is_file():
         saved = json.loads(config_path.read_text())
-        mine = cfg.to_dict()
-        same = all(saved.get(k) == v for k, v in mine.items() if k not in ("progress", "threads", "plot"))
+        same = not config_differences(saved, cfg, ignore=("progress", "threads", "plot"))
         summary = json.loads(summary_path.read_text())
         if same and summary.get("finished"):
             print(f"[bench] {label}: reusing the finished run in {out}", file=sys.stderr)

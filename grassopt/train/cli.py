@@ -91,6 +91,9 @@ def add_run_arguments(ap: argparse.ArgumentParser, *, with_preset: bool = True) 
     g.add_argument("--sketch-rank", type=_rank_or_fraction, default=d.sketch_rank,
                    help="rank r of P: a fraction of each layer's in_features such as 0.125, or an integer "
                         "(default: %(default)s)")
+    g.add_argument("--lean-activations", action="store_true",
+                   help="RMSNorm and SwiGLU save only their inputs (and one float per token) for backward and "
+                        "recompute the rest: 2d + f fewer floats per token and block, the same forward pass")
     g = ap.add_argument_group("run")
     g.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (default: %(default)s)")
     g.add_argument("--tokens", type=int, default=None, help="train on this many tokens instead of --steps")
@@ -116,6 +119,7 @@ def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
         warmup=args.warmup, weight_decay=args.weight_decay, rank=args.rank, update_interval=args.update_interval,
         targets=list(args.targets), options=dict(args.opt), clip=args.clip, clip_mode=args.clip_mode,
         layerwise=args.layerwise, sketch=args.sketch, sketch_rank=args.sketch_rank, bf16=args.bf16,
+        lean_activations=args.lean_activations,
         param_dtype=args.param_dtype,
         eval_every=args.eval_every, eval_batch_size=args.eval_batch_size, eval_tokens=args.eval_tokens,
         log_every=args.log_every, seed=args.seed,

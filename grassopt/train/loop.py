@@ -25,7 +25,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -97,6 +97,7 @@ class TrainConfig:
     sketch: str | None = None  # sketch law (haar, gaussian, coordinate): the unbiased estimator; for rso, P's law
     sketch_rank: float = 0.125  # rank of the sketch: a fraction of each layer's in_features, or an int >= 1
     bf16: bool = False  # bf16 autocast for the forward pass
+    lean_activations: bool = False  # RMSNorm and SwiGLU recompute their intermediates in backward (LlamaConfig)
     param_dtype: str = "float32"  # dtype of the parameters themselves ("bfloat16" for pure bf16 training)
     eval_every: int = 100
     eval_batch_size: int = 32
@@ -388,10 +389,16 @@ def _dist() -> tuple[int, int]:
     return 0, 1
 
 
+def config_differences(saved: dict[str, Any], cfg: TrainConfig, ignore: Iterable[str] = RUN_CONTROL) -> list[str]:
+    """The settings in which ``cfg`` differs from a saved ``config.json`` (a key missing from it,
+    written before the field existed, counts as that field's default)."""
+    defaults, ignore = TrainConfig().to_dict(), set(ignore)
+    return [f"{k}: checkpoint {saved.get(k, defaults.get(k))!r} vs now {v!r}" for k, v in cfg.to_dict().items()
+            if k not in ignore and saved.get(k, defaults.get(k)) != v]
+
+
 def _check_resume_config(saved: dict[str, Any], cfg: TrainConfig, path: Path) -> None:
-    mine = cfg.to_dict()
-    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in mine.items()
-             if k not in RUN_CONTROL and saved.get(k) != v]
+    diffs = config_differences(saved, cfg)
     if diffs:
         raise CheckpointError(f"{path} was written by a run with other settings ({'; '.join(diffs)}); "
                               "resume with the same settings, or start a new run in another --out folder")
@@ -438,7 +445,8 @@ def train(cfg: TrainConfig, dataset: data_mod.TokenizedCorpus | None = None,
                          "each gradient is stepped and freed inside backward; run it without layerwise")
 
     torch.manual_seed(cfg.seed)
-    model = Llama(model_config(cfg.model, vocab_size=dataset.vocab_size, max_seq_len=max(cfg.seq_len, 1024)))
+    model = Llama(model_config(cfg.model, vocab_size=dataset.vocab_size, max_seq_len=max(cfg.seq_len, 1024),
+                               lean_activations=cfg.lean_activations))
     model.to(device=device, dtype=getattr(torch, cfg.param_dtype))
     sketched = sketch_model(model, cfg)  # the estimator: W.grad = G P P^T, a fresh P every step
     opt = build_optimizer(model, cfg)  # (rso sketches the model here)

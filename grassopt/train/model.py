@@ -34,6 +34,11 @@ class LlamaConfig:
 
     ``num_kv_heads`` enables grouped-query attention (``None`` means ``num_heads``).
     ``tie_embeddings`` shares the input embedding with ``lm_head``.
+    ``lean_activations`` makes RMSNorm and SwiGLU save less for backward: RMSNorm keeps only its
+    input and the per-token ``rsqrt`` (not the normalised tensor), SwiGLU only ``gate`` and ``up``
+    (not ``silu(gate)``); both recompute the rest in backward. The forward pass is bit-identical;
+    gradients agree to float rounding. Per token and block this saves ``2 d + f`` floats, which is
+    most of what sketching (``grassopt.sketch``) cannot reach.
     """
 
     vocab_size: int
@@ -46,6 +51,7 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
     num_kv_heads: int | None = None
+    lean_activations: bool = False
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -109,18 +115,74 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-class RMSNorm(nn.Module):
-    """Root-mean-square normalisation with a learned scale, computed in at least float32."""
+def _rms_normalise(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x * r, r)`` in the compute dtype, ``r = rsqrt(mean(x^2) + eps)`` over the last dim."""
+    xf = x.to(_compute_dtype(x.dtype))
+    r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return xf * r, r
 
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+
+class _LeanRMSNorm(torch.autograd.Function):
+    """``weight * (x * r)``, saving only ``x`` and ``r`` (one float per token) for backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        xn, r = _rms_normalise(x, eps)
+        ctx.save_for_backward(x, weight, r)
+        return weight * xn.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight, r = ctx.saved_tensors
+        xn = x.to(r.dtype) * r
+        g = grad.to(r.dtype)
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = (g * xn.to(x.dtype).to(r.dtype)).flatten(0, -2).sum(0).to(weight.dtype)
+        gxn = g * weight.to(r.dtype)  # d loss / d (x r)
+        # d(x r)/dx = r (I - xn xn^T / d): the gradient through r is a projection
+        grad_x = r * (gxn - xn * (gxn * xn).mean(-1, keepdim=True))
+        return grad_x.to(x.dtype), grad_w, None
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square normalisation with a learned scale, computed in at least float32.
+
+    ``lean=True`` saves only the input and the per-token ``rsqrt`` for backward (see
+    :class:`LlamaConfig`); the output is the same either way.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, lean: bool = False) -> None:
         super().__init__()
         self.eps = eps
+        self.lean = lean
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.to(_compute_dtype(x.dtype))
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        if self.lean and torch.is_grad_enabled():
+            return _LeanRMSNorm.apply(x, self.weight, self.eps)
+        xn, _ = _rms_normalise(x, self.eps)
+        return self.weight * xn.to(x.dtype)
+
+
+class _LeanSwiGLU(torch.autograd.Function):
+    """``silu(gate) * up``, saving only ``gate`` and ``up``; ``silu`` is recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        cd = _compute_dtype(gate.dtype)
+        gf, g = gate.to(cd), grad.to(cd)
+        sig = torch.sigmoid(gf)
+        grad_up = (g * (gf * sig)).to(up.dtype) if ctx.needs_input_grad[1] else None
+        # d silu(x)/dx = s (1 + x (1 - s)), s = sigmoid(x)
+        grad_gate = (g * up.to(cd) * sig * (1 + gf * (1 - sig))).to(gate.dtype) if ctx.needs_input_grad[0] else None
+        return grad_gate, grad_up
 
 
 def rotary_tables(
@@ -186,12 +248,16 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
+        self.lean = cfg.lean_activations
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.lean and torch.is_grad_enabled():
+            return self.down_proj(_LeanSwiGLU.apply(gate, up))
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -199,9 +265,9 @@ class Block(nn.Module):
 
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps, cfg.lean_activations)
         self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps, cfg.lean_activations)
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -222,7 +288,7 @@ class Llama(nn.Module):
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps, cfg.lean_activations)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
