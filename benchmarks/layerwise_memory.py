@@ -140,9 +140,35 @@ def write(args, mem_rows, ddp_rows, wall, argv) -> None:
                      f"{s.get('final_train_loss', float('nan')):.4f} |")
     lines += ["", "Commands of the rows: " + "; ".join(f"`{r['summary']['command']}`" for r in ddp_rows[:2]), ""]
     Path(args.report).write_text("\n".join(lines) + "\n")
+    plot(mem_rows, Path(args.report).with_suffix(".png"))
     (Path(args.out) / "results.json").write_text(json.dumps({"memory": mem_rows, "ddp": ddp_rows}, indent=1,
                                                             default=str))
     print("\n".join(lines))
+
+
+def plot(mem_rows: list[dict], path: Path) -> None:
+    """Step peak and process peak, ordinary against layer-wise, one bar pair per (shape, preset)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['shape']} {r['preset']}" for r in mem_rows]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.4 * len(labels) + 1.5), sharey=True)
+    for ax, key, title in ((axes[0], "step_peak_tensor_bytes", "step peak (exact tensor bytes)"),
+                           (axes[1], "train_peak_rss_bytes", "process peak (VmHWM)")):
+        y = range(len(labels))
+        for off, mode, color in ((-0.2, "ordinary", "tab:gray"), (0.2, "layerwise", "tab:green")):
+            ax.barh([i + off for i in y], [(r[mode].get(key) or 0) / MIB for r in mem_rows], height=0.4,
+                    color=color, label=mode.replace("layerwise", "layer-wise"))
+        ax.set_yticks(list(y), labels)
+        ax.set_xlabel("MiB")
+        ax.set_title(title)
+    axes[0].invert_yaxis()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=2)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

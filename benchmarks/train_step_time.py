@@ -94,8 +94,28 @@ def main(argv=None) -> int:
     out = Path(args.out)
     (out / "train_step_time.md").write_text("\n".join(lines) + "\n")
     (out / "train_step_time.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    plot(rows, out / "train_step_time.png")
     print("\n".join(lines))
     return 0
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ref = next(r for r in rows if r["label"] == "adamw-torch")["tokens_per_s"]
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(rows) + 1.2))
+    ax.barh([r["label"] for r in rows], [r["tokens_per_s"] / ref for r in rows], color="tab:blue")
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.axvline(0.97, color="tab:red", ls="--", lw=0.8, label="0.97x AdamW")
+    ax.invert_yaxis()
+    ax.set_xlabel("tokens/s relative to torch.optim.AdamW (interleaved, same batches)")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
