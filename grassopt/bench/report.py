@@ -70,16 +70,18 @@ def _plot(runs, out: Path) -> list[str]:
 
     written = []
     presets = list(dict.fromkeys(r["preset"] for r in runs))
-    colors = {p: plt.cm.tab10(i % 10) for i, p in enumerate(presets)}
+    cmap = plt.cm.tab10 if len(presets) <= 10 else plt.cm.tab20
+    colors = {p: cmap(i % cmap.N) for i, p in enumerate(presets)}
+    seeds = list(dict.fromkeys(r["seed"] for r in runs))
     for xkey, fname, xlabel in (("step", "loss_vs_step.png", "step"),
                                 ("train_time", "loss_vs_time.png", "training wall time (s)")):
-        fig, (ax_train, ax_eval) = plt.subplots(1, 2, figsize=(13, 4.5))
+        fig, (ax_train, ax_eval) = plt.subplots(1, 2, figsize=(15, 4.5))
         for r in runs:
             h = r["history"]
-            lab = f"{r['preset']} (s{r['seed']})"
+            lab = r["preset"] if r["seed"] == seeds[0] else None  # one legend entry per preset
             tr = [(x[xkey], x["loss"]) for x in h if "loss" in x and xkey in x]
             ev = [(x[xkey], x["eval_loss"]) for x in h if "eval_loss" in x and xkey in x]
-            ls = "-" if r["seed"] == runs[0]["seed"] else "--"
+            ls = "-" if r["seed"] == seeds[0] else "--"
             if tr:
                 ax_train.plot(*zip(*tr), ls, color=colors[r["preset"]], lw=1, label=lab)
             if ev:
@@ -89,14 +91,16 @@ def _plot(runs, out: Path) -> list[str]:
             ax.set_ylabel("loss (nats/token)")
             ax.set_title(name)
             ax.grid(alpha=0.3)
-        ax_eval.legend(fontsize=7, ncol=2)
+        styles = ", ".join(f"{'solid' if i == 0 else 'dashed'}: seed {sd}" for i, sd in enumerate(seeds[:2]))
+        fig.legend(*ax_eval.get_legend_handles_labels(), loc="center right", fontsize=8,
+                   title=styles if len(seeds) > 1 else None, title_fontsize=8)
         # zoom on the interesting part: every eval point after the first 30% of the run
         last = max((x["step"] for r in runs for x in r["history"]), default=0)
         evs = [x["eval_loss"] for r in runs for x in r["history"] if "eval_loss" in x and x["step"] >= 0.3 * last]
         if len(evs) > 1 and all(math.isfinite(e) for e in evs):
             lo, hi = min(evs), max(evs)
             ax_eval.set_ylim(lo - 0.05 * (hi - lo + 1e-9), hi + 0.1 * (hi - lo + 1e-9))
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0, 0.85, 1))
         fig.savefig(out / fname, dpi=110)
         plt.close(fig)
         written.append(fname)
