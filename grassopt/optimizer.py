@@ -136,6 +136,11 @@ class SubspaceAdamW(Optimizer):
                         f"(its options: {sorted(rule.OPTIONS) or 'none'}); remove it or change the rule")
             for key, value in {**SUBSPACE_DEFAULTS, **rule.OPTIONS}.items():
                 param_group.setdefault(key, value)
+            from .distributed import check_params  # FSDP2 shards: a clear error now, not wrong maths later
+
+            if not isinstance(param_group.get("params"), (Tensor, set)):  # a generator is read only once
+                param_group["params"] = list(param_group.get("params", []))
+            check_params(param_group)
         super().add_param_group(param_group)
         self._validate_group(param_group, len(self.param_groups) - 1)
 

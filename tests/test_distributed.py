@@ -116,10 +116,8 @@ def test_fsdp2_trains_and_matches_ddp(sotu_1k, tmp_path):
               f"optimizer state {r0[f'{preset}/opt_state_diff']:.2e}")
     assert "FSDP2-sharded DTensor" in r0["check_error"] and "layers.0.self_attn.q_proj.weight" in r0["check_error"]
     assert "FSDPSubspaceAdamW" in r0["check_error"]
-    if r0["ctor_error"] is None:
-        pytest.xfail("SubspaceAdamW does not call grassopt.distributed.check_params yet (one line in "
-                     "add_param_group); check_params itself raised the documented error")
-    assert "FSDP2-sharded DTensor" in r0["ctor_error"]
+    assert r0["ctor_error"] is not None, "SubspaceAdamW accepted FSDP2-sharded matrices in a projected group"
+    assert "FSDP2-sharded DTensor" in r0["ctor_error"] and "FSDPSubspaceAdamW" in r0["ctor_error"]
 
 
 # ---------------------------------------------------------------------------------------- no processes
