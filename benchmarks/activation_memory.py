@@ -177,7 +177,8 @@ def write_report(args, mem: list[dict], loss: list[dict], out: Path) -> None:
     if args.smoke:
         lines += ["> **SMOKE RUN** (a few steps at a tiny batch, to check that the script works). These are not "
                   "results: run the commands below on an idle machine.", ""]
-    lines += [f"Command: `{cmd.strip()}`", "",
+    lines += [f"Command: `{cmd.strip()}` (a part it did not run is kept from the previous report; the "
+              "commands of both parts are at the end)", "",
               f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} cores, {args.threads} threads, fp32.",
               ""]
     if mem:
@@ -334,6 +335,12 @@ def main(argv=None) -> None:
         args.inner_steps, args.seeds, args.loss_runs = 3, [0], "runs/activation_smoke"
     mem = run_memory(args) if "memory" in args.parts else []
     loss = run_loss(args) if "loss" in args.parts else []
+    # a part not run now keeps its results from the last report in --out (one file holds both parts)
+    saved = Path(args.out) / "activation_memory.json"
+    if saved.is_file() and not args.smoke and (not mem or not loss):
+        prev = json.loads(saved.read_text())
+        if not prev.get("args", {}).get("smoke"):
+            mem, loss = mem or prev.get("memory") or [], loss or prev.get("loss") or []
     write_report(args, mem, loss, Path(args.out))
 
 
