@@ -154,7 +154,7 @@ def bench_command(args) -> list[str]:
            "--seeds", *map(str, args.seeds), "--sweep-steps", str(args.sweep_steps), "--sweep-eval-tokens", "32768",
            "--sweep-lrs", "adamw-torch=1e-3,3e-3,1e-2", f"{est}=3e-4,1e-3,3e-3", f"{rso}=1e-3,3e-3,1e-2",
            "--title", "AdamW, AdamW on the haar estimator, and RSO on SOTU (same tokens)",
-           "--out", args.loss_runs, "--report-dir", str(Path(args.out) / "activation_memory_loss")]
+           "--out", args.loss_runs, "--report-dir", os.path.relpath(Path(args.out) / "activation_memory_loss")]
     return cmd
 
 
@@ -201,10 +201,12 @@ def write_report(args, mem: list[dict], loss: list[dict], out: Path) -> None:
                       "| step peak (MiB) | vs plain | peak RSS (MiB) | training (MiB) | step (s) |",
                       "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
             for r in rows:
+                peak = (f"{_mib(r['step_peak'])} | {r['step_peak'] / plain['step_peak'] - 1:+.1%}"
+                        if r.get("step_peak") and plain.get("step_peak") else "n/a | n/a")
                 lines.append(
                     f"| {r['label']} | {_mib(r['total'])} | {r['total'] / plain['total'] - 1:+.1%} | "
                     f"{_mib(r['block_mean'])} | {r['block_mean'] / plain['block_mean'] - 1:+.1%} | "
-                    f"{_mib(r['state_bytes'])} | {_mib(r['step_peak'])} | {r['step_peak'] / plain['step_peak'] - 1:+.1%} | "
+                    f"{_mib(r['state_bytes'])} | {peak} | "
                     f"{r['rss_peak'] / MIB:.0f} | {(r['rss_peak'] - r['rss_setup']) / MIB:.0f} | "
                     f"{sum(r['step_s']) / max(len(r['step_s']), 1):.2f} |")
             lines.append("")
