@@ -65,6 +65,8 @@ def parser() -> argparse.ArgumentParser:
                          "work of one 2-threaded run per second)")
     ap.add_argument("--smoke", action="store_true", help="3 steps, seed 0, the middle rate, tiny splits")
     ap.add_argument("--list", action="store_true", help="print the runs and exit")
+    ap.add_argument("--replot", action="store_true",
+                    help="rewrite the report and its plot from OUT/results.json without running anything")
     ap.add_argument("--no-reuse", action="store_true", help="redo finished runs")
     ap.add_argument("--keep-checkpoints", action="store_true",
                     help="keep each finished run's checkpoint.pt (about 95 MB each; deleted by default)")
@@ -213,8 +215,65 @@ def report(args, rows, sweep, runs, wall, command) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot(rows, path: Path, smoke: bool) -> None:
+    """Test accuracy (mean, min-max over seeds) against optimizer-state bytes, one point per method."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5.5), gridspec_kw={"width_ratios": [1.4, 1]})
+    colours = plt.get_cmap("tab20").colors
+    for i, r in enumerate(rows):
+        c = colours[i % len(colours)]
+        acc = [100 * a for a in r["accs"]]
+        x = r["state"] / 2 ** 20 * (1 + 0.04 * (i % 5 - 2))  # a little spread: methods share state sizes
+        ax.errorbar([x], [100 * r["acc"]], yerr=[[100 * (r["acc"] - r["min"])], [100 * (r["max"] - r["acc"])]],
+                    fmt="o", color=c, capsize=3, label=f"{r['label']} (lr {r['lr']:g})")
+        ax.scatter([x] * len(acc), acc, color=c, s=8, alpha=0.5)
+        bx.barh(i, 100 * r["acc"], xerr=100 * r["std"], color=c, capsize=2)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("optimizer state (MiB, log scale; points spread a little sideways)")
+    ax.set_ylabel("test accuracy % (mean; bar: min-max over seeds; dots: seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    bx.set_yticks(range(len(rows)), [r["label"] for r in rows], fontsize=8)
+    bx.invert_yaxis()
+    lo = min(100 * r["min"] for r in rows)
+    bx.set_xlim(max(0.0, lo - 5), None)
+    bx.set_xlabel("test accuracy % (mean +- std over seeds)")
+    bx.grid(alpha=0.3, axis="x")
+    fig.suptitle("all-MiniLM-L6-v2 fine-tuned on sotu-era" + (" (smoke run: accuracies mean nothing)" if smoke else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write(args, rows, sweep, runs, wall, command) -> Path:
+    """The markdown report, its PNG beside it, and OUT/results.json (what --replot reads)."""
+    path = Path(args.report or ROOT / "benchmarks" / ("finetune_minilm_smoke.md" if args.smoke else "finetune_minilm.md"))
+    png = path.with_suffix(".png")
+    plot(rows, png, args.smoke)
+    text = report(args, rows, sweep, runs, wall, command)
+    head, sep, tail = text.partition("\n## Learning-rate sweep")
+    path.write_text(head + f"\n![accuracy against optimizer state]({png.name})\n" + sep + tail)
+    (Path(args.out) / "results.json").write_text(json.dumps({"command": command, "args": vars(args), "rows": rows,
+                                                             "sweep": sweep, "runs": runs, "wall_s": wall}, indent=1))
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.replot:
+        saved = json.loads((Path(args.out) / "results.json").read_text())
+        for k, v in saved["args"].items():
+            if k not in ("replot", "report", "out"):
+                setattr(args, k, v)
+        path = write(args, saved["rows"], saved["sweep"], saved["runs"], saved["wall_s"], saved["command"])
+        print(f"report: {path}")
+        return 0
     if args.smoke:
         args.seeds = args.seeds[:1]
     labels = args.methods
@@ -277,12 +336,7 @@ def main(argv: list[str] | None = None) -> int:
                                     for s in per_seed]),
             "train_s": statistics.fmean(s["train_time_s"] for s in per_seed),
             "run_s": statistics.fmean(s.get("process_wall_s") or s["wall_time_s"] for s in per_seed)})
-    wall = time.perf_counter() - started
-    text = report(args, rows, sweep, runs, wall, command)
-    path = Path(args.report or ROOT / "benchmarks" / ("finetune_minilm_smoke.md" if args.smoke else "finetune_minilm.md"))
-    path.write_text(text)
-    (Path(args.out) / "results.json").write_text(json.dumps({"command": command, "args": vars(args), "rows": rows,
-                                                             "sweep": sweep, "runs": runs}, indent=1))
+    path = write(args, rows, sweep, runs, time.perf_counter() - started, command)
     print(f"\nreport: {path}")
     return 0
 
