@@ -63,51 +63,69 @@ def main(argv=None) -> int:
     ap.add_argument("--mem-shape", default="64x128", help="batch x seq of the memory runs")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--sweep-all", action="store_true",
+                    help="sweep the learning rate of every ZO law (default: haar and MeZO; the other laws at haar's best)")
     ap.add_argument("--replot", action="store_true",
                     help="rewrite the report and plot from OUT/results.json without running anything")
     args = ap.parse_args(argv)
+    if args.replot:  # the saved run's settings, with this command's --out and --report
+        saved = json.loads((Path(args.out) / "results.json").read_text())
+        report, out = args.report, args.out
+        args = ap.parse_args(saved["argv"])
+        args.report, args.out = report, out
+        write(args, saved["runs"], saved["wall_s"], saved["argv"])
+        return 0
     if args.smoke:
         args.zo_steps, args.bp_steps, args.train_per_class, args.val_per_class, args.test_per_class = 6, 4, 8, 4, 4
         args.mem_shape, args.report = "8x32", str(Path(args.out) / "report.md")
     out = Path(args.out)
-    if args.replot:
-        saved = json.loads((out / "results.json").read_text())
-        write(args, saved["runs"], saved["wall_s"], saved["argv"])
-        return 0
     started = time.perf_counter()
-    jobs = []  # (label, lr, kind, cli)
-    for label, (margs, lrs) in ZO_METHODS.items():
-        for lr in (lrs[1:2] if args.smoke else lrs):
-            every = max(1, args.zo_steps // 10)
-            jobs.append((label, lr, "curve", [*margs, "--lr", f"{lr:g}", "--steps", str(args.zo_steps),
-                                              "--opt", f"eps={args.eps:g}", "--opt", f"lazy={args.lazy}",
-                                              "--eval-every", str(every), "--log-every", str(every),
-                                              "--min-lr-ratio", "1.0", "--warmup", "1",
-                                              *task_args(args)]))
+    # The laws of V share one scaling (E[V V^T] = I), so by default only `zo haar` and MeZO sweep their
+    # learning rates; `zo gaussian` and `zo coordinate` then run at haar's best rate, with the same seed
+    # (the same U draws): a paired comparison in which only the law of V differs. --sweep-all sweeps all.
+    swept = [label for label in ZO_METHODS if args.sweep_all or label in ("zo haar", "mezo (dense)")]
+
+    def zo_job(label, lr):
+        every = max(1, args.zo_steps // 10)
+        return (label, lr, "curve", [*ZO_METHODS[label][0], "--lr", f"{lr:g}", "--steps", str(args.zo_steps),
+                                     "--opt", f"eps={args.eps:g}", "--opt", f"lazy={args.lazy}",
+                                     "--eval-every", str(every), "--log-every", str(every),
+                                     "--min-lr-ratio", "1.0", "--warmup", "1", *task_args(args)])
+
+    first = [zo_job(label, lr) for label in swept for lr in (ZO_METHODS[label][1][1:2] if args.smoke
+                                                             else ZO_METHODS[label][1])]
     for label, (margs, lrs) in BP_METHODS.items():
         every = max(1, args.bp_steps // 16)
         for lr in lrs:
-            jobs.append((label, lr, "curve", [*margs, "--lr", f"{lr:g}", "--steps", str(args.bp_steps),
-                                              "--eval-every", str(every), "--log-every", str(every),
-                                              *task_args(args)]))
+            first.append((label, lr, "curve", [*margs, "--lr", f"{lr:g}", "--steps", str(args.bp_steps),
+                                               "--eval-every", str(every), "--log-every", str(every),
+                                               *task_args(args)]))
     mb, mt = (int(v) for v in args.mem_shape.split("x"))
     for label, (margs, lrs) in {**ZO_METHODS, **BP_METHODS}.items():
         cli = [*margs, "--lr", f"{lrs[0]:g}", "--steps", "3", "--eval-every", "0", *task_args(args)]
         cli[cli.index("--batch-size") + 1], cli[cli.index("--seq-len") + 1] = str(mb), str(mt)
-        jobs.append((label, lrs[0], "memory", cli))
+        first.append((label, lrs[0], "memory", cli))
 
     def go(job):
         label, lr, kind, cli = job
         path = out / kind / "".join(c if c.isalnum() or c in "+-." else "_" for c in f"{label}-lr{lr:g}")
         s = run_process(path, cli)
         print(f"[{kind}] {label} lr={lr:g}: val acc {100 * (s['val_acc'] or 0):.1f}, "
-              f"{s['train_time_s']:.0f} s", flush=True)
+              f"{s['train_time_s']:.0f} s (elapsed {(time.perf_counter() - started) / 60:.1f} min)", flush=True)
         s["history"] = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line]
         s["cli"] = "grassopt finetune " + shlex.join(cli)
         return s
 
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        results = list(pool.map(go, jobs))
+        futures = [pool.submit(go, job) for job in first]
+        jobs = list(first)
+        if len(swept) < len(ZO_METHODS):
+            haar = [(job, f) for job, f in zip(first, futures) if job[0] == "zo haar"]
+            lr = max(haar, key=lambda jf: (jf[1].result()["val_acc"], -jf[1].result()["val_loss"]))[0][1]
+            later = [zo_job(label, lr) for label in ZO_METHODS if label not in swept]
+            jobs += later
+            futures += [pool.submit(go, job) for job in later]
+        results = [f.result() for f in futures]
     runs = [{"label": j[0], "lr": j[1], "kind": j[2], "summary": s} for j, s in zip(jobs, results)]
     write(args, runs, time.perf_counter() - started, sys.argv[1:] if argv is None else argv)
     return 0
@@ -153,7 +171,7 @@ def plot(runs, best, path: Path, args) -> None:
 
 def write(args, runs, wall, argv) -> None:
     cmd = "python benchmarks/zeroth_order.py " + shlex.join(argv)
-    labels = list(dict.fromkeys(r["label"] for r in runs))
+    labels = [label for label in [*ZO_METHODS, *BP_METHODS] if any(r["label"] == label for r in runs)]
     lines = ["# Forward-only fine-tuning: zeroth-order low-rank estimates against backpropagation", ""]
     if args.smoke:
         lines += ["> **Smoke run**: a few steps of everything, to check the pipeline. Not results.", ""]
@@ -163,7 +181,11 @@ def write(args, runs, wall, argv) -> None:
               f"{args.seq_len} tokens, fp32, embeddings frozen. ZO: {args.zo_steps} steps of two forward passes, "
               f"eps {args.eps:g}, perturbation rank 8 with V kept {args.lazy} steps (zo) or a dense Gaussian (MeZO), "
               "the head, biases and LayerNorms perturbed full rank, dropout off, constant learning rate after one "
-              f"warmup step; backpropagation: {args.bp_steps} steps of AdamW (lr 1e-4, warmup then cosine), "
+              f"warmup step; learning rates: " + ("every ZO method swept over its grid" if args.sweep_all else
+              "`zo haar` swept over " + ", ".join(f"{x:g}" for x in ZO_LRS) + " and MeZO over "
+              + ", ".join(f"{x:g}" for x in MEZO_LRS) + "; `zo gaussian` and `zo coordinate` at haar's best rate "
+              "with the same seed (the same draws of U), so that only the law of V differs") +
+              f"; backpropagation: {args.bp_steps} steps of AdamW (lr 1e-4, warmup then cosine), "
               "dropout 0.1. *Forward passes* count micro-batch forward passes; a backpropagation step is one forward "
               "and one backward pass (the backward costs about two forwards).", "",
               "| method | best lr | val acc % | test acc % | forward passes | backward passes | train time (s) |",
