@@ -120,7 +120,7 @@ def main(argv=None) -> int:
         futures = [pool.submit(go, job) for job in first]
         jobs = list(first)
         if len(swept) < len(ZO_METHODS):
-            haar = [(job, f) for job, f in zip(first, futures) if job[0] == "zo haar"]
+            haar = [(job, f) for job, f in zip(first, futures) if job[0] == "zo haar" and job[2] == "curve"]
             lr = max(haar, key=lambda jf: (jf[1].result()["val_acc"], -jf[1].result()["val_loss"]))[0][1]
             later = [zo_job(label, lr) for label in ZO_METHODS if label not in swept]
             jobs += later
