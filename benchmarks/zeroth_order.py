@@ -8,7 +8,7 @@ with the `haar` estimator, all at the same batch and sequence length, with the v
 accuracy recorded along the way. Part 2 (memory): peak resident memory of a few steps of each
 method at a larger batch, where activations matter.
 
-    python benchmarks/zeroth_order.py             # about 45 minutes on 2 idle cores
+    python benchmarks/zeroth_order.py             # about 55 minutes on this 2-core machine
     python benchmarks/zeroth_order.py --smoke     # a few steps of everything: checks the pipeline
 """
 
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     ap.add_argument("--train-per-class", type=int, default=320)
     ap.add_argument("--val-per-class", type=int, default=50)
     ap.add_argument("--test-per-class", type=int, default=200)
-    ap.add_argument("--zo-steps", type=int, default=1500)
+    ap.add_argument("--zo-steps", type=int, default=1000)
     ap.add_argument("--bp-steps", type=int, default=160, help="backpropagation steps (2 epochs of 1,280)")
     ap.add_argument("--eps", type=float, default=1e-3)
     ap.add_argument("--lazy", type=int, default=50)
