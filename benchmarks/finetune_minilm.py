@@ -154,7 +154,7 @@ def report(args, rows, sweep, runs, wall, command) -> str:
         f"State of the Union paragraphs labelled by era (below). Token and position embeddings are frozen for every "
         f"method; full fine-tuning trains all else (10.6M parameters). {args.seq_len} tokens per paragraph "
         f"(longer ones truncated), batch {args.batch_size}, "
-        + ("3 steps" if args.smoke else f"{args.epochs:g} epochs") +
+        + ("3 steps" if args.smoke else f"{args.epochs:g} epoch{'' if args.epochs == 1 else 's'}") +
         f", linear warmup over 10% of the steps then cosine decay to 0, gradient clipping 1.0, no weight decay, fp32, "
         f"one process per run, {args.threads} torch thread(s) each, {args.jobs} run(s) at a time. Subspace methods: all linear layers of the encoder "
         f"projected, alpha 0.25, update interval {args.update_interval}; biases, LayerNorms and the head are plain "
@@ -175,7 +175,8 @@ def report(args, rows, sweep, runs, wall, command) -> str:
         "gradients, optimizer state, activations, temporaries); *train*: wall time of the training loop "
         "(evaluation excluded); *run*: wall time of the whole process (imports, loading, tokenising, "
         "evaluation).", "",
-        f"Command: `{command}`  ", f"Total wall time: {wall / 60:.1f} min for {len(runs)} runs.", "",
+        f"Command: `{command}`  ", f"Total wall time: {wall / 60:.1f} min for {len(sweep) + len(rows) * (len(args.seeds) - 1)} runs "
+        f"({len(sweep)} in the sweep, {len(runs)} in the table).", "",
         "| method | lr | test acc % (mean) | std | min-max | val acc % | vs full FT | trainable params | "
         "opt. state (MB) | saved act. (MB) | peak RSS (MB) | added (MB) | train (s) | run (s) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -238,7 +239,7 @@ def plot(rows, path: Path, smoke: bool) -> None:
     ax.set_xlabel("optimizer state (MiB, log scale; points spread a little sideways)")
     ax.set_ylabel("test accuracy % (mean; bar: min-max over seeds; dots: seeds)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper right")
     bx.set_yticks(range(len(rows)), [r["label"] for r in rows], fontsize=8)
     bx.invert_yaxis()
     lo = min(100 * r["min"] for r in rows)
