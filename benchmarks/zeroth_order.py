@@ -66,6 +66,10 @@ def main(argv=None) -> int:
     ap.add_argument("--mem-shape", default="64x128", help="batch x seq of the memory runs")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--law-steps", type=int, default=None,
+                    help="steps of the gaussian and coordinate runs at haar's rate (default: --zo-steps). With a "
+                         "constant rate and per-step seeds, a shorter run is an exact prefix of a longer one, so "
+                         "the laws compare at this step")
     ap.add_argument("--sweep-all", action="store_true",
                     help="sweep the learning rate of every ZO law (default: haar and MeZO; the other laws at haar's best)")
     ap.add_argument("--replot", action="store_true",
@@ -88,9 +92,9 @@ def main(argv=None) -> int:
     # (the same U draws): a paired comparison in which only the law of V differs. --sweep-all sweeps all.
     swept = [label for label in ZO_METHODS if args.sweep_all or label in ("zo haar", "mezo (dense)")]
 
-    def zo_job(label, lr):
-        every = max(1, args.zo_steps // 10)
-        return (label, lr, "curve", [*ZO_METHODS[label][0], "--lr", f"{lr:g}", "--steps", str(args.zo_steps),
+    def zo_job(label, lr, steps=None):
+        every = max(1, args.zo_steps // 10)  # the same evaluation steps for every ZO run
+        return (label, lr, "curve", [*ZO_METHODS[label][0], "--lr", f"{lr:g}", "--steps", str(steps or args.zo_steps),
                                      "--opt", f"eps={args.eps:g}", "--opt", f"lazy={args.lazy}",
                                      "--eval-every", str(every), "--log-every", str(every),
                                      "--min-lr-ratio", "1.0", "--warmup", "1", *task_args(args)])
@@ -105,6 +109,8 @@ def main(argv=None) -> int:
                                                *task_args(args)]))
     mb, mt = (int(v) for v in args.mem_shape.split("x"))
     for label, (margs, lrs) in {**ZO_METHODS, **BP_METHODS}.items():
+        if label in ("zo gaussian", "zo coordinate") and not args.sweep_all:
+            continue  # the same code path and sizes as zo haar (only the law of V differs): same memory
         cli = [*margs, "--lr", f"{lrs[0]:g}", "--steps", "3", "--eval-every", "0", *task_args(args)]
         cli[cli.index("--batch-size") + 1], cli[cli.index("--seq-len") + 1] = str(mb), str(mt)
         first.append((label, lrs[0], "memory", cli))
@@ -125,7 +131,7 @@ def main(argv=None) -> int:
         if len(swept) < len(ZO_METHODS):
             haar = [(job, f) for job, f in zip(first, futures) if job[0] == "zo haar" and job[2] == "curve"]
             lr = max(haar, key=lambda jf: (jf[1].result()["val_acc"], -jf[1].result()["val_loss"]))[0][1]
-            later = [zo_job(label, lr) for label in ZO_METHODS if label not in swept]
+            later = [zo_job(label, lr, args.law_steps) for label in ZO_METHODS if label not in swept]
             jobs += later
             futures += [pool.submit(go, job) for job in later]
         results = [f.result() for f in futures]
