@@ -7,6 +7,8 @@ Reads every finished run under ``<runs>/s*/runs/*/`` (``config.json``, ``summary
 verdict on each of the papers' claims, with the criterion used spelled out next to it. The seed
 noise is measured, not assumed: ``noise`` is the median over configurations of the difference
 between the two seeds' final eval losses, and a difference counts only when it exceeds it.
+A hand-written analysis between the markers ``ANALYSIS_START`` and ``ANALYSIS_END`` in an existing
+``ablations.md`` is carried over when the report is written again.
 """
 
 from __future__ import annotations
@@ -211,6 +213,19 @@ def plot_sweeps(groups, path: Path) -> None:
     plt.close(fig)
 
 
+# ---------------------------------------------------------------------------------------- text
+ANALYSIS_START, ANALYSIS_END = "<!-- analysis: hand-written, kept on regeneration -->", "<!-- end of analysis -->"
+
+
+def kept_analysis(path: Path) -> str:
+    """The hand-written analysis of an earlier ``ablations.md`` (between the markers), to carry over."""
+    if not path.is_file():
+        return ""
+    text = path.read_text()
+    i, j = text.find(ANALYSIS_START), text.find(ANALYSIS_END)
+    return text[i:j + len(ANALYSIS_END)] if 0 <= i < j else ""
+
+
 # ---------------------------------------------------------------------------------------- claims
 def verdict(diffs: list[float], noise: float) -> str:
     if not diffs:
@@ -366,6 +381,9 @@ def report(runs, dest: Path, source: Path) -> str:
     L += ["", "Wall times come from two runs side by side on 2 shared cores (one thread each): compare them "
               "within this table, not with other machines. The optimizer step (the only part that differs between "
               "rules) is also given on its own.", ""]
+    analysis = kept_analysis(dest / "ablations.md")
+    if analysis:
+        L += [analysis, ""]
     text = "\n".join(L) + "\n"
     (dest / "ablations.md").write_text(text)
     compact = [{"dir": r["dir"], "seed": r["seed"], "preset": r["preset"], "rule": r["rule"], "transport": r["transport"],
