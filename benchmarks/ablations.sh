@@ -12,10 +12,9 @@
 # beat one 2-thread run, and both streams see the same load, so wall times stay comparable).
 # fp32, not bf16 autocast: at 4 x 128 tokens per step on this CPU, autocast is slower (measured with
 # two streams on an idle machine: 1.35k tokens/s per stream with bf16, 2.05k in fp32).
-# Time: estimated at 2.2 min per run from a short measurement; measured on 2026-12-02 with nothing
-# else running: 4.7 min per run and stream (184-200 s of training at ~1,000 tokens/s per stream, two
-# evaluations of 105k validation tokens, start-up), 33 runs per stream: about 2.6 hours in all.
-# Measured end to end on 2026-12-02: 62 runs (4 reused) in 137 min, 4.2-5 min per run per stream.
+# Time, measured on 2026-12-02 with nothing else running: 4.2-5 min per run and stream (184-200 s of
+# training at ~1,000 tokens/s per stream, two evaluations of 105k validation tokens, start-up); the last
+# 62 runs took 137 min, so all 66 take about 2.4 hours.
 # Finished runs are reused when the script is started again (Ctrl-C and rerun to resume).
 # Then: python benchmarks/ablations_report.py "$OUT"  writes benchmarks/ablations.md and its PNGs.
 #
