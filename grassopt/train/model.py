@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 __all__ = ["CONFIGS", "Llama", "LlamaConfig", "config", "rotary_tables", "apply_rotary"]
 
@@ -39,6 +40,10 @@ class LlamaConfig:
     (not ``silu(gate)``); both recompute the rest in backward. The forward pass is bit-identical;
     gradients agree to float rounding. Per token and block this saves ``2 d + f`` floats, which is
     most of what sketching (``grassopt.sketch``) cannot reach.
+    ``checkpoint_activations`` checkpoints each decoder block (``torch.utils.checkpoint``, non-reentrant):
+    in training mode with autograd on, a block saves only its input for backward and recomputes its
+    own activations when backward reaches it. Losses and gradients are bit-identical; the forward
+    pass of every block runs twice.
     """
 
     vocab_size: int
@@ -52,6 +57,7 @@ class LlamaConfig:
     tie_embeddings: bool = False
     num_kv_heads: int | None = None
     lean_activations: bool = False
+    checkpoint_activations: bool = False
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
@@ -261,16 +267,32 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: attention then MLP, each with a residual connection."""
+    """Pre-norm transformer block: attention then MLP, each with a residual connection.
+
+    With ``checkpoint_activations`` (see :class:`LlamaConfig`; the attribute can also be switched on a
+    built model) the block runs under ``torch.utils.checkpoint`` in training mode with autograd on:
+    only its inputs are kept for backward, and its forward pass is run again when backward needs it.
+    The recomputation reproduces the forward exactly: it has no randomness of its own (the RNG state
+    is restored anyway), and sketched layers (``grassopt.sketch``) draw ``P`` from their step counter,
+    which advances only between optimizer steps, never between a forward pass and its backward.
+    """
 
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
+        self.checkpoint_activations = cfg.checkpoint_activations
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps, cfg.lean_activations)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_eps, cfg.lean_activations)
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.checkpoint_activations and self.training and torch.is_grad_enabled():
+            # called from inside the block's own forward, so what the checkpoint keeps (the inputs)
+            # is attributed to this block by grassopt.sketch.saved_activation_bytes
+            return checkpoint(self._forward, x, cos, sin, use_reentrant=False)
+        return self._forward(x, cos, sin)
+
+    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
 
