@@ -265,3 +265,31 @@ def test_layerwise_lowers_the_exact_step_peak_when_gradients_dominate(tmp_path, 
     saved = ordinary["step_peak_tensor_bytes"] - layerwise["step_peak_tensor_bytes"]
     assert saved > 0.3 * grads, (ordinary["step_peak_tensor_bytes"], layerwise["step_peak_tensor_bytes"], grads)
     assert ordinary["final_train_loss"] == pytest.approx(layerwise["final_train_loss"], rel=1e-5)
+
+
+def test_checkpoint_activations_same_run_fewer_saved_bytes_and_resumes_either_way(tmp_path, sotu_1k):
+    kw = dict(preset="subtrack++", steps=6, eval_every=6, log_every=1)
+    plain = train(cfg(tmp_path / "plain", **kw), dataset=sotu_1k)
+    # 3 steps with checkpointing, then resumed without it: the same run, bit for bit
+    ck = train(cfg(tmp_path / "ck", checkpoint_activations=True, stop_after=3, **kw), dataset=sotu_1k)
+    assert json.loads((tmp_path / "ck" / "run" / "config.json").read_text())["checkpoint_activations"] is True
+    done = train(cfg(tmp_path / "ck", resume=True, **kw), dataset=sotu_1k)
+    assert done["finished"] and done["final_eval_loss"] == plain["final_eval_loss"]
+    a, b = final_params(str(tmp_path / "plain" / "run")), final_params(str(tmp_path / "ck" / "run"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    losses = [[h["loss"] for h in map(json.loads, open(tmp_path / d / "run" / "metrics.jsonl")) if "loss" in h]
+              for d in ("plain", "ck")]
+    assert losses[0] == losses[1] and len(losses[0]) == 6
+    # nano: each of the 2 blocks keeps its input (4 x 64 x 64 floats) instead of all its activations
+    assert ck["saved_activation_bytes"] < 0.75 * plain["saved_activation_bytes"]
+    with pytest.raises(ValueError, match="checkpoint_activations=True recomputes .* preset 'zo' is forward-only"):
+        cfg(tmp_path, checkpoint_activations=True, preset="zo").validate()
+
+
+def test_checkpoint_activations_cli_flag():
+    from grassopt.train.cli import config_from_args, parser
+    ap = parser()
+    assert "--checkpoint-activations" in ap.format_help()
+    assert config_from_args(ap.parse_args(["--checkpoint-activations"])).checkpoint_activations is True
+    assert config_from_args(ap.parse_args([])).checkpoint_activations is False

@@ -94,6 +94,10 @@ def add_run_arguments(ap: argparse.ArgumentParser, *, with_preset: bool = True) 
     g.add_argument("--lean-activations", action="store_true",
                    help="RMSNorm and SwiGLU save only their inputs (and one float per token) for backward and "
                         "recompute the rest: 2d + f fewer floats per token and block, the same forward pass")
+    g.add_argument("--checkpoint-activations", action="store_true",
+                   help="activation checkpointing per decoder block: each block saves only its input for backward "
+                        "and runs its forward again when backward reaches it (about one more forward pass of "
+                        "compute); bit-identical losses and gradients, so a run may resume with it on or off")
     g = ap.add_argument_group("run")
     g.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (default: %(default)s)")
     g.add_argument("--tokens", type=int, default=None, help="train on this many tokens instead of --steps")
@@ -119,7 +123,7 @@ def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
         warmup=args.warmup, weight_decay=args.weight_decay, rank=args.rank, update_interval=args.update_interval,
         targets=list(args.targets), options=dict(args.opt), clip=args.clip, clip_mode=args.clip_mode,
         layerwise=args.layerwise, sketch=args.sketch, sketch_rank=args.sketch_rank, bf16=args.bf16,
-        lean_activations=args.lean_activations,
+        lean_activations=args.lean_activations, checkpoint_activations=args.checkpoint_activations,
         param_dtype=args.param_dtype,
         eval_every=args.eval_every, eval_batch_size=args.eval_batch_size, eval_tokens=args.eval_tokens,
         log_every=args.log_every, seed=args.seed,

@@ -53,8 +53,10 @@ EXTRA_PRESETS = {
 }
 
 #: Config fields that may change when a run is resumed (they do not affect the numbers).
+#: ``checkpoint_activations`` gives bit-identical losses and gradients (tests/test_checkpointing.py): a run
+#: may be resumed with it switched on or off, e.g. on a device with less memory.
 RUN_CONTROL = {"out", "resume", "stop_after", "checkpoint_every", "log_every", "progress", "threads", "plot",
-               "profile_memory"}
+               "profile_memory", "checkpoint_activations"}
 
 
 class CheckpointError(ValueError):
@@ -98,6 +100,7 @@ class TrainConfig:
     sketch_rank: float = 0.125  # rank of the sketch: a fraction of each layer's in_features, or an int >= 1
     bf16: bool = False  # bf16 autocast for the forward pass
     lean_activations: bool = False  # RMSNorm and SwiGLU recompute their intermediates in backward (LlamaConfig)
+    checkpoint_activations: bool = False  # each block saves only its input, recomputes the rest in backward
     param_dtype: str = "float32"  # dtype of the parameters themselves ("bfloat16" for pure bf16 training)
     eval_every: int = 100
     eval_batch_size: int = 32
@@ -156,6 +159,9 @@ class TrainConfig:
         forward_only = self.preset in ("zo", "mezo")
         if self.layerwise and forward_only:
             raise ValueError(f"layerwise=True needs a backward pass; preset {self.preset!r} is forward-only")
+        if self.checkpoint_activations and forward_only:
+            raise ValueError(f"checkpoint_activations=True recomputes activations in the backward pass; preset "
+                             f"{self.preset!r} is forward-only (it saves no activations)")
         if self.layerwise and self.clip > 0 and self.clip_mode == "global":
             raise ValueError(
                 "layerwise=True cannot clip by the global gradient norm: each parameter is stepped and its "
@@ -446,7 +452,8 @@ def train(cfg: TrainConfig, dataset: data_mod.TokenizedCorpus | None = None,
 
     torch.manual_seed(cfg.seed)
     model = Llama(model_config(cfg.model, vocab_size=dataset.vocab_size, max_seq_len=max(cfg.seq_len, 1024),
-                               lean_activations=cfg.lean_activations))
+                               lean_activations=cfg.lean_activations,
+                               checkpoint_activations=cfg.checkpoint_activations))
     model.to(device=device, dtype=getattr(torch, cfg.param_dtype))
     sketched = sketch_model(model, cfg)  # the estimator: W.grad = G P P^T, a fresh P every step
     opt = build_optimizer(model, cfg)  # (rso sketches the model here)
