@@ -10,6 +10,9 @@ device (no memory, so ``7b`` is free), forms the optimizer's param groups exactl
 (:func:`grassopt.param_groups`, then :class:`grassopt.SubspaceAdamW` for the resolved settings),
 and adds up weights, gradients and optimizer states (bases, moments, other) per parameter, plus an
 analytical count of the activations a forward pass saves for backward (:func:`activation_bytes`).
+Options: 8-bit states (``state_dtype="int8"``: :func:`moment_bytes`; every state dtype goes through
+:func:`param_state_bytes`), layer-wise updates (``layerwise=True``: only the largest gradient is alive
+at once) and activation checkpointing (``checkpoint_activations=True``).
 
 Peaks: ``with TensorPeak() as tp: ...`` records the largest number of bytes that tensors allocated
 inside the block held at once (``tp.peak``), counted from the storages that PyTorch's operators
@@ -45,6 +48,10 @@ __all__ = [
     "Estimate",
     "ParamMemory",
     "DTYPES",
+    "STATE_DTYPES",
+    "INT8_BLOCK",
+    "moment_bytes",
+    "param_state_bytes",
     "TensorPeak",
     "peak_rss_bytes",
     "current_rss_bytes",
@@ -53,7 +60,7 @@ __all__ = [
 ]
 
 _BASIS_KEYS = {"Q"}
-_MOMENT_KEYS = {"exp_avg", "exp_avg_sq"}
+_MOMENT_KEYS = {"exp_avg", "exp_avg_sq"}  # and any key that starts with "exp_avg" (an int8 moment's scales)
 CATEGORIES = ("bases", "moments", "other")
 
 #: dtype names accepted by :func:`estimate` and ``grassopt memory``.
@@ -62,6 +69,12 @@ DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
     "fp16": torch.float16, "float16": torch.float16,
 }
+#: state dtype names accepted by :func:`estimate` and ``grassopt memory --state-dtype``: the dtypes
+#: above (every state element in that dtype: the papers' "BF16 states" convention) and ``int8``
+#: (SubspaceAdamW's 8-bit Adam moments, see :func:`moment_bytes`).
+STATE_DTYPES: dict[str, torch.dtype] = {**DTYPES, "int8": torch.int8}
+#: int8 moments: one float32 scale per block of this many consecutive elements of the flattened tensor.
+INT8_BLOCK = 256
 
 
 class TensorPeak(TorchDispatchMode):
@@ -127,15 +140,55 @@ def _size(d: str | torch.dtype) -> int:
     return torch.empty((), dtype=_dtype(d)).element_size()
 
 
+def _state_dtype(d: str | torch.dtype) -> torch.dtype:
+    if d in ("int8", torch.int8):
+        return torch.int8
+    try:
+        return _dtype(d)
+    except ValueError:
+        raise ValueError(f"unknown state dtype {d!r}; choose one of {sorted(STATE_DTYPES)}") from None
+
+
+def moment_bytes(numel: int, state_dtype: str | torch.dtype = "fp32") -> int:
+    """Bytes of ONE Adam moment tensor (``exp_avg`` or ``exp_avg_sq``) of ``numel`` elements.
+
+    ``int8`` (``SubspaceAdamW(state_dtype="int8")``): one byte per element plus one float32 scale
+    per block of :data:`INT8_BLOCK` consecutive elements of the flattened tensor, i.e.
+    ``numel + 4 ceil(numel / 256)``. Any other dtype: ``numel`` elements of that dtype.
+    """
+    if _state_dtype(state_dtype) == torch.int8:
+        return numel + 4 * math.ceil(numel / INT8_BLOCK)
+    return numel * _size(state_dtype)
+
+
+def param_state_bytes(shape: tuple[int, ...] | torch.Size, group: dict[str, Any],
+                      state_dtype: str | torch.dtype = "fp32") -> dict[str, int]:
+    """Bytes of one parameter's optimizer state by category (``bases``, ``moments``, ``other``):
+    :func:`state_elements` priced in ``state_dtype``. The one place where a state dtype becomes bytes.
+
+    ``int8``: the two moments as :func:`moment_bytes` each (projected: ``k x r`` each; plain: the
+    parameter's shape); the basis ``Q`` and the other state (recovery's or the limiter's scalar,
+    LDAdam's error buffer) stay float32. Other dtypes: every element in that dtype.
+    """
+    el = state_elements(shape, group)
+    if _state_dtype(state_dtype) == torch.int8:
+        return {"bases": 4 * el["bases"], "moments": 2 * moment_bytes(el["moments"] // 2, "int8"),
+                "other": 4 * el["other"]}
+    size = _size(state_dtype)
+    return {k: v * size for k, v in el.items()}
+
+
 # ---------------------------------------------------------------------------------------- live state
 def state_breakdown(optimizer: torch.optim.Optimizer) -> dict[str, int]:
-    """Bytes of the live optimizer state split into ``bases`` (``Q``), ``moments`` (Adam's two) and
-    ``other`` (the limiter's previous norm, LDAdam's error-feedback buffer, ...)."""
+    """Bytes of the live optimizer state split into ``bases`` (``Q``), ``moments`` (Adam's two, and
+    any tensor whose key starts with ``exp_avg``, such as the scales of int8 moments) and ``other``
+    (the limiter's previous norm, LDAdam's error-feedback buffer, ...)."""
     out = dict.fromkeys(CATEGORIES, 0)
     for st in optimizer.state.values():
         for k, v in st.items():
             if isinstance(v, Tensor):
-                kind = "bases" if k in _BASIS_KEYS else "moments" if k in _MOMENT_KEYS else "other"
+                moment = k in _MOMENT_KEYS or (isinstance(k, str) and k.startswith("exp_avg"))
+                kind = "bases" if k in _BASIS_KEYS else "moments" if moment else "other"
                 out[kind] += _nbytes(v)
     return out
 
@@ -249,7 +302,7 @@ def _sketch_rank(spec: int | float, n: int) -> int:
 
 def activation_bytes(cfg, batch_size: int, seq_len: int, dtype: str | torch.dtype = "fp32",
                      mode: str | None = None, sketch_rank: int | float | None = None,
-                     covered: set[str] | None = None) -> dict[str, int]:
+                     covered: set[str] | None = None, checkpoint: bool = False) -> dict[str, int]:
     """Bytes the forward pass of :class:`grassopt.train.model.Llama` saves for its backward pass.
 
     An exact count of what autograd keeps (distinct storages) for this implementation, with the
@@ -269,6 +322,14 @@ def activation_bytes(cfg, batch_size: int, seq_len: int, dtype: str | torch.dtyp
     also saves the 16-bit cast of its float32 ``B`` (``m x r``, independent of the batch).
     ``covered``: names of covered projections (default:
     all seven). Returns bytes by block (``layers.N``), ``norm``, ``lm_head``, ``loss`` and ``inputs``.
+
+    ``checkpoint=True`` (``LlamaConfig(checkpoint_activations=True)``): each block keeps only its input
+    (``layers.N``: ``a h`` per token; the rotary tables it also keeps are in ``inputs`` as before), and
+    ``recompute`` holds ONE block's full activations, which exist again while backward goes through
+    that block (one block at a time). The forward pass ends with the block inputs, the head and the
+    inputs saved (what :func:`grassopt.sketch.saved_activation_bytes` measures); the sum with
+    ``recompute`` is an upper bound of the activations alive at once (the head's are freed before the
+    first block is recomputed, but the gradient of the last block's output is alive then).
     """
     a = _size(dtype)
     h, i, H, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.vocab_size
@@ -299,7 +360,11 @@ def activation_bytes(cfg, batch_size: int, seq_len: int, dtype: str | torch.dtyp
         outs = {"q_proj": h, "k_proj": kv, "v_proj": kv, "o_proj": h, "gate_proj": i, "up_proj": i, "down_proj": h}
         fixed = sum(a * m * _sketch_rank(sketch_rank, i if nm == "down_proj" else h)
                     for nm, m in outs.items() if nm in covered)
-    out = {f"layers.{j}": block * N + fixed for j in range(cfg.num_layers)}
+    if checkpoint:
+        out = {f"layers.{j}": a * h * N for j in range(cfg.num_layers)}
+        out["recompute"] = block * N + fixed
+    else:
+        out = {f"layers.{j}": block * N + fixed for j in range(cfg.num_layers)}
     out["norm"] = norm * N
     out["lm_head"] = a * h * N
     out["loss"] = 4 * V * N + 4  # float32 log-softmax; nll's total weight
@@ -352,9 +417,19 @@ class Estimate:
     activations: dict[str, int]
     sketch_matrices: int = 0
     notes: list[str] = field(default_factory=list)
+    layerwise: bool = False
+    checkpoint_activations: bool = False
+
+    def largest_gradient(self) -> ParamMemory | None:
+        """The parameter with the largest gradient (what layer-wise updates hold at their worst moment)."""
+        return max(self.params, key=lambda p: p.gradients, default=None)
 
     def totals(self) -> dict[str, int]:
+        """Bytes by category. ``gradients``: all of them, or with ``layerwise`` only the largest one
+        (each parameter is stepped and its gradient freed as soon as it is complete)."""
         t = {k: sum(getattr(p, k) for p in self.params) for k in ("weights", "gradients", *CATEGORIES)}
+        if self.layerwise:
+            t["gradients"] = max((p.gradients for p in self.params), default=0)
         t["states"] = t["bases"] + t["moments"] + t["other"]
         t["activations"] = sum(self.activations.values())
         t["sketch_matrices"] = self.sketch_matrices
@@ -374,7 +449,8 @@ class Estimate:
 
     def to_dict(self, per_layer: bool = False) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in ("model", "preset", "rank", "dtype", "state_dtype", "batch_size",
-                                             "seq_len", "mode", "sketch_rank", "notes")}
+                                             "seq_len", "mode", "sketch_rank", "layerwise",
+                                             "checkpoint_activations", "notes")}
         d["totals"] = self.totals()
         d["projected_params"] = sum(1 for p in self.params if p.kind != "plain")
         if per_layer:
@@ -382,21 +458,30 @@ class Estimate:
             d["params"] = [asdict(p) for p in self.params]
         return d
 
-    def table(self, per_layer: bool = False, unit: str = "auto") -> str:
-        """A plain-text table (bytes and a human unit)."""
+    def table(self, per_layer: bool = False, unit: str = "auto", budget: int | None = None) -> str:
+        """A plain-text table (bytes and a human unit); with ``budget`` (bytes), whether the total fits."""
         t = self.totals()
-        rows = [("weights", t["weights"]), ("gradients", t["gradients"]),
+        grad_label = "gradients (largest one)" if self.layerwise else "gradients"
+        act_label = "saved activations (checkpointed)" if self.checkpoint_activations else "saved activations"
+        rows = [("weights", t["weights"]), (grad_label, t["gradients"]),
                 ("optimizer states", t["states"]), ("  bases", t["bases"]), ("  moments", t["moments"]),
-                ("  other", t["other"]), ("saved activations", t["activations"])]
+                ("  other", t["other"]), (act_label, t["activations"])]
+        if self.checkpoint_activations:
+            rec = self.activations.get("recompute", 0)
+            rows += [("  block inputs, head, ids", t["activations"] - rec), ("  one block recomputed", rec)]
         if self.mode is not None:
             rows.append(("sketch matrices P", t["sketch_matrices"]))
         rows.append(("total", t["total"]))
         head = (f"{self.model}, preset {self.preset}, rank {self.rank}, weights {self.dtype}, states "
                 f"{self.state_dtype}, batch {self.batch_size} x {self.seq_len} tokens"
+                + (", layer-wise updates" if self.layerwise else "")
+                + (", activation checkpointing" if self.checkpoint_activations else "")
                 + (f", activations {self.mode} (sketch rank {self.sketch_rank})" if self.mode else ""))
         width = max(len(r[0]) for r in rows)
         lines = [head, "", f"{'':<{width}}  {'bytes':>16}  {'':>10}"]
         lines += [f"{name:<{width}}  {b:>16,}  {_human(b, unit):>10}" for name, b in rows]
+        if budget is not None:
+            lines += ["", fits_line(t["total"], budget, unit)]
         if per_layer:
             cols = ("weights", "gradients", *CATEGORIES, "activations")
             layers = self.per_layer()
@@ -407,6 +492,18 @@ class Estimate:
         for n in self.notes:
             lines.append(f"note: {n}")
         return "\n".join(lines)
+
+
+#: what no estimate here counts (said beside every "fits" verdict)
+NOT_COUNTED = ("not counted: the CUDA context, the allocator's caches and fragmentation, the optimizer step's "
+               "temporaries")
+
+
+def fits_line(total: int, budget: int, unit: str = "auto") -> str:
+    """``fits in 24.00 GiB: yes (1.90 GiB to spare)`` or ``... no (3.10 GiB over)``."""
+    verdict = (f"yes ({_human(budget - total, unit)} to spare)" if total <= budget
+               else f"no ({_human(total - budget, unit)} over)")
+    return f"fits in {_human(budget, unit)}: {verdict}; {NOT_COUNTED}"
 
 
 def _human(b: int, unit: str = "auto") -> str:
@@ -420,6 +517,7 @@ def estimate(config: Any, preset: str = "adamw", rank: int | str | None = None, 
              *, batch_size: int = 1, seq_len: int | None = None, mode: str | None = None,
              sketch_rank: int | float | None = None, targets: Any = "all-linear",
              state_dtype: str | torch.dtype = "fp32", vocab_size: int | None = None,
+             layerwise: bool = False, checkpoint_activations: bool = False,
              **overrides: Any) -> Estimate:
     """Memory of training ``config`` with ``preset`` (see the module docstring).
 
@@ -427,9 +525,14 @@ def estimate(config: Any, preset: str = "adamw", rank: int | str | None = None, 
         config: a config name (``nano`` ... ``7b``), a ``LlamaConfig`` or a ``config.json`` path.
         preset, rank, targets, overrides: as for :func:`grassopt.param_groups` (``rank=None``: the
             preset's default; ``"d/4"``: a fraction of each matrix's short side).
-        dtype: the weights' (and gradients', and activations') dtype.
-        state_dtype: bytes per optimizer-state element. :class:`grassopt.SubspaceAdamW` always keeps
-            float32 state (the default); ``"bf16"`` gives the convention of papers' "BF16" tables.
+        dtype: the weights' (and gradients', and activations') dtype (``grassopt memory --param-dtype``).
+        state_dtype: the optimizer state's dtype, priced by :func:`param_state_bytes`. ``"fp32"``
+            (the default): what :class:`grassopt.SubspaceAdamW` allocates by default; ``"int8"``: its
+            8-bit moments (:func:`moment_bytes`; ``Q`` and the other state stay float32); ``"bf16"``:
+            every state element in 2 bytes, the convention of papers' "BF16" tables.
+        layerwise: layer-wise updates (:mod:`grassopt.layerwise`): the gradients total is the largest
+            single gradient, the only one alive at once (with one micro-batch per step).
+        checkpoint_activations: activation checkpointing per block (see :func:`activation_bytes`).
         batch_size, seq_len: the shape of one micro-batch, for the saved activations
             (``seq_len`` defaults to the config's ``max_seq_len``).
         mode: ``None``, ``"estimator"`` or ``"rso"`` (activation-saving layers of ``grassopt.sketch``,
@@ -445,7 +548,10 @@ def estimate(config: Any, preset: str = "adamw", rank: int | str | None = None, 
 
     cfg = load_config(config, vocab_size)
     seq_len = cfg.max_seq_len if seq_len is None else seq_len
-    wsize, ssize = _size(dtype), _size(state_dtype)
+    wsize, sdtype = _size(dtype), _state_dtype(state_dtype)
+    if sdtype == torch.int8 and mode == "rso":
+        raise ValueError("state_dtype='int8' is SubspaceAdamW's; RSO (mode='rso') brings its own optimizer, "
+                         "with float32 state")
     model = _meta_model(cfg).to(_dtype(dtype))
     notes: list[str] = []
     covered: dict[int, int] = {}  # RSO: id(weight) -> sketch rank
@@ -490,22 +596,26 @@ def estimate(config: Any, preset: str = "adamw", rank: int | str | None = None, 
                                       gradients=m * r * 4, bases=0, moments=2 * m * r * 4, other=0))
             continue
         group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
-        el = state_elements(p.shape, group)
+        sb = param_state_bytes(p.shape, group, sdtype)
         params.append(ParamMemory(name, tuple(p.shape), "projected" if "rank" in group else "plain",
                                   group.get("rank"), weights=numel * wsize, gradients=numel * wsize,
-                                  bases=el["bases"] * ssize, moments=el["moments"] * ssize,
-                                  other=el["other"] * ssize))
+                                  bases=sb["bases"], moments=sb["moments"], other=sb["other"]))
     acts = activation_bytes(cfg, batch_size, seq_len, dtype, mode, sketch_rank,
-                            covered=names_covered if mode else None)
+                            covered=names_covered if mode else None, checkpoint=checkpoint_activations)
+    if layerwise:
+        big = max(params, key=lambda q: q.gradients)
+        notes.append(f"layer-wise: gradients = the largest one ({big.name}, {big.gradients:,} bytes; all of them: "
+                     f"{sum(q.gradients for q in params):,}); with one micro-batch per step")
     if mode == "rso":
         notes.append("rso: the covered weights are frozen inside an outer iteration; B and its Adam state are "
                      "counted on the covered rows, P under 'sketch matrices P'")
     label = Path(config).name if isinstance(config, Path) else config if isinstance(config, str) else "config"
     return Estimate(model=label, preset="rso" if mode == "rso" else preset,
                     rank=label_rank, dtype=str(_dtype(dtype)).replace("torch.", ""),
-                    state_dtype=str(_dtype(state_dtype)).replace("torch.", ""), batch_size=batch_size,
+                    state_dtype=str(sdtype).replace("torch.", ""), batch_size=batch_size,
                     seq_len=seq_len, mode=mode, sketch_rank=sketch_rank, params=params, activations=acts,
-                    sketch_matrices=sketch_matrices, notes=notes)
+                    sketch_matrices=sketch_matrices, notes=notes, layerwise=layerwise,
+                    checkpoint_activations=checkpoint_activations)
 
 
 # ---------------------------------------------------------------------------------------- the process

@@ -1,7 +1,9 @@
 """``grassopt memory``: the memory a model config needs for a preset (weights, gradients, optimizer
 states, saved activations), from formulas that agree exactly with the live optimizer.
 
-    grassopt memory 7b --preset galore --rank 1024 --dtype bf16
+    grassopt memory 7b --preset galore --rank 1024 --param-dtype bf16
+    grassopt memory 7b --preset subtrack++ --rank 1024 --state-dtype int8 --param-dtype bf16 --layerwise \
+        --checkpoint-activations --batch-size 1 --seq-len 2048        # LLaMA-7B on one 24 GiB GPU?
     grassopt memory 1b --preset adamw galore apollo apollo-mini ldadam --rank 512 --state-dtype bf16
     grassopt memory tiny --preset subtrack++ --rank 64 --per-layer
     grassopt memory path/to/config.json --preset apollo --activations estimator --sketch-rank 0.125 --json
@@ -44,8 +46,18 @@ def _sketch_rank(text: str) -> int | float:
         return v
 
 
+def _budget(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GiB such as 24, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"{text}: the memory budget must be > 0 GiB")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from .memory import DTYPES
+    from .memory import DTYPES, INT8_BLOCK, STATE_DTYPES
     from .presets import DEFAULT_RANK, DEFAULT_RANKS, PRESETS
     from .train.model import CONFIGS
 
@@ -53,9 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="grassopt memory", description=__doc__.split("\n\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Optimizer states: SubspaceAdamW keeps them in float32 whatever the weights' dtype; "
-               "--state-dtype bf16 reproduces the convention of papers' 'BF16' tables. Saved activations: "
-               "an exact count for grassopt's LLaMA with a fused attention kernel (no T x T matrix).")
+        epilog="Optimizer states: SubspaceAdamW keeps them in float32 by default whatever the weights' dtype; "
+               "--state-dtype int8 counts its 8-bit Adam moments; --state-dtype bf16 reproduces the convention "
+               "of papers' 'BF16' tables. Saved activations: an exact count for grassopt's LLaMA with a fused "
+               "attention kernel (no T x T matrix). Not counted anywhere: the CUDA context, the allocator's "
+               "caches and fragmentation, and the temporaries of the optimizer step.")
     ap.add_argument("model", help=f"a config name ({', '.join(CONFIGS)}) or a Hugging Face-style config.json")
     ap.add_argument("--preset", nargs="+", default=["adamw"], choices=sorted(PRESETS), metavar="PRESET",
                     help=f"one or more presets ({', '.join(PRESETS)}); several give a comparison table "
@@ -65,11 +79,28 @@ def build_parser() -> argparse.ArgumentParser:
                          f"short side); default: the preset's ({defaults}; otherwise {DEFAULT_RANK})")
     ap.add_argument("--targets", nargs="+", default=["all-linear"],
                     help="projected (and sketched) linear layers: 'all-linear' or module-name patterns")
-    ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="weights/gradients/activations dtype")
-    ap.add_argument("--state-dtype", default="fp32", choices=sorted(DTYPES),
-                    help="bytes per optimizer-state element (default fp32, what SubspaceAdamW allocates)")
-    ap.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch (default 1)")
-    ap.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the config's max)")
+    ap.add_argument("--param-dtype", "--dtype", dest="dtype", default="fp32", choices=sorted(DTYPES),
+                    help="dtype of the weights, and so of the gradients and activations (bf16: 2 bytes each); "
+                         "--dtype is the same option (default fp32)")
+    ap.add_argument("--state-dtype", default="fp32", choices=sorted(STATE_DTYPES),
+                    help="optimizer-state dtype: fp32 (default; what SubspaceAdamW allocates by default), int8 "
+                         f"(SubspaceAdamW's 8-bit Adam moments: n one-byte codes plus one float32 scale per "
+                         f"{INT8_BLOCK} elements per moment tensor; the basis Q and the other state stay float32), "
+                         "or bf16/fp16 (every state element in 2 bytes, the papers' convention)")
+    ap.add_argument("--layerwise", action="store_true",
+                    help="layer-wise updates (grassopt train --layerwise): each gradient is stepped and freed as "
+                         "soon as it is complete, so only the largest single gradient counts (one micro-batch "
+                         "per step)")
+    ap.add_argument("--checkpoint-activations", action="store_true",
+                    help="activation checkpointing per block (grassopt train --checkpoint-activations): each "
+                         "block keeps only its input (hidden x tokens), plus one block's activations "
+                         "recomputed during backward, plus the head (final norm, logits, loss)")
+    ap.add_argument("--budget", type=_budget, default=24.0, metavar="GIB",
+                    help="say whether the total fits in this many GiB (default 24, one 24 GiB GPU)")
+    ap.add_argument("--batch-size", type=int, default=1,
+                    help="sequences per micro-batch, for the saved activations (default 1)")
+    ap.add_argument("--seq-len", type=int, default=None,
+                    help="tokens per sequence, for the saved activations (default: the config's max_seq_len)")
     ap.add_argument("--vocab-size", type=int, default=None, help="override the config's vocabulary size")
     ap.add_argument("--activations", choices=["none", "estimator", "rso"], default="none",
                     help="activation-saving linear layers (grassopt.sketch): 'estimator' (unbiased low-rank "
@@ -85,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .memory import _human, estimate
+    from .memory import NOT_COUNTED, _human, estimate
 
     args = build_parser().parse_args(argv)
     mode = None if args.activations == "none" else args.activations
@@ -97,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         for preset in args.preset:
             results.append(estimate(args.model, preset, args.rank, args.dtype, batch_size=args.batch_size,
                                     seq_len=args.seq_len, mode=mode, sketch_rank=args.sketch_rank if mode else None,
-                                    targets=args.targets, state_dtype=args.state_dtype, vocab_size=args.vocab_size))
+                                    targets=args.targets, state_dtype=args.state_dtype, vocab_size=args.vocab_size,
+                                    layerwise=args.layerwise, checkpoint_activations=args.checkpoint_activations))
             if mode == "rso":  # RSO replaces the optimizer (inner Adam on B, AdamW elsewhere): one row
                 if args.preset != ["adamw"]:
                     print("grassopt memory: --activations rso brings its own optimizer; --preset is ignored",
@@ -106,25 +138,33 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"grassopt memory: {e}", file=sys.stderr)
         return 2
+    budget = round(args.budget * 2**30)
     if args.json:
-        out = [r.to_dict(per_layer=args.per_layer) for r in results]
+        out = [{**r.to_dict(per_layer=args.per_layer), "budget_bytes": budget,
+                "fits": r.totals()["total"] <= budget} for r in results]
         print(json.dumps(out[0] if len(out) == 1 else out, indent=2))
         return 0
     if len(results) == 1:
-        print(results[0].table(per_layer=args.per_layer, unit=args.unit))
+        print(results[0].table(per_layer=args.per_layer, unit=args.unit, budget=budget))
         return 0
     cols = ("weights", "gradients", "bases", "moments", "other", "states", "activations",
             *(("sketch_matrices",) if mode else ()), "total")
     first = results[0]
     print(f"{first.model}, weights {first.dtype}, states {first.state_dtype}, batch {first.batch_size} x "
-          f"{first.seq_len} tokens" + (f", activations {mode} (sketch rank {args.sketch_rank})" if mode else ""))
+          f"{first.seq_len} tokens" + (", layer-wise updates" if args.layerwise else "")
+          + (", activation checkpointing" if args.checkpoint_activations else "")
+          + (f", activations {mode} (sketch rank {args.sketch_rank})" if mode else ""))
     print()
     w = max(len(f"{r.preset} (rank {r.rank})") for r in results)
-    print(f"{'preset':<{w}}  " + "  ".join(f"{c:>12}" for c in cols))
+    fits = f"fits {args.budget:g} GiB"
+    print(f"{'preset':<{w}}  " + "  ".join(f"{c:>12}" for c in cols) + f"  {fits:>12}")
     for r in results:
         t = r.totals()
         label = r.preset if r.rank is None else f"{r.preset} (rank {r.rank})"
-        print(f"{label:<{w}}  " + "  ".join(f"{_human(t[c], args.unit):>12}" for c in cols))
+        print(f"{label:<{w}}  " + "  ".join(f"{_human(t[c], args.unit):>12}" for c in cols)
+              + f"  {'yes' if t['total'] <= budget else 'no':>12}")
+    print()
+    print(f"budget {_human(budget, args.unit)}; {NOT_COUNTED}")
     if args.per_layer:
         for r in results:
             print()

@@ -2,6 +2,7 @@
 gradients, saved activations (autograd's own saved tensors), the sketch modes, and the CLI."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -187,3 +188,159 @@ def test_tensor_peak_counts_allocations_live_at_once():
         (x @ w).square().sum().backward()       # the gradient stays; so do no activations
     assert tp.live == w.numel() * 4 == w.grad.untyped_storage().nbytes()
     assert tp.peak >= w.numel() * 4 + 32 * 128 * 4  # gradient and the saved product at once
+
+
+# ---------------------------------------------------------------------------------------- the 24 GiB options
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("mode", [None, "estimator"], ids=["plain", "sketched"])
+def test_checkpointed_activations_match_a_measured_forward(dtype, mode):
+    gs = pytest.importorskip("grassopt.sketch")
+    cfg = config("nano", vocab_size=VOCAB)
+    g = torch.Generator().manual_seed(0)
+    B, T = 3, 24
+    idx, tgt = (torch.randint(0, VOCAB, (B, T), generator=g) for _ in range(2))
+    measured = {}
+    for ck in (False, True):
+        torch.manual_seed(0)
+        model = Llama(config("nano", vocab_size=VOCAB, checkpoint_activations=ck)).to(dtype)
+        if mode:
+            gs.sketch(model, rank=8, mode=mode, seed=0)
+        rep = gs.saved_activation_bytes(model, lambda: model(idx, tgt)[1])
+        measured[ck] = rep
+        rep.output.backward()
+    est = activation_bytes(cfg, B, T, dtype, mode, 8 if mode else None, checkpoint=True)
+    plain = activation_bytes(cfg, B, T, dtype, mode, 8 if mode else None)
+    a = torch.empty((), dtype=dtype).element_size()
+    # what the checkpointed forward pass leaves saved: the block inputs (hidden x tokens), the head, the ids
+    assert est["layers.0"] == est["layers.1"] == a * cfg.hidden_size * B * T
+    assert sum(est.values()) - est["recompute"] == measured[True].total
+    assert measured[True].prefixed("layers.1") == est["layers.1"]
+    # the recomputed block: the full activations of one block, as measured without checkpointing
+    assert est["recompute"] == plain["layers.1"] == measured[False].prefixed("layers.1")
+    assert measured[True].total < measured[False].total
+    e = estimate(cfg, "adamw", dtype=dtype, batch_size=B, seq_len=T, mode=mode, sketch_rank=8 if mode else None,
+                 checkpoint_activations=True)
+    assert e.totals()["activations"] == sum(est.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_layerwise_gradient_term_is_the_largest_gradient_alive(dtype):
+    from grassopt.layerwise import LayerwiseUpdater
+    cfg = config("nano", vocab_size=VOCAB)
+    for layerwise in (False, True):
+        torch.manual_seed(0)
+        model = Llama(cfg).to(dtype)
+        params = list(model.parameters())
+        opt = grassopt.make_optimizer(model, "subtrack++", lr=1e-3, rank=8)
+        alive = []  # bytes of every gradient alive when each gradient is complete
+
+        def seen(p):
+            alive.append(sum(q.grad.untyped_storage().nbytes() for q in params if q.grad is not None))
+
+        for p in params:
+            p.register_post_accumulate_grad_hook(seen)
+        lw = LayerwiseUpdater(opt) if layerwise else None
+        idx = torch.randint(0, VOCAB, (2, 8))
+        model(idx, idx)[1].backward()
+        if lw is None:
+            alive.append(sum(q.grad.untyped_storage().nbytes() for q in params))
+        est = estimate(cfg, "subtrack++", 8, dtype, layerwise=layerwise)
+        assert est.totals()["gradients"] == max(alive), layerwise
+        if layerwise:  # the embedding (and lm_head): VOCAB x hidden
+            assert max(alive) == VOCAB * cfg.hidden_size * torch.empty((), dtype=dtype).element_size()
+            assert est.largest_gradient().name in ("embed_tokens.weight", "lm_head.weight")
+            assert all(p.grad is None for p in params)
+
+
+def test_bf16_param_dtype_against_a_live_bf16_model(capsys):
+    cfg = config("nano", vocab_size=VOCAB)
+    torch.manual_seed(0)
+    model = Llama(cfg).to(torch.bfloat16)
+    idx = torch.randint(0, VOCAB, (1, 8))
+    model(idx, idx)[1].backward()
+    live_w = sum(p.untyped_storage().nbytes() for p in model.parameters())
+    live_g = sum(p.grad.untyped_storage().nbytes() for p in model.parameters())
+    for flag in ("--param-dtype", "--dtype"):  # --dtype: the same option, kept for compatibility
+        assert main(["nano", "--vocab-size", str(VOCAB), flag, "bf16", "--json"]) == 0
+        t = json.loads(capsys.readouterr().out)["totals"]
+        assert t["weights"] == live_w == 2 * model.num_parameters()
+        assert t["gradients"] == live_g == live_w
+    assert main(["nano", "--vocab-size", str(VOCAB), "--param-dtype", "bfloat16", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["totals"]["weights"] == live_w
+
+
+def test_int8_state_bytes_per_moment_tensor():
+    from grassopt.memory import INT8_BLOCK, moment_bytes, param_state_bytes
+    assert INT8_BLOCK == 256
+    assert [moment_bytes(n, "int8") for n in (1, 255, 256, 257, 1024)] == [5, 259, 260, 265, 1040]
+    assert moment_bytes(1000, "fp32") == 4000 and moment_bytes(1000, "bf16") == 2000
+    cfg = config("nano", vocab_size=VOCAB)
+    r = 8
+    est = estimate(cfg, "subtrack++", r, "bf16", state_dtype="int8")
+    assert est.state_dtype == "int8"
+    bases = moments = other = 0
+    for p in est.params:  # by hand: Q (d x r) float32, two k x r int8 moments, recovery's float32 scalar
+        n = math.prod(p.shape)
+        if p.kind == "projected":
+            d, k = min(p.shape), max(p.shape)
+            bases += 4 * d * r
+            moments += 2 * (k * r + 4 * math.ceil(k * r / 256))
+            other += 4
+        else:  # embedding, lm_head, norms: two int8 moments of the parameter's shape
+            moments += 2 * (n + 4 * math.ceil(n / 256))
+    t = est.totals()
+    assert (t["bases"], t["moments"], t["other"]) == (bases, moments, other)
+    fp32 = estimate(cfg, "subtrack++", r, "bf16").totals()
+    assert t["bases"] == fp32["bases"] and t["other"] == fp32["other"] and t["moments"] < fp32["moments"] / 3.9
+    assert param_state_bytes((64, 172), {"params": []}, "int8")["moments"] == 2 * (64 * 172 + 4 * 43)
+    with pytest.raises(ValueError, match="unknown state dtype 'int4'"):
+        estimate(cfg, "adamw", state_dtype="int4")
+
+
+def test_int8_estimate_equals_a_live_int8_optimizer():
+    """Activates once SubspaceAdamW(state_dtype="int8") exists (the optimizer's int8 states)."""
+    from grassopt.presets import param_groups
+    cfg = config("nano", vocab_size=VOCAB)
+    torch.manual_seed(0)
+    model = Llama(cfg).to(torch.bfloat16)
+    try:
+        opt = grassopt.SubspaceAdamW(param_groups(model, "subtrack++", 8), lr=1e-3, state_dtype="int8")
+    except TypeError:
+        pytest.skip("SubspaceAdamW has no state_dtype='int8' yet")
+    idx = torch.randint(0, VOCAB, (1, 8))
+    model(idx, idx)[1].backward()
+    opt.step()
+    t = estimate(cfg, "subtrack++", 8, "bf16", state_dtype="int8").totals()
+    assert {k: t[k] for k in ("bases", "moments", "other")} == state_breakdown(opt)
+
+
+def test_cli_7b_on_24_gib(capsys):
+    argv = ["7b", "--preset", "subtrack++", "--rank", "1024", "--state-dtype", "int8", "--param-dtype", "bf16",
+            "--layerwise", "--checkpoint-activations", "--batch-size", "1", "--seq-len", "2048"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    for part in ("weights", "gradients (largest one)", "optimizer states", "saved activations (checkpointed)",
+                 "one block recomputed", "total", "fits in 24.00 GiB: yes", "states int8", "layer-wise updates",
+                 "activation checkpointing", "batch 1 x 2048 tokens"):
+        assert part in text, part
+    est = estimate("7b", "subtrack++", 1024, "bf16", batch_size=1, seq_len=2048, state_dtype="int8",
+                   layerwise=True, checkpoint_activations=True)
+    t = est.totals()
+    assert f"{t['total']:,}" in text and t["total"] < 24 * 2**30
+    assert t["weights"] == 2 * 6_738_415_616 and t["gradients"] == 2 * 32000 * 4096
+    h, N, L = 4096, 2048, 32
+    assert sum(est.activations[f"layers.{j}"] for j in range(L)) == L * 2 * h * N
+    # the same without the options does not fit
+    assert main(argv[:5] + ["--param-dtype", "bf16", "--batch-size", "1", "--seq-len", "2048", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["fits"] is False and out["totals"]["total"] > 24 * 2**30 and out["budget_bytes"] == 24 * 2**30
+    assert main(["7b", "--preset", "adamw", "galore", "--rank", "1024", "--layerwise", "--budget", "80"]) == 0
+    assert "fits 80 GiB" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["nano", "--state-dtype", "int4"])
+    assert "invalid choice: 'int4'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["nano", "--budget", "-1"])
+    assert "the memory budget must be > 0 GiB" in capsys.readouterr().err
+    assert main(["nano", "--state-dtype", "int8", "--activations", "rso"]) == 2
+    assert "RSO (mode='rso') brings its own optimizer" in capsys.readouterr().err
