@@ -24,6 +24,13 @@ What stays the same
     * The optimizer is the ordinary one (one object, its ``param_groups``, its ``state``). LR
       schedulers act on it as usual; the hooks never call a scheduler, so one ``sched.step()`` per
       optimizer step gives the same learning rates as without layer-wise updates.
+    * Step hooks (``optimizer.register_step_pre_hook`` / ``register_step_post_hook`` and the global
+      ones) run once per optimizer step, as with ``optimizer.step()``: the pre-hooks before the first
+      parameter's step, the post-hooks when the backward pass that stepped has finished (their
+      ``args`` and ``kwargs`` are empty; a pre-hook's return value is ignored). So
+      :func:`grassopt.sketch.attach` draws the next sketch matrices once per step, after backward,
+      and a block recomputed by activation checkpointing during backward still finds the ``P`` of
+      its forward pass.
     * Checkpoints are ``optimizer.state_dict()``, the same format as without layer-wise updates, so a
       checkpoint moves freely between the two modes. Resuming is: build the model, the optimizer and
       the updater, then ``optimizer.load_state_dict(...)``.
@@ -92,6 +99,11 @@ import torch
 from torch import Tensor, nn
 
 from .distributed import is_dtensor
+
+try:  # the global step hooks (torch.optim.optimizer.register_optimizer_step_{pre,post}_hook)
+    from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
+except ImportError:  # pragma: no cover - older or newer torch without them
+    _global_optimizer_pre_hooks, _global_optimizer_post_hooks = {}, {}
 
 __all__ = ["LayerwiseUpdater", "LayerwiseError", "clip_grad_norm_per_parameter_"]
 
@@ -349,12 +361,24 @@ class LayerwiseUpdater:
             if norms:
                 self.last_grad_norm = torch.linalg.vector_norm(
                     torch.stack([n.to(norms[0].device) for n in norms]), self.norm_type)
+            self._run_step_hooks(post=True)
+
+    def _run_step_hooks(self, post: bool) -> None:
+        """The optimizer's step hooks, once per layer-wise step (``optimizer.step()`` would run them)."""
+        opt = self.optimizer
+        hooks = (list(opt._optimizer_step_post_hooks.values()) + list(_global_optimizer_post_hooks.values())
+                 if post else
+                 list(_global_optimizer_pre_hooks.values()) + list(opt._optimizer_step_pre_hooks.values()))
+        for hook in hooks:
+            hook(opt, (), {})
 
     @torch.no_grad()
     def _step_param(self, p: Tensor, grad: Tensor | None) -> None:
         if grad is None:
             return
         with self._lock:
+            if not self._stepped:  # the first parameter of this step
+                self._run_step_hooks(post=False)
             p.grad = grad
             try:
                 if self.clip_norm is not None or self.track_grad_norm:
@@ -382,8 +406,11 @@ class LayerwiseUpdater:
         view = dict(group)
         view["params"] = [p]
         opt.param_groups = [view]
+        step = type(opt).step
+        if getattr(step, "hooked", False) and hasattr(step, "__wrapped__"):
+            step = step.__wrapped__  # without torch's step hooks: they run once per step (_run_step_hooks)
         try:
-            type(opt).step(opt)
+            step(opt)
         finally:
             opt.param_groups = groups
         changed = [k for k in group if k != "params" and view.get(k) is not group[k]]

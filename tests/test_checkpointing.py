@@ -136,3 +136,28 @@ def test_not_in_eval_or_without_grad():
     with torch.no_grad():
         model(idx, idx)
     assert inner[0] == 2 and calls[0] == 2
+
+
+@pytest.mark.parametrize("preset", ["subtrack++", "adamw-torch"])
+def test_attach_with_layerwise_advances_p_once_per_step_after_backward(preset):
+    """``gs.attach`` advances the sketch step from the optimizer's step post-hook; in layer-wise mode
+    that hook runs once per step, after backward, so the recomputed blocks find the forward's P."""
+    def run(checkpoint):
+        torch.manual_seed(0)
+        model = Llama(config("nano", vocab_size=VOCAB, checkpoint_activations=checkpoint))
+        gs.sketch(model, rank=0.25, law="haar", mode="estimator", seed=7)
+        opt = (torch.optim.AdamW(model.parameters(), lr=1e-2) if preset == "adamw-torch"
+               else grassopt.make_optimizer(model, preset, lr=1e-2, rank=8))
+        gs.attach(model, opt)
+        LayerwiseUpdater(opt)
+        steps = []
+        for b in _batches():
+            model(b[:, :-1], b[:, 1:])[1].backward()
+            steps.append(gs.current_step(model))
+        return steps, [p.detach().clone() for p in model.parameters()]
+
+    steps, params = run(False)
+    assert steps == list(range(1, STEPS + 1))
+    steps_ck, params_ck = run(True)
+    assert steps_ck == steps
+    assert all(torch.equal(a, b) for a, b in zip(params, params_ck))

@@ -250,3 +250,30 @@ def test_non_finite_gradient_says_what_was_updated():
     LayerwiseUpdater(opt)
     with pytest.raises(FloatingPointError, match="layer-wise mode"):
         (model(torch.randn(4, 8)).sum() * float("nan")).backward()
+
+
+@pytest.mark.parametrize("preset", ["subtrack++", "adamw-torch"])
+def test_step_hooks_run_once_per_step_after_backward(preset):
+    """``optimizer.step()`` runs its step hooks once; so does a layer-wise step (the pre-hooks before
+    the first parameter's step, the post-hooks after backward), for SubspaceAdamW and torch's AdamW."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 4))
+    opt = (torch.optim.AdamW(model.parameters(), lr=1e-2) if preset == "adamw-torch"
+           else grassopt.make_optimizer(model, preset, lr=1e-2, rank=2))
+    events = []
+    opt.register_step_pre_hook(lambda o, a, k: events.append(("pre", sum(p.grad is None for p in model.parameters()))))
+    opt.register_step_post_hook(lambda o, a, k: events.append(("post", sum(p.grad is None for p in model.parameters()))))
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    glob = register_optimizer_step_post_hook(lambda o, a, k: events.append(("global",)))
+    lw = LayerwiseUpdater(opt)
+    try:
+        for step in range(3):
+            model(torch.randn(5, 8)).square().sum().backward()
+            # pre: before the first step (only the first gradient exists); post: every gradient stepped and freed
+            assert events == [("pre", 3), ("post", 4), ("global",)] * (step + 1)
+        with lw.accumulate():  # accumulation only: no step, no hooks
+            model(torch.randn(5, 8)).square().sum().backward()
+        assert len(events) == 9
+    finally:
+        glob.remove()
+        lw.remove()

@@ -212,7 +212,10 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer):
     """Call :func:`next_step` after every ``optimizer.step()`` (a step post-hook).
 
     Returns the hook handle (``handle.remove()`` detaches it). Useful when the training loop is not
-    yours (Hugging Face ``Trainer``): a step skipped by a ``GradScaler`` keeps its ``P``.
+    yours (Hugging Face ``Trainer``): a step skipped by a ``GradScaler`` keeps its ``P``. With
+    layer-wise updates (:class:`grassopt.layerwise.LayerwiseUpdater`) the hook runs once per step, after
+    the backward pass, so blocks recomputed by activation checkpointing in that backward pass use the
+    ``P`` of their forward pass. (``P`` must never change between a forward pass and its backward.)
     """
     if not sketch_states(model):
         raise ValueError("the model has no sketched layers; call grassopt.sketch.sketch(model, ...) first")
