@@ -53,7 +53,7 @@ __all__ = [
 ]
 
 _BASIS_KEYS = {"Q"}
-_MOMENT_KEYS = {"exp_avg", "exp_avg_sq"}
+_MOMENT_KEYS = {"exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale"}  # int8 moments carry block scales
 CATEGORIES = ("bases", "moments", "other")
 
 #: dtype names accepted by :func:`estimate` and ``grassopt memory``.

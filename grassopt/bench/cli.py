@@ -38,7 +38,7 @@ def _preset_lr(text: str) -> tuple[str, float]:
 
 
 _CONFIG_KEYS = {"rank", "update_interval", "lr", "weight_decay", "clip", "clip_mode", "param_dtype", "bf16",
-                "layerwise", "sketch", "sketch_rank", "lean_activations"}
+                "layerwise", "sketch", "sketch_rank", "lean_activations", "state_dtype", "stochastic_rounding"}
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any], dict[str, Any]]:

@@ -83,6 +83,12 @@ def add_run_arguments(ap: argparse.ArgumentParser, *, with_preset: bool = True) 
                    help="step each parameter inside backward as soon as its gradient is complete, then free the "
                         "gradient (grassopt.layerwise): the full set of gradients is never resident. Global-norm "
                         "clipping needs all gradients at once: use --clip-mode per-parameter or --clip 0")
+    g.add_argument("--state-dtype", default=d.state_dtype, choices=["float32", "int8"],
+                   help="Adam moments of grassopt's presets (projected and plain groups): float32, or int8 codes "
+                        "with a float32 scale per block of 256 (about 1/4 of the bytes; grassopt.functional)")
+    g.add_argument("--stochastic-rounding", action="store_true",
+                   help="with --param-dtype bfloat16: round each weight update stochastically (unbiased), so that "
+                        "updates below half a bf16 ulp are not lost; seeded, resumable, identical on every rank")
     g = ap.add_argument_group("activation memory")
     g.add_argument("--sketch", default=None, choices=["haar", "gaussian", "coordinate"],
                    help="store only x P (tokens x r) for the backward pass of the covered linear layers, with a "
@@ -120,7 +126,7 @@ def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
         targets=list(args.targets), options=dict(args.opt), clip=args.clip, clip_mode=args.clip_mode,
         layerwise=args.layerwise, sketch=args.sketch, sketch_rank=args.sketch_rank, bf16=args.bf16,
         lean_activations=args.lean_activations,
-        param_dtype=args.param_dtype,
+        param_dtype=args.param_dtype, state_dtype=args.state_dtype, stochastic_rounding=args.stochastic_rounding,
         eval_every=args.eval_every, eval_batch_size=args.eval_batch_size, eval_tokens=args.eval_tokens,
         log_every=args.log_every, seed=args.seed,
         device=args.device, threads=args.threads, progress=not args.no_progress, cache_dir=args.cache_dir,

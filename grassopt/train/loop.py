@@ -99,6 +99,8 @@ class TrainConfig:
     bf16: bool = False  # bf16 autocast for the forward pass
     lean_activations: bool = False  # RMSNorm and SwiGLU recompute their intermediates in backward (LlamaConfig)
     param_dtype: str = "float32"  # dtype of the parameters themselves ("bfloat16" for pure bf16 training)
+    state_dtype: str = "float32"  # Adam moments of grassopt's presets: "float32" or "int8" (grassopt.functional)
+    stochastic_rounding: bool = False  # round bf16 weight updates stochastically (needs param_dtype bfloat16)
     eval_every: int = 100
     eval_batch_size: int = 32
     eval_tokens: int | None = None  # None: the whole validation split; else its first N predicted tokens
@@ -151,6 +153,15 @@ class TrainConfig:
             raise ValueError(f"param_dtype={self.param_dtype!r} must be float32, bfloat16 or float16")
         if self.clip < 0:
             raise ValueError(f"clip={self.clip} must be >= 0 (0 disables clipping)")
+        from ..functional import STATE_DTYPES
+        if self.state_dtype not in STATE_DTYPES:
+            raise ValueError(f"state_dtype={self.state_dtype!r} must be one of {list(STATE_DTYPES)}")
+        if self.state_dtype != "float32" and self.preset not in PRESETS:
+            raise ValueError(f"state_dtype={self.state_dtype!r} applies to grassopt's presets, not to {self.preset!r} "
+                             "(for 8-bit AdamW as a reference use the preset ref-adamw8bit)")
+        if self.stochastic_rounding and (self.param_dtype != "bfloat16" or self.preset not in PRESETS):
+            raise ValueError("stochastic_rounding=True rounds the updates of bfloat16 weights of grassopt's presets: "
+                             "use it with param_dtype='bfloat16' (--param-dtype bfloat16) and a grassopt preset")
         if self.clip_mode not in ("global", "per-parameter"):
             raise ValueError(f"clip_mode={self.clip_mode!r} must be 'global' or 'per-parameter'")
         forward_only = self.preset in ("zo", "mezo")
@@ -272,7 +283,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     groups = param_groups(model, cfg.preset, rank=cfg.rank, update_interval=cfg.update_interval,
                           targets=cfg.targets, weight_decay=cfg.weight_decay,
                           **(opts if PRESETS[cfg.preset] is not None else {}))
-    return SubspaceAdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, seed=cfg.seed)
+    return SubspaceAdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, seed=cfg.seed,
+                         state_dtype=cfg.state_dtype, stochastic_rounding=cfg.stochastic_rounding)
 
 
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
