@@ -20,14 +20,19 @@ __all__ = [
     "haar",
     "qr_positive",
     "geodesic_step",
+    "top_singular_pairs",
+    "resolve_update_rank",
     "largest_angle",
     "orthonormality_error",
     "reorthonormalize",
     "ORTHO_TOL",
+    "SIGMA_RTOL",
 ]
 
 #: Re-orthonormalise a basis by QR when ``||Q^T Q - I||_F`` exceeds this.
 ORTHO_TOL = 1e-4
+#: ``geodesic_step`` treats singular values below this fraction of the largest as zero (angle 0).
+SIGMA_RTOL = 1e-6
 
 
 def is_transposed(shape: torch.Size | tuple[int, ...]) -> bool:
@@ -73,36 +78,103 @@ def haar(d: int, r: int, generator: torch.Generator | None, device, dtype=torch.
     return qr_positive(z)
 
 
-def geodesic_step(q: Tensor, h: Tensor, angles_from_sigma, update_rank: int = 1) -> tuple[Tensor, Tensor]:
+def top_singular_pairs(h: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The top-``k`` singular values and right singular vectors of a tall ``d x r`` matrix, from its Gram.
+
+    The Gram ``G = H^T H`` (``r x r``) is formed and solved in float64: the Gram of a float32 ``H`` is
+    then exact to float32's resolution, so nothing is lost by squaring. ``k = 1`` takes the eigenvalues
+    only (``eigvalsh``) and the top eigenvector by two steps of inverse iteration with the shift just
+    above ``lambda_1`` (one ``r x r`` Cholesky); larger ``k`` take the full ``eigh``. Returns ``(s, V)``:
+    ``s`` (``k``, float64, descending, ``>= 0``) and ``V`` (``r x k``, float64, orthonormal columns); the
+    left vectors are ``U = H V S^{-1}`` for the non-zero ``s`` (``geodesic_step`` never forms them).
+    Costs ``d r^2`` multiply-adds and ``O(r^3)`` for the small problem, against a QR of the ``d x r``
+    matrix and an ``r x r`` SVD for ``torch.linalg.svd``.
+    """
+    hw = h.to(torch.float64)
+    g = hw.mT @ hw
+    if k == 1:
+        r = g.shape[-1]
+        scale = g.diagonal().max()  # lambda_1 / r <= max diag <= lambda_1
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        g = g / scale
+        lam = torch.linalg.eigvalsh(g)[-1:].clamp_min(0.0)  # in [1, r] unless G = 0
+        # (mu I - G) is positive definite for mu > lambda_1, and its inverse amplifies the top
+        # eigenvector over the others by (lambda_1 - lambda_2 + delta) / delta, delta ~ 1e-8 lambda_1
+        mu = lam * (1.0 + 1e-8) + 1e-12
+        eye = torch.eye(r, dtype=g.dtype, device=g.device)
+        chol, _ = torch.linalg.cholesky_ex(mu * eye - g)
+        # a fixed start with no structure (a unit or all-ones vector could be orthogonal to v_1)
+        x = torch.cos(torch.arange(1, r + 1, dtype=g.dtype, device=g.device) * 2.399963229728653).unsqueeze(-1)
+        for _ in range(2):
+            x = torch.cholesky_solve(x, chol)
+            x = x / torch.linalg.vector_norm(x)
+        return (lam * scale).sqrt(), x
+    lam, v = torch.linalg.eigh(g)  # ascending
+    lam = lam.flip(-1)[..., :k].clamp_min(0.0)
+    return lam.sqrt(), v.flip(-1)[..., :k]
+
+
+def resolve_update_rank(update_rank: int | str, r: int) -> int:
+    """The number of directions a geodesic step turns: ``"full"`` is all ``r``, an int is clipped to ``r``."""
+    if update_rank == "full":
+        return r
+    if isinstance(update_rank, bool) or not isinstance(update_rank, int) or update_rank < 1:
+        raise ValueError(f"update_rank={update_rank!r}: use 'full' or an integer >= 1")
+    return min(update_rank, r)
+
+
+def geodesic_step(q: Tensor, h: Tensor, angles_from_sigma, update_rank: int | str = 1) -> tuple[Tensor, Tensor]:
     """Move ``q`` along the Grassmann geodesic in the tangent direction ``h`` (ALGORITHMS.md 1.0).
 
-    ``h`` is made tangent (``h - q q^T h``); its compact SVD is truncated to ``update_rank`` terms
-    ``U S V^T``, ``angles_from_sigma(S)`` gives the angles ``theta`` (clamped to ``[0, pi/2]``), and
+    ``h`` is made tangent (``h - q q^T h``); its compact SVD is truncated to ``k = update_rank`` terms
+    ``U S V^T`` (``"full"``: all ``r``), ``angles_from_sigma(S)`` gives the angles ``theta`` (clamped to
+    ``[0, pi/2]``), and
 
-        Q' = Q V cos(Theta) V^T + U sin(Theta) V^T + Q (I - V V^T).
+        Q' = Q V cos(Theta) V^T + U sin(Theta) V^T + Q (I - V V^T)
+           = Q + Q V (cos(Theta) - I) V^T + H V diag(sin(theta) / s) V^T      (U S = H V)
 
-    Returns ``(Q', theta)``. ``theta`` is the vector of principal angles moved (a tensor: no sync).
+    The singular pairs come from the ``r x r`` Gram matrix (:func:`top_singular_pairs`), not from an
+    SVD of ``h``, and ``U`` is never formed: ``sin(theta) / s`` stays bounded when the angles are
+    proportional to ``s`` (``track``, ``walk``). Directions with ``s <= SIGMA_RTOL * s_max`` (where ``h``
+    has no component, e.g. the ``r - (d - r)`` null directions when ``d < 2 r``) get angle 0.
+    ``angles_from_sigma`` receives ``s`` in float64, descending. ``Q'^T Q' = I`` holds to float32
+    rounding (about ``1e-6`` in Frobenius norm at ``r = 128``), so no re-orthonormalisation is needed.
+
+    Returns ``(Q', theta)``: ``theta`` (``k``, ``q``'s dtype, descending in ``s``) holds the principal
+    angles moved (a tensor: no host sync).
     """
     h = h - q @ (q.mT @ h)
-    u, s, vh = torch.linalg.svd(h, full_matrices=False)
-    k = min(update_rank, s.shape[-1])
-    u, s, v = u[:, :k], s[:k], vh[:k].mT
-    theta = angles_from_sigma(s).clamp(0.0, math.pi / 2)
-    qv = q @ v
-    # Q' = Q + (Q V (cos - 1) + U sin) V^T : one r x k correction, exact orthonormality preserved.
-    delta = qv * (torch.cos(theta) - 1.0) + u * torch.sin(theta)
-    return q + delta @ v.mT, theta
+    r = h.shape[-1]
+    k = resolve_update_rank(update_rank, r)
+    s, v = top_singular_pairs(h, k)
+    live = s > s[..., :1] * SIGMA_RTOL  # all False when h = 0
+    theta = torch.where(live, angles_from_sigma(s), 0.0).clamp(0.0, math.pi / 2)
+    sin_over_s = torch.where(live, torch.sin(theta) / torch.where(live, s, 1.0), 0.0)
+    cos_m1 = -2.0 * torch.sin(theta / 2).square()  # cos(theta) - 1 without cancellation
+    dt = q.dtype
+    if 3 * k <= 2 * r:  # low rank: three d x r x k products
+        vq = v.to(dt)
+        delta = (q @ vq) * cos_m1.to(dt) + h @ (v * sin_over_s).to(dt)
+        q_new = torch.addmm(q, delta, vq.mT)
+    else:  # two d x r x r products with r x r coefficients formed in float64
+        a = ((v * cos_m1) @ v.mT).to(dt)
+        b = ((v * sin_over_s) @ v.mT).to(dt)
+        q_new = torch.addmm(q, q, a).addmm_(h, b)
+    return q_new, theta.to(dt)
 
 
 def largest_angle(q_old: Tensor, q_new: Tensor) -> Tensor:
     """Largest principal angle (radians) between the column spans of two orthonormal bases.
 
-    Computed from ``sin(theta_max) = ||(I - Q_old Q_old^T) Q_new||_2``, which stays accurate for
-    small angles (an arccos of the cosines loses half the digits there).
+    ``sin(theta_max) = ||R||_2`` with ``R = (I - Q_old Q_old^T) Q_new``, read off the largest eigenvalue
+    of the ``r x r`` Gram ``R^T R`` (``eigvalsh`` in float64), not from an SVD of the ``d x r`` ``R``.
+    Accurate for small angles to float32's relative precision (an arccos of the cosines would lose
+    half the digits there); near ``pi/2`` the arcsine amplifies rounding to about ``3e-4`` rad.
     """
     resid = q_new - q_old @ (q_old.mT @ q_new)
-    s = torch.linalg.matrix_norm(resid, ord=2)
-    return torch.asin(s.clamp(0.0, 1.0))
+    gram = (resid.mT @ resid).to(torch.float64)
+    s2 = torch.linalg.eigvalsh(gram)[..., -1]
+    return torch.asin(s2.clamp(0.0, 1.0).sqrt()).to(q_new.dtype)
 
 
 def orthonormality_error(q: Tensor) -> Tensor:
