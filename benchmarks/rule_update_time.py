@@ -6,9 +6,11 @@ times the three together ("total") and the rule alone ("update"), interleaved ro
 configurations so that a change in the machine's load hits them all alike, and prints the medians.
 It also times the linear-algebra pieces on their own (the SVD of a ``d x r`` tangent, QR, ...).
 
-    python benchmarks/rule_update_time.py [--reps 15] [--rank 128] [--threads 1]
+    PYTHONPATH=. python benchmarks/rule_update_time.py [--reps 15] [--rank 128] [--threads 1]
 
-Configurations are ``rule[:option=value,...]``; ``update_rank=full`` is the full-tangent walk.
+(``PYTHONPATH=.`` so that the checkout's ``grassopt`` is timed, not an installed one.) Configurations are
+``rule[:option=value,...]``; ``update_rank=full`` is the full-tangent step (passed as the integer rank
+to code older than ``update_rank="full"``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 
 import torch
 
+import grassopt
 from grassopt import linalg
 from grassopt.rules import RuleContext, get_rule
 
@@ -31,9 +34,10 @@ CONFIGS = ["svd", "rsvd", "power", "track", "track:update_rank=full", "walk:upda
 def parse(spec: str, rank: int):
     name, _, rest = spec.partition(":")
     opts = {}
+    full = "full" if hasattr(linalg, "resolve_update_rank") else rank
     for item in filter(None, rest.split(",")):
         k, v = item.split("=")
-        opts[k] = rank if v == "full" and k == "update_rank" else int(v) if v.isdigit() else v
+        opts[k] = full if v == "full" and k == "update_rank" else int(v) if v.isdigit() else v
     return name, opts
 
 
@@ -43,11 +47,10 @@ def main(argv=None) -> int:
     ap.add_argument("--rank", type=int, default=128)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--configs", nargs="+", default=CONFIGS)
-    ap.add_argument("--full-literal", action="store_true",
-                    help="pass update_rank='full' to the rules (else the integer rank, for older code)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     r = args.rank
+    print(f"grassopt from {grassopt.__file__}")
     print(f"torch {torch.__version__}, {args.threads} thread(s), rank {r}, {args.reps} reps, median ms")
 
     for m, n in SHAPES:
@@ -59,8 +62,6 @@ def main(argv=None) -> int:
         cases = []
         for spec in args.configs:
             name, opts = parse(spec, r)
-            if args.full_literal and opts.get("update_rank") == r and spec.endswith("full"):
-                opts["update_rank"] = "full"
             cases.append((spec, get_rule(name), opts))
         times = {spec: ([], []) for spec, _, _ in cases}
         pieces = {

@@ -9,6 +9,7 @@ matrix whose rows are the short side ``d = min(m, n)``. ``X = G`` when ``m < n``
 from __future__ import annotations
 
 import math
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -17,6 +18,9 @@ __all__ = [
     "is_transposed",
     "orient",
     "svd_basis",
+    "robust_svd",
+    "RobustSVD",
+    "count_fallback",
     "haar",
     "qr_positive",
     "geodesic_step",
@@ -47,18 +51,104 @@ def orient(g: Tensor) -> Tensor:
     return x.mT if is_transposed(g.shape) else x
 
 
-def svd_basis(x: Tensor, rank: int, transposed: bool) -> Tensor:
+class RobustSVD(NamedTuple):
+    """A reduced SVD ``A = U diag(S) Vh`` and which fallback produced it (``None``: the default path)."""
+
+    U: Tensor
+    S: Tensor
+    Vh: Tensor
+    fallback: str | None
+
+
+def _all_finite(*ts: Tensor) -> bool:
+    """True when every entry of every tensor is finite (one host sync)."""
+    ok = torch.isfinite(ts[0]).all()
+    for t in ts[1:]:
+        ok = ok & torch.isfinite(t).all()
+    return bool(ok)
+
+
+def _gram_svd(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Reduced SVD from ``eigh`` of the Gram of the short side, in float64.
+
+    The short side's singular vectors are exact eigenvectors (orthonormal to float64 precision); the
+    long side's are ``A^T U S^{-1}`` for the singular values above ``1e-12 s_max`` and zero columns
+    for the others (never NaN). Singular values below ``~1e-8 s_max`` lose their relative accuracy.
+    """
+    m, n = a.shape[-2], a.shape[-1]
+    w = a.to(torch.float64)
+    wide = m <= n
+    lam, vec = torch.linalg.eigh(w @ w.mT if wide else w.mT @ w)
+    lam, vec = lam.flip(-1).clamp_min(0.0), vec.flip(-1)
+    s = lam.sqrt()
+    live = s > s[..., :1] * 1e-12
+    inv = torch.where(live, 1.0 / torch.where(live, s, 1.0), 0.0)
+    if wide:  # vec = U (m x m); Vh = S^-1 U^T A
+        u, vh = vec, (vec * inv).mT @ w
+    else:  # vec = V (n x n); U = A V S^-1
+        u, vh = (w @ vec) * inv, vec.mT
+    return u.to(a.dtype), s.to(a.dtype), vh.to(a.dtype)
+
+
+def robust_svd(a: Tensor) -> RobustSVD:
+    """``torch.linalg.svd(a, full_matrices=False)`` that does not fail on a finite input.
+
+    LAPACK's and cuSOLVER's SVDs can fail to converge on ill-conditioned matrices (a known GaLore
+    failure: ``LinAlgError``, or NaNs from some CUDA drivers). On such a failure this tries, in
+    order: on CUDA ``driver="gesvd"`` (QR iteration, slower, the most robust); the SVD in float64;
+    and last the eigendecomposition of the short side's Gram in float64 (``_gram_svd``), which
+    converges for every finite input. The result's ``fallback`` names the path that was used
+    (``None``, ``"gesvd"``, ``"float64"`` or ``"gram"``) so the caller can count it; ``U``, ``S``,
+    ``Vh`` have ``a``'s dtype. A non-finite ``a`` raises ``FloatingPointError`` (no fallback can give
+    it a meaningful basis). The fast path costs one finiteness check of the factors (a host sync,
+    negligible next to the SVD).
+    """
+    try:
+        u, s, vh = torch.linalg.svd(a, full_matrices=False)
+        if _all_finite(s, u, vh):
+            return RobustSVD(u, s, vh, None)
+    except torch.linalg.LinAlgError:
+        pass
+    if not _all_finite(a):
+        raise FloatingPointError(f"robust_svd: the {tuple(a.shape)} input has non-finite entries")
+    if a.is_cuda:
+        try:
+            u, s, vh = torch.linalg.svd(a, full_matrices=False, driver="gesvd")
+            if _all_finite(s, u, vh):
+                return RobustSVD(u, s, vh, "gesvd")
+        except torch.linalg.LinAlgError:
+            pass
+    if a.dtype != torch.float64:
+        try:
+            u, s, vh = torch.linalg.svd(a.to(torch.float64), full_matrices=False)
+            if _all_finite(s, u, vh):
+                return RobustSVD(u.to(a.dtype), s.to(a.dtype), vh.to(a.dtype), "float64")
+        except torch.linalg.LinAlgError:
+            pass
+    return RobustSVD(*_gram_svd(a), "gram")
+
+
+def svd_basis(x: Tensor, rank: int, transposed: bool, *, stats: Any = None) -> Tensor:
     """Top-``rank`` left singular vectors of the oriented ``x`` (``d x rank``).
 
     For parity with ``galore-torch`` the SVD factors the gradient *as stored* (``x.mT`` when
     ``transposed``): singular vectors are only defined up to sign, and a different factorisation
     gives the same subspace with other signs (which matters with ``keep`` transport).
+
+    The SVD is :func:`robust_svd`; when it needed a fallback, ``stats.svd_fallbacks`` is incremented
+    (pass the rule's ``RuleContext``, or any object with an int attribute ``svd_fallbacks``).
     """
+    res = robust_svd(x.mT if transposed else x)
+    count_fallback(stats, res)
     if transposed:
-        _, _, vh = torch.linalg.svd(x.mT, full_matrices=False)
-        return vh[:rank].mT.contiguous()
-    u, _, _ = torch.linalg.svd(x, full_matrices=False)
-    return u[:, :rank].contiguous()
+        return res.Vh[:rank].mT.contiguous()
+    return res.U[:, :rank].contiguous()
+
+
+def count_fallback(stats: Any, res: RobustSVD) -> None:
+    """Add one to ``stats.svd_fallbacks`` when ``res`` came from a fallback (``stats`` may be None)."""
+    if res.fallback is not None and stats is not None:
+        stats.svd_fallbacks += 1
 
 
 def qr_positive(z: Tensor) -> Tensor:

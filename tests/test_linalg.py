@@ -213,3 +213,99 @@ def test_largest_angle_agrees_with_float64_principal_angles():
         assert linalg.largest_angle(Q, Q2).item() == pytest.approx(ref, rel=1e-4, abs=1e-6)
     Q3 = linalg.haar(64, 8, g, "cpu")  # an unrelated basis
     assert linalg.largest_angle(Q, Q3).item() == pytest.approx(principal_angles(Q, Q3).max().item(), abs=1e-3)
+
+
+# ---------------------------------------------------------------- robust SVD (fault injection)
+
+_REAL_SVD = torch.linalg.svd
+
+
+def _failing_svd(fail_dtypes, mode="raise"):
+    """A stand-in for torch.linalg.svd that fails like LAPACK/cuSOLVER for the given input dtypes.
+
+    Non-converging inputs are hard to produce on purpose (hundreds of extreme-range and
+    repeated-row matrices converge with this LAPACK), so the failure is injected."""
+    calls = []
+
+    def svd(a, *args, **kwargs):
+        calls.append(a.dtype)
+        if a.dtype in fail_dtypes:
+            if mode == "raise":
+                raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge (injected)")
+            u, s, vh = _REAL_SVD(a, *args, **kwargs)
+            return u * float("nan"), s, vh  # the silent failure of some CUDA drivers
+        return _REAL_SVD(a, *args, **kwargs)
+
+    return svd, calls
+
+
+def _assert_svd_of(res, a):
+    """res is a correct reduced SVD of a (compared with a float64 SVD), finite, with orthonormal factors."""
+    U, S, Vh = _REAL_SVD(a.double(), full_matrices=False)
+    assert res.U.dtype == a.dtype and res.S.dtype == a.dtype and res.Vh.dtype == a.dtype
+    assert all(torch.isfinite(t).all() for t in res[:3])
+    assert torch.allclose(res.S.double(), S, rtol=1e-5, atol=1e-6 * S[0].item())
+    k = min(a.shape)
+    assert linalg.orthonormality_error(res.U.double()) < 1e-5 and linalg.orthonormality_error(res.Vh.mT.double()) < 1e-5
+    # singular vectors up to sign (the test matrices have distinct singular values)
+    assert torch.allclose((res.U.double() * U).sum(0).abs(), torch.ones(k, dtype=torch.float64), atol=1e-5)
+    assert torch.allclose((res.Vh.double() * Vh).sum(1).abs(), torch.ones(k, dtype=torch.float64), atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(12, 30), (30, 12)])
+@pytest.mark.parametrize("fail,mode,expect", [
+    ((), "raise", None),
+    ((torch.float32,), "raise", "float64"),
+    ((torch.float32,), "nan", "float64"),
+    ((torch.float32, torch.float64), "raise", "gram"),
+])
+def test_robust_svd_falls_back_and_stays_exact(monkeypatch, shape, fail, mode, expect):
+    a = torch.randn(shape, generator=torch.Generator().manual_seed(40))
+    svd, calls = _failing_svd(fail, mode)
+    monkeypatch.setattr(torch.linalg, "svd", svd)
+    res = linalg.robust_svd(a)
+    assert res.fallback == expect
+    assert calls[0] == torch.float32  # the default path is always tried first
+    _assert_svd_of(res, a)
+
+
+def test_gram_fallback_of_a_rank_deficient_matrix_has_no_nan(monkeypatch):
+    g = torch.Generator().manual_seed(41)
+    a = torch.randn(20, 3, generator=g) @ torch.randn(3, 50, generator=g)  # rank 3 of 20
+    monkeypatch.setattr(torch.linalg, "svd", _failing_svd((torch.float32, torch.float64))[0])
+    res = linalg.robust_svd(a)
+    assert res.fallback == "gram" and all(torch.isfinite(t).all() for t in res[:3])
+    # the short side is a complete orthonormal basis; the top 3 triplets reproduce a
+    assert linalg.orthonormality_error(res.U) < 1e-5
+    assert torch.allclose(res.U[:, :3] * res.S[:3] @ res.Vh[:3], a, atol=1e-4)
+    assert (res.S[3:] < 1e-5 * res.S[0]).all()
+
+
+def test_robust_svd_refuses_a_non_finite_input(monkeypatch):
+    a = torch.randn(6, 9)
+    a[2, 3] = float("nan")
+    monkeypatch.setattr(torch.linalg, "svd", _failing_svd((torch.float32, torch.float64))[0])
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        linalg.robust_svd(a)
+
+
+@pytest.mark.parametrize("shape", [(24, 60), (60, 24)])
+@pytest.mark.parametrize("fail", [(torch.float32,), (torch.float32, torch.float64)])
+def test_svd_basis_falls_back_counts_and_spans_the_top_subspace(monkeypatch, shape, fail):
+    g = torch.Generator().manual_seed(42)
+    G = torch.randn(shape[0], 5, generator=g) @ torch.randn(5, shape[1], generator=g) + 0.05 * torch.randn(shape, generator=g)
+    X = linalg.orient(G)
+    transposed = linalg.is_transposed(G.shape)
+    ref = _REAL_SVD(X.double(), full_matrices=False)[0][:, :5]
+    monkeypatch.setattr(torch.linalg, "svd", _failing_svd(fail)[0])
+
+    class Stats:
+        svd_fallbacks = 0
+
+    stats = Stats()
+    Q = linalg.svd_basis(X, 5, transposed, stats=stats)
+    assert stats.svd_fallbacks == 1
+    assert Q.shape == (X.shape[0], 5) and Q.dtype == torch.float32 and torch.isfinite(Q).all()
+    assert linalg.orthonormality_error(Q) < 1e-5
+    assert principal_angles(Q, ref).max() < 1e-4
+    linalg.svd_basis(X, 5, transposed)  # stats is optional

@@ -161,3 +161,33 @@ def test_power_iteration_converges_to_top_subspace():
 def test_frozen_never_moves():
     Q = linalg.haar(10, 2, torch.Generator().manual_seed(21), "cpu")
     assert get_rule("frozen").update(Q, torch.randn(10, 20), ctx(2)) is Q
+
+
+# ---------------------------------------------------------------- SVD fallbacks are counted in ctx
+
+_REAL_SVD = torch.linalg.svd
+
+
+def _svd_failing_for_float32(a, *args, **kwargs):
+    if a.dtype == torch.float32:
+        raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge (injected)")
+    return _REAL_SVD(a, *args, **kwargs)
+
+
+@pytest.mark.parametrize("name,call", [("svd", "init"), ("svd", "update"), ("frozen", "init"), ("track", "init"),
+                                       ("walk", "init"), ("jump", "init"), ("rsvd", "init"), ("rsvd", "update")])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_rules_survive_a_failing_svd_and_count_the_fallback(monkeypatch, name, call, transposed):
+    X = low_rank_plus_noise(24, 60, 4, noise=1e-3, seed=22)
+    U = torch.linalg.svd(X.double())[0][:, :4]
+    c = ctx(4, transposed=transposed, seed=23)
+    assert c.svd_fallbacks == 0
+    rule = get_rule(name)
+    Q = rule.init(X, c) if call == "init" else rule.update(linalg.haar(24, 4, None, "cpu"), X, c)
+    assert c.svd_fallbacks == 0  # the default path does not count
+    monkeypatch.setattr(torch.linalg, "svd", _svd_failing_for_float32)
+    c2 = ctx(4, transposed=transposed, seed=23)
+    Q2 = rule.init(X, c2) if call == "init" else rule.update(Q, X, c2)
+    assert c2.svd_fallbacks == 1
+    assert torch.isfinite(Q2).all() and linalg.orthonormality_error(Q2) < 1e-5
+    assert principal_angles(Q2, U).max() < 1e-2

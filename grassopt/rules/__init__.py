@@ -50,6 +50,8 @@ class RuleContext:
     projected: torch.Tensor | None = None
     #: set by ``update`` to the largest principal angle it moved, when it knows it exactly
     angle: torch.Tensor | None = None
+    #: incremented by ``init``/``update`` each time an SVD needed a fallback (``linalg.robust_svd``)
+    svd_fallbacks: int = 0
 
 
 def get_rule(name: str) -> ModuleType:

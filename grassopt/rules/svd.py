@@ -1,4 +1,8 @@
-"""``svd`` (GaLore): the top-``r`` singular subspace of the current gradient, recomputed every ``T`` steps."""
+"""``svd`` (GaLore): the top-``r`` singular subspace of the current gradient, recomputed every ``T`` steps.
+
+The SVD is ``linalg.robust_svd``: when LAPACK/cuSOLVER fails to converge it falls back (``gesvd`` on
+CUDA, float64, the Gram's ``eigh``) and adds one to ``ctx.svd_fallbacks``; it never returns NaN.
+"""
 
 from ..linalg import svd_basis
 
@@ -8,8 +12,8 @@ NEEDS_GENERATOR = False
 
 
 def init(x, ctx):
-    return svd_basis(x, ctx.rank, ctx.transposed)
+    return svd_basis(x, ctx.rank, ctx.transposed, stats=ctx)  # robust: counts fallbacks in ctx
 
 
 def update(q, x, ctx):
-    return svd_basis(x, ctx.rank, ctx.transposed)
+    return svd_basis(x, ctx.rank, ctx.transposed, stats=ctx)
