@@ -94,7 +94,7 @@ def test_track_converges_to_the_dominant_subspace():
     assert principal_angles(Q, U).max() < 0.01
 
 
-@pytest.mark.parametrize("q", [1, 3])
+@pytest.mark.parametrize("q", [1, 3, "full"])
 def test_walk_moves_by_eta(q):
     Q = linalg.haar(30, 5, torch.Generator().manual_seed(9), "cpu")
     for eta in (0.05, 0.3):
@@ -191,3 +191,61 @@ def test_rules_survive_a_failing_svd_and_count_the_fallback(monkeypatch, name, c
     assert c2.svd_fallbacks == 1
     assert torch.isfinite(Q2).all() and linalg.orthonormality_error(Q2) < 1e-5
     assert principal_angles(Q2, U).max() < 1e-2
+
+
+# ---------------------------------------------------------------- the full-rank walk
+
+
+def test_walk_defaults_to_the_full_step():
+    assert get_rule("walk").OPTIONS["update_rank"] == "full"
+    assert get_rule("hybrid").OPTIONS["update_rank"] == "full"
+
+
+@pytest.mark.parametrize("eta", [0.05, 0.3, 1.2])
+def test_full_walk_turns_every_direction_and_the_largest_by_exactly_step_size(eta):
+    d, r = 30, 5
+    Q = linalg.haar(d, r, torch.Generator().manual_seed(24), "cpu")
+    c = ctx(r, seed=25, step_size=eta)  # update_rank: the default, "full"
+    Q2 = get_rule("walk").update(Q, None, c)
+    assert linalg.orthonormality_error(Q2) < 2e-6
+    # independently, in float64: cos(theta) are the singular values of Q_old^T Q_new
+    cos = torch.linalg.svdvals(Q.double().T @ Q2.double()).clamp(max=1.0)
+    angles = torch.arccos(cos).flip(0)  # descending
+    assert angles[0].item() == pytest.approx(eta, abs=2e-5)
+    assert c.angle.item() == pytest.approx(eta, abs=1e-6)
+    # the angles are step_size * s / s_max for the singular values s of the tangent of the same Z
+    Z = torch.randn(d, r, generator=torch.Generator().manual_seed(25)).double()
+    s = torch.linalg.svdvals(Z - Q.double() @ (Q.double().T @ Z))
+    assert torch.allclose(angles, eta * s / s[0], atol=5e-5)
+    assert (angles > 0.05 * eta).all()  # all r principal angles move
+    # a rank-1 step from the same draw moves one direction only
+    Q1 = get_rule("walk").update(Q, None, ctx(r, seed=25, step_size=eta, update_rank=1))
+    a1 = principal_angles(Q, Q1)
+    assert a1[-1].item() == pytest.approx(eta, abs=2e-5) and a1[:-1].max() < 1e-3
+
+
+def test_full_walk_mixes_to_the_haar_average_and_stays_orthonormal():
+    # E[Q Q^T] -> (r/d) I. Under Haar, Var(P_ii) = 2 r (d - r) / (d^2 (d + 2)), sd 0.164 here (the
+    # off-diagonal entries vary less). The chain's integrated autocorrelation time is ~10 steps
+    # (measured over three seeds: 8 to 12); with tau <= 20 the 1900 kept steps give >= 95 effective
+    # samples, a standard error <= 0.164 / sqrt(95) = 0.017, and 5 standard errors = 0.084. A basis that
+    # does not mix keeps the start's projector (entries 0 and 1: a 0.75 deviation).
+    d, r, n, burn = 12, 3, 2000, 100
+    c = ctx(r, seed=26, step_size=0.5)
+    Q = torch.eye(d)[:, :r].contiguous()
+    acc = torch.zeros(d, d, dtype=torch.float64)
+    for i in range(n):
+        Q = get_rule("walk").update(Q, None, c)  # no re-orthonormalisation in between
+        if i >= burn:
+            acc += (Q @ Q.T).double()
+    mean = acc / (n - burn)
+    assert (mean - (r / d) * torch.eye(d, dtype=torch.float64)).abs().max() < 0.084
+    assert linalg.orthonormality_error(Q) < 1e-5  # 2000 geodesic steps drift by < 1e-5
+
+
+def test_hybrid_walk_branch_is_the_full_walk():
+    Q = linalg.haar(30, 5, torch.Generator().manual_seed(27), "cpu")
+    c = ctx(5, seed=28, step_size=0.2, jump_prob=0.0)
+    Q2 = get_rule("hybrid").update(Q, None, c)
+    angles = principal_angles(Q, Q2)
+    assert angles.max().item() == pytest.approx(0.2, abs=2e-5) and (angles > 0.01).all()
