@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from grassopt import linalg
-from grassopt.rules import RULES, RuleContext, get_rule, rule_flag
+from grassopt.rules import RULES, RuleContext, check_options, get_rule, rule_flag
 from conftest import principal_angles
 
 
@@ -249,3 +249,55 @@ def test_hybrid_walk_branch_is_the_full_walk():
     Q2 = get_rule("hybrid").update(Q, None, c)
     angles = principal_angles(Q, Q2)
     assert angles.max().item() == pytest.approx(0.2, abs=2e-5) and (angles > 0.01).all()
+
+
+# ---------------------------------------------------------------- option validation
+
+
+def test_every_rule_validates_and_accepts_its_own_defaults():
+    for name, rule in RULES.items():
+        assert callable(getattr(rule, "validate", None)), name
+        check_options(rule, rule.OPTIONS, rank=4)
+        check_options(rule, {**rule.OPTIONS, "lr": -1, "rank": 4, "rule": name}, rank=4)  # other keys ignored
+
+
+@pytest.mark.parametrize("name,options,message", [
+    ("walk", {"update_rank": 0}, r"update_rank=0 is not valid for subspace rule 'walk': use update_rank='full' or an integer in \[1, rank=4\]"),
+    ("walk", {"update_rank": 5}, r"update_rank=5 .* integer in \[1, rank=4\]"),
+    ("walk", {"update_rank": "all"}, r"update_rank='all' .* update_rank='full'"),
+    ("walk", {"update_rank": True}, r"update_rank=True"),
+    ("walk", {"update_rank": 2.0}, r"update_rank=2.0"),
+    ("walk", {"step_size": 0}, r"step_size=0 is not valid for subspace rule 'walk': use a number in \(0, 1.571\] radians"),
+    ("walk", {"step_size": 2.0}, r"step_size=2.0 .* \(0, 1.571\]"),
+    ("walk", {"step_size": float("nan")}, r"step_size=nan"),
+    ("walk", {"step_size": "0.1"}, r"step_size='0.1'"),
+    ("hybrid", {"update_rank": 9}, r"update_rank=9 is not valid for subspace rule 'hybrid': use update_rank='full' or an integer in \[1, rank=4\]"),
+    ("hybrid", {"step_size": -1}, r"step_size=-1 is not valid for subspace rule 'hybrid'"),
+    ("hybrid", {"jump_prob": 1.5}, r"jump_prob=1.5 is not valid for subspace rule 'hybrid': use a probability in \[0, 1\]"),
+    ("track", {"step_mode": "scaled"}, r"step_mode='scaled' is not valid for subspace rule 'track': use one of 'normalized', 'raw'"),
+    ("track", {"step_size": 0.0}, r"step_size=0.0 is not valid for subspace rule 'track': use a number > 0"),
+    ("track", {"update_rank": -1}, r"update_rank=-1 .* 'track'"),
+    ("jump", {"init": "haar"}, r"init='haar' is not valid for subspace rule 'jump': use one of 'svd', 'random'"),
+    ("rsvd", {"oversample": -2}, r"oversample=-2 is not valid for subspace rule 'rsvd': use an integer >= 0"),
+    ("rsvd", {"power_iters": 1.5}, r"power_iters=1.5 .* integer >= 0"),
+])
+def test_validation_messages_name_the_option_and_the_fix(name, options, message):
+    with pytest.raises(ValueError, match=message) as err:
+        check_options(get_rule(name), options, rank=4)
+    assert "\n" not in str(err.value)
+
+
+def test_valid_options_pass_and_raw_track_step_sizes_are_unbounded():
+    check_options(get_rule("walk"), {"update_rank": "full", "step_size": math.pi / 2}, rank=4)
+    check_options(get_rule("walk"), {"update_rank": 4, "step_size": 1e-3}, rank=4)
+    check_options(get_rule("hybrid"), {"update_rank": 1, "jump_prob": 0}, rank=4)
+    check_options(get_rule("track"), {"step_size": 1e4, "step_mode": "raw", "update_rank": "full"}, rank=4)
+    check_options(get_rule("jump"), {"init": "random"}, rank=4)
+    check_options(get_rule("rsvd"), {"oversample": 0, "power_iters": 0}, rank=4)
+
+
+def test_a_rule_without_validate_accepts_anything():
+    import types
+
+    rule = types.SimpleNamespace(NAME="custom", OPTIONS={"knob": 1})
+    check_options(rule, {"knob": "anything"}, rank=2)

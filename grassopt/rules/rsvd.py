@@ -6,10 +6,17 @@ Costs ``O(d k (r + p))`` instead of the ``O(d^2 k)`` of a full SVD.
 import torch
 
 from ..linalg import count_fallback, qr_positive, robust_svd
+from ._options import check_count
 
 NAME = "rsvd"
 OPTIONS = {"oversample": 8, "power_iters": 2}
 NEEDS_GENERATOR = True
+
+
+def validate(options, rank):
+    """``oversample`` and ``power_iters`` integers ``>= 0``."""
+    check_count(NAME, options, "oversample")
+    check_count(NAME, options, "power_iters")
 
 
 def init(x, ctx):

@@ -5,10 +5,12 @@ CUDA, float64, the Gram's ``eigh``) and adds one to ``ctx.svd_fallbacks``; it ne
 """
 
 from ..linalg import svd_basis
+from ._options import accept_all
 
 NAME = "svd"
 OPTIONS: dict = {}
 NEEDS_GENERATOR = False
+validate = accept_all
 
 
 def init(x, ctx):
