@@ -9,6 +9,7 @@ matrix whose rows are the short side ``d = min(m, n)``. ``X = G`` when ``m < n``
 from __future__ import annotations
 
 import math
+from numbers import Integral
 from typing import Any, NamedTuple
 
 import torch
@@ -206,11 +207,11 @@ def top_singular_pairs(h: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 def resolve_update_rank(update_rank: int | str, r: int) -> int:
     """The number of directions a geodesic step turns: ``"full"`` is all ``r``, an int is clipped to ``r``."""
-    if update_rank == "full":
+    if isinstance(update_rank, str) and update_rank == "full":
         return r
-    if isinstance(update_rank, bool) or not isinstance(update_rank, int) or update_rank < 1:
+    if isinstance(update_rank, bool) or not isinstance(update_rank, Integral) or update_rank < 1:
         raise ValueError(f"update_rank={update_rank!r}: use 'full' or an integer >= 1")
-    return min(update_rank, r)
+    return min(int(update_rank), r)
 
 
 def geodesic_step(q: Tensor, h: Tensor, angles_from_sigma, update_rank: int | str = 1) -> tuple[Tensor, Tensor]:
