@@ -18,10 +18,7 @@ init = svd.init
 
 def validate(options, rank):
     """``walk``'s checks (``step_size`` in ``(0, pi/2]``, ``update_rank``) and ``jump_prob`` in ``[0, 1]``."""
-    try:
-        walk.validate(options, rank)
-    except ValueError as e:  # name this rule, not walk
-        raise ValueError(str(e).replace(repr(walk.NAME), repr(NAME), 1)) from None
+    walk.validate(options, rank, rule=NAME)
     check_probability(NAME, options, "jump_prob")
 
 
