@@ -105,7 +105,7 @@ def main(argv=None) -> int:
         q0 = linalg.svd_basis(x, r, transposed)
         q1 = linalg.haar(d, r, g, "cpu")
         times = {(spec, k): ([], []) for spec in args.configs for k in impls}
-        pieces = {(f"largest_angle", k): [] for k in impls}
+        pieces = {("largest_angle", k): [] for k in impls}
         for rep in range(args.reps + 2):  # two warm-up rounds
             for spec in args.configs:
                 for k, (la, rm) in impls.items():
