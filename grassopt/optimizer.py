@@ -40,7 +40,7 @@ from torch.optim import Optimizer
 from . import functional as F
 from . import recovery as rec
 from .linalg import is_transposed, largest_angle, orient, reorthonormalize
-from .rules import RuleContext, all_rule_options, get_rule, rule_flag
+from .rules import RuleContext, all_rule_options, check_options, get_rule, rule_flag
 from .transport import TRANSPORTS, transport
 
 __all__ = ["SubspaceAdamW", "SUBSPACE_DEFAULTS"]
@@ -216,16 +216,10 @@ class SubspaceAdamW(Optimizer):
                 bad(f"rule {rule.NAME!r} draws bases without orthonormal columns, but {' and '.join(needs)} "
                     "assume Q Q^T is a projector; use transport='keep' or 'reset', recovery=False, "
                     "error_feedback=False (or an orthonormal rule)")
-        if "step_mode" in group and group["step_mode"] not in ("normalized", "raw"):
-            bad(f"step_mode={group['step_mode']!r} must be 'normalized' or 'raw'")
-        if "step_size" in group and not group["step_size"] > 0:
-            bad(f"step_size={group['step_size']} must be > 0")
-        if "update_rank" in group and not (isinstance(group["update_rank"], int) and 1 <= group["update_rank"] <= rank):
-            bad(f"update_rank={group['update_rank']!r} must be an integer in [1, rank={rank}]")
-        if "jump_prob" in group and not 0 <= group["jump_prob"] <= 1:
-            bad(f"jump_prob={group['jump_prob']} must lie in [0, 1]")
-        if "init" in group and group["init"] not in ("svd", "random"):
-            bad(f"init={group['init']!r} must be 'svd' or 'random'")
+        try:  # the rule's own options are the rule's to check (grassopt.rules.check_options)
+            check_options(rule, group, rank)
+        except ValueError as e:
+            bad(str(e))
         for name, p in zip(names, group["params"]):
             if p.dim() != 2:
                 bad(f"{name} has shape {tuple(p.shape)}: only 2-D weights can be projected; put it in a "

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .. import memory
+from ..functional import fused_available
 from ..optimizer import SubspaceAdamW
 from ..layerwise import clip_grad_norm_per_parameter_
 from ..optimizer import SUBSPACE_DEFAULTS
@@ -43,7 +44,8 @@ __all__ = ["TrainConfig", "train", "build_optimizer", "evaluate", "CheckpointErr
 
 #: Optimizers the loop knows beside grassopt's presets.
 EXTRA_PRESETS = {
-    "adamw-torch": "torch.optim.AdamW (full rank, PyTorch's own implementation)",
+    "adamw-torch": "torch.optim.AdamW (full rank, PyTorch's own implementation; fused=True where the device has "
+                   "the fused kernel)",
     "ref-galore": "GaLoreAdamW from the reference package galore-torch (optional: pip install grassopt[bench])",
     "ref-apollo": "APOLLOAdamW from the reference package apollo-torch (optional: pip install grassopt[bench])",
     "zo": "forward-only training: zeroth-order low-rank (U V^T, Haar V) gradient estimates (grassopt.zo)",
@@ -265,8 +267,10 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
             raise ValueError(f"preset {cfg.preset!r} takes an integer rank, got rank={cfg.rank!r}")
         return ZO(model, rank=8 if cfg.rank is None else cfg.rank, lr=cfg.lr, weight_decay=cfg.weight_decay,
                   targets=cfg.targets, dense=cfg.preset == "mezo", seed=cfg.seed, **opts)
-    if cfg.preset == "adamw-torch":
-        return torch.optim.AdamW(_decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    if cfg.preset == "adamw-torch":  # torch's fused kernel wherever the device has one: its fastest AdamW
+        groups = _decay_groups(model, cfg.weight_decay)
+        fused = fused_available([p for g in groups for p in g["params"]]) or None
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
     if cfg.preset == "ref-galore":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
