@@ -398,10 +398,11 @@ def reference_versions(names: Iterable[str] | None = None) -> dict[str, str]:
 
 # ---------------------------------------------------------------------------------------- counting
 def tensor_bytes(obj: Any, seen: set | None = None) -> int:
-    """Bytes of every tensor reachable in ``obj`` (dicts, lists, tuples), each storage once: a
-    storage shared by several entries (bitsandbytes' quantization maps) counts once; a tensor
-    subclass (torchao's 8-bit states, DTensor) counts its inner tensors (codes, scales, maps), not
-    the float size it shows to PyTorch."""
+    """Bytes of every tensor reachable in ``obj`` (dicts, lists, tuples) as allocated: each storage
+    once and whole. A storage shared by several entries (bitsandbytes' quantization maps) counts
+    once; a slice counts the storage it keeps alive (galore-torch's bases are slices of a full SVD
+    factor); a tensor subclass (torchao's 8-bit states, DTensor) counts its inner tensors (codes,
+    scales, maps), not the float size it shows to PyTorch."""
     from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
     seen = set() if seen is None else seen

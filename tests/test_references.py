@@ -212,6 +212,21 @@ def test_state_bytes_of_grassopt_presets_are_unchanged_by_the_storage_walk():
         assert optimizer_state_bytes(opt) == memory.state_bytes(opt)
 
 
+def test_tensor_bytes_counts_storages_once_and_slices_by_what_they_keep_alive():
+    big = torch.zeros(64, 64)
+    shared = torch.zeros(256)
+
+    class Projector:  # galore-torch keeps U[:, :rank] of a full SVD: the slice holds all of U
+        ortho_matrix = big[:, :8]
+
+    class Opt:
+        state = {0: {"exp_avg": torch.zeros(8, 64), "qmap": shared, "projector": Projector()},
+                 1: {"GG": [torch.zeros(4, 4), []], "qmap": shared, "step": 3}}
+
+    assert references.tensor_bytes(torch.zeros(3, dtype=torch.uint8)) == 3
+    assert optimizer_state_bytes(Opt()) == 4 * (8 * 64 + 256 + 64 * 64 + 16)
+
+
 # --------------------------------------------------------------------- checkpoints
 def save_load(obj):
     buf = io.BytesIO()

@@ -286,8 +286,9 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 
 
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes of the optimizer's state tensors, as allocated: nested lists and dicts (SOAP's
-    preconditioners), each storage once (bitsandbytes' shared quantization maps), tensor subclasses
+    """Bytes of the optimizer's state tensors, as allocated (:func:`grassopt.references.tensor_bytes`):
+    nested lists and dicts (SOAP's preconditioners), each storage once and whole (bitsandbytes'
+    shared quantization maps; galore-torch's bases, slices of a full SVD factor), tensor subclasses
     by their inner tensors (torchao's 8-bit codes, scales and maps), and the reference packages'
     projector bases (galore-torch, apollo-torch). One counter for every method."""
     seen: set = set()
