@@ -2,7 +2,6 @@
 its package's optimizer built by hand, lowers the loss, has its real state bytes counted, and
 resumes bit for bit, through state_dict and through `grassopt train --resume`."""
 
-import copy
 import importlib.util
 import io
 import json
@@ -278,8 +277,8 @@ def test_grassopt_train_resume_equals_one_run_bit_for_bit(name, tmp_path):
     data = tiny_corpus()
 
     def cfg(out, **kw):
-        return TrainConfig(model="nano", vocab_size=VOCAB, seq_len=32, batch_size=2, steps=6, lr=3e-3, preset=name,
-                           eval_every=6, eval_tokens=256, log_every=2, progress=False, plot=False, threads=1,
+        return TrainConfig(model="nano", vocab_size=VOCAB, seq_len=32, batch_size=2, steps=5, lr=3e-3, preset=name,
+                           eval_every=5, eval_tokens=128, log_every=2, progress=False, plot=False, threads=1,
                            out=str(tmp_path / out), **kw)
 
     full = train(cfg("a"), dataset=data)
@@ -404,6 +403,7 @@ def test_bench_report_prints_the_package_versions(tmp_path, capsys, monkeypatch)
     from grassopt.bench import cli as bench_cli
     data = tiny_corpus()
     monkeypatch.setattr(bench_cli, "train", lambda c: train(c, dataset=data))
+    monkeypatch.setattr("grassopt.bench.report._plot", lambda runs, out: [])  # no PNGs: not what is tested
     out = tmp_path / "bench"
     argv = ["--model", "nano", "--vocab-size", str(VOCAB), "--seq-len", "32", "--batch-size", "2", "--steps", "2",
             "--eval-every", "2", "--eval-tokens", "128", "--threads", "1", "--no-progress", "--no-refs",
