@@ -9,6 +9,7 @@ import os
 import sys
 
 from ..presets import PRESETS
+from ..references import MissingPackageError
 from .loop import EXTRA_PRESETS, CheckpointError, TrainConfig, train
 from .model import CONFIGS
 
@@ -59,7 +60,9 @@ def add_run_arguments(ap: argparse.ArgumentParser, *, with_preset: bool = True) 
     g = ap.add_argument_group("optimizer")
     if with_preset:
         g.add_argument("--preset", default=d.preset, choices=sorted(set(PRESETS) | set(EXTRA_PRESETS)),
-                       help="optimizer preset (default: %(default)s); adamw-torch is torch.optim.AdamW")
+                       help="optimizer preset (default: %(default)s); adamw-torch is torch.optim.AdamW; ref-* are "
+                            "reference optimizers (ref-muon, ref-adafactor: torch's own; the others need "
+                            "pip install grassopt[bench])")
     g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default: %(default)s)")
     g.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio,
                    help="final LR as a fraction of the peak after cosine decay (default: %(default)s)")
@@ -176,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     distributed = _init_distributed()
     try:
         summary = train(cfg)
-    except (CheckpointError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, ValueError, FileNotFoundError, MissingPackageError) as e:
         print(f"grassopt train: error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -30,7 +30,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from .. import memory
+from .. import memory, references
 from ..functional import fused_available
 from ..optimizer import SubspaceAdamW
 from ..layerwise import clip_grad_norm_per_parameter_
@@ -52,6 +52,8 @@ EXTRA_PRESETS = {
     "mezo": "forward-only training with dense Gaussian perturbations (MeZO), the baseline of zo",
     "rso": "randomized subspace optimization (grassopt.sketch.rso): the covered layers train a low-rank B in a "
            "random subspace P (resampled every --update-interval steps) and store only x P for backward",
+    # the reference optimizers people pick today (grassopt.references; optional: pip install grassopt[bench])
+    **{name: ref.description for name, ref in references.REFERENCES.items()},
 }
 
 #: Config fields that may change when a run is resumed (they do not affect the numbers).
@@ -166,6 +168,10 @@ class TrainConfig:
                              "use it with param_dtype='bfloat16' (--param-dtype bfloat16) and a grassopt preset")
         if self.clip_mode not in ("global", "per-parameter"):
             raise ValueError(f"clip_mode={self.clip_mode!r} must be 'global' or 'per-parameter'")
+        references.require(self.preset)  # a missing optional package: one line naming it and the extra
+        if self.layerwise and self.preset in references.REFERENCES:
+            raise ValueError(f"layerwise=True steps grassopt's presets and adamw-torch; the reference "
+                             f"{self.preset!r} runs as its authors do, with optimizer.step()")
         forward_only = self.preset in ("zo", "mezo")
         if self.layerwise and forward_only:
             raise ValueError(f"layerwise=True needs a backward pass; preset {self.preset!r} is forward-only")
@@ -271,6 +277,10 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
         groups = _decay_groups(model, cfg.weight_decay)
         fused = fused_available([p for g in groups for p in g["params"]]) or None
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
+    if cfg.preset in references.REFERENCES:
+        return references.build(cfg.preset, model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas,
+                                settings=opts)
+    references.require(cfg.preset)  # ref-galore, ref-apollo: one line if the package is missing
     if cfg.preset == "ref-galore":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -292,13 +302,18 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 
 
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes of the optimizer's state tensors, counting the reference packages' projector bases too."""
-    total = memory.state_bytes(opt)
+    """Bytes of the optimizer's state tensors, as allocated (:func:`grassopt.references.tensor_bytes`):
+    nested lists and dicts (SOAP's preconditioners), each storage once and whole (bitsandbytes'
+    shared quantization maps; galore-torch's bases, slices of a full SVD factor), tensor subclasses
+    by their inner tensors (torchao's 8-bit codes, scales and maps), and the reference packages'
+    projector bases (galore-torch, apollo-torch). One counter for every method."""
+    seen: set = set()
+    total = references.tensor_bytes(list(opt.state.values()), seen)
     for st in opt.state.values():
         proj = st.get("projector") if isinstance(st, dict) else None
         mat = getattr(proj, "ortho_matrix", None)
         if torch.is_tensor(mat):
-            total += mat.numel() * mat.element_size()
+            total += references.tensor_bytes(mat, seen)
     return total
 
 
@@ -449,6 +464,7 @@ def train(cfg: TrainConfig, dataset: data_mod.TokenizedCorpus | None = None,
     ckpt_path = out / "checkpoint.pt"
     ckpt = None
     if cfg.resume:
+        references.prepare_resume(cfg.preset)  # torchao's state tensors must be known to weights_only loading
         ckpt = load_checkpoint(ckpt_path)
         _check_resume_config(ckpt["config"], cfg, ckpt_path)
     if dataset is None:
@@ -548,7 +564,7 @@ def train(cfg: TrainConfig, dataset: data_mod.TokenizedCorpus | None = None,
                         x, y = x[rank * cfg.batch_size:(rank + 1) * cfg.batch_size], y[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
                     batches.append((x.to(device), y.to(device)))
                 grad_norm = None
-                lr_used = opt.param_groups[0]["lr"]
+                lr_used = float(opt.param_groups[0]["lr"])  # (a tensor in torchao's optimizers)
                 if zeroth_order:  # two forward passes inside the optimizer, no backward
                     def closure() -> torch.Tensor:
                         total = torch.zeros((), device=device)
