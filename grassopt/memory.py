@@ -60,7 +60,7 @@ __all__ = [
 ]
 
 _BASIS_KEYS = {"Q"}
-_MOMENT_KEYS = {"exp_avg", "exp_avg_sq"}  # and any key that starts with "exp_avg" (an int8 moment's scales)
+_MOMENT_KEYS = {"exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale"}  # int8 moments carry block scales
 CATEGORIES = ("bases", "moments", "other")
 
 #: dtype names accepted by :func:`estimate` and ``grassopt memory``.
@@ -180,15 +180,14 @@ def param_state_bytes(shape: tuple[int, ...] | torch.Size, group: dict[str, Any]
 
 # ---------------------------------------------------------------------------------------- live state
 def state_breakdown(optimizer: torch.optim.Optimizer) -> dict[str, int]:
-    """Bytes of the live optimizer state split into ``bases`` (``Q``), ``moments`` (Adam's two, and
-    any tensor whose key starts with ``exp_avg``, such as the scales of int8 moments) and ``other``
-    (the limiter's previous norm, LDAdam's error-feedback buffer, ...)."""
+    """Bytes of the live optimizer state split into ``bases`` (``Q``), ``moments`` (Adam's two, with
+    their block scales when they are int8) and ``other`` (the limiter's previous norm, LDAdam's
+    error-feedback buffer, ...)."""
     out = dict.fromkeys(CATEGORIES, 0)
     for st in optimizer.state.values():
         for k, v in st.items():
             if isinstance(v, Tensor):
-                moment = k in _MOMENT_KEYS or (isinstance(k, str) and k.startswith("exp_avg"))
-                kind = "bases" if k in _BASIS_KEYS else "moments" if moment else "other"
+                kind = "bases" if k in _BASIS_KEYS else "moments" if k in _MOMENT_KEYS else "other"
                 out[kind] += _nbytes(v)
     return out
 

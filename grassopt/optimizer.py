@@ -37,9 +37,10 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import functional as F
 from . import recovery as rec
 from .linalg import is_transposed, largest_angle, orient, reorthonormalize
-from .rules import RuleContext, all_rule_options, get_rule, rule_flag
+from .rules import RuleContext, all_rule_options, check_options, get_rule, rule_flag
 from .transport import TRANSPORTS, transport
 
 __all__ = ["SubspaceAdamW", "SUBSPACE_DEFAULTS"]
@@ -58,7 +59,7 @@ SUBSPACE_DEFAULTS: dict[str, Any] = {
 }
 SCALINGS = (None, "channel", "tensor")
 _PLAIN_KEYS = {"params", "param_names", "lr", "betas", "eps", "weight_decay", "seed", "check_finite",
-               "initial_lr", "name"}
+               "initial_lr", "name", "state_dtype", "stochastic_rounding"}
 _SUBSPACE_KEYS = {"rank", *SUBSPACE_DEFAULTS}
 
 
@@ -86,7 +87,13 @@ class SubspaceAdamW(Optimizer):
         seed: seeds the per-parameter generators of random rules (with the parameter's index).
         check_finite: check, before anything is changed, that every gradient is finite, and raise a
             ``FloatingPointError`` naming the offending parameters otherwise. Costs one fused
-            norm over all gradients per step.
+            norm over the plain groups' gradients per step (projected ones are checked on ``Q^T X``).
+        state_dtype: ``"float32"`` or ``"int8"`` (block-wise quantized Adam moments, ``n + 4 ceil(n/256)``
+            bytes per moment of ``n`` elements; see :mod:`grassopt.functional`). Per group.
+        stochastic_rounding: round the float32 update of a bf16 parameter stochastically (unbiased),
+            from the optimizer's seeded per-parameter generators. Per group.
+        fused: ``None`` uses torch's fused Adam kernel where the device has one (CPU, CUDA, MPS, ...),
+            ``False`` forces the ``foreach`` ops (same maths, to float rounding).
 
     Projected-group keys: ``rank`` (required), ``update_interval`` (``T``), ``alpha``, ``alpha_r``,
     ``rule`` (see ``grassopt.rules.RULES``), ``transport`` (``keep``/``reset``/``rotate``),
@@ -106,9 +113,16 @@ class SubspaceAdamW(Optimizer):
         *,
         seed: int = 0,
         check_finite: bool = True,
+        state_dtype: str = "float32",
+        stochastic_rounding: bool = False,
+        fused: bool | None = None,
     ):
+        if fused not in (None, True, False):
+            raise ValueError(f"fused={fused!r} must be None (automatic), True or False")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, seed=seed,
-                        check_finite=check_finite)
+                        check_finite=check_finite, state_dtype=state_dtype, stochastic_rounding=stochastic_rounding)
+        #: None: torch's fused Adam kernel wherever the device has it; False: foreach ops; True: insist
+        self._fused = fused
         self._generators: dict[Tensor, torch.Generator] = {}
         self._seed_generators: dict[str, torch.Generator] = {}  # scratch, reseeded before each use
         self._diag: dict[Tensor, dict[str, Any]] = {}
@@ -161,6 +175,10 @@ class SubspaceAdamW(Optimizer):
         b1, b2 = group["betas"]
         if not (0 <= b1 < 1 and 0 <= b2 < 1):
             bad(f"betas={group['betas']} must each lie in [0, 1)")
+        if group["state_dtype"] not in F.STATE_DTYPES:
+            bad(f"state_dtype={group['state_dtype']!r} must be one of {list(F.STATE_DTYPES)}")
+        if not isinstance(group["stochastic_rounding"], bool):
+            bad(f"stochastic_rounding={group['stochastic_rounding']!r} must be True or False")
         if "rank" not in group:
             return
         rule = get_rule(group["rule"])
@@ -198,16 +216,10 @@ class SubspaceAdamW(Optimizer):
                 bad(f"rule {rule.NAME!r} draws bases without orthonormal columns, but {' and '.join(needs)} "
                     "assume Q Q^T is a projector; use transport='keep' or 'reset', recovery=False, "
                     "error_feedback=False (or an orthonormal rule)")
-        if "step_mode" in group and group["step_mode"] not in ("normalized", "raw"):
-            bad(f"step_mode={group['step_mode']!r} must be 'normalized' or 'raw'")
-        if "step_size" in group and not group["step_size"] > 0:
-            bad(f"step_size={group['step_size']} must be > 0")
-        if "update_rank" in group and not (isinstance(group["update_rank"], int) and 1 <= group["update_rank"] <= rank):
-            bad(f"update_rank={group['update_rank']!r} must be an integer in [1, rank={rank}]")
-        if "jump_prob" in group and not 0 <= group["jump_prob"] <= 1:
-            bad(f"jump_prob={group['jump_prob']} must lie in [0, 1]")
-        if "init" in group and group["init"] not in ("svd", "random"):
-            bad(f"init={group['init']!r} must be 'svd' or 'random'")
+        try:  # the rule's own options are the rule's to check (grassopt.rules.check_options)
+            check_options(rule, group, rank)
+        except ValueError as e:
+            bad(str(e))
         for name, p in zip(names, group["params"]):
             if p.dim() != 2:
                 bad(f"{name} has shape {tuple(p.shape)}: only 2-D weights can be projected; put it in a "
@@ -277,7 +289,18 @@ class SubspaceAdamW(Optimizer):
                 raise ValueError(
                     f"param group {gi}: the saved optimizer has rank={theirs.get('rank')} but this one "
                     f"has rank={mine.get('rank')}; build the optimizer with the same groups before loading")
+        dtypes = [g["state_dtype"] for g in self.param_groups for _ in g["params"]]
+        for key, st in saved.items():
+            if isinstance(st, dict) and "exp_avg" in st and 0 <= int(key) < len(dtypes):
+                has = "int8" if "exp_avg_scale" in st else "float32"
+                if has != dtypes[int(key)]:
+                    raise ValueError(
+                        f"the saved state of parameter {int(key)} has {has} moments but its group has "
+                        f"state_dtype={dtypes[int(key)]!r}; build the optimizer with the state_dtype it was saved with")
         super().load_state_dict({**state_dict, "state": {}})
+        for group in self.param_groups:  # state dicts saved before an option existed get its default
+            for key in ("state_dtype", "stochastic_rounding", "check_finite", "seed"):
+                group.setdefault(key, self.defaults[key])
         params = self._flat_params()
         self.state.clear()
         self._generators.clear()
@@ -402,47 +425,52 @@ class SubspaceAdamW(Optimizer):
                 self._plain_step([p for p, _, _, _ in items], group)
 
     def _plain_step(self, params: list[Tensor], group: dict[str, Any]) -> None:
-        b1, b2 = group["betas"]
-        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-        fast: list[tuple[Tensor, Tensor, Tensor, Tensor, float]] = []
+        """AdamW on every parameter of a plain group: float32 tensors with float32 state in one fused
+        call per step count; low-precision parameters or int8 state one tensor at a time."""
+        betas, lr, eps, wd = group["betas"], group["lr"], group["eps"], group["weight_decay"]
+        int8 = group["state_dtype"] == "int8"
+        batches: dict[int, list[Tensor]] = {}
         for p in params:
             st = self.state[p]
             if "step" not in st:
                 st["step"] = 0
-                st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                if int8:
+                    F.Int8Moments.init(st, p.shape, p.device)
+                else:
+                    st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
             st["step"] += 1
-            t = st["step"]
-            step_size = lr * math.sqrt(1 - b2**t) / (1 - b1**t)
-            if p.dtype == torch.float32 and p.grad.dtype == torch.float32:
-                fast.append((p, p.grad, st["exp_avg"], st["exp_avg_sq"], step_size))
-            else:  # low-precision parameter: do the update in float32 and round once
-                w, g = p.float(), p.grad.float()
-                m, v = st["exp_avg"], st["exp_avg_sq"]
-                m.mul_(b1).add_(g, alpha=1 - b1)
-                v.mul_(b2).addcmul_(g, g, value=1 - b2)
-                w.addcdiv_(m, v.sqrt().add_(eps), value=-step_size)
-                if wd:
-                    w.add_(w, alpha=-lr * wd)
-                p.copy_(w)
-        if not fast:
-            return
-        ps, gs, ms, vs, sizes = (list(x) for x in zip(*fast))
-        denom = _adam_moments(ms, vs, gs, b1, b2, eps)
-        if len(set(sizes)) == 1:
-            torch._foreach_addcdiv_(ps, ms, denom, value=-sizes[0])
+            if not int8 and p.dtype == torch.float32 and p.grad.dtype == torch.float32:
+                batches.setdefault(st["step"], []).append(p)
+            else:
+                gen = self._generator(p) if group["stochastic_rounding"] and p.dtype != torch.float32 else None
+                F.adam_tensor_(p, p.grad, st, st["step"], lr=lr, betas=betas, eps=eps, weight_decay=wd,
+                               generator=gen, state_generator=self._state_generator(p, int8), fused=self._fused)
+        for t, ps in batches.items():
+            sts = [self.state[p] for p in ps]
+            F.adam_(ps, [p.grad for p in ps], [s["exp_avg"] for s in sts], [s["exp_avg_sq"] for s in sts], t,
+                    lr=lr, betas=betas, eps=eps, weight_decay=wd, fused=self._fused)
+
+    def _transport(self, group: dict[str, Any], q_old: Tensor, q_new: Tensor, st: dict[str, Any]) -> None:
+        """Transport the moments of ``st`` from ``q_old`` to ``q_new`` (int8 moments through float32)."""
+        if F.Int8Moments.is_int8(st):
+            m, v = F.Int8Moments.load(st)
+            shape = st["exp_avg"].shape
+            restart = transport(group["transport"], q_old, q_new, m.view(shape), v.view(shape))
+            F.Int8Moments.store(st, m, v)
         else:
-            torch._foreach_addcdiv_(ps, ms, denom, [-s for s in sizes])
-        if wd:
-            torch._foreach_add_(ps, ps, alpha=-lr * wd)
+            restart = transport(group["transport"], q_old, q_new, st["exp_avg"], st["exp_avg_sq"])
+        if restart:
+            st["adam_step"] = 0
 
     def _projected_step(self, group: dict[str, Any],
                         items: list[tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]]) -> None:
         """One step for every parameter of a projected group: per-parameter basis maintenance and
-        matrix products, with the elementwise work (Adam, the limiter) fused over the group."""
+        matrix products; Adam (fused), the recovery norms and the limiter batched over the group."""
         rule = get_rule(group["rule"])
         seeded, orthonormal = rule_flag(rule, "FROM_SEED"), rule_flag(rule, "ORTHONORMAL")
-        scaling, feedback = group.get("scaling"), group.get("error_feedback", False)
+        scaling, feedback, recovery = group.get("scaling"), group.get("error_feedback", False), group["recovery"]
+        int8 = group["state_dtype"] == "int8"
         T = group["update_interval"]
         b1, b2 = group["betas"]
         lr, wd, alpha = group["lr"], group["weight_decay"], group["alpha"]
@@ -469,9 +497,12 @@ class SubspaceAdamW(Optimizer):
                 else:
                     q = st["Q"] = rule.init(x, ctx).to(torch.float32).contiguous()
                 st["step"], st["adam_step"] = 0, 0
-                st["exp_avg"] = x.new_zeros(x.shape[1], q.shape[1])
-                st["exp_avg_sq"] = x.new_zeros(x.shape[1], q.shape[1])
-                if group["recovery"] or scaling is not None:  # the limiter's previous norm
+                if int8:
+                    F.Int8Moments.init(st, (x.shape[1], q.shape[1]), x.device)
+                else:
+                    st["exp_avg"] = x.new_zeros(x.shape[1], q.shape[1])
+                    st["exp_avg_sq"] = x.new_zeros(x.shape[1], q.shape[1])
+                if recovery or scaling is not None:  # the limiter's previous norm
                     st["residual_norm"] = x.new_zeros(())
                 diag.update(angle=None, last_update=0)
                 rt = x.mT @ q
@@ -479,8 +510,7 @@ class SubspaceAdamW(Optimizer):
                 if seeded:  # a fresh draw from a new seed; keep/reset transports need no old basis
                     st["seed"] = _mix_seed(st["seed"], st["step"])
                     q = self._seeded(group, rule, st["seed"], x)
-                    if transport(group["transport"], q, q, st["exp_avg"], st["exp_avg_sq"]):
-                        st["adam_step"] = 0
+                    self._transport(group, q, q, st)
                     angle = None
                 else:
                     q_old = st["Q"]
@@ -493,8 +523,7 @@ class SubspaceAdamW(Optimizer):
                         q_new = q_new.contiguous()
                         angle = (ctx.angle if ctx.angle is not None
                                  else largest_angle(q_old, q_new) if orthonormal else None)
-                        if transport(group["transport"], q_old, q_new, st["exp_avg"], st["exp_avg_sq"]):
-                            st["adam_step"] = 0
+                        self._transport(group, q_old, q_new, st)
                         st["Q"] = q = q_new
                     else:
                         q, angle = q_old, x.new_zeros(())
@@ -505,47 +534,28 @@ class SubspaceAdamW(Optimizer):
                 if rt is None:  # error feedback: X was only formed now
                     q = st["Q"]
                     rt = x.mT @ q
+            fallbacks = getattr(ctx, "svd_fallbacks", 0)
+            if fallbacks:
+                diag["svd_fallbacks"] = diag.get("svd_fallbacks", 0) + fallbacks
             st["step"] += 1
             st["adam_step"] += 1
-            t = st["adam_step"]
             diag["step"] = st["step"]
             xs.append(x)
             qs.append(q)
             rts.append(rt)
-            sizes.append(lr * math.sqrt(1 - b2**t) / (1 - b1**t))
             states.append(st)
             diags.append((diag, basis_update))
-        # Adam in the subspace, fused over the group
-        ms, vs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
-        nts = torch._foreach_div(ms, _adam_moments(ms, vs, rts, b1, b2, group["eps"]))
-        if scaling is not None or group["recovery"]:
-            if scaling == "tensor":
-                phis = [rec.tensor_scale(rt, nt) for rt, nt in zip(rts, nts)]
-                s_norm = torch.stack([phi * torch.linalg.vector_norm(x) for phi, x in zip(phis, xs)])
-            else:
-                scales = [rec.channel_scale(rt, nt) for rt, nt in zip(rts, nts)]
-                phis = [phi for phi, _ in scales]
-                if scaling == "channel":  # ||X Phi||^2 = sum_j phi_j^2 ||X_j||^2
-                    s_norm = torch.stack([torch.dot(phi.square(), rec.col_sq(x)) for phi, x in zip(phis, xs)])
-                else:  # recovery: the residual E Phi only
-                    terms = [rec.residual_terms(x, r_norm, phi) for x, (phi, r_norm) in zip(xs, scales)]
-                    s_norm, e2, x2 = (torch.stack(v) for v in zip(*terms))
-                s_norm = s_norm.sqrt()
-            prev = [s["residual_norm"] for s in states]
-            c = rec.limit(s_norm, torch.stack(prev), group["zeta"])
-            torch._foreach_copy_(prev, list((s_norm * c).unbind()))
-            phis = [phi * ci for phi, ci in zip(phis, c.unbind())]  # the limiter folded into Phi
-            if scaling is None:
-                alpha_r = alpha if group["alpha_r"] is None else group["alpha_r"]
-                e = e2.sqrt()
-                ratio = e / x2.sqrt().clamp_min(1e-30)
-                for i, (diag, _) in enumerate(diags):
-                    diag.update(residual_norm=e[i], residual_ratio=ratio[i], limiter=c[i])
-            else:
-                for i, (diag, _) in enumerate(diags):
-                    diag.update(limiter=c[i])
-        if scaling is None:
-            torch._foreach_mul_(nts, alpha)
+        # Adam in the subspace: nts = scale * N, fused over the tensors that share a step count
+        scale = alpha if scaling is None else 1.0
+        nts = self._directions([it[0] for it in items], rts, states, group, scale)
+        for st in states:
+            t = st["adam_step"]
+            sizes.append(lr * math.sqrt(1 - b2**t) / (1 - b1**t))
+        phis = None
+        if scaling is not None or recovery:
+            phis = self._scales(group, xs, rts, nts, states, diags, scale)
+        alpha_r = alpha if group["alpha_r"] is None else group["alpha_r"]
+        decay = 1.0 - lr * wd  # decoupled decay after the update: (W - s D)(1 - lr wd), folded into the update
         for i, ((p, _, _, _), x, q, st, rt, nt, step_size) in enumerate(zip(items, xs, qs, states, rts, nts, sizes)):
             transposed = is_transposed(p.shape)
             w = p if p.dtype == torch.float32 else p.float()
@@ -553,9 +563,11 @@ class SubspaceAdamW(Optimizer):
             g = p.grad if w is p and not feedback else x.mT if transposed else x
             if scaling is not None:  # APOLLO: D = alpha c X Phi, nothing back-projected
                 phi = phis[i] if scaling == "tensor" else phis[i].unsqueeze(1) if transposed else phis[i].unsqueeze(0)
-                w.addcmul_(g, phi, value=-step_size * alpha)
+                if wd:
+                    w.mul_(decay)
+                w.addcmul_(g, phi, value=-step_size * alpha * decay)
             else:
-                if group["recovery"]:  # alpha N - alpha_r c R Phi
+                if recovery:  # alpha N - alpha_r c R Phi
                     phi = phis[i].unsqueeze(1)
                     nt.addcmul_(rt, phi, value=-alpha_r)
                 elif diags[i][1] and orthonormal:  # residual diagnostics at basis updates only (a pass over X)
@@ -563,15 +575,16 @@ class SubspaceAdamW(Optimizer):
                     e = (x2 - rt.square().sum()).clamp_min(0).sqrt()
                     diags[i][0].update(residual_norm=e, residual_ratio=e / x2.sqrt().clamp_min(1e-30))
                 if transposed:  # W (m x n) -= step (Q N)^T = Nt Q^T: no full-size temporary
-                    w.addmm_(nt, q.mT, alpha=-step_size)
+                    w.addmm_(nt, q.mT, beta=decay, alpha=-step_size * decay)
                 else:
-                    w.addmm_(q, nt.mT, alpha=-step_size)
-                if group["recovery"]:  # + alpha_r c X Phi, with Phi along the long side
-                    w.addcmul_(g, phi if transposed else phi.mT, value=-step_size * alpha_r)
-            if wd:  # decoupled, after the update, exactly as GaLore and Fira do it
-                w.add_(w, alpha=-lr * wd)
+                    w.addmm_(q, nt.mT, beta=decay, alpha=-step_size * decay)
+                if recovery:  # + alpha_r c X Phi, with Phi along the long side
+                    w.addcmul_(g, phi if transposed else phi.mT, value=-step_size * alpha_r * decay)
             if w is not p:
-                p.copy_(w)
+                if group["stochastic_rounding"]:
+                    F.stochastic_round_(p, w, self._generator(p))
+                else:
+                    p.copy_(w)
             if feedback:  # E = X - Q R, in place in the buffer that held X (m x n)
                 e = st["error"]
                 if transposed:
@@ -579,14 +592,73 @@ class SubspaceAdamW(Optimizer):
                 else:
                     e.addmm_(q, rt.mT, alpha=-1.0)
 
+    def _state_generator(self, p: Tensor, int8: bool) -> torch.Generator | None:
+        """The generator for stochastic rounding of int8 state, when that rounding is in use."""
+        return self._generator(p) if int8 and F.V_ROUNDING == "stochastic" else None
 
-def _adam_moments(ms: list[Tensor], vs: list[Tensor], gs: list[Tensor], b1: float, b2: float,
-                  eps: float) -> list[Tensor]:
-    """Update the moments in place (fused over tensors) and return ``sqrt(V) + eps``."""
-    torch._foreach_mul_(ms, b1)
-    torch._foreach_add_(ms, gs, alpha=1 - b1)
-    torch._foreach_mul_(vs, b2)
-    torch._foreach_addcmul_(vs, gs, gs, value=1 - b2)
-    denom = torch._foreach_sqrt(vs)
-    torch._foreach_add_(denom, eps)
-    return denom
+    def _directions(self, params: list[Tensor], rts: list[Tensor], states: list[dict[str, Any]],
+                    group: dict[str, Any], scale: float) -> list[Tensor]:
+        """``scale * N`` for every matrix of a group (moments updated in place): float32 moments in one
+        fused call per Adam step count, int8 moments one matrix at a time."""
+        out: list[Tensor | None] = [None] * len(rts)
+        batches: dict[int, list[int]] = {}
+        for i, st in enumerate(states):
+            if F.Int8Moments.is_int8(st):
+                out[i] = F.direction_tensor(rts[i], st, st["adam_step"], betas=group["betas"], eps=group["eps"],
+                                            scale=scale, generator=self._state_generator(params[i], True),
+                                            fused=self._fused)
+            else:
+                batches.setdefault(st["adam_step"], []).append(i)
+        for t, idx in batches.items():
+            res = F.adam_direction([rts[i] for i in idx], [states[i]["exp_avg"] for i in idx],
+                                   [states[i]["exp_avg_sq"] for i in idx], t, betas=group["betas"],
+                                   eps=group["eps"], scale=scale, fused=self._fused)
+            for i, r in zip(idx, res):
+                out[i] = r
+        return out
+
+    def _scales(self, group: dict[str, Any], xs: list[Tensor], rts: list[Tensor], nts: list[Tensor],
+                states: list[dict[str, Any]], diags: list, scale: float) -> list[Tensor]:
+        """The recovery (or APOLLO) scales ``c Phi`` of every matrix, with the limiter folded in.
+
+        ``nts`` hold ``scale * N``. Three reductions per matrix (``||R_j||``, ``||N_j||`` and, for
+        recovery and channel scaling, ``||X_j||^2``: the only pass over the gradient besides the two
+        products); the rest runs once over the group's concatenated slice vectors.
+        """
+        scaling, recovery = group.get("scaling"), group["recovery"]
+        if scaling == "tensor":
+            phis = [rec.tensor_scale(rt, nt) / scale for rt, nt in zip(rts, nts)]
+            s_norm = torch.stack([phi * torch.linalg.vector_norm(x) for phi, x in zip(phis, xs)])
+        else:
+            sizes = [rt.shape[0] for rt in rts]
+            r_norm = torch.cat([torch.linalg.vector_norm(rt, dim=1) for rt in rts])
+            n_norm = torch.cat([torch.linalg.vector_norm(nt, dim=1) for nt in nts])
+            x_col2 = torch.cat([rec.col_sq(x) for x in xs])
+            phi = n_norm.div_(r_norm + rec.PHI_EPS)
+            if scale != 1.0:
+                phi.div_(scale)
+            seg = torch.repeat_interleave(torch.arange(len(rts), device=phi.device),
+                                          torch.tensor(sizes, device=phi.device))
+
+            def seg_sum(v: Tensor) -> Tensor:
+                return torch.zeros(len(rts), dtype=v.dtype, device=v.device).index_add_(0, seg, v)
+
+            if scaling == "channel":  # ||X Phi||^2 = sum_j phi_j^2 ||X_j||^2
+                s_norm = seg_sum(phi.square() * x_col2).sqrt_()
+            else:  # recovery: the residual E Phi only, ||E_j||^2 = ||X_j||^2 - ||R_j||^2
+                e_col2 = (x_col2 - r_norm.square()).clamp_min_(0.0)
+                s_norm = seg_sum(phi.square() * e_col2).sqrt_()
+                e = seg_sum(e_col2).sqrt_()
+                ratio = e / seg_sum(x_col2).sqrt_().clamp_min(1e-30)
+            phis = list(phi.split(sizes))
+        prev = [s["residual_norm"] for s in states]
+        c = rec.limit(s_norm, torch.stack(prev), group["zeta"])
+        torch._foreach_copy_(prev, list((s_norm * c).unbind()))
+        cs = c.unbind()
+        if scaling is None:
+            for d, ei, ri, ci in zip(diags, e.unbind(), ratio.unbind(), cs):
+                d[0].update(residual_norm=ei, residual_ratio=ri, limiter=ci)
+        else:
+            for d, ci in zip(diags, cs):
+                d[0].update(limiter=ci)
+        return [phi * ci for phi, ci in zip(phis, cs)]

@@ -151,6 +151,7 @@ def param_groups(
     *,
     lr: float | None = None,
     weight_decay: float = 0.0,
+    state_dtype: str | None = None,
     **overrides: Any,
 ) -> list[dict[str, Any]]:
     """Optimizer param groups for ``model``: the projected group(s) and the plain rest.
@@ -162,7 +163,8 @@ def param_groups(
     AdamW group. A matrix whose short side is not larger than ``rank`` cannot be projected: it
     falls back to the plain group with a warning. With ``weight_decay > 0``, parameters with
     fewer than 2 dimensions (norms, biases) get no decay, as in nanoGPT. Parameters are given with
-    their names, so errors and :meth:`SubspaceAdamW.diagnostics` name them.
+    their names, so errors and :meth:`SubspaceAdamW.diagnostics` name them. ``state_dtype``
+    (``"float32"`` or ``"int8"``), when given, is set on every group, projected and plain.
     """
     if update_interval is not None and PRESETS.get(preset) is not None:
         overrides["update_interval"] = update_interval
@@ -195,6 +197,8 @@ def param_groups(
         else:
             decay.append((name, p))
     common = {} if lr is None else {"lr": lr}
+    if state_dtype is not None:
+        common["state_dtype"] = state_dtype
     groups: list[dict[str, Any]] = []
     for r, params in proj.items():
         groups.append({"params": params, "rank": r, "weight_decay": weight_decay, **settings, **common})
@@ -211,7 +215,10 @@ def param_groups(
 def make_optimizer(model: nn.Module, preset: str = "subtrack++", lr: float = 1e-3, rank: int | str | None = None,
                    update_interval: int | None = None, targets: str | Iterable[str] = "all-linear", *,
                    weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-6, seed: int = 0,
-                   **overrides: Any) -> SubspaceAdamW:
+                   state_dtype: str = "float32", stochastic_rounding: bool = False, fused: bool | None = None,
+                   check_finite: bool = True, **overrides: Any) -> SubspaceAdamW:
     """``SubspaceAdamW(param_groups(model, preset, ...), lr=lr, ...)`` in one call."""
     groups = param_groups(model, preset, rank, update_interval, targets, weight_decay=weight_decay, **overrides)
-    return SubspaceAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, seed=seed)
+    return SubspaceAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, seed=seed,
+                         state_dtype=state_dtype, stochastic_rounding=stochastic_rounding, fused=fused,
+                         check_finite=check_finite)

@@ -249,3 +249,20 @@ def fsdp_worker(rank: int, world: int, out: str, vocab: int, steps: int, presets
     except ShardedParameterError as e:
         result["ctor_error"] = str(e)
     torch.save(result, Path(out) / f"fsdp-rank{rank}.pt")
+
+
+def ddp_low_bit_worker(rank: int, world: int, out: str, vocab: int) -> None:
+    """bf16 weights with stochastic rounding and int8 states under DDP: 10 steps, final weights saved."""
+    import grassopt
+    from grassopt.distributed import assert_in_sync
+
+    batches = torch.load(Path(out) / "batches.pt")
+    for preset in ("subtrack++", "grassjump", "adamw"):
+        model = build_model(vocab).to(torch.bfloat16)
+        kw = {} if grassopt.PRESETS[preset] is None else {"update_interval": UPDATE_INTERVAL}
+        opt = grassopt.make_optimizer(model, preset, lr=LR, rank=RANK, seed=0, state_dtype="int8",
+                                      stochastic_rounding=True, **kw)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        train(model, opt, batches, rank, world, ddp=ddp)
+        assert_in_sync(model.parameters(), what=f"{preset} bf16 parameters")
+        save_params(model, Path(out) / f"lowbit-{preset}-rank{rank}.pt")

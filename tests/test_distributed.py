@@ -95,6 +95,20 @@ def test_layerwise_ddp_equals_ddp(sotu_1k, tmp_path):
     assert _max_diff(fp16["plain"], fp16["layerwise"]) < 1e-6, "layer-wise DDP with fp16_compress_hook differs"
 
 
+@pytest.mark.distributed
+def test_ddp_ranks_stay_bit_identical_with_stochastic_rounding_and_int8_states(sotu_1k, tmp_path):
+    batches = _batches(sotu_1k, 10, seed=2)
+    torch.save(batches, tmp_path / "batches.pt")
+    init = H.build_model(sotu_1k.vocab_size).to(torch.bfloat16).state_dict()
+    H.spawn(H.ddp_low_bit_worker, WORLD, str(tmp_path), sotu_1k.vocab_size)
+    for preset in ("subtrack++", "grassjump", "adamw"):
+        r0, r1 = (_load(tmp_path / f"lowbit-{preset}-rank{r}.pt") for r in range(WORLD))
+        for k in r0:
+            assert r0[k].dtype == torch.bfloat16
+            assert torch.equal(r0[k], r1[k]), f"{preset}: {k} differs between ranks"
+        assert _max_diff(r0, init) > 1e-3, f"{preset}: the bf16 weights did not move"
+
+
 FSDP_PRESETS = ["adamw", "subtrack++", "grassjump"]
 
 

@@ -262,7 +262,7 @@ def test_limiter_never_lets_the_recovered_residual_grow_faster_than_zeta():
     ({"rank": 2, "rule": "track", "jump_prob": 0.5}, r"option 'jump_prob' is not used by subspace rule 'track'"),
     ({"rank": 2, "updte_interval": 5}, r"unknown param-group option 'updte_interval'.*did you mean 'update_interval'"),
     ({"rule": "svd"}, r"subspace options need a 'rank'"),
-    ({"rank": 2, "step_mode": "fast"}, r"step_mode='fast' must be 'normalized' or 'raw'"),
+    ({"rank": 2, "step_mode": "fast"}, r"step_mode='fast' is not valid for subspace rule 'track': use one of 'normalized', 'raw'"),
 ])
 def test_bad_group_settings_raise_clear_errors(group, match):
     w = nn.Parameter(torch.randn(20, 30))
@@ -363,3 +363,31 @@ def test_step_parameters_one_at_a_time_equals_one_step():
             o2.step_parameters([p])
     for a, b in zip(m1.parameters(), m2.parameters()):
         assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_svd_failure_falls_back_is_counted_and_never_crashes_or_gives_nan(monkeypatch):
+    # LAPACK's SVD can fail to converge on ill-conditioned gradients (a known GaLore failure); force it
+    real_svd = torch.linalg.svd
+
+    def failing_svd(a, *args, **kwargs):
+        if a.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real_svd(a, *args, **kwargs)
+
+    w0 = 0.1 * torch.randn(24, 40)
+    runs = {}
+    for fail in (False, True):
+        if fail:
+            monkeypatch.setattr(torch.linalg, "svd", failing_svd)
+        p = nn.Parameter(w0.clone())
+        opt = SubspaceAdamW([{"params": [("w", p)], "rank": 5, "update_interval": 3, **grassopt.PRESETS["galore"]}],
+                            lr=1e-2)
+        for G in grads((24, 40), 7):
+            p.grad = G
+            opt.step()
+        assert bool(p.isfinite().all())
+        runs[fail] = (p.detach().clone(), opt.diagnostics()["w"].get("svd_fallbacks", 0))
+    assert runs[False][1] == 0
+    assert runs[True][1] == 3  # the first basis and the updates at steps 3 and 6
+    # the float64 fallback finds the same subspaces (signs are fixed by the factorisation of G as stored)
+    assert torch.allclose(runs[True][0], runs[False][0], atol=1e-5)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import math
 import shlex
@@ -21,11 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from ..presets import PRESETS
+from ..references import MissingPackageError, reference_versions, require
 from ..train.cli import _kv, add_run_arguments, config_from_args
 from ..train.loop import EXTRA_PRESETS, TrainConfig, config_differences, train
 from .report import write_report
 
 DEFAULT_PRESETS = ["adamw-torch", "galore", "fira", "subtrack++", "grasswalk", "grassjump"]
+#: added to every bench (unless --no-refs) when installed: the reference packages of grassopt's own presets
 REFERENCE_PRESETS = {"ref-galore": "galore_torch", "ref-apollo": "apollo_torch"}
 
 
@@ -38,7 +39,7 @@ def _preset_lr(text: str) -> tuple[str, float]:
 
 
 _CONFIG_KEYS = {"rank", "update_interval", "lr", "weight_decay", "clip", "clip_mode", "param_dtype", "bf16",
-                "layerwise", "sketch", "sketch_rank", "lean_activations",
+                "layerwise", "sketch", "sketch_rank", "lean_activations", "state_dtype", "stochastic_rounding",
                 "checkpoint_activations"}
 
 
@@ -122,9 +123,17 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _missing(preset: str) -> str | None:
+    """Why ``preset`` cannot run here (its optional package is missing), or None."""
+    try:
+        require(preset)
+    except MissingPackageError as e:
+        return str(e)
+    return None
+
+
 def _available(preset: str) -> bool:
-    mod = REFERENCE_PRESETS.get(preset)
-    return mod is None or importlib.util.find_spec(mod) is not None
+    return _missing(preset) is None
 
 
 def _run(cfg: TrainConfig, reuse: bool, label: str) -> dict[str, Any]:
@@ -166,10 +175,9 @@ def main(argv: list[str] | None = None) -> int:
                 labels.append(p)
                 variants[p] = (p, {}, {})
     missing = [label for label in labels if not _available(variants[label][0])]
-    if missing:
-        print(f"[bench] skipping {missing}: install the reference packages with pip install grassopt[bench]",
-              file=sys.stderr)
-        labels = [label for label in labels if label not in missing]
+    for label in missing:
+        print(f"[bench] skipping {label}: {_missing(variants[label][0])}", file=sys.stderr)
+    labels = [label for label in labels if label not in missing]
     out = Path(args.out)
     base = config_from_args(args, plot=True)
 
@@ -214,9 +222,11 @@ def main(argv: list[str] | None = None) -> int:
             runs.append({"preset": label, "seed": seed, "lr": lrs[label], "summary": s, "history": _history(c.out)})
     cmd = "grassopt bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     report_dir = Path(args.report_dir) if args.report_dir else out
+    versions = reference_versions(dict.fromkeys(variants[label][0] for label in labels))
     table = write_report(report_dir, runs, sweep_rows, base, command=cmd, wall_time=time.time() - started,
-                         title=args.title)
+                         title=args.title, versions=versions)
     print(table)
+    print("\npackages: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     print(f"\nreport: {report_dir / 'report.md'}")
     return 0
 

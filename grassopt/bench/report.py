@@ -107,7 +107,10 @@ def _plot(runs, out: Path) -> list[str]:
     return written
 
 
-def write_report(out: Path, runs, sweep_rows, base, command: str, wall_time: float, title: str | None = None) -> str:
+def write_report(out: Path, runs, sweep_rows, base, command: str, wall_time: float, title: str | None = None,
+                 versions: dict[str, str] | None = None) -> str:
+    """Write report.md, results.json and the PNGs to ``out``; ``versions``: {package: version} of the
+    packages the runs used (grassopt.references.reference_versions), printed in the report."""
     out.mkdir(parents=True, exist_ok=True)
     rows = aggregate(runs)
     tab = table(rows)
@@ -122,7 +125,10 @@ def write_report(out: Path, runs, sweep_rows, base, command: str, wall_time: flo
              f"'vs AdamW' compares with `torch.optim.AdamW` (adamw-torch). Step time is the whole training step "
              f"(forward, backward, optimizer); 'opt. step' the optimizer alone; 'saved act.' the bytes one "
              f"micro-batch's forward pass saves for backward. Total wall time {wall_time / 60:.1f} min.",
-             "", f"Command: `{command}`", "", tab, ""]
+             "", f"Command: `{command}`", ""]
+    if versions:
+        lines += ["Packages: " + ", ".join(f"{k} {v}" for k, v in versions.items()), ""]
+    lines += [tab, ""]
     if sweep_rows:
         lines += ["## Learning-rate sweep", "", "| preset | lr | final eval loss |", "|---|---|---|"]
         lines += [f"| {s['preset']} | {s['lr']:g} | {_fmt(s['final_eval_loss'], '.4f')} |" for s in sweep_rows]
@@ -130,6 +136,6 @@ def write_report(out: Path, runs, sweep_rows, base, command: str, wall_time: flo
     lines += [f"![{p}]({p})" for p in pngs]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     (out / "results.json").write_text(json.dumps(
-        {"command": command, "config": base.to_dict(), "rows": rows, "sweep": sweep_rows,
+        {"command": command, "config": base.to_dict(), "versions": versions or {}, "rows": rows, "sweep": sweep_rows,
          "runs": [{k: v for k, v in r.items()} for r in runs]}, indent=1))
     return tab

@@ -1,15 +1,23 @@
 """Subspace rules: where the basis ``Q`` comes from (ALGORITHMS.md section 1).
 
-A rule is one small module with
+The rule protocol. A rule is one small module with
 
-- ``NAME``: its registry name;
-- ``OPTIONS``: a dict of its own options and their defaults (they live in the param group);
-- ``NEEDS_GENERATOR``: whether it draws random numbers (the optimizer then owns a generator
-  for the parameter, seeded from ``(seed, parameter index)`` and saved in ``state_dict``);
-- ``init(x, ctx) -> Q`` and ``update(q, x, ctx) -> Q'``, pure functions on float32 tensors:
-  ``x`` is the gradient oriented with the short side as rows (``d x k``), ``Q`` is ``d x r``.
-  ``update`` may set ``ctx.angle`` to the largest principal angle it moved (when it knows it
-  exactly); otherwise the optimizer measures it.
+- ``NAME`` (str): its registry name;
+- ``OPTIONS`` (dict): its own options and their defaults. They live in the param group (the
+  optimizer fills in the defaults) and reach the rule as ``ctx.options``; an option of another rule
+  in the group is an error;
+- ``NEEDS_GENERATOR`` (bool): whether it draws random numbers. The optimizer then owns a generator
+  for the parameter, seeded from ``(seed, parameter index)`` and saved in ``state_dict``, and passes
+  it as ``ctx.generator``; a rule draws from nothing else;
+- ``init(x, ctx) -> Q`` and ``update(q, x, ctx) -> Q'``: pure functions on float32 tensors (on ``x``'s
+  device): ``x`` is the gradient oriented with the short side as rows (``d x k``), ``Q`` is ``d x r``.
+  ``update`` may set ``ctx.angle`` to the largest principal angle it moved (a tensor, when it knows
+  it exactly; otherwise the optimizer measures it with ``linalg.largest_angle``). Both add one to
+  ``ctx.svd_fallbacks`` each time an SVD needed a fallback (``linalg.robust_svd``);
+- ``validate(options, rank) -> None`` (optional): raises a ``ValueError`` with a one-line message
+  naming the option and the fix when one of its options has a bad value. ``options`` holds only the
+  rule's own options that were given (missing ones take their defaults and need no check). Call it
+  through :func:`check_options`; a rule without ``validate`` accepts any value of its options.
 
 Two optional flags (read with :func:`rule_flag`):
 
@@ -50,6 +58,8 @@ class RuleContext:
     projected: torch.Tensor | None = None
     #: set by ``update`` to the largest principal angle it moved, when it knows it exactly
     angle: torch.Tensor | None = None
+    #: incremented by ``init``/``update`` each time an SVD needed a fallback (``linalg.robust_svd``)
+    svd_fallbacks: int = 0
 
 
 def get_rule(name: str) -> ModuleType:
@@ -68,6 +78,21 @@ _FLAG_DEFAULTS = {"ORTHONORMAL": True, "FROM_SEED": False}
 def rule_flag(rule: ModuleType, flag: str) -> bool:
     """A rule's optional flag (``ORTHONORMAL`` or ``FROM_SEED``), with its default."""
     return bool(getattr(rule, flag, _FLAG_DEFAULTS[flag]))
+
+
+def check_options(rule: ModuleType, options: Mapping[str, Any], rank: int) -> None:
+    """Check the values of ``rule``'s options in ``options`` (a param group, or any mapping).
+
+    Only the keys of ``rule.OPTIONS`` are looked at (a param group holds many others); they are
+    passed to ``rule.validate(own_options, rank)`` when the rule has one. Raises the rule's
+    ``ValueError`` (a one-line message naming the option and the fix), e.g.
+    ``update_rank=0 is not valid for subspace rule 'walk': use update_rank='full' or an integer
+    in [1, rank=8]``.
+    """
+    validate = getattr(rule, "validate", None)
+    if validate is None:
+        return
+    validate({k: options[k] for k in rule.OPTIONS if k in options}, rank)
 
 
 def all_rule_options() -> set[str]:

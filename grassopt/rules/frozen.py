@@ -6,6 +6,7 @@ NAME = "frozen"
 OPTIONS: dict = {}
 NEEDS_GENERATOR = False
 init = svd.init
+validate = svd.validate
 
 
 def update(q, x, ctx):

@@ -14,6 +14,8 @@ import math
 
 import torch
 
+from ._options import accept_all
+
 NAME = "gaussian"
 OPTIONS: dict = {}
 NEEDS_GENERATOR = True
@@ -22,6 +24,7 @@ ORTHONORMAL = False
 #: Q is a function of a seed: the optimizer stores the seed and calls ``init`` every step with a
 #: generator seeded from it (``update`` is never called)
 FROM_SEED = True
+validate = accept_all
 
 
 def init(x, ctx):

@@ -11,6 +11,7 @@ NAME = "power"
 OPTIONS: dict = {}
 NEEDS_GENERATOR = False
 init = svd.init
+validate = svd.validate
 
 
 def update(q, x, ctx):

@@ -5,11 +5,18 @@ Costs ``O(d k (r + p))`` instead of the ``O(d^2 k)`` of a full SVD.
 
 import torch
 
-from ..linalg import qr_positive
+from ..linalg import count_fallback, qr_positive, robust_svd
+from ._options import check_count
 
 NAME = "rsvd"
 OPTIONS = {"oversample": 8, "power_iters": 2}
 NEEDS_GENERATOR = True
+
+
+def validate(options, rank):
+    """``oversample`` and ``power_iters`` integers ``>= 0``."""
+    check_count(NAME, options, "oversample")
+    check_count(NAME, options, "power_iters")
 
 
 def init(x, ctx):
@@ -19,8 +26,9 @@ def init(x, ctx):
     y = qr_positive(x @ omega)
     for _ in range(int(ctx.options.get("power_iters", 2))):
         y = qr_positive(x @ (x.mT @ y))
-    u, _, _ = torch.linalg.svd(y.mT @ x, full_matrices=False)
-    return (y @ u[:, : ctx.rank]).contiguous()
+    small = robust_svd(y.mT @ x)  # (r + p) x k; a fallback is counted in ctx.svd_fallbacks
+    count_fallback(ctx, small)
+    return (y @ small.U[:, : ctx.rank]).contiguous()
 
 
 def update(q, x, ctx):

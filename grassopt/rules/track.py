@@ -7,18 +7,30 @@ gradient ``-2 E A^T`` is tangent at ``Q``. We move along ``H = 2 E A^T`` (descen
 Step size: ``theta = step_size * sigma`` (``step_mode="raw"``, the paper's form, whose scale
 depends on ``||X||^2``) or ``theta = step_size * sigma / ||X||_F^2`` (``"normalized"``, the default:
 scale-free, and ``step_size`` bounds the angle in radians).
+
+``update_rank`` (default 1, the paper's rank-1 step) is the number of singular directions of ``H`` the
+step turns: an integer in ``[1, r]`` or ``"full"``. Its cost barely depends on it: the singular pairs come
+from the ``r x r`` Gram of ``H`` (``linalg.geodesic_step``), not from an SVD of the ``d x r`` ``H``.
 """
 
 import torch
 
 from ..linalg import geodesic_step
 from . import svd
+from ._options import check_choice, check_step_size, check_update_rank
 
 NAME = "track"
 OPTIONS = {"step_size": 0.5, "step_mode": "normalized", "update_rank": 1}
 NEEDS_GENERATOR = False
 STEP_MODES = ("normalized", "raw")
 init = svd.init
+
+
+def validate(options, rank):
+    """``step_size > 0``; ``step_mode`` in ``STEP_MODES``; ``update_rank`` ``"full"`` or in ``[1, rank]``."""
+    check_step_size(NAME, options)
+    check_choice(NAME, options, "step_mode", STEP_MODES)
+    check_update_rank(NAME, options, rank)
 
 
 def update(q, x, ctx):
@@ -30,6 +42,7 @@ def update(q, x, ctx):
         scale = eta
     else:
         scale = eta / torch.linalg.vector_norm(x).square().clamp_min(torch.finfo(x.dtype).tiny)
-    q_new, theta = geodesic_step(q, h, lambda s: s * scale, int(ctx.options.get("update_rank", 1)))
+    k = ctx.options.get("update_rank", OPTIONS["update_rank"])
+    q_new, theta = geodesic_step(q, h, lambda s: s * scale, k)
     ctx.angle = theta.max()
     return q_new

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from ..functional import adam_tensor_
 from .api import Rank, sketch, sketch_states, sketched_layers
 from .layer import SketchedLinear, _master_dtype
 
@@ -150,21 +151,9 @@ class RSO(Optimizer):
             st["step"] = 0
             st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
             st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-        b1, b2 = group["betas"]
-        lr = group["lr"]
         st["step"] += 1
-        t = st["step"]
-        m, v = st["exp_avg"], st["exp_avg_sq"]
-        g = g if g.dtype == torch.float32 else g.float()
-        m.mul_(b1).add_(g, alpha=1 - b1)
-        v.mul_(b2).addcmul_(g, g, value=1 - b2)
-        step_size = lr * math.sqrt(1 - b2**t) / (1 - b1**t)
-        w = p if p.dtype == torch.float32 else p.float()
-        w.addcdiv_(m, v.sqrt().add_(group["eps"]), value=-step_size)
-        if weight_decay:
-            w.add_(w, alpha=-lr * weight_decay)
-        if w is not p:
-            p.copy_(w)
+        adam_tensor_(p, g, st, st["step"], lr=group["lr"], betas=group["betas"], eps=group["eps"],
+                     weight_decay=weight_decay)
 
     @torch.no_grad()
     def merge(self) -> None:

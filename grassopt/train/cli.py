@@ -9,6 +9,7 @@ import os
 import sys
 
 from ..presets import PRESETS
+from ..references import MissingPackageError
 from .loop import EXTRA_PRESETS, CheckpointError, TrainConfig, train
 from .model import CONFIGS
 
@@ -59,7 +60,9 @@ def add_run_arguments(ap: argparse.ArgumentParser, *, with_preset: bool = True) 
     g = ap.add_argument_group("optimizer")
     if with_preset:
         g.add_argument("--preset", default=d.preset, choices=sorted(set(PRESETS) | set(EXTRA_PRESETS)),
-                       help="optimizer preset (default: %(default)s); adamw-torch is torch.optim.AdamW")
+                       help="optimizer preset (default: %(default)s); adamw-torch is torch.optim.AdamW; ref-* are "
+                            "reference optimizers (ref-muon, ref-adafactor: torch's own; the others need "
+                            "pip install grassopt[bench])")
     g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (default: %(default)s)")
     g.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio,
                    help="final LR as a fraction of the peak after cosine decay (default: %(default)s)")
@@ -83,6 +86,12 @@ def add_run_arguments(ap: argparse.ArgumentParser, *, with_preset: bool = True) 
                    help="step each parameter inside backward as soon as its gradient is complete, then free the "
                         "gradient (grassopt.layerwise): the full set of gradients is never resident. Global-norm "
                         "clipping needs all gradients at once: use --clip-mode per-parameter or --clip 0")
+    g.add_argument("--state-dtype", default=d.state_dtype, choices=["float32", "int8"],
+                   help="Adam moments of grassopt's presets (projected and plain groups): float32, or int8 codes "
+                        "with a float32 scale per block of 256 (about 1/4 of the bytes; grassopt.functional)")
+    g.add_argument("--stochastic-rounding", action="store_true",
+                   help="with --param-dtype bfloat16: round each weight update stochastically (unbiased), so that "
+                        "updates below half a bf16 ulp are not lost; seeded, resumable, identical on every rank")
     g = ap.add_argument_group("activation memory")
     g.add_argument("--sketch", default=None, choices=["haar", "gaussian", "coordinate"],
                    help="store only x P (tokens x r) for the backward pass of the covered linear layers, with a "
@@ -124,7 +133,7 @@ def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
         targets=list(args.targets), options=dict(args.opt), clip=args.clip, clip_mode=args.clip_mode,
         layerwise=args.layerwise, sketch=args.sketch, sketch_rank=args.sketch_rank, bf16=args.bf16,
         lean_activations=args.lean_activations, checkpoint_activations=args.checkpoint_activations,
-        param_dtype=args.param_dtype,
+        param_dtype=args.param_dtype, state_dtype=args.state_dtype, stochastic_rounding=args.stochastic_rounding,
         eval_every=args.eval_every, eval_batch_size=args.eval_batch_size, eval_tokens=args.eval_tokens,
         log_every=args.log_every, seed=args.seed,
         device=args.device, threads=args.threads, progress=not args.no_progress, cache_dir=args.cache_dir,
@@ -174,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     distributed = _init_distributed()
     try:
         summary = train(cfg)
-    except (CheckpointError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, ValueError, FileNotFoundError, MissingPackageError) as e:
         print(f"grassopt train: error: {e}", file=sys.stderr)
         return 2
     finally:

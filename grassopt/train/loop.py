@@ -30,7 +30,8 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from .. import memory
+from .. import memory, references
+from ..functional import fused_available
 from ..optimizer import SubspaceAdamW
 from ..layerwise import clip_grad_norm_per_parameter_
 from ..optimizer import SUBSPACE_DEFAULTS
@@ -43,13 +44,16 @@ __all__ = ["TrainConfig", "train", "build_optimizer", "evaluate", "CheckpointErr
 
 #: Optimizers the loop knows beside grassopt's presets.
 EXTRA_PRESETS = {
-    "adamw-torch": "torch.optim.AdamW (full rank, PyTorch's own implementation)",
+    "adamw-torch": "torch.optim.AdamW (full rank, PyTorch's own implementation; fused=True where the device has "
+                   "the fused kernel)",
     "ref-galore": "GaLoreAdamW from the reference package galore-torch (optional: pip install grassopt[bench])",
     "ref-apollo": "APOLLOAdamW from the reference package apollo-torch (optional: pip install grassopt[bench])",
     "zo": "forward-only training: zeroth-order low-rank (U V^T, Haar V) gradient estimates (grassopt.zo)",
     "mezo": "forward-only training with dense Gaussian perturbations (MeZO), the baseline of zo",
     "rso": "randomized subspace optimization (grassopt.sketch.rso): the covered layers train a low-rank B in a "
            "random subspace P (resampled every --update-interval steps) and store only x P for backward",
+    # the reference optimizers people pick today (grassopt.references; optional: pip install grassopt[bench])
+    **{name: ref.description for name, ref in references.REFERENCES.items()},
 }
 
 #: Config fields that may change when a run is resumed (they do not affect the numbers).
@@ -102,6 +106,8 @@ class TrainConfig:
     lean_activations: bool = False  # RMSNorm and SwiGLU recompute their intermediates in backward (LlamaConfig)
     checkpoint_activations: bool = False  # each block saves only its input, recomputes the rest in backward
     param_dtype: str = "float32"  # dtype of the parameters themselves ("bfloat16" for pure bf16 training)
+    state_dtype: str = "float32"  # Adam moments of grassopt's presets: "float32" or "int8" (grassopt.functional)
+    stochastic_rounding: bool = False  # round bf16 weight updates stochastically (needs param_dtype bfloat16)
     eval_every: int = 100
     eval_batch_size: int = 32
     eval_tokens: int | None = None  # None: the whole validation split; else its first N predicted tokens
@@ -154,8 +160,21 @@ class TrainConfig:
             raise ValueError(f"param_dtype={self.param_dtype!r} must be float32, bfloat16 or float16")
         if self.clip < 0:
             raise ValueError(f"clip={self.clip} must be >= 0 (0 disables clipping)")
+        from ..functional import STATE_DTYPES
+        if self.state_dtype not in STATE_DTYPES:
+            raise ValueError(f"state_dtype={self.state_dtype!r} must be one of {list(STATE_DTYPES)}")
+        if self.state_dtype != "float32" and self.preset not in PRESETS:
+            raise ValueError(f"state_dtype={self.state_dtype!r} applies to grassopt's presets, not to {self.preset!r} "
+                             "(for 8-bit AdamW as a reference use the preset ref-adamw8bit)")
+        if self.stochastic_rounding and (self.param_dtype != "bfloat16" or self.preset not in PRESETS):
+            raise ValueError("stochastic_rounding=True rounds the updates of bfloat16 weights of grassopt's presets: "
+                             "use it with param_dtype='bfloat16' (--param-dtype bfloat16) and a grassopt preset")
         if self.clip_mode not in ("global", "per-parameter"):
             raise ValueError(f"clip_mode={self.clip_mode!r} must be 'global' or 'per-parameter'")
+        references.require(self.preset)  # a missing optional package: one line naming it and the extra
+        if self.layerwise and self.preset in references.REFERENCES:
+            raise ValueError(f"layerwise=True steps grassopt's presets and adamw-torch; the reference "
+                             f"{self.preset!r} runs as its authors do, with optimizer.step()")
         forward_only = self.preset in ("zo", "mezo")
         if self.layerwise and forward_only:
             raise ValueError(f"layerwise=True needs a backward pass; preset {self.preset!r} is forward-only")
@@ -260,8 +279,14 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
             raise ValueError(f"preset {cfg.preset!r} takes an integer rank, got rank={cfg.rank!r}")
         return ZO(model, rank=8 if cfg.rank is None else cfg.rank, lr=cfg.lr, weight_decay=cfg.weight_decay,
                   targets=cfg.targets, dense=cfg.preset == "mezo", seed=cfg.seed, **opts)
-    if cfg.preset == "adamw-torch":
-        return torch.optim.AdamW(_decay_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    if cfg.preset == "adamw-torch":  # torch's fused kernel wherever the device has one: its fastest AdamW
+        groups = _decay_groups(model, cfg.weight_decay)
+        fused = fused_available([p for g in groups for p in g["params"]]) or None
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
+    if cfg.preset in references.REFERENCES:
+        return references.build(cfg.preset, model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas,
+                                settings=opts)
+    references.require(cfg.preset)  # ref-galore, ref-apollo: one line if the package is missing
     if cfg.preset == "ref-galore":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -278,17 +303,23 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     groups = param_groups(model, cfg.preset, rank=cfg.rank, update_interval=cfg.update_interval,
                           targets=cfg.targets, weight_decay=cfg.weight_decay,
                           **(opts if PRESETS[cfg.preset] is not None else {}))
-    return SubspaceAdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, seed=cfg.seed)
+    return SubspaceAdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, seed=cfg.seed,
+                         state_dtype=cfg.state_dtype, stochastic_rounding=cfg.stochastic_rounding)
 
 
 def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
-    """Bytes of the optimizer's state tensors, counting the reference packages' projector bases too."""
-    total = memory.state_bytes(opt)
+    """Bytes of the optimizer's state tensors, as allocated (:func:`grassopt.references.tensor_bytes`):
+    nested lists and dicts (SOAP's preconditioners), each storage once and whole (bitsandbytes'
+    shared quantization maps; galore-torch's bases, slices of a full SVD factor), tensor subclasses
+    by their inner tensors (torchao's 8-bit codes, scales and maps), and the reference packages'
+    projector bases (galore-torch, apollo-torch). One counter for every method."""
+    seen: set = set()
+    total = references.tensor_bytes(list(opt.state.values()), seen)
     for st in opt.state.values():
         proj = st.get("projector") if isinstance(st, dict) else None
         mat = getattr(proj, "ortho_matrix", None)
         if torch.is_tensor(mat):
-            total += mat.numel() * mat.element_size()
+            total += references.tensor_bytes(mat, seen)
     return total
 
 
@@ -439,6 +470,7 @@ def train(cfg: TrainConfig, dataset: data_mod.TokenizedCorpus | None = None,
     ckpt_path = out / "checkpoint.pt"
     ckpt = None
     if cfg.resume:
+        references.prepare_resume(cfg.preset)  # torchao's state tensors must be known to weights_only loading
         ckpt = load_checkpoint(ckpt_path)
         _check_resume_config(ckpt["config"], cfg, ckpt_path)
     if dataset is None:
@@ -539,7 +571,7 @@ def train(cfg: TrainConfig, dataset: data_mod.TokenizedCorpus | None = None,
                         x, y = x[rank * cfg.batch_size:(rank + 1) * cfg.batch_size], y[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
                     batches.append((x.to(device), y.to(device)))
                 grad_norm = None
-                lr_used = opt.param_groups[0]["lr"]
+                lr_used = float(opt.param_groups[0]["lr"])  # (a tensor in torchao's optimizers)
                 if zeroth_order:  # two forward passes inside the optimizer, no backward
                     def closure() -> torch.Tensor:
                         total = torch.zeros((), device=device)

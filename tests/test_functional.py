@@ -1,0 +1,305 @@
+"""The one Adam (fused and foreach), int8 moments and stochastic rounding (grassopt.functional)."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import grassopt
+from grassopt import SubspaceAdamW
+from grassopt import functional as F
+from grassopt.memory import state_bytes
+from reference import ReferenceStep
+
+PROJECTED = [p for p, v in grassopt.PRESETS.items() if v is not None]
+
+
+def _grads(shape, steps, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g) + 2 * torch.outer(torch.randn(shape[0], generator=g),
+                                                             torch.randn(shape[1], generator=g))
+            for _ in range(steps)]
+
+
+def test_fused_kernel_is_available_on_this_device():
+    # the dispatch must pick torch's fused kernel for plain float32 tensors here (CPU has it)
+    assert F.fused_available([torch.zeros(3), torch.zeros(3)])
+    assert not F.fused_available([torch.zeros(3), torch.zeros(3, dtype=torch.float64)])
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "foreach"])
+def test_adam_matches_float64_galore_convention_with_decay_after(fused):
+    g = torch.Generator().manual_seed(0)
+    shapes = [(7, 3), (5,), (4, 4)]
+    ws = [torch.randn(s, generator=g) for s in shapes]
+    ps = [w.clone() for w in ws]
+    ms = [torch.zeros(s) for s in shapes]
+    vs = [torch.zeros(s) for s in shapes]
+    lr, b1, b2, eps, wd = 3e-2, 0.8, 0.95, 1e-3, 0.1
+    W = [w.double() for w in ws]
+    M = [torch.zeros(s, dtype=torch.float64) for s in shapes]
+    V = [torch.zeros(s, dtype=torch.float64) for s in shapes]
+    for t in range(1, 8):
+        gs = [torch.randn(s, generator=g) for s in shapes]
+        F.adam_(ps, gs, ms, vs, t, lr=lr, betas=(b1, b2), eps=eps, weight_decay=wd, fused=fused)
+        for i, G in enumerate(gs):
+            M[i] = b1 * M[i] + (1 - b1) * G.double()
+            V[i] = b2 * V[i] + (1 - b2) * G.double() ** 2
+            W[i] = W[i] - lr * math.sqrt(1 - b2**t) / (1 - b1**t) * M[i] / (V[i].sqrt() + eps)
+            W[i] = W[i] - lr * wd * W[i]  # decay after the update, as galore-torch does
+    for p, w, m, mm in zip(ps, W, ms, M):
+        assert torch.allclose(p.double(), w, rtol=1e-6, atol=1e-7)
+        assert torch.allclose(m.double(), mm, rtol=1e-6, atol=1e-8)
+
+
+def test_fused_and_foreach_directions_agree_and_match_float64():
+    g = torch.Generator().manual_seed(1)
+    rs = [torch.randn(30, 6, generator=g) for _ in range(3)]
+    out = {}
+    for fused in (True, False):
+        ms = [torch.zeros_like(r) for r in rs]
+        vs = [torch.zeros_like(r) for r in rs]
+        for t in range(1, 4):
+            n = F.adam_direction([r * t for r in rs], ms, vs, t, betas=(0.9, 0.999), eps=1e-6, scale=0.25,
+                                 fused=fused)
+        out[fused] = n
+    M = V = 0
+    for t in range(1, 4):
+        R = rs[0].double() * t
+        M = 0.9 * M + 0.1 * R
+        V = 0.999 * V + 0.001 * R * R
+    ref = 0.25 * M / (V.sqrt() + 1e-6)
+    for a, b in zip(out[True], out[False]):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-9)
+    assert torch.allclose(out[True][0].double(), ref, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("preset", PROJECTED)
+def test_every_preset_on_the_foreach_path_matches_the_float64_reference(preset):
+    # the fused path is the default and is checked by test_optimizer; this is the other dispatch
+    shape, T, rank, lr, wd = (24, 40), 4, 5, 1e-2, 0.05
+    w0 = 0.1 * torch.randn(shape)
+    p = nn.Parameter(w0.clone())
+    opt = SubspaceAdamW([{"params": [p], "rank": rank, "update_interval": T, **grassopt.PRESETS[preset]}],
+                        lr=lr, weight_decay=wd, fused=False)
+    group = opt.param_groups[0]
+    ref = ReferenceStep(w0, rank, lr, wd=wd, alpha=group["alpha"], transport=group["transport"],
+                        recovery=group["recovery"], update_interval=group["update_interval"], scaling=group["scaling"],
+                        error_feedback=group["error_feedback"])
+    for G in _grads(shape, 10):
+        p.grad = G
+        opt.step()
+        assert torch.allclose(p.detach().double(), ref.step(G, opt.basis(p)), atol=2e-6, rtol=1e-5), preset
+
+
+@pytest.mark.parametrize("preset", ["adamw", "galore", "subtrack++", "apollo"])
+def test_fused_and_foreach_optimizers_agree(preset):
+    results = []
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 12), nn.Linear(12, 4))
+        opt = grassopt.make_optimizer(model, preset, lr=1e-2, rank=3, update_interval=3, seed=1, fused=fused,
+                                      weight_decay=0.01)
+        for i in range(7):
+            x = torch.randn(8, 16, generator=torch.Generator().manual_seed(i))
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------- int8
+def _bound_signed(x, s):
+    """The documented bound of the signed map: |M' - M| <= max|M| (sqrt|u| / 127 + 1 / (4 127^2))."""
+    u = (x / s).abs()
+    return s * (u.sqrt() / 127 + 0.25 / 127**2)
+
+
+def _bound_unsigned(x, s):
+    """The documented bound of the map of V: relative 2^(32/510) - 1, or 2^(-32 + 32/510) max V below."""
+    return torch.maximum(x * (2 ** (32 / 510) - 1), s * 2 ** (-32 + 32 / 510))
+
+
+@pytest.mark.parametrize("n", [256 * 5, 1000, 17])  # full blocks, a partial last block, one partial block
+def test_int8_round_trip_error_within_the_documented_bound(n):
+    g = torch.Generator().manual_seed(n)
+    # values over ten orders of magnitude, as Adam's second moment has
+    x = torch.randn(n, generator=g) * torch.exp(torch.empty(n).uniform_(-12, 0, generator=g))
+    codes = torch.empty(n, dtype=torch.int8)
+    scales = torch.empty(math.ceil(n / F.BLOCK))
+    F.quantize_signed_(codes, scales, x)
+    y = F.dequantize_signed(codes, scales)
+    per = scales.repeat_interleave(F.BLOCK)[:n]
+    assert torch.equal(scales, torch.stack([b.abs().max() for b in x.split(F.BLOCK)]))
+    assert bool((y - x).abs().le(_bound_signed(x, per) * (1 + 1e-5)).all())
+    assert torch.equal(y.sign() * (y != 0), x.sign() * (y != 0))  # never flips a sign
+    v = x.square()
+    ucodes = torch.empty(n, dtype=torch.uint8)
+    F.quantize_unsigned_(ucodes, scales, v)
+    w = F.dequantize_unsigned(ucodes, scales)
+    per = scales.repeat_interleave(F.BLOCK)[:n]
+    assert bool((w - v).abs().le(_bound_unsigned(v, per) * (1 + 1e-5)).all())
+    # the block maximum is exact, so a block that decays uniformly keeps its codes
+    assert torch.allclose(torch.stack([b.max() for b in w.split(F.BLOCK)]), scales, rtol=1e-6)
+    F.quantize_unsigned_(ucodes.clone(), scales, 0.999 * w)
+    assert torch.allclose(F.dequantize_unsigned(ucodes, scales), 0.999 * w, rtol=1e-5)
+
+
+def test_int8_keeps_small_second_moments_nonzero_where_a_linear_code_does_not():
+    v = torch.tensor([1.0] + [1e-8] * 255)  # one large entry in a block of tiny ones
+    codes = torch.empty(256, dtype=torch.uint8)
+    scales = torch.empty(1)
+    F.quantize_unsigned_(codes, scales, v)
+    w = F.dequantize_unsigned(codes, scales)
+    assert float((w[1:] / 1e-8 - 1).abs().max()) <= 2 ** (32 / 510) - 1
+    assert float(torch.round(v[1:] / v.max() * 255).max()) == 0  # a linear 8-bit code would store 0
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 48), nn.Tanh(), nn.Linear(48, 40), nn.Tanh(), nn.Linear(40, 4))
+
+
+def _data(n=40):
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(16, 4, generator=g)
+    xs = [torch.randn(32, 16, generator=g) for _ in range(n)]
+    return [(x, torch.tanh(x @ w)) for x in xs]
+
+
+def _train(model, opt, data):
+    losses = []
+    for x, y in data:
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    return losses
+
+
+@pytest.mark.parametrize("preset", ["adamw", "galore", "subtrack++", "grassjump"])
+def test_int8_state_trains_like_float32_and_counts_its_bytes_exactly(preset):
+    data = _data()
+    out = {}
+    for dtype in ("float32", "int8"):
+        model = _model()
+        opt = grassopt.make_optimizer(model, preset, lr=1e-2, rank=4, update_interval=10, state_dtype=dtype)
+        out[dtype] = _train(model, opt, data)
+    f32, i8 = out["float32"], out["int8"]
+    assert i8[-1] < 0.5 * i8[0]  # it learns
+    assert abs(sum(i8[-5:]) - sum(f32[-5:])) / sum(f32[-5:]) < 0.1
+    expected = 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            st = opt.state[p]
+            assert st["exp_avg"].dtype == torch.int8 and st["exp_avg_sq"].dtype == torch.uint8
+            n = st["exp_avg"].numel()
+            expected += 2 * F.int8_bytes(n)
+            if "rank" in group:
+                d, k = sorted(p.shape)
+                assert n == k * group["rank"]
+                expected += 4 * d * group["rank"] if "Q" in st else 0
+                expected += 4 if "residual_norm" in st else 0
+            else:
+                assert n == p.numel()
+    assert state_bytes(opt) == expected
+
+
+@pytest.mark.parametrize("preset", ["adamw", "subtrack++", "grasswalk"])
+def test_int8_run_resumes_bit_identically(preset, tmp_path):
+    data = _data(12)
+
+    def build():
+        model = _model()
+        return model, grassopt.make_optimizer(model, preset, lr=1e-2, rank=4, update_interval=3, seed=3,
+                                              state_dtype="int8")
+
+    m1, o1 = build()
+    _train(m1, o1, data)
+    m2, o2 = build()
+    _train(m2, o2, data[:5])
+    torch.save({"m": m2.state_dict(), "o": o2.state_dict()}, tmp_path / "c.pt")
+    ck = torch.load(tmp_path / "c.pt", weights_only=True)
+    m3, o3 = build()
+    m3.load_state_dict(ck["m"])
+    o3.load_state_dict(ck["o"])
+    _train(m3, o3, data[5:])
+    for a, b in zip(m1.parameters(), m3.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_loading_float32_state_into_an_int8_optimizer_is_refused():
+    model = _model()
+    opt = grassopt.make_optimizer(model, "galore", lr=1e-2, rank=4)
+    _train(model, opt, _data(2))
+    other = grassopt.make_optimizer(model, "galore", lr=1e-2, rank=4, state_dtype="int8")
+    with pytest.raises(ValueError, match="float32 moments but its group has state_dtype='int8'"):
+        other.load_state_dict(opt.state_dict())
+    with pytest.raises(ValueError, match="state_dtype='int4' must be one of"):
+        SubspaceAdamW(model.parameters(), state_dtype="int4")
+
+
+# ------------------------------------------------------------------------- stochastic rounding
+def test_stochastic_rounding_is_unbiased_and_deterministic_for_a_seed():
+    x = torch.tensor([1.0 + 2**-10, -3.0 - 3 * 2**-11, 1e-3 * (1 + 2**-9), 7.0])  # between bf16 neighbours
+    n = 20000
+    src = x.repeat(n, 1)
+    out = torch.empty_like(src, dtype=torch.bfloat16)
+    F.stochastic_round_(out, src, torch.Generator().manual_seed(0))
+    vals = out.double()
+    mean, se = vals.mean(0), vals.std(0) / math.sqrt(n)
+    assert bool(((mean - x.double()).abs() <= 4 * se + 1e-12).all()), (mean, x)
+    lo = x.to(torch.bfloat16).double()  # every draw is one of the two neighbours
+    assert bool(((vals - x.double()).abs() < 2 * (x.double().abs() * 2**-7)).all())
+    assert torch.equal(vals[:, 3], torch.full((n,), 7.0, dtype=torch.float64))  # representable: exact
+    again = torch.empty_like(out)
+    F.stochastic_round_(again, src, torch.Generator().manual_seed(0))
+    assert torch.equal(again, out)
+    assert lo.shape == x.shape
+    special = torch.tensor([float("inf"), float("-inf"), float("nan")])
+    sp = torch.empty(3, dtype=torch.bfloat16)
+    F.stochastic_round_(sp, special, torch.Generator().manual_seed(1))
+    assert sp[0] == float("inf") and sp[1] == float("-inf") and bool(sp[2].isnan())
+
+
+def test_bf16_weights_learn_small_updates_only_with_stochastic_rounding():
+    # an update of a tenth of a bf16 ulp, 200 times: lost to round-to-nearest, kept in expectation by SR
+    results = {}
+    for sr in (False, True):
+        p = nn.Parameter(torch.ones(4096, dtype=torch.bfloat16))
+        opt = SubspaceAdamW([p], lr=2**-7 / 10, betas=(0.0, 0.0), eps=0.0, stochastic_rounding=sr, seed=0)
+        for _ in range(200):
+            p.grad = -torch.ones_like(p)  # Adam's normalised step is exactly lr
+            opt.step()
+        results[sr] = p.float().mean().item()
+    expected = 1.0 + 200 * 2**-7 / 10
+    assert results[False] == 1.0
+    assert abs(results[True] - expected) < 0.01 * (expected - 1)
+
+
+def test_stochastic_rounding_resumes_bit_identically():
+    def run(stop=None, state=None):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 24), nn.Tanh(), nn.Linear(24, 4)).to(torch.bfloat16)
+        opt = grassopt.make_optimizer(model, "grassjump", lr=1e-2, rank=3, update_interval=2, seed=4,
+                                      stochastic_rounding=True)
+        if state:
+            model.load_state_dict(state[0])
+            opt.load_state_dict(state[1])
+        data = [(torch.randn(8, 16, generator=torch.Generator().manual_seed(i)).to(torch.bfloat16),) for i in range(8)]
+        start = 0 if state is None else state[2]
+        for i in range(start, stop or 8):
+            opt.zero_grad()
+            model(data[i][0]).float().square().mean().backward()
+            opt.step()
+        return model, opt
+
+    m1, _ = run()
+    m2, o2 = run(stop=3)
+    m3, _ = run(state=(m2.state_dict(), o2.state_dict(), 3))
+    for a, b in zip(m1.parameters(), m3.parameters()):
+        assert a.dtype == torch.bfloat16 and torch.equal(a, b)
