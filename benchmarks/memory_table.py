@@ -84,9 +84,8 @@ def seven_b_section(data: dict) -> list[str]:
         "(`# bsz=16, 22.8G`): **22.8G** (also in its README). We quote no number from the paper's figures. Ours are "
         "`grassopt.memory.estimate` (`grassopt memory 7b ... --state-dtype int8 --param-dtype bf16 --layerwise "
         "[--checkpoint-activations]`): exact counts of what grassopt allocates for each part, each part checked "
-        "against live tensors on `nano` in `tests/test_memory.py` (the int8 moments by their storage format: the live "
-        "check `test_int8_estimate_equals_a_live_int8_optimizer` runs once `SubspaceAdamW` has int8 states). No 7B "
-        "run was made: this machine has no GPU. GiB = 2^30 bytes, GB = 10^9.",
+        "against live tensors on `nano` in `tests/test_memory.py` (the int8 states byte for byte against "
+        "`SubspaceAdamW(state_dtype=\"int8\")` for every preset). No 7B run was made: this machine has no GPU. GiB = 2^30 bytes, GB = 10^9.",
         "",
         *head,
         *galore_rows,
@@ -288,8 +287,9 @@ def main(argv=None) -> None:
         "  None reproduces all four values, and the closest ones need the embedding or the output layer projected "
         f"or left out, which GaLore's code does not do. The paper's savings ({paper_saving}) are larger than the formula gives "
         f"({our_saving}) at every size; we report the formula's.",
-        f"- **What grassopt really allocates.** `SubspaceAdamW` keeps every state in float32 whatever the weights' "
-        "dtype (subspace maths in float32, ALGORITHMS.md section 0), so its states are exactly twice the BF16 "
+        f"- **What grassopt really allocates.** `SubspaceAdamW` keeps every state in float32 by default whatever the "
+        "weights' dtype (subspace maths in float32, ALGORITHMS.md section 0; `state_dtype=\"int8\"` stores the Adam "
+        "moments in 8 bits, see the 7B section below), so its states are exactly twice the BF16 "
         f"column (`grassopt memory 1b --preset galore --rank 512` prints {galore_1b_fp32:.2f} GiB). The estimate's `--state-dtype "
         "bf16` only reproduces the papers' convention. Recovery scaling adds one float per matrix.",
         "",

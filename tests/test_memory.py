@@ -297,21 +297,23 @@ def test_int8_state_bytes_per_moment_tensor():
         estimate(cfg, "adamw", state_dtype="int4")
 
 
-def test_int8_estimate_equals_a_live_int8_optimizer():
-    """Activates once SubspaceAdamW(state_dtype="int8") exists (the optimizer's int8 states)."""
+@pytest.mark.parametrize("preset", list(grassopt.PRESETS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_int8_estimate_equals_a_live_int8_optimizer(preset, dtype):
+    """SubspaceAdamW(state_dtype="int8"): the live state, byte for byte, for every preset."""
     from grassopt.presets import param_groups
     cfg = config("nano", vocab_size=VOCAB)
+    rank = None if preset in DEFAULT_RANKS else 8
     torch.manual_seed(0)
-    model = Llama(cfg).to(torch.bfloat16)
-    try:
-        opt = grassopt.SubspaceAdamW(param_groups(model, "subtrack++", 8), lr=1e-3, state_dtype="int8")
-    except TypeError:
-        pytest.skip("SubspaceAdamW has no state_dtype='int8' yet")
+    model = Llama(cfg).to(dtype)
+    opt = grassopt.SubspaceAdamW(param_groups(model, preset, rank), lr=1e-3, state_dtype="int8")
     idx = torch.randint(0, VOCAB, (1, 8))
     model(idx, idx)[1].backward()
     opt.step()
-    t = estimate(cfg, "subtrack++", 8, "bf16", state_dtype="int8").totals()
-    assert {k: t[k] for k in ("bases", "moments", "other")} == state_breakdown(opt)
+    t = estimate(cfg, preset, rank, dtype, state_dtype="int8").totals()
+    live = state_breakdown(opt)
+    assert {k: t[k] for k in ("bases", "moments", "other")} == live
+    assert live["moments"] < estimate(cfg, preset, rank, dtype).totals()["moments"] / 3.9
 
 
 def test_cli_7b_on_24_gib(capsys):
