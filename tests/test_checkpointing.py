@@ -21,15 +21,23 @@ def _batches():
     return [torch.randint(0, VOCAB, (B, T + 1), generator=g) for _ in range(STEPS)]
 
 
-def _train(checkpoint: bool, *, lean=False, sketch=None, layerwise=False, preset="subtrack++"):
+def _train(checkpoint: bool, *, lean=False, sketch=None, layerwise=False, preset="subtrack++", low_bit=False):
     """A few steps on ``nano``; returns (losses, gradients per step by name, hook firings per
-    parameter, forward calls of block 0's attention, the model)."""
+    parameter, forward calls of block 0's attention, the model). ``low_bit``: bf16 weights with
+    stochastic rounding and int8 optimizer states (the 7B-on-24-GiB settings)."""
     torch.manual_seed(0)
     model = Llama(config("nano", vocab_size=VOCAB, lean_activations=lean, checkpoint_activations=checkpoint))
+    if low_bit:
+        model.to(torch.bfloat16)
     if sketch is not None:
         gs.sketch(model, rank=0.25, law=sketch, mode="estimator", seed=7)
     names = {p: n for n, p in model.named_parameters()}
-    opt = grassopt.make_optimizer(model, preset, lr=1e-2, rank=8, update_interval=2)
+    if low_bit:
+        from grassopt.presets import param_groups
+        opt = grassopt.SubspaceAdamW(param_groups(model, preset, 8, 2), lr=1e-2, state_dtype="int8",
+                                     stochastic_rounding=True)
+    else:
+        opt = grassopt.make_optimizer(model, preset, lr=1e-2, rank=8, update_interval=2)
     grads: list[dict[str, torch.Tensor]] = []
     fired: dict[str, int] = dict.fromkeys(names.values(), 0)
 
@@ -65,7 +73,10 @@ def _train(checkpoint: bool, *, lean=False, sketch=None, layerwise=False, preset
     dict(layerwise=True),
     dict(lean=True, sketch="haar", layerwise=True),
     dict(preset="adamw"),
-], ids=["plain", "lean", "haar", "layerwise", "lean-haar-layerwise", "adamw"])
+    dict(low_bit=True, layerwise=True),
+    dict(low_bit=True, layerwise=True, lean=True, sketch="haar"),
+], ids=["plain", "lean", "haar", "layerwise", "lean-haar-layerwise", "adamw", "bf16-int8-layerwise",
+        "bf16-int8-layerwise-lean-haar"])
 def test_bit_identical_losses_and_gradients(case):
     ref_losses, ref_grads, ref_fired, ref_calls, ref_model = _train(False, **case)
     losses, grads, fired, calls, model = _train(True, **case)
@@ -79,6 +90,7 @@ def test_bit_identical_losses_and_gradients(case):
     assert fired == ref_fired == {n: STEPS for n in fired}
     for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
         assert torch.equal(p, q), name
+        assert p.dtype == (torch.bfloat16 if case.get("low_bit") else torch.float32)
 
 
 def test_sketched_recompute_uses_the_forward_pass_p():
