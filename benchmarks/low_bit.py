@@ -91,7 +91,7 @@ def maps_part(out: Path) -> list[dict]:
         label = "float32" if code is None else f"int8 {code}, {rounding}"
         run = out / "maps" / label.replace(" ", "_").replace(",", "")
         script = (
-            "import sys, json, torch\n"
+            "import sys, json, torch\ntorch.set_num_threads(1)\n"
             "from grassopt import functional as F\n"
             "from grassopt.train.loop import TrainConfig, train\n"
             f"code, rounding = {code!r}, {rounding!r}\n"

@@ -119,8 +119,9 @@ def _bound_signed(x, s):
 
 
 def _bound_unsigned(x, s):
-    """The documented bound of the map of V: relative 2^(32/510) - 1, or 2^(-32 + 32/510) max V below."""
-    return torch.maximum(x * (2 ** (32 / 510) - 1), s * 2 ** (-32 + 32 / 510))
+    """The documented bound of the map of V (c = 255 u^(1/4)): |V' - V| <= 2 max V (u^(1/4) + 0.5/255)^3 / 255."""
+    u = (x / s).clamp(0, 1)
+    return 2 * s * (u ** 0.25 + 0.5 / 255) ** 3 / 255
 
 
 @pytest.mark.parametrize("n", [256 * 5, 1000, 17])  # full blocks, a partial last block, one partial block
@@ -148,14 +149,35 @@ def test_int8_round_trip_error_within_the_documented_bound(n):
     assert torch.allclose(F.dequantize_unsigned(ucodes, scales), 0.999 * w, rtol=1e-5)
 
 
-def test_int8_keeps_small_second_moments_nonzero_where_a_linear_code_does_not():
+@pytest.mark.parametrize("code", ["pow4", "log"])
+def test_int8_keeps_small_second_moments_nonzero_where_a_linear_code_does_not(code, monkeypatch):
+    monkeypatch.setattr(F, "V_CODE", code)
     v = torch.tensor([1.0] + [1e-8] * 255)  # one large entry in a block of tiny ones
     codes = torch.empty(256, dtype=torch.uint8)
     scales = torch.empty(1)
     F.quantize_unsigned_(codes, scales, v)
     w = F.dequantize_unsigned(codes, scales)
-    assert float((w[1:] / 1e-8 - 1).abs().max()) <= 2 ** (32 / 510) - 1
+    assert float(w[0]) == 1.0 and bool((w[1:] > 0).all())
+    # pow4: sqrt(V)'s relative error <= 1/c with c = 255 * 1e-2 = 2.55; log: <= 2^(32/1020) - 1
+    bound = 1 / 2.55 if code == "pow4" else 2 ** (32 / 1020) - 1
+    assert float((w[1:] / 1e-8).sqrt().sub(1).abs().max()) <= bound
     assert float(torch.round(v[1:] / v.max() * 255).max()) == 0  # a linear 8-bit code would store 0
+
+
+def test_stochastic_rounding_of_v_is_unbiased(monkeypatch):
+    monkeypatch.setattr(F, "V_ROUNDING", "stochastic")
+    v = torch.cat([torch.ones(1), torch.full((255,), 0.3)])
+    codes = torch.empty(256, dtype=torch.uint8)
+    scales = torch.empty(1)
+    gen = torch.Generator().manual_seed(0)
+    draws = []
+    for _ in range(400):
+        F.quantize_unsigned_(codes, scales, v, gen)
+        draws.append(F.dequantize_unsigned(codes, scales)[1:])
+    d = torch.stack(draws).double()
+    assert len(set(d.flatten().tolist())) == 2  # the two neighbouring levels
+    se = d.std() / math.sqrt(d.numel())
+    assert abs(float(d.mean()) - 0.3) < 4 * float(se)
 
 
 def _model():
