@@ -1,4 +1,4 @@
-"""Activation memory and eval loss of the sketched methods (ALGORITHMS.md section 5).
+"""Activation memory and eval loss of the sketched methods (docs/algorithms.md#sketches).
 
 Part ``memory``: for each model (``tiny``, ``small``) and each configuration (plain AdamW, the
 unbiased estimator with ``haar`` + AdamW, RSO; ranks n/4 and n/8), a fresh Python process builds

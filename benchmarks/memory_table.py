@@ -114,7 +114,7 @@ def seven_b_section(data: dict) -> list[str]:
         "its per-parameter optimizers also hold two 256-entry float32 quantization maps each (2 KiB per parameter, "
         "0.6 MB in all), not in our count.",
         f"- **Optimizer states, bases**: the one real difference in kind. grassopt keeps `Q` (`d x r`) in float32 "
-        f"(its subspace maths is float32, ALGORITHMS.md section 0): {t1['bases'] / GIB:.2f} GiB. GaLore casts its "
+        f"(its subspace maths is float32, docs/algorithms.md#notation): {t1['bases'] / GIB:.2f} GiB. GaLore casts its "
         "SVD factor back to the gradient's dtype (`galore_projector.py`: `B.to(original_device).type(original_type)`), "
         f"bf16 here: half of that, {half_q / GIB:.2f} GiB less than ours.",
         "- **Other state**: SubTrack++'s recovery scaling keeps one float32 per projected matrix (224 in all); "
@@ -288,7 +288,7 @@ def main(argv=None) -> None:
         f"or left out, which GaLore's code does not do. The paper's savings ({paper_saving}) are larger than the formula gives "
         f"({our_saving}) at every size; we report the formula's.",
         f"- **What grassopt really allocates.** `SubspaceAdamW` keeps every state in float32 by default whatever the "
-        "weights' dtype (subspace maths in float32, ALGORITHMS.md section 0; `state_dtype=\"int8\"` stores the Adam "
+        "weights' dtype (subspace maths in float32, docs/algorithms.md#notation; `state_dtype=\"int8\"` stores the Adam "
         "moments in 8 bits, see the 7B section below), so its states are exactly twice the BF16 "
         f"column (`grassopt memory 1b --preset galore --rank 512` prints {galore_1b_fp32:.2f} GiB). The estimate's `--state-dtype "
         "bf16` only reproduces the papers' convention. Recovery scaling adds one float per matrix.",

@@ -160,8 +160,9 @@ def adam_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp
 
 def adam_direction(grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], step: int, *,
                    betas: tuple[float, float], eps: float, scale: float = 1.0,
-                   fused: bool | None = None) -> list[Tensor]:
-    """Update the moments in place and return ``scale * M / (sqrt(V) + eps)`` (new tensors).
+                   fused: bool | None = None, out: list[Tensor] | None = None) -> list[Tensor]:
+    """Update the moments in place and return ``scale * M / (sqrt(V) + eps)`` (new tensors, or
+    written into ``out``, which must hold zeros for the fused path).
 
     This is the projected groups' Adam: the direction is back-projected by the caller, not added
     to a weight. ``step`` is the shared (already incremented) step count; the bias correction is
@@ -174,15 +175,19 @@ def adam_direction(grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: lis
     if fused is None:
         fused = fused_available([*grads, *exp_avgs, *exp_avg_sqs])
     if fused:
-        out = [torch.zeros_like(g) for g in grads]
+        if out is None:
+            out = [torch.zeros_like(g) for g in grads]
         steps = [_step_tensor(step, grads[0])] * len(grads)
         torch._fused_adamw_(out, grads, exp_avgs, exp_avg_sqs, [], steps, lr=-scale * bc1 / math.sqrt(bc2),
                             beta1=b1, beta2=b2, weight_decay=0.0, eps=eps / math.sqrt(bc2), amsgrad=False,
                             maximize=False)
         return out
-    out = torch._foreach_div(exp_avgs, _foreach_moments(exp_avgs, exp_avg_sqs, grads, b1, b2, eps))
+    n = torch._foreach_div(exp_avgs, _foreach_moments(exp_avgs, exp_avg_sqs, grads, b1, b2, eps))
     if scale != 1.0:
-        torch._foreach_mul_(out, scale)
+        torch._foreach_mul_(n, scale)
+    if out is None:
+        return n
+    torch._foreach_copy_(out, n)
     return out
 
 

@@ -37,7 +37,7 @@ integration also projects ``lm_head``). Without ``optim_target_modules`` the def
 than the rank are trained with plain AdamW (with a warning).
 
 Note the Adam convention: ``adam_epsilon`` is added to ``sqrt(V)`` before bias correction (GaLore's
-convention, ALGORITHMS.md section 2). The Trainer's default ``adam_epsilon=1e-8`` is used as given;
+convention, docs/algorithms.md#projected-step). The Trainer's default ``adam_epsilon=1e-8`` is used as given;
 grassopt's own default is ``1e-6``.
 
 Layer-wise updates (:mod:`grassopt.layerwise`) do not combine with the Trainer, which calls

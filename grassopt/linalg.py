@@ -1,4 +1,4 @@
-"""Float32 linear-algebra helpers shared by every subspace rule (ALGORITHMS.md sections 0 and 1).
+"""Float32 linear-algebra helpers shared by every subspace rule (docs/algorithms.md#notation).
 
 Orientation is decided here, once: a projected ``m x n`` gradient ``G`` is handled as ``X``, the
 matrix whose rows are the short side ``d = min(m, n)``. ``X = G`` when ``m < n`` and ``X = G^T``
@@ -216,7 +216,7 @@ def resolve_update_rank(update_rank: int | str, r: int) -> int:
 
 
 def geodesic_step(q: Tensor, h: Tensor, angles_from_sigma, update_rank: int | str = 1) -> tuple[Tensor, Tensor]:
-    """Move ``q`` along the Grassmann geodesic in the tangent direction ``h`` (ALGORITHMS.md 1.0).
+    """Move ``q`` along the Grassmann geodesic in the tangent direction ``h`` (docs/algorithms.md#geodesic).
 
     ``h`` is made tangent (``h - q q^T h``); its compact SVD is truncated to ``k = update_rank`` terms
     ``U S V^T`` (``"full"``: all ``r``), ``angles_from_sigma(S)`` gives the angles ``theta`` (clamped to

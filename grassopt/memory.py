@@ -2,7 +2,7 @@
 
 Live: ``state_bytes(optimizer)`` / ``state_breakdown(optimizer)`` count what is really allocated in
 the optimizer's state tensors (plain values such as step counts and seeds are not tensors and are
-not counted). By formula: ``state_elements(shape, group)`` per parameter (ALGORITHMS.md section 6);
+not counted). By formula: ``state_elements(shape, group)`` per parameter (docs/algorithms.md#memory);
 the two agree exactly (tests).
 
 Whole configs: ``estimate(config, preset, rank, dtype, ...)`` builds the model on the ``meta``
@@ -199,7 +199,7 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 # ---------------------------------------------------------------------------------------- formula
 def state_elements(shape: tuple[int, ...] | torch.Size, group: dict[str, Any]) -> dict[str, int]:
-    """State elements of one parameter under ``group``'s settings, by category (ALGORITHMS.md 6).
+    """State elements of one parameter under ``group``'s settings, by category (docs/algorithms.md#memory).
 
     Plain AdamW: ``2 numel`` moments. Projected ``m x n`` at rank ``r`` (``d = min``, ``k = max``):
 

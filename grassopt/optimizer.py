@@ -1,6 +1,6 @@
 """``SubspaceAdamW``: AdamW whose projected param groups run inside a moving rank-``r`` subspace.
 
-One step for a projected ``m x n`` weight (ALGORITHMS.md section 2), with ``X`` the gradient
+One step for a projected ``m x n`` weight (docs/algorithms.md#projected-step), with ``X`` the gradient
 oriented so that its rows are the short side ``d`` (``linalg.orient``):
 
 1. first step: ``Q = rule.init(X)``; every ``update_interval`` steps after that:
@@ -9,7 +9,7 @@ oriented so that its rows are the short side ``d`` (``linalg.orient``):
 3. ``D = alpha Q N`` (+ ``alpha_r c E Phi`` with recovery scaling, ``recovery.py``);
 4. ``W = W - lr_t D`` with ``lr_t = lr sqrt(1 - b2^t) / (1 - b1^t)``, then ``W = W - lr wd W``.
 
-Two optional components make the other baselines (ALGORITHMS.md section 4) configurations of this
+Two optional components make the other baselines (docs/algorithms.md#apollo) configurations of this
 same step rather than copies of it:
 
 - ``scaling="channel"`` or ``"tensor"`` (APOLLO, APOLLO-Mini): Adam in the subspace only estimates
@@ -347,20 +347,29 @@ class SubspaceAdamW(Optimizer):
         return out
 
     # ------------------------------------------------------------------ the step
-    def _check_finite(self, checks: list[tuple[int, int, Tensor]]) -> None:
+    def _check_finite(self, checks: list[tuple[list[tuple[int, int]], Tensor]]) -> None:
         """Raise, before anything changes, if a gradient is not finite.
 
-        For a projected parameter with a basis the tensor checked is ``R = Q^T X`` (a NaN or inf
-        anywhere in ``X`` reaches ``R``), which the step needs anyway: the check costs no pass over
-        the full gradient. Other parameters are checked on their gradient. One host sync per step.
+        Each check is a tensor and the parameters it covers. For a projected group with bases the
+        tensor is the group's ``R = Q^T X`` rows (a NaN or inf anywhere in ``X`` reaches ``R``), which
+        the step needs anyway: no pass over the full gradients. Plain parameters are checked on their
+        gradients: one read pass, the cheapest exact test there is, by their sums (a sum is finite
+        when every element is, unless it overflows; a non-finite sum is confirmed element by element
+        before anything is reported). One host sync per step.
         """
         if not checks:
             return
-        norms = torch._foreach_norm([t for _, _, t in checks], 2, dtype=torch.float32)
-        ok = torch.stack([n.to(norms[0].device) for n in norms]).isfinite()
+        sums = [t.sum(dtype=torch.float32) for _, t in checks]
+        dev = sums[0].device
+        ok = torch.stack([s.to(dev) for s in sums]).isfinite()
         if bool(ok.all()):
             return
-        bad = [self._param_name(gi, i) for (gi, i, _), good in zip(checks, ok.tolist()) if not good]
+        bad = []
+        for (who, t), good in zip(checks, ok.tolist()):
+            if not good and not bool(torch.isfinite(t).all()):  # an overflowing sum of finite values passes
+                bad += [self._param_name(gi, i) for gi, i in who]
+        if not bad:
+            return
         raise FloatingPointError(
             f"non-finite gradient (NaN or inf) in {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}; "
             "nothing was updated. Lower the learning rate, clip gradients, or use a GradScaler with fp16; "
@@ -386,43 +395,33 @@ class SubspaceAdamW(Optimizer):
         self._step({id(p) for p in params})
 
     def _step(self, only: set[int] | None) -> None:
-        work: list[list[tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]]] = []
-        checks: list[tuple[int, int, Tensor]] = []
+        work: list[tuple[dict[str, Any], Any]] = []
+        checks: list[tuple[list[tuple[int, int]], Tensor]] = []
         for gi, group in enumerate(self.param_groups):
-            items = []
-            projected = "rank" in group
-            if projected:
-                rule = get_rule(group["rule"])
-                seeded, T = rule_flag(rule, "FROM_SEED"), group["update_interval"]
-                # with error feedback X = G + E is formed in E's buffer after the check
-                deferred = group.get("error_feedback", False)
+            chosen = []
             for i, p in enumerate(group["params"]):
                 if p.grad is None or (only is not None and id(p) not in only):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{self._param_name(gi, i)}: SubspaceAdamW does not support sparse gradients")
-                x = rt = q = None
-                if projected and not deferred:
-                    x = orient(p.grad)  # d x k, float32
-                    st = self.state[p]
-                    if seeded:  # regenerated, except at a basis update (the old one is not needed)
-                        if "seed" in st and st["step"] % T:
-                            q = self._seeded(group, rule, st["seed"], x)
-                    else:
-                        q = st.get("Q")
-                    rt = None if q is None else x.mT @ q  # (Q^T X)^T, k x r: the low-rank gradient
-                items.append((p, x, rt, q))
-                if group["check_finite"]:
-                    checks.append((gi, i, p.grad if rt is None else rt))
-            work.append(items)
-        self._check_finite(checks)
-        for group, items in zip(self.param_groups, work):
-            if not items:
+                chosen.append((i, p))
+            if not chosen:
                 continue
             if "rank" in group:
-                self._projected_step(group, items)
+                batch = self._prepare(group, chosen)
+                if group["check_finite"]:
+                    checks += [([(gi, i)], t) for i, t in batch.checks()]
+                work.append((group, batch))
             else:
-                self._plain_step([p for p, _, _, _ in items], group)
+                if group["check_finite"]:
+                    checks += [([(gi, i)], p.grad) for i, p in chosen]
+                work.append((group, [p for _, p in chosen]))
+        self._check_finite(checks)
+        for group, batch in work:
+            if "rank" in group:
+                self._projected_step(group, batch)
+            else:
+                self._plain_step(batch, group)
 
     def _plain_step(self, params: list[Tensor], group: dict[str, Any]) -> None:
         """AdamW on every parameter of a plain group: float32 tensors with float32 state in one fused
@@ -463,8 +462,32 @@ class SubspaceAdamW(Optimizer):
         if restart:
             st["adam_step"] = 0
 
-    def _projected_step(self, group: dict[str, Any],
-                        items: list[tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]]) -> None:
+    def _prepare(self, group: dict[str, Any], chosen: list[tuple[int, Tensor]]) -> _Batch:
+        """The oriented gradients of a projected group, its current bases, and ``R = Q^T X`` where a
+        basis exists, written into one ``(sum k) x r`` buffer (so the group's checks, norms and the
+        recovery correction are single operations)."""
+        rule = get_rule(group["rule"])
+        seeded, T = rule_flag(rule, "FROM_SEED"), group["update_interval"]
+        deferred = group.get("error_feedback", False)  # X = G + E is formed in E's buffer after the check
+        ps = [p for _, p in chosen]
+        batch = _Batch(group["rank"], chosen, ps)
+        for j, (i, p) in enumerate(chosen):
+            if deferred:
+                continue
+            x = batch.xs[j] = orient(p.grad)  # d x k, float32
+            st = self.state[p]
+            q = None
+            if seeded:  # regenerated, except at a basis update (the old one is not needed)
+                if "seed" in st and st["step"] % T:
+                    q = self._seeded(group, rule, st["seed"], x)
+            else:
+                q = st.get("Q")
+            batch.qs[j] = q
+            if q is not None:
+                batch.project(j)
+        return batch
+
+    def _projected_step(self, group: dict[str, Any], batch: _Batch) -> None:
         """One step for every parameter of a projected group: per-parameter basis maintenance and
         matrix products; Adam (fused), the recovery norms and the limiter batched over the group."""
         rule = get_rule(group["rule"])
@@ -474,8 +497,8 @@ class SubspaceAdamW(Optimizer):
         T = group["update_interval"]
         b1, b2 = group["betas"]
         lr, wd, alpha = group["lr"], group["weight_decay"], group["alpha"]
-        xs, qs, rts, sizes, states, diags = [], [], [], [], [], []
-        for p, x, rt, q in items:
+        states, diags, sizes = [], [], []
+        for j, p in enumerate(batch.params):
             st = self.state[p]
             diag = self._diag.setdefault(p, {})
             first = "step" not in st
@@ -486,7 +509,8 @@ class SubspaceAdamW(Optimizer):
                                                        memory_format=torch.contiguous_format).copy_(p.grad)
                 else:
                     e.add_(p.grad)
-                x = orient(e)
+                batch.xs[j] = orient(e)
+            x = batch.xs[j]
             ctx = RuleContext(rank=group["rank"], transposed=is_transposed(p.shape), options=group,
                               generator=self._generator(p) if rule.NEEDS_GENERATOR and not seeded else None)
             basis_update = True
@@ -505,7 +529,8 @@ class SubspaceAdamW(Optimizer):
                 if recovery or scaling is not None:  # the limiter's previous norm
                     st["residual_norm"] = x.new_zeros(())
                 diag.update(angle=None, last_update=0)
-                rt = x.mT @ q
+                batch.qs[j] = q
+                batch.project(j)
             elif st["step"] % T == 0:  # basis update, then moment transport
                 if seeded:  # a fresh draw from a new seed; keep/reset transports need no old basis
                     st["seed"] = _mix_seed(st["seed"], st["step"])
@@ -514,7 +539,10 @@ class SubspaceAdamW(Optimizer):
                     angle = None
                 else:
                     q_old = st["Q"]
-                    ctx.projected = (x.mT @ q_old if rt is None else rt).mT
+                    if batch.rts[j] is None:
+                        batch.qs[j] = q_old
+                        batch.project(j)
+                    ctx.projected = batch.rts[j].mT
                     q_new = rule.update(q_old, x, ctx)
                     if q_new is not q_old:
                         q_new = q_new.to(torch.float32)
@@ -527,58 +555,56 @@ class SubspaceAdamW(Optimizer):
                         st["Q"] = q = q_new
                     else:
                         q, angle = q_old, x.new_zeros(())
-                rt = x.mT @ q
+                batch.qs[j] = q
+                batch.project(j)
                 diag.update(angle=angle, last_update=st["step"])
             else:
                 basis_update = False
-                if rt is None:  # error feedback: X was only formed now
-                    q = st["Q"]
-                    rt = x.mT @ q
-            fallbacks = getattr(ctx, "svd_fallbacks", 0)
-            if fallbacks:
-                diag["svd_fallbacks"] = diag.get("svd_fallbacks", 0) + fallbacks
+                if batch.rts[j] is None:  # error feedback: X was only formed now
+                    batch.qs[j] = st["Q"]
+                    batch.project(j)
+            if ctx.svd_fallbacks:
+                diag["svd_fallbacks"] = diag.get("svd_fallbacks", 0) + ctx.svd_fallbacks
             st["step"] += 1
             st["adam_step"] += 1
             diag["step"] = st["step"]
-            xs.append(x)
-            qs.append(q)
-            rts.append(rt)
             states.append(st)
             diags.append((diag, basis_update))
-        # Adam in the subspace: nts = scale * N, fused over the tensors that share a step count
-        scale = alpha if scaling is None else 1.0
-        nts = self._directions([it[0] for it in items], rts, states, group, scale)
-        for st in states:
             t = st["adam_step"]
             sizes.append(lr * math.sqrt(1 - b2**t) / (1 - b1**t))
+        xs, qs, rts = batch.xs, batch.qs, batch.rts
+        # Adam in the subspace: nts = scale * N, fused over the tensors that share a step count
+        scale = alpha if scaling is None else 1.0
+        nts = self._directions(batch, states, group, scale)
         phis = None
         if scaling is not None or recovery:
-            phis = self._scales(group, xs, rts, nts, states, diags, scale)
+            phis = self._scales(group, batch, nts, states, diags, scale)
         alpha_r = alpha if group["alpha_r"] is None else group["alpha_r"]
         decay = 1.0 - lr * wd  # decoupled decay after the update: (W - s D)(1 - lr wd), folded into the update
-        for i, ((p, _, _, _), x, q, st, rt, nt, step_size) in enumerate(zip(items, xs, qs, states, rts, nts, sizes)):
+        if recovery:  # alpha N - alpha_r c R Phi
+            for nt, rt, phi in zip(nts, rts, phis):
+                nt.addcmul_(rt, phi.unsqueeze(1), value=-alpha_r)
+        for j, (p, x, q, st, rt, nt, step_size) in enumerate(zip(batch.params, xs, qs, states, rts, nts, sizes)):
             transposed = is_transposed(p.shape)
             w = p if p.dtype == torch.float32 else p.float()
             # the raw gradient in W's layout: p.grad itself when W is float32 and X was not rebuilt
             g = p.grad if w is p and not feedback else x.mT if transposed else x
             if scaling is not None:  # APOLLO: D = alpha c X Phi, nothing back-projected
-                phi = phis[i] if scaling == "tensor" else phis[i].unsqueeze(1) if transposed else phis[i].unsqueeze(0)
+                phi = phis[j] if scaling == "tensor" else phis[j].unsqueeze(1) if transposed else phis[j].unsqueeze(0)
                 if wd:
                     w.mul_(decay)
                 w.addcmul_(g, phi, value=-step_size * alpha * decay)
             else:
-                if recovery:  # alpha N - alpha_r c R Phi
-                    phi = phis[i].unsqueeze(1)
-                    nt.addcmul_(rt, phi, value=-alpha_r)
-                elif diags[i][1] and orthonormal:  # residual diagnostics at basis updates only (a pass over X)
+                if not recovery and diags[j][1] and orthonormal:  # residual diagnostics at basis updates only
                     x2 = rec.col_sq(x).sum()
                     e = (x2 - rt.square().sum()).clamp_min(0).sqrt()
-                    diags[i][0].update(residual_norm=e, residual_ratio=e / x2.sqrt().clamp_min(1e-30))
+                    diags[j][0].update(residual_norm=e, residual_ratio=e / x2.sqrt().clamp_min(1e-30))
                 if transposed:  # W (m x n) -= step (Q N)^T = Nt Q^T: no full-size temporary
                     w.addmm_(nt, q.mT, beta=decay, alpha=-step_size * decay)
                 else:
                     w.addmm_(q, nt.mT, beta=decay, alpha=-step_size * decay)
                 if recovery:  # + alpha_r c X Phi, with Phi along the long side
+                    phi = phis[j].unsqueeze(1)
                     w.addcmul_(g, phi if transposed else phi.mT, value=-step_size * alpha_r * decay)
             if w is not p:
                 if group["stochastic_rounding"]:
@@ -596,36 +622,37 @@ class SubspaceAdamW(Optimizer):
         """The generator for stochastic rounding of int8 state, when that rounding is in use."""
         return self._generator(p) if int8 and F.V_ROUNDING == "stochastic" else None
 
-    def _directions(self, params: list[Tensor], rts: list[Tensor], states: list[dict[str, Any]],
-                    group: dict[str, Any], scale: float) -> list[Tensor]:
-        """``scale * N`` for every matrix of a group (moments updated in place): float32 moments in one
-        fused call per Adam step count, int8 moments one matrix at a time."""
-        out: list[Tensor | None] = [None] * len(rts)
+    def _directions(self, batch: _Batch, states: list[dict[str, Any]], group: dict[str, Any],
+                    scale: float) -> list[Tensor]:
+        """``scale * N`` for every matrix of a group (moments updated in place): float32 moments in
+        one fused call per Adam step count, int8 moments one matrix at a time."""
+        out = batch.directions()
         batches: dict[int, list[int]] = {}
-        for i, st in enumerate(states):
+        for j, st in enumerate(states):
             if F.Int8Moments.is_int8(st):
-                out[i] = F.direction_tensor(rts[i], st, st["adam_step"], betas=group["betas"], eps=group["eps"],
-                                            scale=scale, generator=self._state_generator(params[i], True),
-                                            fused=self._fused)
+                out[j].copy_(F.direction_tensor(batch.rts[j], st, st["adam_step"], betas=group["betas"],
+                                                eps=group["eps"], scale=scale,
+                                                generator=self._state_generator(batch.params[j], True),
+                                                fused=self._fused))
             else:
-                batches.setdefault(st["adam_step"], []).append(i)
+                batches.setdefault(st["adam_step"], []).append(j)
         for t, idx in batches.items():
-            res = F.adam_direction([rts[i] for i in idx], [states[i]["exp_avg"] for i in idx],
-                                   [states[i]["exp_avg_sq"] for i in idx], t, betas=group["betas"],
-                                   eps=group["eps"], scale=scale, fused=self._fused)
-            for i, r in zip(idx, res):
-                out[i] = r
+            F.adam_direction([batch.rts[j] for j in idx], [states[j]["exp_avg"] for j in idx],
+                             [states[j]["exp_avg_sq"] for j in idx], t, betas=group["betas"], eps=group["eps"],
+                             scale=scale, fused=self._fused, out=[out[j] for j in idx])
         return out
 
-    def _scales(self, group: dict[str, Any], xs: list[Tensor], rts: list[Tensor], nts: list[Tensor],
-                states: list[dict[str, Any]], diags: list, scale: float) -> list[Tensor]:
+    def _scales(self, group: dict[str, Any], batch: _Batch, nts: list[Tensor], states: list[dict[str, Any]],
+                diags: list, scale: float) -> list[Tensor]:
         """The recovery (or APOLLO) scales ``c Phi`` of every matrix, with the limiter folded in.
 
-        ``nts`` hold ``scale * N``. Three reductions per matrix (``||R_j||``, ``||N_j||`` and, for
-        recovery and channel scaling, ``||X_j||^2``: the only pass over the gradient besides the two
-        products); the rest runs once over the group's concatenated slice vectors.
+        ``nts`` hold ``scale * N``. ``||X_j||^2`` (recovery and channel scaling) is the only pass over
+        the gradients besides the two products; the per-slice arithmetic and the limiter run once
+        over the group's concatenated slice vectors.
         """
-        scaling, recovery = group.get("scaling"), group["recovery"]
+        scaling = group.get("scaling")
+        xs, rts = batch.xs, batch.rts
+        n = len(rts)
         if scaling == "tensor":
             phis = [rec.tensor_scale(rt, nt) / scale for rt, nt in zip(rts, nts)]
             s_norm = torch.stack([phi * torch.linalg.vector_norm(x) for phi, x in zip(phis, xs)])
@@ -634,23 +661,21 @@ class SubspaceAdamW(Optimizer):
             r_norm = torch.cat([torch.linalg.vector_norm(rt, dim=1) for rt in rts])
             n_norm = torch.cat([torch.linalg.vector_norm(nt, dim=1) for nt in nts])
             x_col2 = torch.cat([rec.col_sq(x) for x in xs])
-            phi = n_norm.div_(r_norm + rec.PHI_EPS)
+            phi = n_norm.div_(r_norm.add(rec.PHI_EPS))
             if scale != 1.0:
                 phi.div_(scale)
-            seg = torch.repeat_interleave(torch.arange(len(rts), device=phi.device),
-                                          torch.tensor(sizes, device=phi.device))
+            seg = batch.segments(phi.device)
 
             def seg_sum(v: Tensor) -> Tensor:
-                return torch.zeros(len(rts), dtype=v.dtype, device=v.device).index_add_(0, seg, v)
+                return torch.zeros(n, dtype=v.dtype, device=v.device).index_add_(0, seg, v)
 
             if scaling == "channel":  # ||X Phi||^2 = sum_j phi_j^2 ||X_j||^2
                 s_norm = seg_sum(phi.square() * x_col2).sqrt_()
             else:  # recovery: the residual E Phi only, ||E_j||^2 = ||X_j||^2 - ||R_j||^2
-                e_col2 = (x_col2 - r_norm.square()).clamp_min_(0.0)
+                e_col2 = (x_col2 - r_norm.square_()).clamp_min_(0.0)
                 s_norm = seg_sum(phi.square() * e_col2).sqrt_()
                 e = seg_sum(e_col2).sqrt_()
                 ratio = e / seg_sum(x_col2).sqrt_().clamp_min(1e-30)
-            phis = list(phi.split(sizes))
         prev = [s["residual_norm"] for s in states]
         c = rec.limit(s_norm, torch.stack(prev), group["zeta"])
         torch._foreach_copy_(prev, list((s_norm * c).unbind()))
@@ -661,4 +686,39 @@ class SubspaceAdamW(Optimizer):
         else:
             for d, ci in zip(diags, cs):
                 d[0].update(limiter=ci)
-        return [phi * ci for phi, ci in zip(phis, cs)]
+        if scaling == "tensor":
+            return [phi * ci for phi, ci in zip(phis, cs)]
+        return list(phi.mul_(c[seg]).split(sizes))  # the limiter folded into Phi
+
+
+class _Batch:
+    """One step's working set of a projected group: oriented gradients, bases and ``R = Q^T X`` per
+    matrix. (One shared ``(sum k) x r`` buffer for the group was tried and measured slower on the
+    CPU: a fresh large allocation every step costs its page faults, about 1 ms per 4 MB here.)"""
+
+    def __init__(self, rank: int, chosen: list[tuple[int, Tensor]], params: list[Tensor]) -> None:
+        self.chosen, self.params = chosen, params
+        self.ks = [max(p.shape) for p in params]
+        n = len(params)
+        self.xs: list[Tensor | None] = [None] * n
+        self.qs: list[Tensor | None] = [None] * n
+        self.rts: list[Tensor | None] = [None] * n
+
+    def project(self, j: int) -> None:
+        """``R_j = (Q_j^T X_j)^T`` (``k x r``)."""
+        self.rts[j] = self.xs[j].mT @ self.qs[j]
+
+    def checks(self):
+        """``(index, tensor)`` to check for each matrix: its ``R``, or its gradient before it has one
+        (first step, basis updates of seeded rules, error feedback)."""
+        for (i, p), rt in zip(self.chosen, self.rts):
+            yield i, (p.grad if rt is None else rt)
+
+    def directions(self) -> list[Tensor]:
+        """Zeroed ``k x r`` outputs for ``scale * N``."""
+        return [torch.zeros_like(rt) for rt in self.rts]
+
+    def segments(self, device) -> Tensor:
+        """The matrix index of every slice ``j`` of the concatenated per-slice vectors."""
+        return torch.repeat_interleave(torch.arange(len(self.ks), device=device),
+                                       torch.tensor(self.ks, device=device))

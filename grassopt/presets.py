@@ -1,6 +1,6 @@
 """Named presets (data, not subclasses) and ``param_groups``: from a model to optimizer groups.
 
-A preset is a dict of component choices for a projected group (ALGORITHMS.md section 3). Any
+A preset is a dict of component choices for a projected group (docs/algorithms.md#projected-step). Any
 component can be overridden, so each ablation of the papers is a configuration, e.g.
 ``param_groups(model, "subtrack++", rank=64, transport="keep")`` is SubTrack++ without the
 projection-aware optimizer, and ``recovery=False`` drops recovery scaling.

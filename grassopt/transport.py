@@ -1,4 +1,4 @@
-"""Moment transport when the basis changes (ALGORITHMS.md 2.1).
+"""Moment transport when the basis changes (docs/algorithms.md#transport).
 
 With ``C = Q_new^T Q_old`` (``r x r``), applied to the Adam moments before the new gradient enters
 the averages. The moments are stored transposed, ``k x r`` (``Mt = M^T``), so ``M' = C M`` reads

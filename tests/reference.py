@@ -1,4 +1,4 @@
-"""An independent, naive float64 implementation of ALGORITHMS.md section 2 (and the scaling and
+"""An independent, naive float64 implementation of docs/algorithms.md#projected-step (and the scaling and
 error feedback of section 4), for tests.
 
 It forms every matrix explicitly (the residual ``E``, ``D``, the transport's covariance), so it

@@ -110,7 +110,7 @@ def test_estimation_error_derivative_is_the_gradient_of_F_and_vanishes_at_the_sv
     assert torch.allclose(q.T @ df, torch.zeros(4, 4, dtype=torch.float64), atol=1e-10)
     sv = derivative_spectrum(x, q)
     assert torch.allclose(sv, torch.linalg.svdvals(auto), atol=1e-10)
-    assert float(sv[0]) <= float(x.square().sum())  # sigma_1 <= ||X||^2 (ALGORITHMS.md 1.1)
+    assert float(sv[0]) <= float(x.square().sum())  # sigma_1 <= ||X||^2 (docs/algorithms.md#track)
     u = torch.linalg.svd(x, full_matrices=False)[0][:, :4]
     assert derivative_spectrum(x, u).max() < 1e-9 * float(x.square().sum())
     assert derivative_spectrum(x, q, top=2).shape == (2,)

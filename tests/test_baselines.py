@@ -1,4 +1,4 @@
-"""APOLLO, APOLLO-Mini and LDAdam as configurations of SubspaceAdamW (ALGORITHMS.md section 4).
+"""APOLLO, APOLLO-Mini and LDAdam as configurations of SubspaceAdamW (docs/algorithms.md#apollo).
 
 The step maths of every preset is checked against the float64 reference in test_optimizer.py; here:
 the ``gaussian`` rule, the validation of the new components, ``"d/4"`` ranks, the reference

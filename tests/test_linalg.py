@@ -113,7 +113,7 @@ def test_reorthonormalize_only_when_drift_exceeds_tolerance():
 
 
 def _textbook_step(Q, H, angles, k):
-    """ALGORITHMS.md 1.0 in float64 from a full SVD of the tangent part of H (the reference)."""
+    """docs/algorithms.md#geodesic in float64 from a full SVD of the tangent part of H (the reference)."""
     Q, H = Q.double(), H.double()
     H = H - Q @ (Q.T @ H)
     U, S, Vh = torch.linalg.svd(H, full_matrices=False)

@@ -391,3 +391,21 @@ def test_svd_failure_falls_back_is_counted_and_never_crashes_or_gives_nan(monkey
     assert runs[True][1] == 3  # the first basis and the updates at steps 3 and 6
     # the float64 fallback finds the same subspaces (signs are fixed by the factorisation of G as stored)
     assert torch.allclose(runs[True][0], runs[False][0], atol=1e-5)
+
+
+def test_finite_check_by_sums_has_no_false_alarm_on_overflowing_sums_and_names_the_culprit():
+    big = nn.Parameter(torch.zeros(64, 8))
+    other = nn.Parameter(torch.zeros(20, 30))
+    opt = SubspaceAdamW([{"params": [("big", big)]}, {"params": [("other", other)], "rank": 4}], lr=1e-3)
+    big.grad = torch.full((64, 8), 3e37)  # every element finite, their sum is inf in float32
+    other.grad = torch.randn(20, 30)
+    opt.step()  # no error: the non-finite sum is confirmed element by element
+    assert bool(big.isfinite().all()) and bool(other.isfinite().all()) and float(other.abs().max()) > 0
+    before = [big.detach().clone(), other.detach().clone()]
+    g = torch.randn(20, 30)
+    g[3, 7] = float("-inf")
+    other.grad = g
+    big.grad = torch.ones(64, 8)
+    with pytest.raises(FloatingPointError, match=r"non-finite gradient \(NaN or inf\) in other; nothing was updated"):
+        opt.step()
+    assert torch.equal(big, before[0]) and torch.equal(other, before[1])

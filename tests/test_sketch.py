@@ -1,5 +1,5 @@
 """Tests of grassopt.sketch: the sketched linear layer, the laws of P, the estimator, RSO, the
-saved-activation accounting. The maths is ALGORITHMS.md section 5."""
+saved-activation accounting. The maths is docs/algorithms.md section 5."""
 
 from __future__ import annotations
 
@@ -149,7 +149,7 @@ def entry_variance(law: str, g: torch.Tensor, r: int) -> torch.Tensor:
     E Pi_kj^2 = r(n-r)/(n(n+2)(n-1)) for k != j; cross terms vanish (flip the sign of one
     coordinate). Var = (n/r)^2 [(||G_i||^2 - G_ij^2) E Pi_kj^2 + G_ij^2 E Pi_jj^2] - G_ij^2.
     coordinate, A = (n/r) diag(1[j in S]) with P(j in S) = r/n: Var = G_ij^2 (n/r - 1).
-    Summed over entries these give (n+1)/r ||G||^2 and (n/r - 1) ||G||^2 (ALGORITHMS.md 5).
+    Summed over entries these give (n+1)/r ||G||^2 and (n/r - 1) ||G||^2 (docs/algorithms.md#sketches).
     """
     n = g.shape[1]
     row2 = g.square().sum(1, keepdim=True)

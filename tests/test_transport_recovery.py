@@ -40,7 +40,7 @@ def test_rotate_matches_float64_formula_without_the_one_minus_beta2_factor():
     Q_new = random_orthonormal(25, 5, seed=5)
     m, v = moments(5, 12, seed=6)
     C = Q_new.T @ Q_old
-    md, vd = m.double().T, v.double().T  # the r x k moments of ALGORITHMS.md 2.1
+    md, vd = m.double().T, v.double().T  # the r x k moments of docs/algorithms.md#transport
     m_ref = C @ md
     v_ref = ((C * C) @ (vd - md * md) + m_ref * m_ref).abs()
     transport.transport("rotate", Q_old.float(), Q_new.float(), m, v)

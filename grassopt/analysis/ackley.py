@@ -10,7 +10,7 @@ The paper gives no more detail, so this demo fixes its own (all are options):
   for a single column the SVD basis is the current gradient's direction, and ``track`` turns ``Q``
   toward it by a geodesic step of angle ``eta * sigma / ||X||^2`` (``normalized``, the library
   default, ``eta = 0.5``);
-- inside the subspace, Adam with the library's convention (ALGORITHMS.md section 2:
+- inside the subspace, Adam with the library's convention (docs/algorithms.md#projected-step:
   ``betas = (0.9, 0.999)``, ``eps = 1e-6``, bias correction folded into the step size), update
   ``w <- w - lr_t * alpha * Q N`` with ``alpha`` the scale factor (``--inner sgd``:
   ``w <- w - lr * alpha * Q Q^T g``);

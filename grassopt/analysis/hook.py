@@ -10,7 +10,7 @@ matrix (the optimizer's param groups with a ``rank``; for a full-rank optimizer,
 - ``energy_basis``: the share captured by the optimizer's current basis ``Q`` (the one this step's
   gradient will be projected on, unless the step updates it);
 - ``df_sv``: the top singular values of the derivative of the subspace estimation error,
-  ``grad F = -2 E A^T`` (ALGORITHMS.md 1.1), at the optimizer's basis (or, for a full-rank optimizer,
+  ``grad F = -2 E A^T`` (docs/algorithms.md#track), at the optimizer's basis (or, for a full-rank optimizer,
   at the rank-``r`` SVD basis of the previous recorded gradient: the basis GaLore would hold), and
   ``df_sv_rel = df_sv / ||G||_F^2`` (scale-free, in ``[0, 1]``: the ``normalized`` step of ``track``);
 - ``svd_drift_max_deg`` / ``svd_drift_mean_deg``: principal angles between the rank-``r`` SVD

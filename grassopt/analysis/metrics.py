@@ -2,13 +2,13 @@
 
 Every function takes the gradient already *oriented* (``X``, ``d x k``, the short side as rows:
 ``grassopt.linalg.orient``) and bases ``Q`` (``d x r``) in that same frame, so the conventions are
-those of the optimizer (ALGORITHMS.md section 0). Nothing here draws random numbers or changes
+those of the optimizer (docs/algorithms.md#notation). Nothing here draws random numbers or changes
 its inputs.
 
 - :func:`energy_profile` / :func:`svd_energy_share`: the share of ``||X||_F^2`` captured by the
   best rank-``r`` subspace, ``||U_r^T X||^2 / ||X||^2 = sum_{i<r} s_i^2 / sum_i s_i^2``;
 - :func:`basis_energy_share`: the same share for a given basis, ``||Q^T X||^2 / ||X||^2``;
-- :func:`estimation_error_derivative`: ``grad F = -2 E A^T`` at ``Q`` (ALGORITHMS.md 1.1) and
+- :func:`estimation_error_derivative`: ``grad F = -2 E A^T`` at ``Q`` (docs/algorithms.md#track) and
   :func:`derivative_spectrum`, its singular values;
 - :func:`principal_angles`: all principal angles between two subspaces, accurate near 0 and pi/2.
 """
@@ -79,7 +79,7 @@ def basis_energy_share(x: Tensor, q: Tensor) -> float:
 def estimation_error_derivative(x: Tensor, q: Tensor) -> Tensor:
     """``grad F(Q) = -2 E A^T`` (``d x r``), the derivative of the subspace estimation error
     ``F(Q) = min_A ||X - Q A||_F^2`` at ``q``, with ``A = Q^T X`` and ``E = X - Q A``
-    (ALGORITHMS.md 1.1), projected on the tangent space at ``q`` against rounding."""
+    (docs/algorithms.md#track), projected on the tangent space at ``q`` against rounding."""
     a = q.mT @ x  # r x k
     grad = -2.0 * (x @ a.mT - q @ (a @ a.mT))  # -2 (X - Q A) A^T without the d x k residual
     return grad - q @ (q.mT @ grad)

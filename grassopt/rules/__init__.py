@@ -1,4 +1,4 @@
-"""Subspace rules: where the basis ``Q`` comes from (ALGORITHMS.md section 1).
+"""Subspace rules: where the basis ``Q`` comes from (docs/algorithms.md#rules).
 
 The rule protocol. A rule is one small module with
 

@@ -1,4 +1,4 @@
-"""``jump`` (GrassJump): a fresh Haar-random basis at every update (ALGORITHMS.md 1.3).
+"""``jump`` (GrassJump): a fresh Haar-random basis at every update (docs/algorithms.md#jump).
 
 Initialised from the SVD of the first gradient (``init="svd"``, default) or at random
 (``init="random"``). An update is one QR of a ``d x r`` Gaussian matrix (with the sign fix that

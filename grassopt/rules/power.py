@@ -1,4 +1,4 @@
-"""``power``: one warm-started power (subspace) iteration, ``Q' = qr(X X^T Q)`` (ALGORITHMS.md 4.2).
+"""``power``: one warm-started power (subspace) iteration, ``Q' = qr(X X^T Q)`` (docs/algorithms.md#rules).
 
 The cheapest data-driven rule: two ``d x k x r`` products. The QR's signs are fixed so that
 ``diag(R) > 0``, which keeps each column continuous with the previous basis.

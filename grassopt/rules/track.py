@@ -2,7 +2,7 @@
 
 ``F(Q) = min_A ||X - Q A||_F^2`` is minimised by ``A = Q^T X`` with residual ``E = X - Q A``; its
 gradient ``-2 E A^T`` is tangent at ``Q``. We move along ``H = 2 E A^T`` (descent), computed as
-``2 (X A^T - Q (A A^T))`` so the ``d x k`` residual is never formed (ALGORITHMS.md 1.1).
+``2 (X A^T - Q (A A^T))`` so the ``d x k`` residual is never formed (docs/algorithms.md#track).
 
 Step size: ``theta = step_size * sigma`` (``step_mode="raw"``, the paper's form, whose scale
 depends on ``||X||^2``) or ``theta = step_size * sigma / ||X||_F^2`` (``"normalized"``, the default:

@@ -1,18 +1,18 @@
-"""``walk`` (GrassWalk): a geodesic step in a random tangent direction (ALGORITHMS.md 1.2).
+"""``walk`` (GrassWalk): a geodesic step in a random tangent direction (docs/algorithms.md#walk).
 
 ``Z ~ N(0, 1)^{d x r}`` from ``ctx.generator``, ``H = Z - Q Q^T Z``; the geodesic step 1.0 turns the basis
 along the top ``update_rank`` singular directions of ``H`` by angles proportional to their singular
 values, scaled so that the largest angle is exactly ``step_size`` radians. No gradient information
 enters the walk; it starts from the SVD basis of the first gradient.
 
-``update_rank`` is ``"full"`` (the default: all ``r`` directions, ALGORITHMS.md 1.2) or an integer in
+``update_rank`` is ``"full"`` (the default: all ``r`` directions, docs/algorithms.md#walk) or an integer in
 ``[1, r]``. The default was 1 until the ablations measured a rank-1 walk equal to a frozen basis at
 every step size: one direction of ``r`` turns per update, so the subspace barely moves. The full
 step moves every principal angle at once (all ``r`` are non-zero when ``d >= 2 r``), and the walk
 mixes: ``E[Q Q^T]`` tends to ``(r/d) I``, the Haar average. It costs ``O(d r^2)`` products and one
 ``r x r`` ``eigh``, about 1.2 to 1.4 times a rank-1 step (which needs only ``eigvalsh`` and one
 inverse-iteration solve) at ``d = 512, r = 128``. The default ``step_size`` (0.1 rad) was chosen for
-the rank-1 walk; for the full walk it has not been re-tuned yet (ALGORITHMS.md 1.2: tune by measurement).
+the rank-1 walk; for the full walk it has not been re-tuned yet (docs/algorithms.md#walk: tune by measurement).
 """
 
 import math

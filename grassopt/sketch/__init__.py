@@ -2,7 +2,7 @@
 
 A sketched linear layer stores only ``x P`` (``tokens x r``) instead of its input ``x``
 (``tokens x n``) for the backward pass, where ``P`` (``n x r``, ``E[P P^T] = I``) is a random
-matrix of law ``haar``, ``gaussian`` or ``coordinate`` (ALGORITHMS.md section 5). Layers that read
+matrix of law ``haar``, ``gaussian`` or ``coordinate`` (docs/algorithms.md#sketches). Layers that read
 the same input (q/k/v, gate/up) share one ``P`` and one stored ``x P``.
 
 Estimator (section 5.1): ``W.grad`` receives the unbiased ``G P P^T``; any optimizer runs on top::

@@ -1,4 +1,4 @@
-"""The autograd function of a sketched linear layer (ALGORITHMS.md section 5).
+"""The autograd function of a sketched linear layer (docs/algorithms.md#sketches).
 
 Forward ``y = x W^T (+ b) (+ (x P) B^T)``; the only activation saved for the backward pass is
 ``xp = x P`` (``tokens x r``), computed by the caller without a graph so that layers reading the

@@ -1,4 +1,4 @@
-"""Random sketch matrices ``P`` (``n x r``) with ``E[P P^T] = I`` (ALGORITHMS.md section 5).
+"""Random sketch matrices ``P`` (``n x r``) with ``E[P P^T] = I`` (docs/algorithms.md#sketches).
 
 Three laws:
 

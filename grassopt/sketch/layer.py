@@ -1,4 +1,4 @@
-"""``SketchedLinear``: an ``nn.Linear`` whose backward pass needs only ``x P`` (ALGORITHMS.md 5).
+"""``SketchedLinear``: an ``nn.Linear`` whose backward pass needs only ``x P`` (docs/algorithms.md#sketches).
 
 A sketched layer keeps the original ``weight`` and ``bias`` Parameter objects (optimizers, weight
 tying and ``state_dict`` keys keep working) and adds, in RSO mode, a trainable ``B`` (``m x r``).

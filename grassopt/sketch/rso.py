@@ -1,4 +1,4 @@
-"""RSO, randomized subspace optimization (ALGORITHMS.md 5.2), as a ``torch.optim.Optimizer``.
+"""RSO, randomized subspace optimization (docs/algorithms.md#rso), as a ``torch.optim.Optimizer``.
 
 Outer iteration ``k``: every covered layer has a frozen ``W`` and a trainable ``B`` (``m x r``,
 zero at the start of the iteration); the layer computes ``x (W + B P_k^T)^T`` and stores only
