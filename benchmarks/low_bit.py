@@ -112,14 +112,15 @@ def maps_part(out: Path) -> list[dict]:
 
 def bench_part(out: Path, seeds: list[int], tokens: int) -> dict:
     run = out / "bench"
-    cmd = ["grassopt", "bench", "--model", "tiny", "--no-progress", "--presets", *[b for b, _ in BENCH],
+    cmd = [sys.executable, "-m", "grassopt", "bench", "--model", "tiny", "--no-progress", "--presets", *[b for b, _ in BENCH],
            "--lrs", *[f"{b}={lr}" for b, lr in BENCH], "--tokens", str(tokens), "--batch-size", "8",
            "--seq-len", "256", "--rank", "64", "--update-interval", "50", "--eval-every", "123",
            "--seeds", *map(str, seeds), "--title", "Low-bit states and bf16 weights on tiny and SOTU",
            "--out", str(run)]
-    print(shlex.join(cmd), file=sys.stderr)
+    shown = shlex.join(["grassopt", *cmd[3:]])
+    print(shown, file=sys.stderr)
     subprocess.run(cmd, check=True)
-    return {"command": shlex.join(cmd), "results": json.loads((run / "results.json").read_text()),
+    return {"command": shown, "results": json.loads((run / "results.json").read_text()),
             "report": (run / "report.md").read_text()}
 
 
