@@ -31,6 +31,7 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Callable, Iterable
+from numbers import Integral, Real
 from typing import Any
 
 import torch
@@ -61,6 +62,7 @@ SCALINGS = (None, "channel", "tensor")
 _PLAIN_KEYS = {"params", "param_names", "lr", "betas", "eps", "weight_decay", "seed", "check_finite",
                "initial_lr", "name", "state_dtype", "stochastic_rounding"}
 _SUBSPACE_KEYS = {"rank", *SUBSPACE_DEFAULTS}
+_NUMBER = (float, int)  # exact types (not bool) for the fast path of _hyper_error
 
 
 def _mix_seed(seed: int, index: int) -> int:
@@ -74,6 +76,45 @@ def _mix_seed(seed: int, index: int) -> int:
 def _suggest(key: str, known: Iterable[str]) -> str:
     close = difflib.get_close_matches(key, list(known), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _real_error(v: Any, low: float, strict: bool = False) -> bool:
+    """True unless ``v`` is a finite real number (not a bool, not a tensor) ``>= low`` (``> low``)."""
+    if not isinstance(v, Real) or isinstance(v, bool) or not math.isfinite(v):
+        return True
+    return not (v > low if strict else v >= low)
+
+
+def _hyper_error(group: dict[str, Any]) -> str | None:
+    """The message for a bad ``lr``, ``eps``, ``weight_decay`` or ``betas`` of a group, else None.
+
+    These are the options an LR scheduler (or a user) may change between steps, so the step checks
+    them too: a few Python comparisons per group. ``eps`` must be > 0: it is added to ``sqrt(V)``
+    (GaLore's convention), so ``eps=0`` divides 0 by 0 wherever ``V`` is 0 (a coordinate, or a
+    subspace direction, that has had no gradient yet) and writes NaN into the weights (torch's
+    AdamW does the same with ``eps=0``; a tiny positive eps such as 1e-30 is Adam without eps, to float
+    rounding, wherever that is defined).
+    """
+    lr, eps, wd, betas = group["lr"], group["eps"], group["weight_decay"], group["betas"]
+    if (type(lr) in _NUMBER and type(eps) in _NUMBER and type(wd) in _NUMBER and type(betas) is tuple
+            and len(betas) == 2 and type(betas[0]) in _NUMBER and type(betas[1]) in _NUMBER
+            and 0 <= lr < math.inf and 0 < eps < math.inf and 0 <= wd < math.inf
+            and 0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+        return None  # the common case, cheaply (the step checks every group it steps)
+    if _real_error(lr, 0.0):
+        return f"lr={lr!r} must be >= 0 and finite (a float learning rate such as 1e-3)"
+    if _real_error(eps, 0.0, strict=True):
+        if isinstance(eps, Real) and not isinstance(eps, bool) and eps == 0:
+            return (f"eps={eps!r} must be > 0: eps is added to sqrt(V), so eps=0 divides 0 by 0 wherever V is 0 "
+                    "(a coordinate with no gradient yet) and writes NaN into the weights; use e.g. eps=1e-8 "
+                    "(torch's default) or 1e-6 (ours)")
+        return f"eps={eps!r} must be > 0 and finite (it is added to sqrt(V); e.g. 1e-6, the default)"
+    if _real_error(wd, 0.0):
+        return f"weight_decay={wd!r} must be >= 0 and finite (e.g. 0.0 or 0.1)"
+    if (not isinstance(betas, tuple | list) or len(betas) != 2
+            or any(_real_error(b, 0.0) or b >= 1 for b in betas)):
+        return f"betas={betas!r} must be a pair (beta1, beta2) of numbers in [0, 1), e.g. (0.9, 0.999)"
+    return None
 
 
 class SubspaceAdamW(Optimizer):
@@ -119,7 +160,8 @@ class SubspaceAdamW(Optimizer):
     ):
         if fused not in (None, True, False):
             raise ValueError(f"fused={fused!r} must be None (automatic), True or False")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, seed=seed,
+        betas = tuple(betas) if isinstance(betas, list) else betas  # anything else is checked per group
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, seed=seed,
                         check_finite=check_finite, state_dtype=state_dtype, stochastic_rounding=stochastic_rounding)
         #: None: torch's fused Adam kernel wherever the device has it; False: foreach ops; True: insist
         self._fused = fused
@@ -130,51 +172,132 @@ class SubspaceAdamW(Optimizer):
 
     # ------------------------------------------------------------------ groups and validation
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group, atomically: the group is completed with its defaults and checked whole
+        (options, values, parameters) on a copy, and appended only when every check passed, so a
+        refused group leaves the optimizer (and the caller's dict) as they were."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
-        projected = param_group.get("rank") is not None
+        gi = len(self.param_groups)
+        group = self._complete_group(param_group, gi)
+        self._check_params(group, gi)
+        self._validate_group(group, gi)
+        super().add_param_group(group)  # torch's own checks: all passed above
+        param_group.clear()  # the group is the caller's dict, as with torch's optimizers
+        param_group.update(group)
+        self.param_groups[-1] = param_group
+
+    def _complete_group(self, param_group: dict[str, Any], gi: int) -> dict[str, Any]:
+        """A new dict: ``params`` a list of tensors (names moved to ``param_names``), unknown keys
+        refused, every default filled in. Changes nothing."""
+        where = f"param group {gi}"
+        group = dict(param_group)
+        if "params" not in group:
+            raise ValueError(f"{where} has no 'params': give a list of tensors or (name, tensor) pairs")
+        params = group["params"]
+        if isinstance(params, Tensor):
+            params = [params]
+        elif isinstance(params, (set, frozenset)):
+            raise TypeError(f"{where}: params must be an ordered collection such as a list, not a set "
+                            "(the order of a set changes between runs)")
+        elif isinstance(params, (dict, str)) or not isinstance(params, Iterable):
+            raise TypeError(f"{where}: params must be a list of tensors or (name, tensor) pairs, got "
+                            f"{type(params).__name__} (use model.parameters() or model.named_parameters())")
+        params = list(params)
+        named = [isinstance(p, tuple) for p in params]
+        if any(named):
+            if not all(named) or not all(len(p) == 2 and isinstance(p[0], str) for p in params):
+                raise ValueError(f"{where}: params must be all tensors or all (name, tensor) pairs")
+            group["param_names"] = [n for n, _ in params]
+            params = [p for _, p in params]
+        group["params"] = params
+        projected = group.get("rank") is not None
         if not projected:
-            param_group.pop("rank", None)
-        for key in param_group:
-            allowed = _PLAIN_KEYS | (_SUBSPACE_KEYS | all_rule_options() if projected else set())
+            group.pop("rank", None)
+        subspace = _SUBSPACE_KEYS | all_rule_options()
+        allowed = _PLAIN_KEYS | (subspace if projected else set())
+        for key in group:
             if key not in allowed:
-                hint = ("; subspace options need a 'rank' in the group"
-                        if key in _SUBSPACE_KEYS | all_rule_options() else _suggest(key, allowed))
+                hint = "; subspace options need a 'rank' in the group" if key in subspace else _suggest(key, allowed)
                 raise ValueError(f"unknown param-group option {key!r}{hint}")
+        for key, value in self.defaults.items():
+            group.setdefault(key, value)
+        if isinstance(group["betas"], list):
+            group["betas"] = tuple(group["betas"])
         if projected:
-            rule = get_rule(param_group.get("rule", SUBSPACE_DEFAULTS["rule"]))
+            rule = get_rule(group.get("rule", SUBSPACE_DEFAULTS["rule"]))
             for key in all_rule_options() - set(rule.OPTIONS):
-                if key in param_group:
+                if key in group:
                     raise ValueError(
                         f"option {key!r} is not used by subspace rule {rule.NAME!r} "
                         f"(its options: {sorted(rule.OPTIONS) or 'none'}); remove it or change the rule")
             for key, value in {**SUBSPACE_DEFAULTS, **rule.OPTIONS}.items():
-                param_group.setdefault(key, value)
+                group.setdefault(key, value)
+        return group
+
+    def _check_params(self, group: dict[str, Any], gi: int) -> None:
+        """The parameters of a new group: dense floating-point leaf tensors with data, each in one
+        group once. Raises before anything changes."""
+        where = f"param group {gi}"
+        params = group["params"]
+        names = group.get("param_names")
+        if names is not None and (not isinstance(names, (list, tuple)) or len(names) != len(params)
+                                  or not all(isinstance(n, str) for n in names)):
+            raise ValueError(f"{where}: param_names must be a list of {len(params)} strings, one per parameter")
+        names = names or [f"parameter {j}" for j in range(len(params))]
+        seen: dict[int, str] = {}
+        for name, p in zip(names, params):
+            if not isinstance(p, Tensor):
+                raise TypeError(f"{where}: {name} is a {type(p).__name__}, not a tensor; pass tensors or "
+                                "(name, tensor) pairs (model.parameters() or model.named_parameters())")
+            if p.is_meta:
+                raise ValueError(f"{where}: {name} is on the meta device (it has no data); materialize the model "
+                                 "(module.to_empty(device=...) then initialize it) before building the optimizer")
+            if p.layout != torch.strided:
+                raise ValueError(f"{where}: {name} has layout {p.layout}; only dense (strided) tensors can be "
+                                 "trained (convert it with .to_dense())")
+            if p.is_complex():
+                raise ValueError(f"{where}: {name} has dtype {p.dtype}; complex parameters are not supported "
+                                 "(train torch.view_as_real of it instead)")
+            if not p.dtype.is_floating_point:
+                raise ValueError(f"{where}: {name} has dtype {p.dtype}; only floating-point tensors can be "
+                                 "trained (leave it out of the optimizer, or make it a float tensor)")
+            if not (p.is_leaf or p.retains_grad):
+                raise ValueError(f"{where}: {name} is not a leaf tensor (it was computed from others); "
+                                 "pass the nn.Parameter it comes from")
+            if id(p) in seen:
+                raise ValueError(f"{where}: {name} is listed twice in the group (also as {seen[id(p)]}); "
+                                 "list each parameter once")
+            seen[id(p)] = name
+        for gj, other in enumerate(self.param_groups):
+            for j, q in enumerate(other["params"]):
+                if id(q) in seen:
+                    as_ = other["param_names"][j] if other.get("param_names") else f"its parameter {j}"
+                    raise ValueError(f"{where}: {seen[id(q)]} is already in param group {gj} ({as_}); "
+                                     "a parameter may belong to one group only")
+        if "rank" in group:
             from .distributed import check_params  # FSDP2 shards: a clear error now, not wrong maths later
 
-            if not isinstance(param_group.get("params"), (Tensor, set)):  # a generator is read only once
-                param_group["params"] = list(param_group.get("params", []))
-            check_params(param_group)
-        super().add_param_group(param_group)
-        self._validate_group(param_group, len(self.param_groups) - 1)
+            check_params(group)
 
     def _validate_group(self, group: dict[str, Any], gi: int) -> None:
+        """Check a complete group's option values (``ValueError`` with a one-line message naming the
+        option and the fix). Changes nothing: run before a group is added or a state dict loaded."""
         names = group.get("param_names") or [f"param {j}" for j in range(len(group["params"]))]
         where = f"param group {gi}"
 
         def bad(msg: str) -> None:
-            self.param_groups.pop()  # leave the optimizer as it was
             raise ValueError(f"{where}: {msg}")
 
-        if not group["lr"] >= 0:
-            bad(f"lr={group['lr']} must be >= 0")
-        if not group["eps"] >= 0:
-            bad(f"eps={group['eps']} must be >= 0")
-        if not group["weight_decay"] >= 0:
-            bad(f"weight_decay={group['weight_decay']} must be >= 0")
-        b1, b2 = group["betas"]
-        if not (0 <= b1 < 1 and 0 <= b2 < 1):
-            bad(f"betas={group['betas']} must each lie in [0, 1)")
+        msg = _hyper_error(group)
+        if msg:
+            bad(msg)
+        if "initial_lr" in group and _real_error(group["initial_lr"], 0.0):
+            bad(f"initial_lr={group['initial_lr']!r} must be >= 0 and finite (set by LR schedulers from lr)")
+        seed = group["seed"]
+        if not isinstance(seed, Integral) or isinstance(seed, bool):
+            bad(f"seed={seed!r} must be an integer (it seeds the random rules and stochastic rounding), e.g. seed=0")
+        if not isinstance(group["check_finite"], bool):
+            bad(f"check_finite={group['check_finite']!r} must be True or False")
         if group["state_dtype"] not in F.STATE_DTYPES:
             bad(f"state_dtype={group['state_dtype']!r} must be one of {list(F.STATE_DTYPES)}")
         if not isinstance(group["stochastic_rounding"], bool):
@@ -188,14 +311,15 @@ class SubspaceAdamW(Optimizer):
         T = group["update_interval"]
         if isinstance(T, bool) or not isinstance(T, int) or T < 1:
             bad(f"update_interval={T!r} must be an integer >= 1 (steps between basis updates)")
-        if group["transport"] not in TRANSPORTS:
+        if not isinstance(group["transport"], str) or group["transport"] not in TRANSPORTS:
             bad(f"unknown transport {group['transport']!r}; choose one of {list(TRANSPORTS)}")
-        if not group["zeta"] >= 1:
-            bad(f"zeta={group['zeta']} must be >= 1 (the limiter may only shrink the residual's growth)")
-        if not group["alpha"] > 0:
-            bad(f"alpha={group['alpha']} must be > 0")
-        if group["alpha_r"] is not None and not group["alpha_r"] >= 0:
-            bad(f"alpha_r={group['alpha_r']} must be >= 0 or None")
+        if _real_error(group["zeta"], 1.0):
+            bad(f"zeta={group['zeta']!r} must be >= 1 and finite (the limiter may only shrink the residual's "
+                "growth; a large zeta such as 1e6 lets it act on explosions only)")
+        if _real_error(group["alpha"], 0.0, strict=True):
+            bad(f"alpha={group['alpha']!r} must be > 0 and finite (the scale of the update, e.g. 0.25)")
+        if group["alpha_r"] is not None and _real_error(group["alpha_r"], 0.0):
+            bad(f"alpha_r={group['alpha_r']!r} must be >= 0 and finite, or None (the same as alpha)")
         if not isinstance(group["recovery"], bool):
             bad(f"recovery={group['recovery']!r} must be True or False")
         if group["scaling"] not in SCALINGS:
@@ -227,7 +351,6 @@ class SubspaceAdamW(Optimizer):
             if rank >= min(p.shape):
                 bad(f"rank={rank} must be < min{tuple(p.shape)}={min(p.shape)} for {name}; lower the rank "
                     f"or train this matrix in a plain group (grassopt.param_groups falls back with a warning)")
-        del rule
 
     def _param_name(self, gi: int, i: int) -> str:
         names = self.param_groups[gi].get("param_names")
@@ -407,6 +530,10 @@ class SubspaceAdamW(Optimizer):
                 chosen.append((i, p))
             if not chosen:
                 continue
+            msg = _hyper_error(group)  # an LR scheduler (or a user) may have changed them since
+            if msg:
+                raise ValueError(f"param group {gi}: {msg}; it was set after construction (an LR scheduler?): "
+                                 "nothing was updated")
             if "rank" in group:
                 batch = self._prepare(group, chosen)
                 if group["check_finite"]:
