@@ -520,13 +520,15 @@ class SubspaceAdamW(Optimizer):
     def _step(self, only: set[int] | None) -> None:
         work: list[tuple[dict[str, Any], Any]] = []
         checks: list[tuple[list[tuple[int, int]], Tensor]] = []
-        for gi, group in enumerate(self.param_groups):
+        for gi, group in enumerate(self.param_groups):  # every check before the first write
             chosen = []
             for i, p in enumerate(group["params"]):
-                if p.grad is None or (only is not None and id(p) not in only):
+                g = p.grad
+                if g is None or (only is not None and id(p) not in only):
                     continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{self._param_name(gi, i)}: SubspaceAdamW does not support sparse gradients")
+                if (g.shape != p.shape or g.layout != torch.strided or not g.dtype.is_floating_point
+                        or g.device != p.device):
+                    raise ValueError(self._grad_error(gi, i, p, g))
                 chosen.append((i, p))
             if not chosen:
                 continue
@@ -549,6 +551,21 @@ class SubspaceAdamW(Optimizer):
                 self._projected_step(group, batch)
             else:
                 self._plain_step(batch, group)
+
+    def _grad_error(self, gi: int, i: int, p: Tensor, g: Tensor) -> str:
+        """The one-line message for a gradient that cannot step its parameter."""
+        name = self._param_name(gi, i)
+        if g.shape != p.shape:
+            why = (f"has shape {tuple(g.shape)} but the parameter has shape {tuple(p.shape)}; a gradient must "
+                   "have its parameter's shape (was .grad or .grad.data replaced?)")
+        elif g.layout != torch.strided:
+            why = (f"is {g.layout}; SubspaceAdamW needs dense gradients (use nn.Embedding(sparse=False), "
+                   "or assign p.grad = p.grad.to_dense())")
+        elif not g.dtype.is_floating_point:
+            why = f"has dtype {g.dtype}; it must be floating point (the parameter is {p.dtype})"
+        else:
+            why = f"is on {g.device} but the parameter is on {p.device}; move the gradient to {p.device}"
+        return f"the gradient of {name} {why}; nothing was updated"
 
     def _plain_step(self, params: list[Tensor], group: dict[str, Any]) -> None:
         """AdamW on every parameter of a plain group: float32 tensors with float32 state in one fused

@@ -247,3 +247,50 @@ def test_a_non_finite_lr_set_by_a_scheduler_is_refused_before_anything_changes()
     refused(ValueError, "param group 1: betas=(0.9, 1.5) must be a pair (beta1, beta2) of numbers in [0, 1), e.g. "
             "(0.9, 0.999); it was set after construction (an LR scheduler?): nothing was updated", opt.step)
     assert same(snapshot(opt, params), before)
+
+
+@pytest.mark.parametrize("which", [3, 1], ids=["plain bias", "projected b"])
+@pytest.mark.parametrize("bad, message", [
+    (lambda p: torch.zeros(p.shape[::-1]) if p.dim() == 2 else torch.zeros(p.numel() + 1),
+     "the gradient of {name} has shape {gshape} but the parameter has shape {pshape}; a gradient must have its "
+     "parameter's shape (was .grad or .grad.data replaced?); nothing was updated"),
+    (lambda p: torch.ones(p.shape, dtype=torch.int64),
+     "the gradient of {name} has dtype torch.int64; it must be floating point (the parameter is torch.float32); "
+     "nothing was updated"),
+    (lambda p: torch.ones(p.shape, dtype=torch.complex64),
+     "the gradient of {name} has dtype torch.complex64; it must be floating point (the parameter is torch.float32); "
+     "nothing was updated"),
+], ids=["shape", "int64", "complex"])
+def test_a_bad_gradient_is_refused_before_any_parameter_or_moment_changes(which, bad, message):
+    # the bad gradient is on the last parameter of its group, after good ones: a step that wrote as it
+    # went would already have moved the others (the reported failure: a weight and two moments changed)
+    params, opt = model_and_optimizer()
+    set_grads(params, 2)
+    p = params[which]
+    g = bad(p)
+    p.grad.data = g  # .data bypasses the checks of the .grad setter
+    name = ["a", "b", "c", "bias"][which]
+    before = snapshot(opt, params)
+    refused(ValueError, message.format(name=name, gshape=tuple(g.shape), pshape=tuple(p.shape)), opt.step)
+    assert same(snapshot(opt, params), before)
+
+
+def test_a_sparse_gradient_is_refused_before_anything_changes():
+    params, opt = model_and_optimizer()
+    set_grads(params, 2)
+    params[3].grad = params[3].grad.to_sparse()
+    before = snapshot(opt, params)
+    refused(ValueError, "the gradient of bias is torch.sparse_coo; SubspaceAdamW needs dense gradients (use "
+            "nn.Embedding(sparse=False), or assign p.grad = p.grad.to_dense()); nothing was updated", opt.step)
+    assert same(snapshot(opt, params), before)
+
+
+def test_step_parameters_checks_the_same_way():
+    params, opt = model_and_optimizer()
+    set_grads(params, 2)
+    params[1].grad.data = torch.zeros(20, 30)
+    before = snapshot(opt, params)
+    refused(ValueError, "the gradient of b has shape (20, 30) but the parameter has shape (30, 20); a gradient must "
+            "have its parameter's shape (was .grad or .grad.data replaced?); nothing was updated",
+            lambda: opt.step_parameters(params))
+    assert same(snapshot(opt, params), before)
