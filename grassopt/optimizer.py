@@ -63,6 +63,7 @@ _PLAIN_KEYS = {"params", "param_names", "lr", "betas", "eps", "weight_decay", "s
                "initial_lr", "name", "state_dtype", "stochastic_rounding"}
 _SUBSPACE_KEYS = {"rank", *SUBSPACE_DEFAULTS}
 _NUMBER = (float, int)  # exact types (not bool) for the fast path of _hyper_error
+_NON_NEGATIVE = {"exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale", "residual_norm"}  # state keys
 
 
 def _mix_seed(seed: int, index: int) -> int:
@@ -402,48 +403,163 @@ class SubspaceAdamW(Optimizer):
                 sd["state"][i] = {**sd["state"].get(i, {}), "rng_state": gen.get_state()}
         return sd
 
+    #: the settings that fix what a projected parameter's state means: a state dict saved with other
+    #: values is refused (the other options are hyper-parameters, loaded from the state dict as torch does)
+    _STRUCTURE = ("rule", "transport", "recovery", "scaling", "error_feedback")
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict; float32 state stays float32 (it is not cast to a bf16 parameter's dtype)."""
-        saved = state_dict.get("state")
-        if not isinstance(saved, dict) or not isinstance(state_dict.get("param_groups"), list):
+        """Load a state dict; float32 state stays float32 (it is not cast to a bf16 parameter's dtype).
+
+        Everything is checked before anything changes (``ValueError``, one line naming the param
+        group or parameter and what differs): the number of groups and parameters; the settings that
+        fix what the state means (``rank``, ``rule``, ``transport``, ``recovery``, ``scaling``,
+        ``error_feedback``, ``state_dtype``) equal this optimizer's; the saved hyper-parameters valid;
+        every parameter's state complete, of the shapes and dtypes its parameter needs, and finite
+        (moments, ``Q``, block scales, error buffers; ``V`` and the scales non-negative), its step
+        counts integers and its generator state loadable. The hyper-parameters (``lr``, ``betas``,
+        ``alpha``, rule options, ...) are then taken from the state dict, as torch's optimizers do.
+        """
+        plan = self._check_state_dict(state_dict)
+        super().load_state_dict({**state_dict, "state": {}})
+        for group in self.param_groups:  # state dicts saved before an option existed get its default
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+            if "rank" in group:
+                for key, value in {**SUBSPACE_DEFAULTS, **get_rule(group["rule"]).OPTIONS}.items():
+                    group.setdefault(key, value)
+        self.state.clear()
+        self._generators.clear()
+        self._diag.clear()
+        for p, st, gen in plan:
+            if gen is not None:
+                self._generators[p] = gen
+            self.state[p] = {k: v.detach().to(device=p.device).clone() if isinstance(v, Tensor) else v
+                             for k, v in st.items() if k != "rng_state"}
+
+    def _check_state_dict(self, state_dict: Any) -> list[tuple[Tensor, dict[str, Any], torch.Generator | None]]:
+        """Check a state dict against this optimizer (see :meth:`load_state_dict`) without changing
+        anything; return ``(parameter, saved state, generator or None)`` for every saved state."""
+        if not isinstance(state_dict, dict):
+            raise ValueError(f"not an optimizer state dict: got {type(state_dict).__name__}")
+        saved, groups = state_dict.get("state"), state_dict.get("param_groups")
+        if not isinstance(saved, dict) or not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
             raise ValueError("not an optimizer state dict: expected keys 'state' and 'param_groups'")
-        for gi, (mine, theirs) in enumerate(zip(self.param_groups, state_dict["param_groups"])):
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"the saved optimizer has {len(groups)} param groups but this one has "
+                             f"{len(self.param_groups)}; build the optimizer with the same groups before loading")
+        id_map: dict[Any, tuple[int, int]] = {}
+        for gi, (mine, theirs) in enumerate(zip(self.param_groups, groups)):
+            ids = theirs.get("params")
+            if not isinstance(ids, list) or len(ids) != len(mine["params"]):
+                n = len(ids) if isinstance(ids, list) else "no"
+                raise ValueError(f"param group {gi}: the saved optimizer has {n} parameters but this one has "
+                                 f"{len(mine['params'])}; build the optimizer from the same model and groups")
+            for i, k in enumerate(ids):
+                id_map[k] = (gi, i)
             if ("rank" in mine) != ("rank" in theirs) or mine.get("rank") != theirs.get("rank"):
                 raise ValueError(
                     f"param group {gi}: the saved optimizer has rank={theirs.get('rank')} but this one "
                     f"has rank={mine.get('rank')}; build the optimizer with the same groups before loading")
-        dtypes = [g["state_dtype"] for g in self.param_groups for _ in g["params"]]
-        for key, st in saved.items():
-            if isinstance(st, dict) and "exp_avg" in st and 0 <= int(key) < len(dtypes):
-                has = "int8" if "exp_avg_scale" in st else "float32"
-                if has != dtypes[int(key)]:
+            defaults = {**self.defaults, **SUBSPACE_DEFAULTS}
+            if theirs.get("state_dtype", "float32") != mine["state_dtype"]:
+                raise ValueError(f"param group {gi}: the saved state has {theirs.get('state_dtype', 'float32')} "
+                                 f"moments but its group has state_dtype={mine['state_dtype']!r}; build the "
+                                 "optimizer with the state_dtype it was saved with")
+            for key in self._STRUCTURE if "rank" in mine else ():
+                if theirs.get(key, defaults[key]) != mine[key]:
                     raise ValueError(
-                        f"the saved state of parameter {int(key)} has {has} moments but its group has "
-                        f"state_dtype={dtypes[int(key)]!r}; build the optimizer with the state_dtype it was saved with")
-        super().load_state_dict({**state_dict, "state": {}})
-        for group in self.param_groups:  # state dicts saved before an option existed get its default
-            for key in ("state_dtype", "stochastic_rounding", "check_finite", "seed"):
-                group.setdefault(key, self.defaults[key])
-        params = self._flat_params()
-        self.state.clear()
-        self._generators.clear()
-        self._diag.clear()
+                        f"param group {gi}: the saved optimizer has {key}={theirs.get(key, defaults[key])!r} but "
+                        f"this one has {key}={mine[key]!r}; build the optimizer with the preset and settings it "
+                        "was saved with")
+            complete = {**defaults, **theirs, "params": mine["params"], "param_names": mine.get("param_names")}
+            if "rank" in mine:
+                complete = {**get_rule(mine["rule"]).OPTIONS, **complete}
+            else:
+                complete = {k: v for k, v in complete.items() if k not in SUBSPACE_DEFAULTS}
+            try:
+                self._validate_group(complete, gi)
+            except ValueError as e:
+                raise ValueError(f"the saved optimizer state: {e}") from None
+        plan = []
         for key, st in saved.items():
-            i = int(key)
-            if not 0 <= i < len(params):
-                raise ValueError(f"state for parameter index {i} but the optimizer has {len(params)} parameters")
-            p = params[i]
-            new: dict[str, Any] = {}
-            for k, v in st.items():
-                if k == "rng_state":
-                    gen = torch.Generator(device=p.device)
-                    gen.set_state(v.to("cpu", torch.uint8))
-                    self._generators[p] = gen
-                elif isinstance(v, Tensor):
-                    new[k] = v.detach().to(device=p.device).clone()
-                else:
-                    new[k] = v
-            self.state[p] = new
+            if key not in id_map:
+                raise ValueError(f"the saved state has an entry for parameter {key!r} but the saved param groups "
+                                 f"list only {len(id_map)} parameters; the state dict is corrupt")
+            gi, i = id_map[key]
+            p = self.param_groups[gi]["params"][i]
+            where = f"the saved state of {self._param_name(gi, i)}"
+            if not isinstance(st, dict):
+                raise ValueError(f"{where} is a {type(st).__name__}, not a dict; the state dict is corrupt")
+            plan.append((p, st, self._check_param_state(self.param_groups[gi], p, st, where)))
+        return plan
+
+    def _check_param_state(self, group: dict[str, Any], p: Tensor, st: dict[str, Any],
+                           where: str) -> torch.Generator | None:
+        """Check one parameter's saved state (``where`` names it); return its generator, if saved."""
+        gen = None
+        if "rng_state" in st:
+            v = st["rng_state"]
+            try:
+                if not isinstance(v, Tensor):
+                    raise TypeError
+                gen = torch.Generator(device=p.device)
+                gen.set_state(v.to("cpu", torch.uint8))
+            except (TypeError, RuntimeError, ValueError):
+                raise ValueError(f"{where}: rng_state is not a generator state for {p.device}; the checkpoint is "
+                                 "corrupt or from another device") from None
+        if set(st) <= {"rng_state"}:
+            return gen  # never stepped
+        int8 = group["state_dtype"] == "int8"
+        if ("exp_avg_scale" in st) != int8:
+            has = "int8" if "exp_avg_scale" in st else "float32"
+            raise ValueError(f"{where} has {has} moments but its group has state_dtype={group['state_dtype']!r}; "
+                             "build the optimizer with the state_dtype it was saved with")
+        f32 = torch.float32
+        if "rank" in group:
+            rank, k, d = group["rank"], max(p.shape), min(p.shape)
+            moments: tuple = (k, rank)
+            need: dict[str, Any] = {"step": int, "adam_step": int}
+            if rule_flag(get_rule(group["rule"]), "FROM_SEED"):
+                need["seed"] = int
+            else:
+                need["Q"] = (f32, (d, rank))
+            if group["recovery"] or group["scaling"] is not None:
+                need["residual_norm"] = (f32, ())
+            if group["error_feedback"]:
+                need["error"] = (f32, tuple(p.shape))
+        else:
+            moments = tuple(p.shape)
+            need = {"step": int}
+        if int8:
+            blocks = (math.ceil(math.prod(moments) / F.BLOCK),)
+            need.update(exp_avg=(torch.int8, moments), exp_avg_sq=(torch.uint8, moments),
+                        exp_avg_scale=(f32, blocks), exp_avg_sq_scale=(f32, blocks))
+        else:
+            need.update(exp_avg=(f32, moments), exp_avg_sq=(f32, moments))
+        missing = [k for k in need if k not in st]
+        extra = [k for k in st if k not in need and k != "rng_state"]
+        if missing or extra:
+            what = (f"lacks {missing}" if missing else "") + (" and " if missing and extra else "") + \
+                   (f"has unexpected {extra}" if extra else "")
+            raise ValueError(f"{where} {what}; the checkpoint is incomplete or from another optimizer or settings")
+        for k, spec in need.items():
+            v = st[k]
+            if spec is int:
+                if not isinstance(v, Integral) or isinstance(v, bool) or v < 0:
+                    raise ValueError(f"{where}: {k}={v!r} must be an integer >= 0; the state dict is corrupt")
+                continue
+            dtype, shape = spec
+            if not isinstance(v, Tensor) or v.dtype != dtype or tuple(v.shape) != shape:
+                got = f"{v.dtype} {tuple(v.shape)}" if isinstance(v, Tensor) else type(v).__name__
+                raise ValueError(f"{where}: {k} is {got} but this optimizer needs {dtype} {shape}; the checkpoint "
+                                 f"is of another model or settings (parameter shape {tuple(p.shape)})")
+            if dtype == f32 and not (bool(v.isfinite().all()) and (k not in _NON_NEGATIVE or bool((v >= 0).all()))):
+                rule = "finite and >= 0" if k in _NON_NEGATIVE else "finite"
+                raise ValueError(f"{where}: {k} is not {rule} (NaN, inf or a wrong sign: a corrupt checkpoint, "
+                                 "or state saved after a divergence); load an earlier checkpoint")
+        if "adam_step" in need and st["adam_step"] > st["step"]:
+            raise ValueError(f"{where}: adam_step={st['adam_step']} exceeds step={st['step']}; the state dict is corrupt")
+        return gen
 
     # ------------------------------------------------------------------ diagnostics
     def diagnostics(self) -> dict[str, dict[str, Any]]:

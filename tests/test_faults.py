@@ -294,3 +294,159 @@ def test_step_parameters_checks_the_same_way():
             "have its parameter's shape (was .grad or .grad.data replaced?); nothing was updated",
             lambda: opt.step_parameters(params))
     assert same(snapshot(opt, params), before)
+
+
+# ---------------------------------------------------------------------------- load_state_dict
+def saved_state(**kw):
+    """The state dict of ``model_and_optimizer`` after two steps, and a fresh optimizer to load it into."""
+    params, opt = model_and_optimizer(**kw)
+    set_grads(params, 2)
+    opt.step()
+    return copy.deepcopy(opt.state_dict())
+
+
+def loading_refused(sd, message, target=None):
+    """Loading ``sd`` into a stepped optimizer raises ``message`` and changes nothing; the optimizer
+    then still loads a good state dict and steps."""
+    params, opt = target or model_and_optimizer()
+    before = snapshot(opt, params)
+    refused(ValueError, message, lambda: opt.load_state_dict(sd))
+    assert same(snapshot(opt, params), before)
+    set_grads(params, 3)
+    opt.step()
+    assert all(bool(p.isfinite().all()) for p in params)
+
+
+def test_state_of_another_model_is_refused_naming_the_parameter_and_the_shapes():
+    torch.manual_seed(0)
+    a, b = nn.Parameter(torch.randn(20, 30)), nn.Parameter(torch.randn(30, 24))  # b differs
+    c, bias = nn.Parameter(torch.randn(6, 5)), nn.Parameter(torch.randn(5))
+    other = SubspaceAdamW([{"params": [("a", a), ("b", b)], "rank": 4, "update_interval": 2},
+                           {"params": [("c", c), ("bias", bias)]}], lr=1e-2)
+    set_grads([a, b, c, bias], 1)
+    other.step()
+    loading_refused(other.state_dict(), "the saved state of b: Q is torch.float32 (24, 4) but this optimizer needs "
+                    "torch.float32 (20, 4); the checkpoint is of another model or settings (parameter shape (30, 20))")
+    # a model with another number of parameters
+    fewer = SubspaceAdamW([{"params": [a], "rank": 4}, {"params": [c, bias]}])
+    loading_refused(fewer.state_dict(), "param group 0: the saved optimizer has 1 parameters but this one has 2; "
+                    "build the optimizer from the same model and groups")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda sd: sd["state"][0].pop("exp_avg"),
+     "the saved state of a lacks ['exp_avg']; the checkpoint is incomplete or from another optimizer or settings"),
+    (lambda sd: sd["state"][1].update(Q=torch.zeros(20, 5)),
+     "the saved state of b: Q is torch.float32 (20, 5) but this optimizer needs torch.float32 (20, 4); the checkpoint "
+     "is of another model or settings (parameter shape (30, 20))"),
+    (lambda sd: sd["state"][2].update(exp_avg=sd["state"][2]["exp_avg"].double()),
+     "the saved state of c: exp_avg is torch.float64 (6, 5) but this optimizer needs torch.float32 (6, 5); the "
+     "checkpoint is of another model or settings (parameter shape (6, 5))"),
+    (lambda sd: sd["state"][3].update(momentum_buffer=torch.zeros(5)),
+     "the saved state of bias has unexpected ['momentum_buffer']; the checkpoint is incomplete or from another "
+     "optimizer or settings"),
+    (lambda sd: sd["state"][0].update(step=None),
+     "the saved state of a: step=None must be an integer >= 0; the state dict is corrupt"),
+    (lambda sd: sd["state"][0].update(adam_step=7),
+     "the saved state of a: adam_step=7 exceeds step=2; the state dict is corrupt"),
+    (lambda sd: sd["state"].update({9: {}}),
+     "the saved state has an entry for parameter 9 but the saved param groups list only 4 parameters; the state "
+     "dict is corrupt"),
+    (lambda sd: sd["param_groups"].pop(),
+     "the saved optimizer has 1 param groups but this one has 2; build the optimizer with the same groups before "
+     "loading"),
+    (lambda sd: sd.pop("state"), "not an optimizer state dict: expected keys 'state' and 'param_groups'"),
+], ids=["missing exp_avg", "Q shape", "exp_avg dtype", "unknown key", "step None", "adam_step", "index",
+        "groups", "no state"])
+def test_incomplete_or_mismatched_state_is_refused_before_anything_changes(edit, message):
+    sd = saved_state()
+    edit(sd)
+    loading_refused(sd, message)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("rule", "svd", "param group 0: the saved optimizer has rule='svd' but this one has rule='track'; build the "
+                    "optimizer with the preset and settings it was saved with"),
+    ("recovery", False, "param group 0: the saved optimizer has recovery=False but this one has recovery=True; build "
+                        "the optimizer with the preset and settings it was saved with"),
+    ("transport", "keep", "param group 0: the saved optimizer has transport='keep' but this one has "
+                          "transport='rotate'; build the optimizer with the preset and settings it was saved with"),
+    ("rank", 3, "param group 0: the saved optimizer has rank=3 but this one has rank=4; build the optimizer with the "
+                "same groups before loading"),
+    ("state_dtype", "int8", "param group 0: the saved state has int8 moments but its group has "
+                            "state_dtype='float32'; build the optimizer with the state_dtype it was saved with"),
+    ("lr", NAN, "the saved optimizer state: param group 0: lr=nan must be >= 0 and finite (a float learning rate "
+                "such as 1e-3)"),
+    ("betas", (0.9,), "the saved optimizer state: param group 0: betas=(0.9,) must be a pair (beta1, beta2) of "
+                      "numbers in [0, 1), e.g. (0.9, 0.999)"),
+    ("step_size", INF, "the saved optimizer state: param group 0: step_size=inf is not valid for subspace rule "
+                       "'track': use a number > 0"),
+])
+def test_state_of_other_settings_or_bad_saved_options_is_refused(key, value, message):
+    sd = saved_state()
+    sd["param_groups"][0][key] = value
+    loading_refused(sd, message)
+
+
+def test_state_of_another_preset_is_refused():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 12))
+    galore = grassopt.make_optimizer(model, "galore", lr=1e-2, rank=3)
+    model(torch.randn(4, 16)).square().mean().backward()
+    galore.step()
+    subtrack = grassopt.make_optimizer(model, "subtrack++", lr=1e-2, rank=3)
+    params = list(model.parameters())
+    loading_refused(galore.state_dict(), "param group 0: the saved optimizer has rule='svd' but this one has "
+                    "rule='track'; build the optimizer with the preset and settings it was saved with",
+                    target=(params, subtrack))
+
+
+@pytest.mark.parametrize("index, key, corrupt, message", [
+    (0, "exp_avg", lambda t: t.view(-1)[3].fill_(NAN),
+     "the saved state of a: exp_avg is not finite (NaN, inf or a wrong sign: a corrupt checkpoint, or state saved "
+     "after a divergence); load an earlier checkpoint"),
+    (1, "Q", lambda t: t.view(-1)[0].fill_(INF),
+     "the saved state of b: Q is not finite (NaN, inf or a wrong sign: a corrupt checkpoint, or state saved after a "
+     "divergence); load an earlier checkpoint"),
+    (2, "exp_avg_sq", lambda t: t.view(-1)[1].fill_(-1e-3),
+     "the saved state of c: exp_avg_sq is not finite and >= 0 (NaN, inf or a wrong sign: a corrupt checkpoint, or "
+     "state saved after a divergence); load an earlier checkpoint"),
+    (0, "residual_norm", lambda t: t.fill_(NAN),
+     "the saved state of a: residual_norm is not finite and >= 0 (NaN, inf or a wrong sign: a corrupt checkpoint, or "
+     "state saved after a divergence); load an earlier checkpoint"),
+])
+def test_non_finite_saved_tensors_are_refused(index, key, corrupt, message):
+    sd = saved_state()
+    corrupt(sd["state"][index][key])
+    loading_refused(sd, message)
+
+
+def test_a_generator_state_that_does_not_load_is_refused():
+    sd = saved_state()
+    sd["state"][3]["rng_state"] = torch.zeros(3, dtype=torch.uint8)  # truncated
+    loading_refused(sd, "the saved state of bias: rng_state is not a generator state for cpu; the checkpoint is "
+                    "corrupt or from another device")
+
+
+def test_non_finite_int8_block_scales_are_refused():
+    sd = saved_state(state_dtype="int8")
+    sd["state"][1]["exp_avg_sq_scale"][0] = INF
+    loading_refused(sd, "the saved state of b: exp_avg_sq_scale is not finite and >= 0 (NaN, inf or a wrong sign: a "
+                    "corrupt checkpoint, or state saved after a divergence); load an earlier checkpoint",
+                    target=model_and_optimizer(state_dtype="int8"))
+
+
+def test_a_good_state_dict_still_loads_and_resumes_exactly():
+    sd = saved_state()
+    params, opt = model_and_optimizer()
+    opt.load_state_dict(sd)
+    ref_params, ref = model_and_optimizer()
+    set_grads(ref_params, 2)
+    ref.step()
+    for p, q in zip(params, ref_params):
+        p.data.copy_(q)
+    for ps in (params, ref_params):
+        set_grads(ps, 3)
+    opt.step()
+    ref.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, ref_params))
