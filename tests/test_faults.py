@@ -450,3 +450,149 @@ def test_a_good_state_dict_still_loads_and_resumes_exactly():
     opt.step()
     ref.step()
     assert all(torch.equal(p, q) for p, q in zip(params, ref_params))
+
+
+# ---------------------------------------------------------------------------- ZO
+from grassopt.zo import ZO  # noqa: E402
+
+
+def zo_setup(**kw):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, 8, generator=g), torch.randn(64, 1, generator=g)
+    opt = ZO(model, **{"rank": 2, "lr": 1e-3, "eps": 1e-3, "momentum": 0.9, "lazy": 10, **kw})
+    loss = lambda: nn.functional.mse_loss(model(x), y)  # noqa: E731
+    opt.step(loss)  # momentum buffers exist
+    return model, opt, loss
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"lr": INF}, "lr=inf must be >= 0 and finite (a float learning rate such as 1e-4)"),
+    ({"lr": NAN}, "lr=nan must be >= 0 and finite (a float learning rate such as 1e-4)"),
+    ({"eps": NAN}, "eps=nan must be > 0 and finite (the perturbation size, e.g. 1e-3)"),
+    ({"eps": INF}, "eps=inf must be > 0 and finite (the perturbation size, e.g. 1e-3)"),
+    ({"eps": 0.0}, "eps=0.0 must be > 0 and finite (the perturbation size, e.g. 1e-3)"),
+    ({"momentum": NAN}, "momentum=nan must lie in [0, 1) (0: plain SGD)"),
+    ({"weight_decay": INF}, "weight_decay=inf must be >= 0 and finite (e.g. 0.0)"),
+    ({"weight_decay": -0.1}, "weight_decay=-0.1 must be >= 0 and finite (e.g. 0.0)"),
+    ({"clip": 0.0}, "clip=0.0 must be None (off) or > 0 and finite (the bound on |g|, the estimated directional "
+                    "derivative; see ZO.last_estimate for its scale)"),
+    ({"clip": NAN}, "clip=nan must be None (off) or > 0 and finite (the bound on |g|, the estimated directional "
+                    "derivative; see ZO.last_estimate for its scale)"),
+    ({"nonfinite": "ignore"}, "nonfinite='ignore' must be 'raise' or 'skip' (what a step with a non-finite loss or "
+                              "estimate does)"),
+    ({"seed": None}, "seed=None must be an integer (all randomness derives from it), e.g. seed=0"),
+    ({"lazy": 2.5}, "lazy=2.5 must be an integer >= 1 (steps a subspace V is kept)"),
+])
+def test_zo_refuses_non_finite_and_mistyped_options(kwargs, message):
+    model = nn.Sequential(nn.Linear(8, 4))
+    before = [p.detach().clone() for p in model.parameters()]
+    refused(ValueError, message, lambda: ZO(model, rank=2, **kwargs))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert not model[0]._forward_hooks  # no hook left behind
+
+
+def test_zo_refuses_a_non_finite_lr_or_eps_set_after_construction_before_any_forward_pass():
+    model, opt, loss = zo_setup()
+    params = list(model.parameters())
+    calls = []
+    counted = lambda: calls.append(1) or loss()  # noqa: E731
+    for gi, key, value in ((0, "lr", NAN), (0, "eps", 0.0), (0, "lr", INF)):
+        old = opt.param_groups[gi][key]
+        opt.param_groups[gi][key] = value
+        before = snapshot(opt, params)
+        refused(ValueError, f"param group {gi}: {key}={value!r} must be "
+                + ("> 0 and finite (the perturbation size, e.g. 1e-3)" if key == "eps" else
+                   ">= 0 and finite (a float learning rate such as 1e-4)")
+                + "; it was set after construction (an LR scheduler?): nothing was updated", lambda: opt.step(counted))
+        assert same(snapshot(opt, params), before) and opt._step == 1 and not calls
+        opt.param_groups[gi][key] = old
+    opt.step(loss)
+    assert opt._step == 2
+
+
+def test_zo_non_finite_estimate_raises_or_is_skipped_and_changes_nothing():
+    model, opt, loss = zo_setup()
+    params = list(model.parameters())
+    huge = lambda: loss() * 1e36 if opt._active and opt._active[1] > 0 else loss()  # noqa: E731
+    before = snapshot(opt, params)
+    # finite losses whose difference quotient overflows float32: g = inf (the old check passed it on)
+    with pytest.raises(FloatingPointError) as info:
+        opt.step(huge)
+    text = str(info.value)
+    assert "\n" not in text and text.startswith("non-finite estimate g = (L+ - L-) / (2 eps) = inf in a ZO step")
+    assert text.endswith("; lower eps or the learning rate; nothing was updated (nonfinite='skip' skips such steps)")
+    assert same(snapshot(opt, params), before) and opt._step == 1
+    # a NaN loss
+    refused(FloatingPointError, "non-finite loss in a ZO step (nan, nan); lower eps or the learning rate; nothing "
+            "was updated (nonfinite='skip' skips such steps)", lambda: opt.step(lambda: loss() * NAN))
+    assert same(snapshot(opt, params), before)
+    # nonfinite="skip": nothing changes, the step is counted and warned about, and training goes on
+    opt.nonfinite = "skip"
+    with pytest.warns(RuntimeWarning, match=r"the step was skipped, nothing was updated \(1 skipped so far\)"):
+        opt.step(huge)
+    after = snapshot(opt, params)
+    assert same(after["weights"], before["weights"]) and same(after["state"], before["state"])
+    assert opt.skipped_steps == 1 and opt._step == 2  # the next step draws fresh directions
+    opt.step(loss)
+    assert all(bool(p.isfinite().all()) for p in params) and opt._step == 3
+
+
+def test_zo_clip_bounds_the_estimate_and_off_by_default_changes_nothing():
+    model, opt, loss = zo_setup()
+    model_c, opt_c, loss_c = zo_setup(clip=1e9)  # a bound that never acts: bit-identical steps
+    for _ in range(3):
+        opt.step(loss)
+        opt_c.step(loss_c)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), model_c.parameters()))
+    assert opt_c.clipped_steps == 0 and opt.last_estimate == opt_c.last_estimate
+    # a bound that acts: the step is that of g = +-clip
+    model_1, opt_1, loss_1 = zo_setup(clip=1e-3, momentum=0.0)
+    model_2, opt_2, loss_2 = zo_setup(momentum=0.0)
+
+    def forced(loss_fn, o):  # L+ - L- = 2 eps * 5: g = 5, whatever the model
+        return lambda: loss_fn().detach() * 0 + 5 * o._active[1]  # _active = (step, signed eps)
+
+    w0 = [p.detach().clone() for p in model_1.parameters()]
+    w1 = [p.detach().clone() for p in model_2.parameters()]
+    clipped = opt_1.clipped_steps
+    opt_1.step(forced(loss_1, opt_1))
+    assert opt_1.last_estimate == pytest.approx(5.0, rel=1e-5) and opt_1.clipped_steps == clipped + 1
+    opt_2.param_groups[0]["lr"] = 1e-3 * 1e-3 / opt_1.last_estimate  # lr * clip = lr' * g
+    opt_2.step(forced(loss_2, opt_2))
+    for p, q, a, b in zip(model_1.parameters(), model_2.parameters(), w0, w1):  # the steps (they do not depend on W)
+        assert torch.allclose(p - a, q - b, rtol=1e-3, atol=1e-9)
+        assert (p.dim() == 1) == bool((p == a).all())  # covered weights moved, the (frozen) biases did not
+
+
+def test_zo_add_param_group_after_construction_is_refused():
+    model, opt, _ = zo_setup()
+    params = list(model.parameters())
+    before = snapshot(opt, params)
+    refused(ValueError, "ZO steps the layers chosen at construction (targets=..., others=...); a group added later "
+            "would never be updated: build a new ZO to cover other parameters",
+            lambda: opt.add_param_group({"params": [nn.Parameter(torch.zeros(3))]}))
+    assert same(snapshot(opt, params), before)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda sd: sd["param_groups"][0].update(lr=NAN),
+     "the saved optimizer state: param group 0: lr=nan must be >= 0 and finite (a float learning rate such as 1e-4)"),
+    (lambda sd: sd["state"][0]["momentum_buffer"].view(-1)[0].fill_(INF),
+     "the saved state of parameter 0: momentum_buffer is not finite (a corrupt checkpoint, or state saved after a "
+     "divergence); load an earlier checkpoint"),
+    (lambda sd: sd["state"][0].update(momentum_buffer=torch.zeros(16, 3)),
+     "the saved state of parameter 0: momentum_buffer is torch.float32 (16, 3) but this ZO needs torch.float32 "
+     "(16, 2) (rows x rank); the checkpoint is of another model or rank"),
+    (lambda sd: sd.update(zo_step=-1), "the saved zo_step=-1 must be an integer >= 0; the state dict is corrupt"),
+])
+def test_zo_load_state_dict_refuses_bad_state_before_anything_changes(edit, message):
+    _, saved_opt, _ = zo_setup()
+    sd = copy.deepcopy(saved_opt.state_dict())
+    edit(sd)
+    model, opt, loss = zo_setup()
+    params = list(model.parameters())
+    before = snapshot(opt, params)
+    refused(ValueError, message, lambda: opt.load_state_dict(sd))
+    assert same(snapshot(opt, params), before) and opt._step == 1
