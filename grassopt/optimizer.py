@@ -125,7 +125,9 @@ class SubspaceAdamW(Optimizer):
         params: parameters, ``(name, parameter)`` pairs, or param-group dicts (see
             :func:`grassopt.param_groups`, which builds them from a model and a preset).
         lr, betas, eps, weight_decay: AdamW hyper-parameters (GaLore's convention: ``eps`` is added
-            to ``sqrt(V)`` and bias correction is folded into the step size; ``eps=1e-6``).
+            to ``sqrt(V)`` and bias correction is folded into the step size; ``eps=1e-6``). ``eps``
+            must be > 0: ``eps=0`` would divide 0 by 0 wherever ``V`` is 0 (torch's AdamW writes NaN
+            there); 1e-30 is Adam without eps, to rounding, wherever that is defined.
         seed: seeds the per-parameter generators of random rules (with the parameter's index).
         check_finite: check, before anything is changed, that every gradient is finite, and raise a
             ``FloatingPointError`` naming the offending parameters otherwise. Costs one fused
@@ -136,6 +138,11 @@ class SubspaceAdamW(Optimizer):
             from the optimizer's seeded per-parameter generators. Per group.
         fused: ``None`` uses torch's fused Adam kernel where the device has one (CPU, CUDA, MPS, ...),
             ``False`` forces the ``foreach`` ops (same maths, to float rounding).
+
+    Nothing is changed by a refusal: bad options or parameters (at construction, in
+    :meth:`add_param_group`, in :meth:`load_state_dict`) and bad gradients or a non-finite ``lr``
+    set by a scheduler (at :meth:`step`) raise a one-line ``ValueError`` naming the option or
+    parameter and the fix before anything is written.
 
     Projected-group keys: ``rank`` (required), ``update_interval`` (``T``), ``alpha``, ``alpha_r``,
     ``rule`` (see ``grassopt.rules.RULES``), ``transport`` (``keep``/``reset``/``rotate``),
@@ -161,6 +168,9 @@ class SubspaceAdamW(Optimizer):
     ):
         if fused not in (None, True, False):
             raise ValueError(f"fused={fused!r} must be None (automatic), True or False")
+        if isinstance(params, (Tensor, str, dict)) or not isinstance(params, Iterable):
+            raise TypeError(f"params must be an iterable of tensors, (name, tensor) pairs or param-group dicts, got "
+                            f"{type(params).__name__} (e.g. model.parameters() or grassopt.param_groups(model, ...))")
         betas = tuple(betas) if isinstance(betas, list) else betas  # anything else is checked per group
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, seed=seed,
                         check_finite=check_finite, state_dtype=state_dtype, stochastic_rounding=stochastic_rounding)
@@ -182,7 +192,7 @@ class SubspaceAdamW(Optimizer):
         group = self._complete_group(param_group, gi)
         self._check_params(group, gi)
         self._validate_group(group, gi)
-        super().add_param_group(group)  # torch's own checks: all passed above
+        super().add_param_group(group)  # torch's own checks (names in all groups or none) raise before appending
         param_group.clear()  # the group is the caller's dict, as with torch's optimizers
         param_group.update(group)
         self.param_groups[-1] = param_group
@@ -225,7 +235,10 @@ class SubspaceAdamW(Optimizer):
         if isinstance(group["betas"], list):
             group["betas"] = tuple(group["betas"])
         if projected:
-            rule = get_rule(group.get("rule", SUBSPACE_DEFAULTS["rule"]))
+            name = group.get("rule", SUBSPACE_DEFAULTS["rule"])
+            if not isinstance(name, str):
+                raise ValueError(f"{where}: rule={name!r} must be the name of a subspace rule, e.g. 'track'")
+            rule = get_rule(name)
             for key in all_rule_options() - set(rule.OPTIONS):
                 if key in group:
                     raise ValueError(

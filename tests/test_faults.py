@@ -125,6 +125,32 @@ def test_non_finite_subspace_and_rule_options_are_refused(options, message):
     refused(ValueError, message, lambda: SubspaceAdamW([{"params": [("w", w)], "rank": 4, **options}]))
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"rule": ["svd"]}, "param group 0: rule=['svd'] must be the name of a subspace rule, e.g. 'track'"),
+    ({"rank": "4"}, "param group 0: rank='4' must be an integer >= 1"),
+    ({"update_interval": None}, "param group 0: update_interval=None must be an integer >= 1 (steps between basis "
+                                "updates)"),
+    ({"transport": ["keep"]}, "param group 0: unknown transport ['keep']; choose one of ['keep', 'reset', 'rotate']"),
+    ({"zeta": "1"}, "param group 0: zeta='1' must be >= 1 and finite (the limiter may only shrink the residual's "
+                    "growth; a large zeta such as 1e6 lets it act on explosions only)"),
+    ({"state_dtype": None}, "param group 0: state_dtype=None must be one of ['float32', 'int8']"),
+    ({"recovery": None}, "param group 0: recovery=None must be True or False"),
+    ({"update_rank": None}, "param group 0: update_rank=None is not valid for subspace rule 'track': use "
+                            "update_rank='full' or an integer in [1, rank=4]"),
+])
+def test_mistyped_options_give_one_line_messages(options, message):
+    w = nn.Parameter(torch.randn(20, 30))
+    refused(ValueError, message, lambda: SubspaceAdamW([{"params": [("w", w)], "rank": 4, **options}]))
+
+
+def test_params_that_are_not_an_iterable_of_tensors_give_one_line_messages():
+    refused(TypeError, "params must be an iterable of tensors, (name, tensor) pairs or param-group dicts, got "
+            "NoneType (e.g. model.parameters() or grassopt.param_groups(model, ...))", lambda: SubspaceAdamW(None))
+    w, v = nn.Parameter(torch.randn(4, 4)), nn.Parameter(torch.randn(4))
+    refused(ValueError, "param group 0: param_names must be a list of 2 strings, one per parameter",
+            lambda: SubspaceAdamW([{"params": [w, v], "param_names": ["w"]}]))
+
+
 def test_eps_zero_would_write_nan_where_a_coordinate_has_no_gradient_so_it_is_refused():
     # the reason for the refusal, shown with torch's own AdamW: V = 0 where the gradient is 0, 0 / (0 + 0)
     p = nn.Parameter(torch.ones(3))
