@@ -286,7 +286,8 @@ class ZO(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict, checked whole before anything changes: ``zo_step``, the groups (count,
-        sizes, finite options) and the momentum buffers (shape ``m x r`` of their layer, finite)."""
+        sizes, finite options) and the momentum buffers (shape ``m x r`` of their layer, finite).
+        The buffers stay float32 whatever the layer's dtype."""
         if not isinstance(state_dict, dict) or "zo_step" not in state_dict:
             raise ValueError("not a ZO optimizer state dict (no 'zo_step'); was it saved from grassopt.zo.ZO?")
         step, groups, saved = state_dict["zo_step"], state_dict.get("param_groups"), state_dict.get("state")
@@ -327,7 +328,13 @@ class ZO(torch.optim.Optimizer):
                                  "after a divergence); load an earlier checkpoint")
             if not isinstance(st["block"], Integral) or isinstance(st["block"], bool):
                 raise ValueError(f"{where}: block={st['block']!r} must be an integer; the state dict is corrupt")
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != "zo_step"})
+        # the state is set here, not by torch, which would cast the float32 buffers to a bf16 layer's dtype
+        super().load_state_dict({**{k: v for k, v in state_dict.items() if k != "zo_step"}, "state": {}})
+        self.state.clear()
+        for key, st in saved.items():
+            p = params[index[key]]
+            self.state[p] = {k: v.detach().to(device=p.device).clone() if isinstance(v, Tensor) else v
+                             for k, v in st.items()}
         self._step = int(step)
 
     def extra_memory_elements(self) -> int:

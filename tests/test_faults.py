@@ -622,3 +622,27 @@ def test_zo_load_state_dict_refuses_bad_state_before_anything_changes(edit, mess
     before = snapshot(opt, params)
     refused(ValueError, message, lambda: opt.load_state_dict(sd))
     assert same(snapshot(opt, params), before) and opt._step == 1
+
+
+def test_zo_resume_keeps_float32_momentum_for_bf16_layers_and_is_bit_identical():
+    def make(state=None):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1)).to(torch.bfloat16)
+        x = torch.randn(32, 8, generator=torch.Generator().manual_seed(1)).bfloat16()
+        opt = ZO(model, rank=2, lr=1e-2, eps=1e-2, momentum=0.9, lazy=3)
+        if state:
+            model.load_state_dict(state[0])
+            opt.load_state_dict(state[1])
+        return model, opt, lambda: model(x).float().square().mean()
+
+    full, opt, loss = make()
+    for _ in range(6):
+        opt.step(loss)
+    half, opt, loss = make()
+    for _ in range(4):  # mid-way through V's second block (lazy=3): the buffers carry on after the resume
+        opt.step(loss)
+    resumed, opt, loss = make((copy.deepcopy(half.state_dict()), copy.deepcopy(opt.state_dict())))
+    assert [s["momentum_buffer"].dtype for s in opt.state.values()] == [torch.float32] * 2  # not cast to bf16
+    for _ in range(2):
+        opt.step(loss)
+    assert all(torch.equal(p, q) for p, q in zip(full.parameters(), resumed.parameters()))
