@@ -31,6 +31,7 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Callable, Iterable
+from numbers import Integral, Real
 from typing import Any
 
 import torch
@@ -61,6 +62,8 @@ SCALINGS = (None, "channel", "tensor")
 _PLAIN_KEYS = {"params", "param_names", "lr", "betas", "eps", "weight_decay", "seed", "check_finite",
                "initial_lr", "name", "state_dtype", "stochastic_rounding"}
 _SUBSPACE_KEYS = {"rank", *SUBSPACE_DEFAULTS}
+_NUMBER = (float, int)  # exact types (not bool) for the fast path of _hyper_error
+_NON_NEGATIVE = {"exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale", "residual_norm"}  # state keys
 
 
 def _mix_seed(seed: int, index: int) -> int:
@@ -76,6 +79,45 @@ def _suggest(key: str, known: Iterable[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def _real_error(v: Any, low: float, strict: bool = False) -> bool:
+    """True unless ``v`` is a finite real number (not a bool, not a tensor) ``>= low`` (``> low``)."""
+    if not isinstance(v, Real) or isinstance(v, bool) or not math.isfinite(v):
+        return True
+    return not (v > low if strict else v >= low)
+
+
+def _hyper_error(group: dict[str, Any]) -> str | None:
+    """The message for a bad ``lr``, ``eps``, ``weight_decay`` or ``betas`` of a group, else None.
+
+    These are the options an LR scheduler (or a user) may change between steps, so the step checks
+    them too: a few Python comparisons per group. ``eps`` must be > 0: it is added to ``sqrt(V)``
+    (GaLore's convention), so ``eps=0`` divides 0 by 0 wherever ``V`` is 0 (a coordinate, or a
+    subspace direction, that has had no gradient yet) and writes NaN into the weights (torch's
+    AdamW does the same with ``eps=0``; a tiny positive eps such as 1e-30 is Adam without eps, to float
+    rounding, wherever that is defined).
+    """
+    lr, eps, wd, betas = group["lr"], group["eps"], group["weight_decay"], group["betas"]
+    if (type(lr) in _NUMBER and type(eps) in _NUMBER and type(wd) in _NUMBER and type(betas) is tuple
+            and len(betas) == 2 and type(betas[0]) in _NUMBER and type(betas[1]) in _NUMBER
+            and 0 <= lr < math.inf and 0 < eps < math.inf and 0 <= wd < math.inf
+            and 0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+        return None  # the common case, cheaply (the step checks every group it steps)
+    if _real_error(lr, 0.0):
+        return f"lr={lr!r} must be >= 0 and finite (a float learning rate such as 1e-3)"
+    if _real_error(eps, 0.0, strict=True):
+        if isinstance(eps, Real) and not isinstance(eps, bool) and eps == 0:
+            return (f"eps={eps!r} must be > 0: eps is added to sqrt(V), so eps=0 divides 0 by 0 wherever V is 0 "
+                    "(a coordinate with no gradient yet) and writes NaN into the weights; use e.g. eps=1e-8 "
+                    "(torch's default) or 1e-6 (ours)")
+        return f"eps={eps!r} must be > 0 and finite (it is added to sqrt(V); e.g. 1e-6, the default)"
+    if _real_error(wd, 0.0):
+        return f"weight_decay={wd!r} must be >= 0 and finite (e.g. 0.0 or 0.1)"
+    if (not isinstance(betas, tuple | list) or len(betas) != 2
+            or any(_real_error(b, 0.0) or b >= 1 for b in betas)):
+        return f"betas={betas!r} must be a pair (beta1, beta2) of numbers in [0, 1), e.g. (0.9, 0.999)"
+    return None
+
+
 class SubspaceAdamW(Optimizer):
     """AdamW with gradient-subspace projection for the param groups that carry a ``rank``.
 
@@ -83,7 +125,9 @@ class SubspaceAdamW(Optimizer):
         params: parameters, ``(name, parameter)`` pairs, or param-group dicts (see
             :func:`grassopt.param_groups`, which builds them from a model and a preset).
         lr, betas, eps, weight_decay: AdamW hyper-parameters (GaLore's convention: ``eps`` is added
-            to ``sqrt(V)`` and bias correction is folded into the step size; ``eps=1e-6``).
+            to ``sqrt(V)`` and bias correction is folded into the step size; ``eps=1e-6``). ``eps``
+            must be > 0: ``eps=0`` would divide 0 by 0 wherever ``V`` is 0 (torch's AdamW writes NaN
+            there); 1e-30 is Adam without eps, to rounding, wherever that is defined.
         seed: seeds the per-parameter generators of random rules (with the parameter's index).
         check_finite: check, before anything is changed, that every gradient is finite, and raise a
             ``FloatingPointError`` naming the offending parameters otherwise. Costs one fused
@@ -94,6 +138,11 @@ class SubspaceAdamW(Optimizer):
             from the optimizer's seeded per-parameter generators. Per group.
         fused: ``None`` uses torch's fused Adam kernel where the device has one (CPU, CUDA, MPS, ...),
             ``False`` forces the ``foreach`` ops (same maths, to float rounding).
+
+    Nothing is changed by a refusal: bad options or parameters (at construction, in
+    :meth:`add_param_group`, in :meth:`load_state_dict`) and bad gradients or a non-finite ``lr``
+    set by a scheduler (at :meth:`step`) raise a one-line ``ValueError`` naming the option or
+    parameter and the fix before anything is written.
 
     Projected-group keys: ``rank`` (required), ``update_interval`` (``T``), ``alpha``, ``alpha_r``,
     ``rule`` (see ``grassopt.rules.RULES``), ``transport`` (``keep``/``reset``/``rotate``),
@@ -119,7 +168,11 @@ class SubspaceAdamW(Optimizer):
     ):
         if fused not in (None, True, False):
             raise ValueError(f"fused={fused!r} must be None (automatic), True or False")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, seed=seed,
+        if isinstance(params, (Tensor, str, dict)) or not isinstance(params, Iterable):
+            raise TypeError(f"params must be an iterable of tensors, (name, tensor) pairs or param-group dicts, got "
+                            f"{type(params).__name__} (e.g. model.parameters() or grassopt.param_groups(model, ...))")
+        betas = tuple(betas) if isinstance(betas, list) else betas  # anything else is checked per group
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, seed=seed,
                         check_finite=check_finite, state_dtype=state_dtype, stochastic_rounding=stochastic_rounding)
         #: None: torch's fused Adam kernel wherever the device has it; False: foreach ops; True: insist
         self._fused = fused
@@ -130,51 +183,135 @@ class SubspaceAdamW(Optimizer):
 
     # ------------------------------------------------------------------ groups and validation
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group, atomically: the group is completed with its defaults and checked whole
+        (options, values, parameters) on a copy, and appended only when every check passed, so a
+        refused group leaves the optimizer (and the caller's dict) as they were."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
-        projected = param_group.get("rank") is not None
+        gi = len(self.param_groups)
+        group = self._complete_group(param_group, gi)
+        self._check_params(group, gi)
+        self._validate_group(group, gi)
+        super().add_param_group(group)  # torch's own checks (names in all groups or none) raise before appending
+        param_group.clear()  # the group is the caller's dict, as with torch's optimizers
+        param_group.update(group)
+        self.param_groups[-1] = param_group
+
+    def _complete_group(self, param_group: dict[str, Any], gi: int) -> dict[str, Any]:
+        """A new dict: ``params`` a list of tensors (names moved to ``param_names``), unknown keys
+        refused, every default filled in. Changes nothing."""
+        where = f"param group {gi}"
+        group = dict(param_group)
+        if "params" not in group:
+            raise ValueError(f"{where} has no 'params': give a list of tensors or (name, tensor) pairs")
+        params = group["params"]
+        if isinstance(params, Tensor):
+            params = [params]
+        elif isinstance(params, (set, frozenset)):
+            raise TypeError(f"{where}: params must be an ordered collection such as a list, not a set "
+                            "(the order of a set changes between runs)")
+        elif isinstance(params, (dict, str)) or not isinstance(params, Iterable):
+            raise TypeError(f"{where}: params must be a list of tensors or (name, tensor) pairs, got "
+                            f"{type(params).__name__} (use model.parameters() or model.named_parameters())")
+        params = list(params)
+        named = [isinstance(p, tuple) for p in params]
+        if any(named):
+            if not all(named) or not all(len(p) == 2 and isinstance(p[0], str) for p in params):
+                raise ValueError(f"{where}: params must be all tensors or all (name, tensor) pairs")
+            group["param_names"] = [n for n, _ in params]
+            params = [p for _, p in params]
+        group["params"] = params
+        projected = group.get("rank") is not None
         if not projected:
-            param_group.pop("rank", None)
-        for key in param_group:
-            allowed = _PLAIN_KEYS | (_SUBSPACE_KEYS | all_rule_options() if projected else set())
+            group.pop("rank", None)
+        subspace = _SUBSPACE_KEYS | all_rule_options()
+        allowed = _PLAIN_KEYS | (subspace if projected else set())
+        for key in group:
             if key not in allowed:
-                hint = ("; subspace options need a 'rank' in the group"
-                        if key in _SUBSPACE_KEYS | all_rule_options() else _suggest(key, allowed))
+                hint = "; subspace options need a 'rank' in the group" if key in subspace else _suggest(key, allowed)
                 raise ValueError(f"unknown param-group option {key!r}{hint}")
+        for key, value in self.defaults.items():
+            group.setdefault(key, value)
+        if isinstance(group["betas"], list):
+            group["betas"] = tuple(group["betas"])
         if projected:
-            rule = get_rule(param_group.get("rule", SUBSPACE_DEFAULTS["rule"]))
+            name = group.get("rule", SUBSPACE_DEFAULTS["rule"])
+            if not isinstance(name, str):
+                raise ValueError(f"{where}: rule={name!r} must be the name of a subspace rule, e.g. 'track'")
+            rule = get_rule(name)
             for key in all_rule_options() - set(rule.OPTIONS):
-                if key in param_group:
+                if key in group:
                     raise ValueError(
                         f"option {key!r} is not used by subspace rule {rule.NAME!r} "
                         f"(its options: {sorted(rule.OPTIONS) or 'none'}); remove it or change the rule")
             for key, value in {**SUBSPACE_DEFAULTS, **rule.OPTIONS}.items():
-                param_group.setdefault(key, value)
+                group.setdefault(key, value)
+        return group
+
+    def _check_params(self, group: dict[str, Any], gi: int) -> None:
+        """The parameters of a new group: dense floating-point leaf tensors with data, each in one
+        group once. Raises before anything changes."""
+        where = f"param group {gi}"
+        params = group["params"]
+        names = group.get("param_names")
+        if names is not None and (not isinstance(names, (list, tuple)) or len(names) != len(params)
+                                  or not all(isinstance(n, str) for n in names)):
+            raise ValueError(f"{where}: param_names must be a list of {len(params)} strings, one per parameter")
+        names = names or [f"parameter {j}" for j in range(len(params))]
+        seen: dict[int, str] = {}
+        for name, p in zip(names, params):
+            if not isinstance(p, Tensor):
+                raise TypeError(f"{where}: {name} is a {type(p).__name__}, not a tensor; pass tensors or "
+                                "(name, tensor) pairs (model.parameters() or model.named_parameters())")
+            if p.is_meta:
+                raise ValueError(f"{where}: {name} is on the meta device (it has no data); materialize the model "
+                                 "(module.to_empty(device=...) then initialize it) before building the optimizer")
+            if p.layout != torch.strided:
+                raise ValueError(f"{where}: {name} has layout {p.layout}; only dense (strided) tensors can be "
+                                 "trained (convert it with .to_dense())")
+            if p.is_complex():
+                raise ValueError(f"{where}: {name} has dtype {p.dtype}; complex parameters are not supported "
+                                 "(train torch.view_as_real of it instead)")
+            if not p.dtype.is_floating_point:
+                raise ValueError(f"{where}: {name} has dtype {p.dtype}; only floating-point tensors can be "
+                                 "trained (leave it out of the optimizer, or make it a float tensor)")
+            if not (p.is_leaf or p.retains_grad):
+                raise ValueError(f"{where}: {name} is not a leaf tensor (it was computed from others); "
+                                 "pass the nn.Parameter it comes from")
+            if id(p) in seen:
+                raise ValueError(f"{where}: {name} is listed twice in the group (also as {seen[id(p)]}); "
+                                 "list each parameter once")
+            seen[id(p)] = name
+        for gj, other in enumerate(self.param_groups):
+            for j, q in enumerate(other["params"]):
+                if id(q) in seen:
+                    as_ = other["param_names"][j] if other.get("param_names") else f"its parameter {j}"
+                    raise ValueError(f"{where}: {seen[id(q)]} is already in param group {gj} ({as_}); "
+                                     "a parameter may belong to one group only")
+        if "rank" in group:
             from .distributed import check_params  # FSDP2 shards: a clear error now, not wrong maths later
 
-            if not isinstance(param_group.get("params"), (Tensor, set)):  # a generator is read only once
-                param_group["params"] = list(param_group.get("params", []))
-            check_params(param_group)
-        super().add_param_group(param_group)
-        self._validate_group(param_group, len(self.param_groups) - 1)
+            check_params(group)
 
     def _validate_group(self, group: dict[str, Any], gi: int) -> None:
+        """Check a complete group's option values (``ValueError`` with a one-line message naming the
+        option and the fix). Changes nothing: run before a group is added or a state dict loaded."""
         names = group.get("param_names") or [f"param {j}" for j in range(len(group["params"]))]
         where = f"param group {gi}"
 
         def bad(msg: str) -> None:
-            self.param_groups.pop()  # leave the optimizer as it was
             raise ValueError(f"{where}: {msg}")
 
-        if not group["lr"] >= 0:
-            bad(f"lr={group['lr']} must be >= 0")
-        if not group["eps"] >= 0:
-            bad(f"eps={group['eps']} must be >= 0")
-        if not group["weight_decay"] >= 0:
-            bad(f"weight_decay={group['weight_decay']} must be >= 0")
-        b1, b2 = group["betas"]
-        if not (0 <= b1 < 1 and 0 <= b2 < 1):
-            bad(f"betas={group['betas']} must each lie in [0, 1)")
+        msg = _hyper_error(group)
+        if msg:
+            bad(msg)
+        if "initial_lr" in group and _real_error(group["initial_lr"], 0.0):
+            bad(f"initial_lr={group['initial_lr']!r} must be >= 0 and finite (set by LR schedulers from lr)")
+        seed = group["seed"]
+        if not isinstance(seed, Integral) or isinstance(seed, bool):
+            bad(f"seed={seed!r} must be an integer (it seeds the random rules and stochastic rounding), e.g. seed=0")
+        if not isinstance(group["check_finite"], bool):
+            bad(f"check_finite={group['check_finite']!r} must be True or False")
         if group["state_dtype"] not in F.STATE_DTYPES:
             bad(f"state_dtype={group['state_dtype']!r} must be one of {list(F.STATE_DTYPES)}")
         if not isinstance(group["stochastic_rounding"], bool):
@@ -188,14 +325,15 @@ class SubspaceAdamW(Optimizer):
         T = group["update_interval"]
         if isinstance(T, bool) or not isinstance(T, int) or T < 1:
             bad(f"update_interval={T!r} must be an integer >= 1 (steps between basis updates)")
-        if group["transport"] not in TRANSPORTS:
+        if not isinstance(group["transport"], str) or group["transport"] not in TRANSPORTS:
             bad(f"unknown transport {group['transport']!r}; choose one of {list(TRANSPORTS)}")
-        if not group["zeta"] >= 1:
-            bad(f"zeta={group['zeta']} must be >= 1 (the limiter may only shrink the residual's growth)")
-        if not group["alpha"] > 0:
-            bad(f"alpha={group['alpha']} must be > 0")
-        if group["alpha_r"] is not None and not group["alpha_r"] >= 0:
-            bad(f"alpha_r={group['alpha_r']} must be >= 0 or None")
+        if _real_error(group["zeta"], 1.0):
+            bad(f"zeta={group['zeta']!r} must be >= 1 and finite (the limiter may only shrink the residual's "
+                "growth; a large zeta such as 1e6 lets it act on explosions only)")
+        if _real_error(group["alpha"], 0.0, strict=True):
+            bad(f"alpha={group['alpha']!r} must be > 0 and finite (the scale of the update, e.g. 0.25)")
+        if group["alpha_r"] is not None and _real_error(group["alpha_r"], 0.0):
+            bad(f"alpha_r={group['alpha_r']!r} must be >= 0 and finite, or None (the same as alpha)")
         if not isinstance(group["recovery"], bool):
             bad(f"recovery={group['recovery']!r} must be True or False")
         if group["scaling"] not in SCALINGS:
@@ -227,7 +365,6 @@ class SubspaceAdamW(Optimizer):
             if rank >= min(p.shape):
                 bad(f"rank={rank} must be < min{tuple(p.shape)}={min(p.shape)} for {name}; lower the rank "
                     f"or train this matrix in a plain group (grassopt.param_groups falls back with a warning)")
-        del rule
 
     def _param_name(self, gi: int, i: int) -> str:
         names = self.param_groups[gi].get("param_names")
@@ -279,48 +416,163 @@ class SubspaceAdamW(Optimizer):
                 sd["state"][i] = {**sd["state"].get(i, {}), "rng_state": gen.get_state()}
         return sd
 
+    #: the settings that fix what a projected parameter's state means: a state dict saved with other
+    #: values is refused (the other options are hyper-parameters, loaded from the state dict as torch does)
+    _STRUCTURE = ("rule", "transport", "recovery", "scaling", "error_feedback")
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict; float32 state stays float32 (it is not cast to a bf16 parameter's dtype)."""
-        saved = state_dict.get("state")
-        if not isinstance(saved, dict) or not isinstance(state_dict.get("param_groups"), list):
+        """Load a state dict; float32 state stays float32 (it is not cast to a bf16 parameter's dtype).
+
+        Everything is checked before anything changes (``ValueError``, one line naming the param
+        group or parameter and what differs): the number of groups and parameters; the settings that
+        fix what the state means (``rank``, ``rule``, ``transport``, ``recovery``, ``scaling``,
+        ``error_feedback``, ``state_dtype``) equal this optimizer's; the saved hyper-parameters valid;
+        every parameter's state complete, of the shapes and dtypes its parameter needs, and finite
+        (moments, ``Q``, block scales, error buffers; ``V`` and the scales non-negative), its step
+        counts integers and its generator state loadable. The hyper-parameters (``lr``, ``betas``,
+        ``alpha``, rule options, ...) are then taken from the state dict, as torch's optimizers do.
+        """
+        plan = self._check_state_dict(state_dict)
+        super().load_state_dict({**state_dict, "state": {}})
+        for group in self.param_groups:  # state dicts saved before an option existed get its default
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+            if "rank" in group:
+                for key, value in {**SUBSPACE_DEFAULTS, **get_rule(group["rule"]).OPTIONS}.items():
+                    group.setdefault(key, value)
+        self.state.clear()
+        self._generators.clear()
+        self._diag.clear()
+        for p, st, gen in plan:
+            if gen is not None:
+                self._generators[p] = gen
+            self.state[p] = {k: v.detach().to(device=p.device).clone() if isinstance(v, Tensor) else v
+                             for k, v in st.items() if k != "rng_state"}
+
+    def _check_state_dict(self, state_dict: Any) -> list[tuple[Tensor, dict[str, Any], torch.Generator | None]]:
+        """Check a state dict against this optimizer (see :meth:`load_state_dict`) without changing
+        anything; return ``(parameter, saved state, generator or None)`` for every saved state."""
+        if not isinstance(state_dict, dict):
+            raise ValueError(f"not an optimizer state dict: got {type(state_dict).__name__}")
+        saved, groups = state_dict.get("state"), state_dict.get("param_groups")
+        if not isinstance(saved, dict) or not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
             raise ValueError("not an optimizer state dict: expected keys 'state' and 'param_groups'")
-        for gi, (mine, theirs) in enumerate(zip(self.param_groups, state_dict["param_groups"])):
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"the saved optimizer has {len(groups)} param groups but this one has "
+                             f"{len(self.param_groups)}; build the optimizer with the same groups before loading")
+        id_map: dict[Any, tuple[int, int]] = {}
+        for gi, (mine, theirs) in enumerate(zip(self.param_groups, groups)):
+            ids = theirs.get("params")
+            if not isinstance(ids, list) or len(ids) != len(mine["params"]):
+                n = len(ids) if isinstance(ids, list) else "no"
+                raise ValueError(f"param group {gi}: the saved optimizer has {n} parameters but this one has "
+                                 f"{len(mine['params'])}; build the optimizer from the same model and groups")
+            for i, k in enumerate(ids):
+                id_map[k] = (gi, i)
             if ("rank" in mine) != ("rank" in theirs) or mine.get("rank") != theirs.get("rank"):
                 raise ValueError(
                     f"param group {gi}: the saved optimizer has rank={theirs.get('rank')} but this one "
                     f"has rank={mine.get('rank')}; build the optimizer with the same groups before loading")
-        dtypes = [g["state_dtype"] for g in self.param_groups for _ in g["params"]]
-        for key, st in saved.items():
-            if isinstance(st, dict) and "exp_avg" in st and 0 <= int(key) < len(dtypes):
-                has = "int8" if "exp_avg_scale" in st else "float32"
-                if has != dtypes[int(key)]:
+            defaults = {**self.defaults, **SUBSPACE_DEFAULTS}
+            if theirs.get("state_dtype", "float32") != mine["state_dtype"]:
+                raise ValueError(f"param group {gi}: the saved state has {theirs.get('state_dtype', 'float32')} "
+                                 f"moments but its group has state_dtype={mine['state_dtype']!r}; build the "
+                                 "optimizer with the state_dtype it was saved with")
+            for key in self._STRUCTURE if "rank" in mine else ():
+                if theirs.get(key, defaults[key]) != mine[key]:
                     raise ValueError(
-                        f"the saved state of parameter {int(key)} has {has} moments but its group has "
-                        f"state_dtype={dtypes[int(key)]!r}; build the optimizer with the state_dtype it was saved with")
-        super().load_state_dict({**state_dict, "state": {}})
-        for group in self.param_groups:  # state dicts saved before an option existed get its default
-            for key in ("state_dtype", "stochastic_rounding", "check_finite", "seed"):
-                group.setdefault(key, self.defaults[key])
-        params = self._flat_params()
-        self.state.clear()
-        self._generators.clear()
-        self._diag.clear()
+                        f"param group {gi}: the saved optimizer has {key}={theirs.get(key, defaults[key])!r} but "
+                        f"this one has {key}={mine[key]!r}; build the optimizer with the preset and settings it "
+                        "was saved with")
+            complete = {**defaults, **theirs, "params": mine["params"], "param_names": mine.get("param_names")}
+            if "rank" in mine:
+                complete = {**get_rule(mine["rule"]).OPTIONS, **complete}
+            else:
+                complete = {k: v for k, v in complete.items() if k not in SUBSPACE_DEFAULTS}
+            try:
+                self._validate_group(complete, gi)
+            except ValueError as e:
+                raise ValueError(f"the saved optimizer state: {e}") from None
+        plan = []
         for key, st in saved.items():
-            i = int(key)
-            if not 0 <= i < len(params):
-                raise ValueError(f"state for parameter index {i} but the optimizer has {len(params)} parameters")
-            p = params[i]
-            new: dict[str, Any] = {}
-            for k, v in st.items():
-                if k == "rng_state":
-                    gen = torch.Generator(device=p.device)
-                    gen.set_state(v.to("cpu", torch.uint8))
-                    self._generators[p] = gen
-                elif isinstance(v, Tensor):
-                    new[k] = v.detach().to(device=p.device).clone()
-                else:
-                    new[k] = v
-            self.state[p] = new
+            if key not in id_map:
+                raise ValueError(f"the saved state has an entry for parameter {key!r} but the saved param groups "
+                                 f"list only {len(id_map)} parameters; the state dict is corrupt")
+            gi, i = id_map[key]
+            p = self.param_groups[gi]["params"][i]
+            where = f"the saved state of {self._param_name(gi, i)}"
+            if not isinstance(st, dict):
+                raise ValueError(f"{where} is a {type(st).__name__}, not a dict; the state dict is corrupt")
+            plan.append((p, st, self._check_param_state(self.param_groups[gi], p, st, where)))
+        return plan
+
+    def _check_param_state(self, group: dict[str, Any], p: Tensor, st: dict[str, Any],
+                           where: str) -> torch.Generator | None:
+        """Check one parameter's saved state (``where`` names it); return its generator, if saved."""
+        gen = None
+        if "rng_state" in st:
+            v = st["rng_state"]
+            try:
+                if not isinstance(v, Tensor):
+                    raise TypeError
+                gen = torch.Generator(device=p.device)
+                gen.set_state(v.to("cpu", torch.uint8))
+            except (TypeError, RuntimeError, ValueError):
+                raise ValueError(f"{where}: rng_state is not a generator state for {p.device}; the checkpoint is "
+                                 "corrupt or from another device") from None
+        if set(st) <= {"rng_state"}:
+            return gen  # never stepped
+        int8 = group["state_dtype"] == "int8"
+        if ("exp_avg_scale" in st) != int8:
+            has = "int8" if "exp_avg_scale" in st else "float32"
+            raise ValueError(f"{where} has {has} moments but its group has state_dtype={group['state_dtype']!r}; "
+                             "build the optimizer with the state_dtype it was saved with")
+        f32 = torch.float32
+        if "rank" in group:
+            rank, k, d = group["rank"], max(p.shape), min(p.shape)
+            moments: tuple = (k, rank)
+            need: dict[str, Any] = {"step": int, "adam_step": int}
+            if rule_flag(get_rule(group["rule"]), "FROM_SEED"):
+                need["seed"] = int
+            else:
+                need["Q"] = (f32, (d, rank))
+            if group["recovery"] or group["scaling"] is not None:
+                need["residual_norm"] = (f32, ())
+            if group["error_feedback"]:
+                need["error"] = (f32, tuple(p.shape))
+        else:
+            moments = tuple(p.shape)
+            need = {"step": int}
+        if int8:
+            blocks = (math.ceil(math.prod(moments) / F.BLOCK),)
+            need.update(exp_avg=(torch.int8, moments), exp_avg_sq=(torch.uint8, moments),
+                        exp_avg_scale=(f32, blocks), exp_avg_sq_scale=(f32, blocks))
+        else:
+            need.update(exp_avg=(f32, moments), exp_avg_sq=(f32, moments))
+        missing = [k for k in need if k not in st]
+        extra = [k for k in st if k not in need and k != "rng_state"]
+        if missing or extra:
+            what = (f"lacks {missing}" if missing else "") + (" and " if missing and extra else "") + \
+                   (f"has unexpected {extra}" if extra else "")
+            raise ValueError(f"{where} {what}; the checkpoint is incomplete or from another optimizer or settings")
+        for k, spec in need.items():
+            v = st[k]
+            if spec is int:
+                if not isinstance(v, Integral) or isinstance(v, bool) or v < 0:
+                    raise ValueError(f"{where}: {k}={v!r} must be an integer >= 0; the state dict is corrupt")
+                continue
+            dtype, shape = spec
+            if not isinstance(v, Tensor) or v.dtype != dtype or tuple(v.shape) != shape:
+                got = f"{v.dtype} {tuple(v.shape)}" if isinstance(v, Tensor) else type(v).__name__
+                raise ValueError(f"{where}: {k} is {got} but this optimizer needs {dtype} {shape}; the checkpoint "
+                                 f"is of another model or settings (parameter shape {tuple(p.shape)})")
+            if dtype == f32 and not (bool(v.isfinite().all()) and (k not in _NON_NEGATIVE or bool((v >= 0).all()))):
+                rule = "finite and >= 0" if k in _NON_NEGATIVE else "finite"
+                raise ValueError(f"{where}: {k} is not {rule} (NaN, inf or a wrong sign: a corrupt checkpoint, "
+                                 "or state saved after a divergence); load an earlier checkpoint")
+        if "adam_step" in need and st["adam_step"] > st["step"]:
+            raise ValueError(f"{where}: adam_step={st['adam_step']} exceeds step={st['step']}; the state dict is corrupt")
+        return gen
 
     # ------------------------------------------------------------------ diagnostics
     def diagnostics(self) -> dict[str, dict[str, Any]]:
@@ -397,16 +649,22 @@ class SubspaceAdamW(Optimizer):
     def _step(self, only: set[int] | None) -> None:
         work: list[tuple[dict[str, Any], Any]] = []
         checks: list[tuple[list[tuple[int, int]], Tensor]] = []
-        for gi, group in enumerate(self.param_groups):
+        for gi, group in enumerate(self.param_groups):  # every check before the first write
             chosen = []
             for i, p in enumerate(group["params"]):
-                if p.grad is None or (only is not None and id(p) not in only):
+                g = p.grad
+                if g is None or (only is not None and id(p) not in only):
                     continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{self._param_name(gi, i)}: SubspaceAdamW does not support sparse gradients")
+                if (g.shape != p.shape or g.layout != torch.strided or not g.dtype.is_floating_point
+                        or g.device != p.device):
+                    raise ValueError(self._grad_error(gi, i, p, g))
                 chosen.append((i, p))
             if not chosen:
                 continue
+            msg = _hyper_error(group)  # an LR scheduler (or a user) may have changed them since
+            if msg:
+                raise ValueError(f"param group {gi}: {msg}; it was set after construction (an LR scheduler?): "
+                                 "nothing was updated")
             if "rank" in group:
                 batch = self._prepare(group, chosen)
                 if group["check_finite"]:
@@ -422,6 +680,21 @@ class SubspaceAdamW(Optimizer):
                 self._projected_step(group, batch)
             else:
                 self._plain_step(batch, group)
+
+    def _grad_error(self, gi: int, i: int, p: Tensor, g: Tensor) -> str:
+        """The one-line message for a gradient that cannot step its parameter."""
+        name = self._param_name(gi, i)
+        if g.shape != p.shape:
+            why = (f"has shape {tuple(g.shape)} but the parameter has shape {tuple(p.shape)}; a gradient must "
+                   "have its parameter's shape (was .grad or .grad.data replaced?)")
+        elif g.layout != torch.strided:
+            why = (f"is {g.layout}; SubspaceAdamW needs dense gradients (use nn.Embedding(sparse=False), "
+                   "or assign p.grad = p.grad.to_dense())")
+        elif not g.dtype.is_floating_point:
+            why = f"has dtype {g.dtype}; it must be floating point (the parameter is {p.dtype})"
+        else:
+            why = f"is on {g.device} but the parameter is on {p.device}; move the gradient to {p.device}"
+        return f"the gradient of {name} {why}; nothing was updated"
 
     def _plain_step(self, params: list[Tensor], group: dict[str, Any]) -> None:
         """AdamW on every parameter of a plain group: float32 tensors with float32 state in one fused

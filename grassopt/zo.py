@@ -30,11 +30,23 @@ Usage::
 Parameters outside the covered layers are frozen (``others="frozen"``, the default) or perturbed
 in place with a full-rank Gaussian (``others="perturb"``; their restoration then carries float
 rounding, as in MeZO).
+
+Divergence guard. Non-finite options are refused, at construction and (``lr``, ``eps``, ``momentum``,
+``weight_decay``) again before each step's forward passes, since a scheduler may set them. A step whose losses or estimate ``g`` are not finite changes
+nothing: it raises ``FloatingPointError`` (``nonfinite="raise"``, the default) or is skipped, counted
+in ``skipped_steps`` and warned about (``nonfinite="skip"``). ``clip`` bounds ``|g|`` (off by default:
+the scale of ``g`` is that of the loss's directional derivative along a random direction, which
+depends on the loss and the layer sizes, so no bound is right for every model, and one that acted
+by default would silently change the steps); clipped steps are counted in ``clipped_steps``, and
+``last_estimate`` holds the last ``g`` before clipping, to choose ``clip`` from.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable, Iterable
+from numbers import Integral, Real
 from typing import Any
 
 import torch
@@ -46,6 +58,26 @@ from .sketch.laws import LAWS, check_law, mix_seed, projection
 __all__ = ["ZO"]
 
 _U, _V, _Z, _OTHER = 0, 1, 2, 3  # streams of the seed derivation
+NONFINITE = ("raise", "skip")
+
+
+def _finite(v: Any, low: float, strict: bool = False, high: float = math.inf) -> bool:
+    """``v`` a real number (not a bool, not a tensor), finite, ``>= low`` (``> low``) and ``< high``."""
+    return (isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v)
+            and (v > low if strict else v >= low) and v < high)
+
+
+def _option_error(key: str, v: Any) -> str | None:
+    """The one-line message for a bad value of a numeric option of a ZO param group, else None."""
+    if key == "lr" and not _finite(v, 0.0):
+        return f"lr={v!r} must be >= 0 and finite (a float learning rate such as 1e-4)"
+    if key == "eps" and not _finite(v, 0.0, strict=True):
+        return f"eps={v!r} must be > 0 and finite (the perturbation size, e.g. 1e-3)"
+    if key == "momentum" and not _finite(v, 0.0, high=1.0):
+        return f"momentum={v!r} must lie in [0, 1) (0: plain SGD)"
+    if key == "weight_decay" and not _finite(v, 0.0):
+        return f"weight_decay={v!r} must be >= 0 and finite (e.g. 0.0)"
+    return None
 
 
 class ZO(torch.optim.Optimizer):
@@ -61,22 +93,34 @@ class ZO(torch.optim.Optimizer):
         others: ``"frozen"`` or ``"perturb"`` for parameters outside the covered layers.
         weight_decay: decoupled, applied to covered weights at each step.
         seed: all randomness derives from ``(seed, step, layer)``.
+        clip: bound on ``|g|``, the estimated directional derivative of a step (None: off).
+        nonfinite: ``"raise"`` or ``"skip"``: what a step whose losses or ``g`` are not finite does
+            (either way it changes nothing; see the module docstring).
     """
 
     zeroth_order = True  # training loops check this: step(closure) without backward
 
     def __init__(self, model: nn.Module, rank: int = 8, lr: float = 1e-4, eps: float = 1e-3, *,
                  momentum: float = 0.0, law: str = "haar", lazy: int = 50, targets: str | Iterable[str] = "all-linear",
-                 dense: bool = False, others: str = "frozen", weight_decay: float = 0.0, seed: int = 0):
+                 dense: bool = False, others: str = "frozen", weight_decay: float = 0.0, seed: int = 0,
+                 clip: float | None = None, nonfinite: str = "raise"):
         check_law(law)
-        if eps <= 0:
-            raise ValueError(f"eps={eps} must be > 0 (the perturbation size)")
-        if lr < 0:
-            raise ValueError(f"lr={lr} must be >= 0")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum={momentum} must lie in [0, 1)")
-        if lazy < 1:
-            raise ValueError(f"lazy={lazy} must be >= 1 (steps a subspace V is kept)")
+        for key, value in (("lr", lr), ("eps", eps), ("momentum", momentum), ("weight_decay", weight_decay)):
+            msg = _option_error(key, value)
+            if msg:
+                raise ValueError(msg)
+        if clip is not None and not _finite(clip, 0.0, strict=True):
+            raise ValueError(f"clip={clip!r} must be None (off) or > 0 and finite (the bound on |g|, the estimated "
+                             "directional derivative; see ZO.last_estimate for its scale)")
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"nonfinite={nonfinite!r} must be 'raise' or 'skip' (what a step with a non-finite "
+                             "loss or estimate does)")
+        if not isinstance(lazy, Integral) or isinstance(lazy, bool) or lazy < 1:
+            raise ValueError(f"lazy={lazy!r} must be an integer >= 1 (steps a subspace V is kept)")
+        if not isinstance(seed, Integral) or isinstance(seed, bool):
+            raise ValueError(f"seed={seed!r} must be an integer (all randomness derives from it), e.g. seed=0")
+        if not isinstance(dense, bool):
+            raise ValueError(f"dense={dense!r} must be True or False")
         if dense and momentum:
             raise ValueError("momentum lives in the m x r coordinates of the low-rank mode; "
                              "dense (MeZO) steps are plain SGD: use momentum=0 with dense=True")
@@ -96,9 +140,13 @@ class ZO(torch.optim.Optimizer):
         groups = [{"params": [mod.weight for _, mod in layers], "param_names": [f"{n}.weight" for n, _ in layers]}]
         if extra:
             groups.append({"params": [p for _, p in extra], "param_names": [n for n, _ in extra]})
+        self._built = False
         super().__init__(groups, dict(lr=lr, eps=eps, momentum=momentum, weight_decay=weight_decay))
+        self._built = True
         self.model, self.rank, self.law, self.lazy, self.dense, self.seed = model, rank, law, lazy, dense, seed
-        self.others = others
+        self.others, self.clip, self.nonfinite = others, clip, nonfinite
+        self.clipped_steps = self.skipped_steps = 0
+        self.last_estimate: float | None = None
         self._layers = [mod for _, mod in layers]
         self._extra = [p for _, p in extra]
         self._active: tuple[int, float] | None = None  # (step, signed eps) while a perturbed pass runs
@@ -150,6 +198,12 @@ class ZO(torch.optim.Optimizer):
         """
         if closure is None:
             raise ValueError("ZO.step needs a closure that returns the loss (it runs forward passes only)")
+        for gi, group in enumerate(self.param_groups):  # a scheduler (or a user) may have changed them
+            for key in ("lr", "eps", "momentum", "weight_decay") if gi == 0 else ("lr",):
+                msg = _option_error(key, group[key])
+                if msg:
+                    raise ValueError(f"param group {gi}: {msg}; it was set after construction (an LR "
+                                     "scheduler?): nothing was updated")
         step = self._step
         eps = self.param_groups[0]["eps"]
         applied = 0.0  # how far the in-place perturbation of `others` currently is from the weights
@@ -166,10 +220,24 @@ class ZO(torch.optim.Optimizer):
             self._active = None
             if applied:
                 self._perturb_others(-applied, step)
-        if not (torch.isfinite(loss_plus) and torch.isfinite(loss_minus)):
-            raise FloatingPointError(f"non-finite loss in a ZO step ({loss_plus.item()}, {loss_minus.item()}); "
-                                     "lower eps or the learning rate; nothing was updated")
         g = ((loss_plus - loss_minus) / (2 * eps)).item()
+        if not math.isfinite(g):  # a non-finite loss, or a difference quotient that overflowed
+            what = (f"non-finite loss in a ZO step ({loss_plus.item()}, {loss_minus.item()})"
+                    if not (torch.isfinite(loss_plus) and torch.isfinite(loss_minus)) else
+                    f"non-finite estimate g = (L+ - L-) / (2 eps) = {g} in a ZO step (losses {loss_plus.item()}, "
+                    f"{loss_minus.item()})")
+            if self.nonfinite == "raise":
+                raise FloatingPointError(f"{what}; lower eps or the learning rate; nothing was updated "
+                                         "(nonfinite='skip' skips such steps)")
+            self.skipped_steps += 1
+            self._step += 1  # the next step draws fresh directions
+            warnings.warn(f"{what}; the step was skipped, nothing was updated ({self.skipped_steps} skipped so far)",
+                          RuntimeWarning, stacklevel=2)
+            return (loss_plus + loss_minus) / 2
+        self.last_estimate = g
+        if self.clip is not None and abs(g) > self.clip:
+            g = math.copysign(self.clip, g)
+            self.clipped_steps += 1
         self._update(g, step)
         self._step += 1
         return (loss_plus + loss_minus) / 2
@@ -210,11 +278,63 @@ class ZO(torch.optim.Optimizer):
         sd["zo_step"] = self._step
         return sd
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if getattr(self, "_built", True):  # after construction: ZO steps only the layers it was built for
+            raise ValueError("ZO steps the layers chosen at construction (targets=..., others=...); a group added "
+                             "later would never be updated: build a new ZO to cover other parameters")
+        super().add_param_group(param_group)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        step = state_dict.get("zo_step")
-        if step is None:
+        """Load a state dict, checked whole before anything changes: ``zo_step``, the groups (count,
+        sizes, finite options) and the momentum buffers (shape ``m x r`` of their layer, finite).
+        The buffers stay float32 whatever the layer's dtype."""
+        if not isinstance(state_dict, dict) or "zo_step" not in state_dict:
             raise ValueError("not a ZO optimizer state dict (no 'zo_step'); was it saved from grassopt.zo.ZO?")
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != "zo_step"})
+        step, groups, saved = state_dict["zo_step"], state_dict.get("param_groups"), state_dict.get("state")
+        if not isinstance(step, Integral) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"the saved zo_step={step!r} must be an integer >= 0; the state dict is corrupt")
+        if not isinstance(groups, list) or not isinstance(saved, dict) or len(groups) != len(self.param_groups) \
+                or any(not isinstance(g, dict) or len(g.get("params", ())) != len(mine["params"])
+                       for g, mine in zip(groups, self.param_groups)):
+            raise ValueError("the saved ZO optimizer covers other parameters (its param groups differ in number or "
+                             "size); build ZO on the same model with the same targets and others before loading")
+        for gi, group in enumerate(groups):
+            for key in ("lr", "eps", "momentum", "weight_decay"):
+                msg = _option_error(key, group.get(key, self.defaults[key]))
+                if msg:
+                    raise ValueError(f"the saved optimizer state: param group {gi}: {msg}")
+        index = {k: i for i, k in enumerate(k for g in groups for k in g["params"])}
+        params = [p for g in self.param_groups for p in g["params"]]
+        for key, st in saved.items():
+            i = index.get(key)
+            if i is None or not isinstance(st, dict):
+                raise ValueError(f"the saved state has an entry {key!r} that is not one of its parameters; the "
+                                 "state dict is corrupt")
+            p = params[i]
+            where = f"the saved state of parameter {i}"
+            shape = (p.shape[0], self.rank)
+            buf = st.get("momentum_buffer")
+            if set(st) - {"momentum_buffer", "block"} or (st and (buf is None or "block" not in st)):
+                raise ValueError(f"{where} has keys {sorted(st)} but ZO keeps ['block', 'momentum_buffer']; the "
+                                 "checkpoint is from another optimizer")
+            if not st:
+                continue
+            if not isinstance(buf, Tensor) or buf.dtype != torch.float32 or tuple(buf.shape) != shape:
+                got = f"{buf.dtype} {tuple(buf.shape)}" if isinstance(buf, Tensor) else type(buf).__name__
+                raise ValueError(f"{where}: momentum_buffer is {got} but this ZO needs torch.float32 {shape} "
+                                 f"(rows x rank); the checkpoint is of another model or rank")
+            if not bool(buf.isfinite().all()):
+                raise ValueError(f"{where}: momentum_buffer is not finite (a corrupt checkpoint, or state saved "
+                                 "after a divergence); load an earlier checkpoint")
+            if not isinstance(st["block"], Integral) or isinstance(st["block"], bool):
+                raise ValueError(f"{where}: block={st['block']!r} must be an integer; the state dict is corrupt")
+        # the state is set here, not by torch, which would cast the float32 buffers to a bf16 layer's dtype
+        super().load_state_dict({**{k: v for k, v in state_dict.items() if k != "zo_step"}, "state": {}})
+        self.state.clear()
+        for key, st in saved.items():
+            p = params[index[key]]
+            self.state[p] = {k: v.detach().to(device=p.device).clone() if isinstance(v, Tensor) else v
+                             for k, v in st.items()}
         self._step = int(step)
 
     def extra_memory_elements(self) -> int:

@@ -293,7 +293,7 @@ def test_bf16_weights_learn_small_updates_only_with_stochastic_rounding():
     results = {}
     for sr in (False, True):
         p = nn.Parameter(torch.ones(4096, dtype=torch.bfloat16))
-        opt = SubspaceAdamW([p], lr=2**-7 / 10, betas=(0.0, 0.0), eps=0.0, stochastic_rounding=sr, seed=0)
+        opt = SubspaceAdamW([p], lr=2**-7 / 10, betas=(0.0, 0.0), eps=1e-30, stochastic_rounding=sr, seed=0)
         for _ in range(200):
             p.grad = -torch.ones_like(p)  # Adam's normalised step is exactly lr
             opt.step()
