@@ -206,8 +206,9 @@ class BasisWatch:
         return adopted
 
     def changes(self, optimizer, targets: list[Target]) -> list[tuple[Target, Tensor | None, Tensor]]:
-        """``(target, old, new)`` (orthonormal bases; ``old`` None for a first basis) for every target whose
-        basis changed since the last call. A new key holding the same values is not a change."""
+        """``(target, old, new)`` (the optimizer's bases as it holds them, e.g. not orthonormal for a Gaussian
+        projection; ``old`` None for a first basis) for every target whose basis changed since the last
+        call. A new key holding the same values is not a change."""
         out = []
         for t in targets:
             key = self._key(optimizer, t.param)
@@ -223,7 +224,7 @@ class BasisWatch:
                 seen.key = key
                 continue
             self._seen[t.name] = new
-            out.append((t, None if seen is None else seen.span, new.span))
+            out.append((t, None if seen is None else seen.raw, new.raw))
         return out
 
 
@@ -359,7 +360,7 @@ class _RecordingHook:
             update = step - 1  # ``step`` steps are done: the update happened in step ``step - 1`` (from 0)
             if old is not None and old.device.type == "mps":  # no float64 there: the angles on the host
                 old, new = old.cpu(), new.cpu()
-            ang = None if old is None else principal_angles(old, new)
+            ang = None if old is None else principal_angles(old, new)  # (re-orthonormalised in float64)
             if ang is not None and self.basis_records:
                 recs.append({"type": "basis", "step": update, "name": t.name, "kind": t.kind, "depth": t.depth,
                              "angle_max_deg": math.degrees(float(ang.max())),
