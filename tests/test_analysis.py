@@ -244,7 +244,8 @@ def test_analyze_cli_quality_only_records_the_intervals_and_refuses_a_full_rank_
     assert analyze_cli.main([*argv, "--preset", "subtrack++", "--quality-only", "--out", str(out)]) == 0
     recs = read_records(out / "analysis.jsonl")
     assert {r["type"] for r in recs} == {"quality"} and len(recs) == 3 * 14  # (0, 2], (2, 4], (4, 5] x 14 matrices
-    assert {(r["interval_start"], r["step"], r["complete"]) for r in recs} == {(0, 2, True), (2, 4, True), (4, 5, False)}
+    intervals = {(r["interval_start"], r["step"], r["complete"]) for r in recs}
+    assert intervals == {(0, 2, True), (2, 4, True), (4, 5, False)}
     assert (out / "capture_next.png").stat().st_size > 10_000 and not (out / "energy_svd.png").exists()
     printed = capsys.readouterr().out
     assert "| track | q | 6 |" in printed and "| track | **all** | 42 |" in (out / "analysis.md").read_text()

@@ -121,7 +121,8 @@ def find_targets(model: nn.Module, optimizer: torch.optim.Optimizer, *, rank: in
         if group.get("rank") is None:
             continue
         gnames = group.get("param_names") or [names.get(id(p), f"param{i}") for i, p in enumerate(group["params"])]
-        found += [(n, p, int(group["rank"]), group.get("rule")) for n, p in zip(gnames, group["params"]) if p.dim() == 2]
+        found += [(n, p, int(group["rank"]), group.get("rule"))
+                  for n, p in zip(gnames, group["params"]) if p.dim() == 2]
     if not found and fallback:
         from ..presets import select_targets
 
@@ -320,9 +321,9 @@ class _RecordingHook:
     def on_start(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Any = None) -> None:
         self.projected = find_targets(model, optimizer, fallback=False)
         if self.quality and self.strict and not self.projected:
+            what = type(optimizer).__name__ + ("" if cfg is None else f", preset {getattr(cfg, 'preset', None)!r}")
             raise ValueError("the subspace-quality diagnostic needs an optimizer with projected param groups (a rank "
-                             "below the matrices' short side); this optimizer projects none "
-                             f"({type(optimizer).__name__}{'' if cfg is None else ', preset ' + repr(getattr(cfg, 'preset', None))})")
+                             f"below the matrices' short side); this optimizer projects none ({what})")
         self._active = _main_process()
         self.total = cfg.total_steps() if cfg is not None and hasattr(cfg, "total_steps") else None
         self._resume = bool(getattr(cfg, "resume", False))
