@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
-from grassopt.analysis import (SubspaceAnalyzer, basis_energy_share, derivative_spectrum, energy_profile,
-                               estimation_error_derivative, layer_depth, layer_kind, principal_angles,
-                               svd_energy_share)
+import grassopt
+from grassopt.analysis import (SubspaceAnalyzer, SubspaceQuality, basis_energy_share, derivative_spectrum,
+                               energy_profile, estimation_error_derivative, layer_depth, layer_kind,
+                               principal_angles, read_records, summarize_quality, svd_energy_share)
 from grassopt.analysis import ackley as ack
 from grassopt.analysis import cli as analyze_cli
 from grassopt.linalg import orient
@@ -156,8 +157,9 @@ def test_the_analyze_hook_leaves_a_training_run_bit_identical(tmp_path, sotu_1k)
     base = dict(preset="grasswalk")
     plain_probe = _Probe()
     s_plain = train(_nano(tmp_path, "plain", **base), sotu_1k, hooks=[plain_probe])
-    an = SubspaceAnalyzer(every=2, out=tmp_path / "an" / "analysis", top=5, energy_ranks=(2, 32), plot=False)
-    probe = _Probe(capture_every=2)
+    an = SubspaceAnalyzer(every=2, out=tmp_path / "an" / "analysis", top=5, energy_ranks=(2, 32), quality=True,
+                          plot=False)
+    probe = _Probe(capture_every=1)
     s_an = train(_nano(tmp_path, "an", **base), sotu_1k, hooks=[an, probe])
 
     a, b = load_checkpoint(tmp_path / "plain" / "checkpoint.pt"), load_checkpoint(tmp_path / "an" / "checkpoint.pt")
@@ -199,6 +201,16 @@ def test_the_analyze_hook_leaves_a_training_run_bit_identical(tmp_path, sotu_1k)
     for r in bases:
         assert r["angle_max_deg"] == pytest.approx(math.degrees(0.1), abs=1e-3)
         assert r["angle_mean_deg"] < r["angle_max_deg"]  # rank-1 step: the other angles are 0
+    # quality=True: per basis interval, the capture of the following gradients, with the update's angles
+    quality = [r for r in an.records if r["type"] == "quality"]
+    assert len(quality) == 3 * n_mat and {r["rule"] for r in quality} == {"walk"}
+    for r in quality:
+        key = (r["interval_start"], r["step"], r["steps"], r["complete"])
+        assert key in [(0, 2, 2, True), (2, 4, 2, True), (4, 5, 1, False)]
+        shares = [_share64(*probe.captured[s][r["name"]]) for s in range(r["interval_start"] + 1, r["step"] + 1)]
+        assert r["capture_next"] == pytest.approx(sum(shares) / len(shares), abs=1e-5)
+        basis = next((b for b in bases if b["name"] == r["name"] and b["step"] == r["step"]), None)
+        assert r["angle_max_deg"] == (basis and basis["angle_max_deg"])  # None for the interval still open
     lines = (tmp_path / "an" / "analysis" / "analysis.jsonl").read_text().splitlines()
     assert [json.loads(x) for x in lines] == an.records
 
@@ -222,6 +234,23 @@ def test_analyze_cli_writes_records_plots_and_report_even_for_a_full_rank_optimi
     assert analyze_cli.main(["--replot", "--out", str(out)]) == 0
     assert (out / "energy_svd.png").is_file()
     assert analyze_cli.main(["--replot", "--out", str(tmp_path / "nothing")]) == 2
+
+
+def test_analyze_cli_quality_only_records_the_intervals_and_refuses_a_full_rank_optimizer(tmp_path, sotu_1k, capsys):
+    out = tmp_path / "q"
+    argv = ["--model", "nano", "--vocab-size", "1024", "--seq-len", "64", "--batch-size", "2", "--steps", "6",
+            "--rank", "8", "--update-interval", "2", "--threads", "1", "--no-progress", "--eval-every", "1000",
+            "--cache-dir", str(sotu_1k.cache_dir.parent.parent)]
+    assert analyze_cli.main([*argv, "--preset", "subtrack++", "--quality-only", "--out", str(out)]) == 0
+    recs = read_records(out / "analysis.jsonl")
+    assert {r["type"] for r in recs} == {"quality"} and len(recs) == 3 * 14  # (0, 2], (2, 4], (4, 5] x 14 matrices
+    intervals = {(r["interval_start"], r["step"], r["complete"]) for r in recs}
+    assert intervals == {(0, 2, True), (2, 4, True), (4, 5, False)}
+    assert (out / "capture_next.png").stat().st_size > 10_000 and not (out / "energy_svd.png").exists()
+    printed = capsys.readouterr().out
+    assert "| track | q | 6 |" in printed and "| track | **all** | 42 |" in (out / "analysis.md").read_text()
+    assert analyze_cli.main([*argv, "--preset", "adamw-torch", "--quality", "--out", str(tmp_path / "full")]) == 2
+    assert "projected param groups" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------- Ackley
@@ -268,3 +297,145 @@ def test_ackley_cli_writes_the_png_and_the_distances(tmp_path, capsys):
     assert rep["runs"][3]["final_distance"] == direct["final_distance"]
     assert "| track SF1 |" in capsys.readouterr().out
     assert ack.main(["--out", str(out), "--rules", "nonsense"]) == 2
+
+
+# ---------------------------------------------------------------------------------------- subspace quality
+def _mlp_run(preset, steps, hooks=(), rule=None, update_interval=3, cfg=None, model_opt=None, start=0):
+    """A short run of an MLP of three projected Linears (40x24, 32x40, 12x32 at rank 4) on random data,
+    calling the hooks like ``train`` does; returns ``(model, optimizer, probe)`` where ``probe`` holds,
+    per step, the float64 gradients and bases before the step and the bases after it."""
+    if model_opt is None:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.Tanh(), torch.nn.Linear(40, 32), torch.nn.Tanh(),
+                                    torch.nn.Linear(32, 12))
+        kw = {} if rule is None else {"rule": rule}
+        opt = grassopt.make_optimizer(model, preset, lr=1e-2, rank=4, update_interval=update_interval, **kw)
+    else:
+        model, opt = model_opt
+    gen = torch.Generator().manual_seed(1)
+    data = [(torch.randn(16, 24, generator=gen), torch.randn(16, 12, generator=gen)) for _ in range(start + steps)]
+    mats = {f"{i}.weight": model[i].weight for i in (0, 2, 4)}
+    basis = lambda p: None if opt.basis(p) is None else opt.basis(p).double().clone()  # noqa: E731
+    probe = {"grad": {}, "before": {}, "after": {}}
+    for h in hooks:
+        h.on_start(model, opt, cfg)
+    for step in range(start, start + steps):
+        opt.zero_grad(set_to_none=True)
+        x, y = data[step]
+        (model(x) - y).square().mean().backward()
+        probe["grad"][step] = {n: p.grad.double().clone() for n, p in mats.items()}
+        probe["before"][step] = {n: basis(p) for n, p in mats.items()}
+        for h in hooks:
+            h.after_backward(step, model, opt)
+        opt.step()
+        probe["after"][step] = {n: basis(p) for n, p in mats.items()}
+        for h in hooks:
+            h.after_step(step + 1, model, opt, None)
+    for h in hooks:
+        h.on_end(model, opt, None)
+    return model, opt, probe
+
+
+def _share64(g, q):
+    """||Q^T X||^2 / ||X||^2 in float64."""
+    x = short_rows(g)
+    return float((q.T @ x).square().sum() / x.square().sum())
+
+
+def _check_quality_records(recs, probe):
+    """Every record against a float64 recomputation from the probe's gradients and bases."""
+    for r in recs:
+        start, end, name = r["interval_start"], r["step"], r["name"]
+        first = min(probe["grad"]) if start is None else start + 1
+        steps = range(first, end + 1)
+        assert r["steps"] == len(steps)
+        q = probe["before"][first][name]
+        if start is not None:  # the basis the update at ``start`` built (or the first gradient built)
+            assert torch.equal(q, probe["after"][start][name])
+        for s in steps:  # one basis over the whole interval
+            assert torch.equal(probe["before"][s][name], q)
+        span = q if (q.T @ q - torch.eye(q.shape[1], dtype=q.dtype)).norm() < 1e-5 else torch.linalg.qr(q)[0]
+        shares = [_share64(probe["grad"][s][name], span) for s in steps]
+        assert r["capture_next"] == pytest.approx(sum(shares) / len(shares), abs=1e-6)
+        assert r["capture_min"] == pytest.approx(min(shares), abs=1e-6)
+        assert r["capture_last"] == pytest.approx(shares[-1], abs=1e-6)
+        if r["complete"]:  # replaced by the update at ``end``: its angles, in float64
+            new = probe["after"][end][name]
+            assert not torch.equal(new, q)
+            ang = principal_angles(q, new)
+            assert r["angle_max_deg"] == pytest.approx(math.degrees(float(ang.max())), abs=1e-9)
+            assert r["angle_mean_deg"] == pytest.approx(math.degrees(float(ang.mean())), abs=1e-9)
+        else:
+            assert r["angle_max_deg"] is None and r["angle_mean_deg"] is None
+
+
+@pytest.mark.parametrize("preset,rule", [("galore", "svd"), ("subtrack++", "track"), ("apollo", "gaussian")])
+def test_quality_records_equal_a_float64_recomputation_from_the_same_gradients_and_bases(tmp_path, preset, rule):
+    hook = SubspaceQuality(out=tmp_path / "q")
+    _, _, probe = _mlp_run(preset, 11, hooks=[hook])
+    recs = hook.records
+    assert all(r["type"] == "quality" and r["rule"] == rule and r["rank"] == 4 for r in recs)
+    # updates at steps 3, 6, 9 (update_interval 3): intervals (0, 3], (3, 6], (6, 9] and (9, 10] still open
+    for name in ("0.weight", "2.weight", "4.weight"):
+        mine = [r for r in recs if r["name"] == name]
+        assert [(r["interval_start"], r["step"], r["steps"], r["complete"]) for r in mine] == [
+            (0, 3, 3, True), (3, 6, 3, True), (6, 9, 3, True), (9, 10, 1, False)]
+    _check_quality_records(recs, probe)
+    # the first interval excludes the gradient that built the basis: in-sample, it would score higher
+    # (apollo: a Gaussian projection, regenerated from its seed and measured by its span, built from no gradient)
+    for r in (r for r in recs if r["interval_start"] == 0 and rule != "gaussian"):
+        in_sample = _share64(probe["grad"][0][r["name"]], probe["after"][0][r["name"]])
+        assert in_sample > r["capture_next"] + 0.05
+        if rule == "svd":  # the first basis is the SVD basis of the first gradient
+            assert in_sample == pytest.approx(reference_share(probe["grad"][0][r["name"]], 4), abs=1e-6)
+    # the file holds the records; the report summarises them per rule and layer type, and plots them
+    assert read_records(tmp_path / "q" / "analysis.jsonl") == recs
+    rows = summarize_quality(recs)
+    assert [row["kind"] for row in rows] == ["0", "2", "4", "all"] and rows[-1]["intervals"] == 12
+    assert rows[-1]["capture_next"] == pytest.approx(sum(r["capture_next"] for r in recs) / 12)
+    assert (tmp_path / "q" / "capture_next.png").stat().st_size > 10_000
+    assert f"| {rule} | **all** | 12 |" in (tmp_path / "q" / "analysis.md").read_text()
+
+
+def test_quality_a_frozen_basis_is_one_interval_over_the_whole_run():
+    hook = SubspaceQuality()
+    _, _, probe = _mlp_run("galore", 8, hooks=[hook], rule="frozen")
+    assert [(r["name"], r["interval_start"], r["step"], r["steps"], r["complete"]) for r in hook.records] == [
+        (n, 0, 7, 7, False) for n in ("0.weight", "2.weight", "4.weight")]
+    _check_quality_records(hook.records, probe)
+
+
+def test_quality_hook_leaves_the_run_bit_identical_and_needs_a_projecting_optimizer():
+    plain_model, plain_opt, _ = _mlp_run("subtrack++", 7)
+    rng_plain = torch.get_rng_state()
+    hook = SubspaceQuality()
+    model, opt, _ = _mlp_run("subtrack++", 7, hooks=[hook])
+    assert torch.equal(torch.get_rng_state(), rng_plain) and hook.records
+    for a, b in zip(plain_model.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+    sa, sb = plain_opt.state_dict(), opt.state_dict()
+    assert sa["state"].keys() == sb["state"].keys()
+    for i, st in sa["state"].items():
+        assert st.keys() == sb["state"][i].keys()
+        for k, v in st.items():
+            assert torch.equal(v, sb["state"][i][k]) if torch.is_tensor(v) else v == sb["state"][i][k]
+    with pytest.raises(ValueError, match="projected param groups"):
+        _mlp_run("adamw", 1, hooks=[SubspaceQuality()])
+    lenient = SubspaceQuality(strict=False)
+    _mlp_run("adamw", 3, hooks=[lenient])
+    assert lenient.records == []
+
+
+def test_quality_after_a_resumption_drops_the_open_interval_and_continues_from_an_unknown_start(tmp_path):
+    from types import SimpleNamespace
+
+    first = SubspaceQuality(out=tmp_path, plot=False)
+    model, opt, probe = _mlp_run("galore", 8, hooks=[first])  # steps 0-7; (6, 7] is open at the interruption
+    assert [(r["interval_start"], r["step"], r["complete"]) for r in first.records[-3:]] == [(6, 7, False)] * 3
+    second = SubspaceQuality(out=tmp_path, plot=False)
+    _, _, probe2 = _mlp_run("galore", 3, hooks=[second], cfg=SimpleNamespace(resume=True), model_opt=(model, opt),
+                            start=8)  # steps 8-10
+    recs = read_records(tmp_path / "analysis.jsonl")
+    assert [(r["interval_start"], r["step"], r["steps"], r["complete"]) for r in recs if r["name"] == "2.weight"] == [
+        (0, 3, 3, True), (3, 6, 3, True), (None, 9, 2, True), (9, 10, 1, False)]
+    _check_quality_records(second.records, probe2)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ..train.cli import add_run_arguments, config_from_args
-from .hook import SubspaceAnalyzer, read_records
+from .hook import SubspaceAnalyzer, SubspaceQuality, read_records
 from .report import markdown, summarize, write_outputs
 
 
@@ -20,7 +20,11 @@ def parser() -> argparse.ArgumentParser:
                     "the top singular values of the derivative of the subspace estimation error (grad F = -2 E A^T), "
                     "and the principal angles between successive bases. Writes analysis.jsonl, one PNG per "
                     "measurement (a panel per layer type, a line per depth) and analysis.md to --out, beside the "
-                    "run's own metrics. With --replot, only redraws the plots of an existing analysis.jsonl.",
+                    "run's own metrics. With --quality, also the subspace quality: at every step, the share of the "
+                    "gradient's energy captured by the optimizer's current basis, averaged over each interval "
+                    "between two basis updates (the gradient that built the basis excluded), and the principal "
+                    "angles of each update (--quality-only: that alone, cheap enough for long runs). With --replot, "
+                    "only redraws the plots of an existing analysis.jsonl.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_run_arguments(ap)
     g = ap.add_argument_group("analysis")
@@ -32,6 +36,13 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--energy-ranks", type=int, nargs="*", default=[],
                    help="further ranks at which to record the SVD energy share")
     g.add_argument("--no-basis-angles", action="store_true", help="do not record the angles of basis updates")
+    g.add_argument("--quality", action="store_true",
+                   help="also record the subspace quality per basis interval (capture of the next gradients by the "
+                        "optimizer's basis, measured at every step: one Q^T G product per matrix; needs a projecting "
+                        "preset)")
+    g.add_argument("--quality-only", action="store_true",
+                   help="record only the subspace quality (no SVDs; --every, --analysis-rank, --top, --energy-ranks "
+                        "and --no-basis-angles do not apply)")
     g.add_argument("--out", default="runs/analyze", help="output folder (the run and the analysis)")
     g.add_argument("--replot", action="store_true", help="do not train: redraw from --out/analysis.jsonl")
     return ap
@@ -48,8 +59,12 @@ def main(argv: list[str] | None = None) -> int:
         records = read_records(path)
     else:
         try:
-            hook = SubspaceAnalyzer(every=args.every, out=out, rank=args.analysis_rank, top=args.top,
-                                    energy_ranks=args.energy_ranks, track_bases=not args.no_basis_angles, plot=False)
+            if args.quality_only:
+                hook = SubspaceQuality(out=out, plot=False)
+            else:
+                hook = SubspaceAnalyzer(every=args.every, out=out, rank=args.analysis_rank, top=args.top,
+                                        energy_ranks=args.energy_ranks, track_bases=not args.no_basis_angles,
+                                        quality=args.quality, plot=False)
         except ValueError as e:
             print(f"grassopt analyze: error: {e}", file=sys.stderr)
             return 2

@@ -7,7 +7,8 @@ its inputs.
 
 - :func:`energy_profile` / :func:`svd_energy_share`: the share of ``||X||_F^2`` captured by the
   best rank-``r`` subspace, ``||U_r^T X||^2 / ||X||^2 = sum_{i<r} s_i^2 / sum_i s_i^2``;
-- :func:`basis_energy_share`: the same share for a given basis, ``||Q^T X||^2 / ||X||^2``;
+- :func:`basis_energy_share`: the same share for a given basis, ``||Q^T X||^2 / ||X||^2``
+  (:func:`captured_share`: as a 0-dim tensor, without a host sync: the per-step quality measure);
 - :func:`estimation_error_derivative`: ``grad F = -2 E A^T`` at ``Q`` (docs/algorithms.md#track) and
   :func:`derivative_spectrum`, its singular values;
 - :func:`principal_angles`: all principal angles between two subspaces, accurate near 0 and pi/2.
@@ -25,6 +26,7 @@ __all__ = [
     "energy_profile",
     "shares_from_singular_values",
     "basis_energy_share",
+    "captured_share",
     "estimation_error_derivative",
     "derivative_spectrum",
     "principal_angles",
@@ -35,10 +37,6 @@ __all__ = [
 
 #: The seven projection types of a LLaMA decoder block, in the papers' order.
 LAYER_KINDS = ("q", "k", "v", "o", "gate", "up", "down")
-
-
-def _sq_norm(x: Tensor) -> Tensor:
-    return torch.linalg.vector_norm(x).square()
 
 
 def energy_profile(x: Tensor, ranks: list[int] | tuple[int, ...]) -> tuple[Tensor, Tensor]:
@@ -67,13 +65,18 @@ def svd_energy_share(x: Tensor, rank: int) -> float:
     return float(energy_profile(x, [rank])[1][0])
 
 
+def captured_share(x: Tensor, q: Tensor) -> Tensor:
+    """``||Q^T X||^2 / ||X||^2`` as a 0-dim tensor on ``x``'s device (no host sync): one ``d x k x r``
+    product and two norms, no ``d x k`` temporary. Taken as ``(||Q^T X|| / ||X||)^2`` so that neither
+    square can underflow or overflow; a zero matrix captures nothing (0)."""
+    den = torch.linalg.vector_norm(x)
+    return (torch.linalg.vector_norm(q.mT @ x) / den.clamp_min(torch.finfo(den.dtype).tiny)).square()
+
+
 def basis_energy_share(x: Tensor, q: Tensor) -> float:
     """``||Q^T X||^2 / ||X||^2``: the share of the gradient's energy inside the span of ``q``
-    (``q`` with orthonormal columns, in the frame of ``x``)."""
-    total = _sq_norm(x)
-    if float(total) == 0.0:
-        return 0.0
-    return float(_sq_norm(q.mT @ x) / total)
+    (``q`` with orthonormal columns, in the frame of ``x``); 0 for a zero matrix."""
+    return float(captured_share(x, q))
 
 
 def estimation_error_derivative(x: Tensor, q: Tensor) -> Tensor:

@@ -10,10 +10,13 @@ said otherwise, a line per depth, over training steps:
   GrassWalk/GrassJump paper's Figure 2); ``df_spectrum_rel.png`` the same divided by ``||G||^2``;
 - ``basis_angles.png``: the largest principal angle of each basis update of the optimizer;
 - ``svd_drift.png``: the mean principal angle between the SVD subspaces of successive records (the
-  largest one is close to 90 degrees for any noisy minibatch gradient, so it says little).
+  largest one is close to 90 degrees for any noisy minibatch gradient, so it says little);
+- ``capture_next.png``: the subspace quality (``type="quality"`` records), the mean share of the
+  next gradients' energy captured by each basis over its interval, at the interval's end step.
 
 ``summarize`` condenses the records into early/late means (first and last quarter of the recorded
-steps), written with the tables of ``analysis.md``.
+steps) and, with :func:`summarize_quality`, the quality per rule and layer type (means over the
+basis intervals), written with the tables of ``analysis.md``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from typing import Any
 
 from .metrics import LAYER_KINDS
 
-__all__ = ["write_outputs", "summarize", "markdown", "plot_by_kind", "plot_spectrum"]
+__all__ = ["write_outputs", "summarize", "summarize_quality", "markdown", "quality_markdown", "plot_by_kind",
+           "plot_spectrum"]
 
 
 def _kinds(records) -> list[str]:
@@ -124,12 +128,40 @@ def _windows(steps: list[int]) -> tuple[set[int], set[int]]:
     return set(steps[:q]), set(steps[-q:])
 
 
+def summarize_quality(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The subspace quality (``type="quality"`` records) per rule and layer type, then over all the
+    rule's matrices (``kind="all"``): means over the basis intervals of ``capture_next`` (and its
+    early/late means: intervals ending in the first and last quarter of the interval end steps),
+    ``capture_min``, the interval length and the update angles (updates only: a last, still open
+    interval has none)."""
+    quality = [r for r in records if r.get("type") == "quality"]
+    rows = []
+    for rule in dict.fromkeys(r.get("rule") for r in quality):
+        rr = [r for r in quality if r.get("rule") == rule]
+        early, late = _windows([r["step"] for r in rr])
+        for kind in [*_kinds(rr), "all"]:
+            rk = rr if kind == "all" else [r for r in rr if r["kind"] == kind]
+            rows.append({
+                "rule": rule, "kind": kind, "intervals": len(rk),
+                "steps_per_interval": _mean([r["steps"] for r in rk]),
+                "capture_next": _mean([r["capture_next"] for r in rk]),
+                "capture_next_early_late": (_mean([r["capture_next"] for r in rk if r["step"] in early]),
+                                            _mean([r["capture_next"] for r in rk if r["step"] in late])),
+                "capture_min": _mean([r["capture_min"] for r in rk]),
+                "angle_max_deg": _mean([r["angle_max_deg"] for r in rk]),
+                "angle_mean_deg": _mean([r["angle_mean_deg"] for r in rk]),
+            })
+    return rows
+
+
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Early/late means by layer type and by depth (first and last quarter of the recorded steps)."""
+    """Early/late means by layer type and by depth (first and last quarter of the recorded steps), and
+    the subspace quality (:func:`summarize_quality`, under ``"quality"``)."""
     grads = [r for r in records if r.get("type") == "grad"]
     bases = [r for r in records if r.get("type") == "basis"]
+    quality = summarize_quality(records)
     if not grads:
-        return {"steps": [], "kinds": {}, "depths": {}}
+        return {"steps": [], "kinds": {}, "depths": {}, "quality": quality}
     early, late = _windows([r["step"] for r in grads])
     kinds = _kinds(grads)
     depths = sorted({r["depth"] for r in grads if r["depth"] is not None})
@@ -141,7 +173,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         return sv[-1] / sv[0] if sv and sv[0] > 0 else None
 
     out: dict[str, Any] = {"steps": [min(early), max(early), min(late), max(late)], "kinds": {}, "depths": {},
-                           "cells": {}}
+                           "cells": {}, "quality": quality}
     for kind in kinds:
         rk = [r for r in grads if r["kind"] == kind]
         e, l_ = [r for r in rk if r["step"] in early], [r for r in rk if r["step"] in late]
@@ -182,10 +214,32 @@ def _pair(p, spec=".3f"):
     return f"{f(a)} → {f(b)}"
 
 
+def _num(x, spec=".3f"):
+    return "n/a" if x is None else format(x, spec)
+
+
+def quality_markdown(rows: list[dict[str, Any]]) -> str:
+    """The table of :func:`summarize_quality`."""
+    lines = ["Subspace quality: the share of the next gradients' energy captured by the optimizer's basis, "
+             "||Q^T G||² / ||G||² at the steps after the update that built it (its own gradient excluded) up to the "
+             "update that replaces it; means over the basis intervals ('a → b': intervals ending in the first → "
+             "last quarter).", "",
+             "| rule | layer type | intervals | steps per interval | capture of next gradients | early → late "
+             "| lowest capture in an interval | largest update angle (deg) | mean update angle (deg) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        kind = "**all**" if r["kind"] == "all" else r["kind"]
+        lines.append(f"| {r['rule']} | {kind} | {r['intervals']} | {_num(r['steps_per_interval'], '.1f')} "
+                     f"| {_num(r['capture_next'])} | {_pair(r['capture_next_early_late'])} | {_num(r['capture_min'])} "
+                     f"| {_num(r['angle_max_deg'], '.1f')} | {_num(r['angle_mean_deg'], '.2f')} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(summary: dict[str, Any]) -> str:
     """The tables of ``analysis.md``."""
+    quality = quality_markdown(summary["quality"]) if summary.get("quality") else ""
     if not summary.get("kinds"):
-        return "No gradient records.\n"
+        return quality or "No gradient records.\n"
     s = summary["steps"]
     lines = [f"Early = recorded steps {s[0]}-{s[1]}, late = steps {s[2]}-{s[3]} (means; 'a → b' is early → late).", "",
              "| layer type | energy in rank-r SVD subspace | energy in optimizer basis | sigma_1(grad F), max over layers "
@@ -206,6 +260,8 @@ def markdown(summary: dict[str, Any]) -> str:
         for kind in kinds:
             cells = [summary["cells"].get(f"{kind}/{d}", (None, None))[1] for d in depths]
             lines.append(f"| {kind} | " + " | ".join("n/a" if c is None else f"{c:.3f}" for c in cells) + " |")
+    if quality:
+        lines += ["", quality.rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
@@ -215,6 +271,7 @@ def write_outputs(records: list[dict[str, Any]], out: str | Path) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
     grads = [r for r in records if r.get("type") == "grad"]
     bases = [r for r in records if r.get("type") == "basis"]
+    quality = [r for r in records if r.get("type") == "quality"]
     written = []
     plots = [
         (grads, "energy_svd", "energy_svd.png", "energy share", "Share of gradient energy in its rank-r SVD subspace", ""),
@@ -222,6 +279,8 @@ def write_outputs(records: list[dict[str, Any]], out: str | Path) -> list[str]:
         (bases, "angle_max_deg", "basis_angles.png", "degrees", "Largest principal angle of each basis update", "o-"),
         (grads, "svd_drift_mean_deg", "svd_drift.png", "degrees",
          "Mean principal angle between the rank-r SVD subspaces of successive records", ""),
+        (quality, "capture_next", "capture_next.png", "energy share",
+         "Share of the next gradients' energy captured by the optimizer's basis (mean over each basis interval)", ".-"),
     ]
     for recs, key, name, ylabel, title, marker in plots:
         if plot_by_kind(recs, key, out / name, ylabel, title, marker=marker):
