@@ -136,16 +136,15 @@ def adam_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp
     """One AdamW step in place on tensors that share the (already incremented) step count ``step``.
 
     ``fused=None`` picks torch's fused kernel when :func:`fused_available`; ``False`` forces the
-    foreach path; ``True`` insists on the kernel.
+    foreach path; ``True`` asks for the kernel on tensors the caller knows it supports.
     """
     if not params:
         return
     b1, b2 = betas
     bc1, bc2 = 1 - b1**step, 1 - b2**step
-    everything = [*params, *grads, *exp_avgs, *exp_avg_sqs]
     if fused is None:
-        fused = fused_available(everything) and lr * weight_decay < 1
-    if fused:
+        fused = fused_available([*params, *grads, *exp_avgs, *exp_avg_sqs])
+    if fused and lr * weight_decay < 1:  # (lr wd >= 1 cannot be mapped: the weights would not survive anyway)
         decay = 1 - lr * weight_decay
         steps = [_step_tensor(step, params[0])] * len(params)
         torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=lr * decay, beta1=b1,
