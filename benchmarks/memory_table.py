@@ -17,7 +17,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from grassopt.memory import estimate
+from grassopt.train.estimate import estimate
 from grassopt.train.model import config
 
 GB, GIB = 1e9, 2**30

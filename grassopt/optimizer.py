@@ -39,6 +39,7 @@ from torch.optim import Optimizer
 
 from . import functional as F
 from . import recovery as rec
+from ._dtensor import check_params  # FSDP2 shards: a clear error at construction, not wrong maths later
 from .linalg import is_transposed, largest_angle, orient, reorthonormalize
 from .rules import RuleContext, all_rule_options, check_options, get_rule, rule_flag
 from .transport import TRANSPORTS, transport
@@ -150,8 +151,6 @@ class SubspaceAdamW(Optimizer):
                         f"(its options: {sorted(rule.OPTIONS) or 'none'}); remove it or change the rule")
             for key, value in {**SUBSPACE_DEFAULTS, **rule.OPTIONS}.items():
                 param_group.setdefault(key, value)
-            from .distributed import check_params  # FSDP2 shards: a clear error now, not wrong maths later
-
             if not isinstance(param_group.get("params"), (Tensor, set)):  # a generator is read only once
                 param_group["params"] = list(param_group.get("params", []))
             check_params(param_group)
