@@ -39,6 +39,22 @@ def _iter_groups(params: Any) -> list[dict[str, Any]]:
     return [{"params": items}]
 
 
+def group_items(group: dict[str, Any]) -> list[tuple[str | None, Tensor]]:
+    """``(name or None, parameter)`` for each parameter of a param group (names from ``(name, p)``
+    pairs or the group's ``param_names``)."""
+    raw = group["params"]
+    if isinstance(raw, Tensor):
+        raw = [raw]
+    names = list(group.get("param_names") or [])
+    out = []
+    for j, item in enumerate(raw):
+        if isinstance(item, tuple):
+            out.append(item)
+        else:
+            out.append((names[j] if j < len(names) else None, item))
+    return out
+
+
 def check_params(params: Any) -> None:
     """Raise :class:`ShardedParameterError` if a *projected* param group holds a DTensor parameter.
 
@@ -49,18 +65,11 @@ def check_params(params: Any) -> None:
 
         grassopt.distributed.check_params(param_group)
     """
-    for gi, group in enumerate(_iter_groups(params)):
+    for group in _iter_groups(params):
         if group.get("rank") is None:
             continue
-        raw = group["params"]
-        if isinstance(raw, Tensor):
-            raw = [raw]
-        names = list(group.get("param_names") or [])
-        sharded = []
-        for j, item in enumerate(raw):
-            name, p = item if isinstance(item, tuple) else (names[j] if j < len(names) else f"parameter {j}", item)
-            if is_dtensor(p):
-                sharded.append(f"{name} {tuple(p.shape)} {tuple(p.placements)}")
+        sharded = [f"{name if name is not None else f'parameter {j}'} {tuple(p.shape)} {tuple(p.placements)}"
+                   for j, (name, p) in enumerate(group_items(group)) if is_dtensor(p)]
         if sharded:
             shown = ", ".join(sharded[:3]) + (f" and {len(sharded) - 3} more" if len(sharded) > 3 else "")
             raise ShardedParameterError(

@@ -49,6 +49,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ._dtensor import ShardedParameterError, _iter_groups, check_params, is_dtensor
+from ._dtensor import group_items as _items
 from .optimizer import SubspaceAdamW
 
 __all__ = ["DistInfo", "ShardedParameterError", "FSDPSubspaceAdamW", "backend_for", "init_from_env", "wrap_ddp", "rank_and_world",
@@ -175,20 +176,6 @@ def assert_in_sync(tensors: Iterable[Tensor], group: Any = None, what: str = "pa
 
 
 # ---------------------------------------------------------------------------------------- FSDP2 adapter
-def _items(group: dict[str, Any]) -> list[tuple[str | None, Tensor]]:
-    raw = group["params"]
-    if isinstance(raw, Tensor):
-        raw = [raw]
-    names = list(group.get("param_names") or [])
-    out = []
-    for j, item in enumerate(raw):
-        if isinstance(item, tuple):
-            out.append(item)
-        else:
-            out.append((names[j] if j < len(names) else None, item))
-    return out
-
-
 def _placeholder(p: Tensor) -> Tensor:
     """A tensor with ``p``'s global shape, dtype and (local) device that owns one element."""
     local = p.to_local()

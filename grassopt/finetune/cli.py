@@ -7,8 +7,8 @@ import json
 import sys
 
 from ..presets import PRESETS
-from ..train.cli import _kv
-from ..train.loop import CheckpointError
+from ..engine import CheckpointError
+from ..engine.cli import key_value
 from .loop import METHODS, SKETCH_LAWS, FinetuneConfig, finetune
 from .task import BUILTIN_TASKS
 
@@ -62,7 +62,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--update-interval", type=int, default=d.update_interval, help="steps between basis updates T")
     g.add_argument("--targets", nargs="+", default=d.targets,
                    help="encoder modules to project / adapt / sketch: 'all-linear', name substrings or regexes")
-    g.add_argument("--opt", action="append", type=_kv, default=[], metavar="KEY=VALUE",
+    g.add_argument("--opt", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                    help="any other subspace option, e.g. --opt alpha=0.5 --opt step_size=0.3 (repeatable)")
     g.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="LoRA scale numerator (scale = alpha / rank)")
     g.add_argument("--lora-dropout", type=float, default=d.lora_dropout, help="dropout on the LoRA branch")

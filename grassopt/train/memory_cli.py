@@ -17,20 +17,9 @@ import argparse
 import json
 import sys
 
+from ..engine.cli import rank_spec as _rank
+
 __all__ = ["main", "build_parser"]
-
-
-def _rank(text: str) -> int | str:
-    try:
-        return int(text)
-    except ValueError:
-        from ..targets import resolve_rank
-
-        try:
-            resolve_rank(text, (1 << 30, 1 << 30))
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-        return text
 
 
 def _sketch_rank(text: str) -> int | float:
