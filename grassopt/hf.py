@@ -54,7 +54,7 @@ from typing import Any
 from torch import nn
 
 from .optimizer import SubspaceAdamW
-from .presets import make_optimizer as make_subspace_optimizer
+from . import registry
 from .targets import hf_target_names
 
 __all__ = ["make_optimizer", "optimizer_cls_and_kwargs", "SubspaceAdamWFactory", "target_module_names",
@@ -93,8 +93,10 @@ def make_optimizer(model: nn.Module, args: Any | None = None, preset: str = "sub
         seed = getattr(args, "seed", 0) if args is not None else 0
     names = hf_target_names(model, targets)
     patterns = names if isinstance(names, str) else [f"^{re.escape(n)}$" for n in names]
-    return make_subspace_optimizer(model, preset, rank=rank, update_interval=update_interval, targets=patterns,
-                                   seed=seed, **hyper, **overrides)
+    if preset not in registry.PRESETS:
+        raise ValueError(f"unknown preset {preset!r} for grassopt.hf; choose one of {sorted(registry.PRESETS)}")
+    return registry.build(preset, model, rank=rank, update_interval=update_interval, targets=patterns, seed=seed,
+                          options=overrides, **hyper)
 
 
 class SubspaceAdamWFactory:

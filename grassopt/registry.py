@@ -31,7 +31,7 @@ from .optimizer import SUBSPACE_DEFAULTS
 from .presets import PRESETS, default_rank, make_optimizer
 from .targets import resolve_rank, select_targets
 
-__all__ = ["Kind", "KINDS", "EXTRA_KINDS", "build", "state_bytes", "is_forward_only", "FORWARD_ONLY"]
+__all__ = ["Kind", "KINDS", "EXTRA_KINDS", "PRESETS", "build", "state_bytes", "is_forward_only", "FORWARD_ONLY"]
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ def build(name: str, model: nn.Module, *, lr: float = 1e-3, betas: tuple[float, 
           weight_decay: float = 0.0, rank: int | str | None = None, update_interval: int | None = None,
           targets: str | Iterable[str] = "all-linear", options: dict[str, Any] | None = None, seed: int = 0,
           state_dtype: str = "float32", stochastic_rounding: bool = False, sketch: str | None = None,
-          sketch_rank: float | int = 0.125) -> torch.optim.Optimizer:
+          sketch_rank: float | int = 0.125, eps: float | None = None) -> torch.optim.Optimizer:
     """The optimizer ``name`` (a key of :data:`KINDS`) over ``model``'s trainable parameters.
 
     ``rank``, ``update_interval`` and ``targets`` are those of :func:`grassopt.param_groups` (``zo``:
@@ -123,16 +123,22 @@ def build(name: str, model: nn.Module, *, lr: float = 1e-3, betas: tuple[float, 
     options of a preset, a reference's knobs, RSO's ``inner_steps``/``mu``/``inner``/``eps``, ZO's
     ``eps``/``momentum``/``law``/``lazy``/``others``). ``state_dtype`` and ``stochastic_rounding``
     apply to the presets. ``rso`` sketches ``model`` in place (rank ``sketch_rank``, law
-    ``sketch`` or ``haar``); call it before wrapping the model in DDP.
+    ``sketch`` or ``haar``); call it before wrapping the model in DDP. ``eps`` (Adam's, added to
+    ``sqrt(V)`` or ``sqrt(V_hat)`` as each kind does) applies to the presets, ``adamw-torch`` and ``rso``;
+    None keeps each one's default (1e-6 for grassopt's, torch's 1e-8 for ``adamw-torch``).
     """
     opts = dict(options or {})
     targets = [targets] if isinstance(targets, str) else list(targets)
     if name not in KINDS:
-        raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(KINDS)}")
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(KINDS)}")
     kind = KINDS[name]
+    if eps is not None and kind.family not in ("preset", "torch", "rso"):
+        raise ValueError(f"eps applies to grassopt's presets, adamw-torch and rso, not to {name!r} "
+                         "(set a reference's own settings through options)")
     if kind.family == "preset":
         return make_optimizer(model, name, lr=lr, rank=rank, update_interval=update_interval, targets=targets,
-                              weight_decay=weight_decay, betas=betas, seed=seed, state_dtype=state_dtype,
+                              weight_decay=weight_decay, betas=betas, eps=1e-6 if eps is None else eps, seed=seed,
+                              state_dtype=state_dtype,
                               stochastic_rounding=stochastic_rounding,
                               **(opts if PRESETS[name] is not None else {}))
     if name == "rso":
@@ -144,7 +150,7 @@ def build(name: str, model: nn.Module, *, lr: float = 1e-3, betas: tuple[float, 
         return gs.rso(model, sketch_rank_spec(sketch_rank), inner_steps=inner_steps,
                       lr=lr, weight_decay=weight_decay, mu=float(opts.get("mu", 0.0)),
                       law=sketch or "haar", seed=seed, targets=targets, betas=betas,
-                      eps=float(opts.get("eps", 1e-6)), inner=opts.get("inner", "adam"))
+                      eps=float(opts.get("eps", 1e-6 if eps is None else eps)), inner=opts.get("inner", "adam"))
     if kind.family == "zo":
         from .zo import ZO
         _check_options(name, opts, ZO_OPTIONS)
@@ -155,7 +161,7 @@ def build(name: str, model: nn.Module, *, lr: float = 1e-3, betas: tuple[float, 
     if name == "adamw-torch":  # torch's fused kernel wherever the device has one: its fastest AdamW
         groups = _decay_groups(model, weight_decay)
         fused = fused_available([p for g in groups for p in g["params"]]) or None
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused, **({} if eps is None else {"eps": eps}))
     if name in references.REFERENCES:
         return references.build(name, model, lr=lr, weight_decay=weight_decay, betas=betas, settings=opts)
     references.require(name)  # ref-galore, ref-apollo: one line if the package is missing

@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"grassopt analyze: error: {e}", file=sys.stderr)
             return 2
         cfg = config_from_args(args, out=str(out))
-        from ..train.loop import CheckpointError, train
+        from ..engine import CheckpointError
+        from ..train.loop import train
         try:
             summary = train(cfg, hooks=[hook])
         except (CheckpointError, ValueError, FileNotFoundError) as e:
