@@ -143,13 +143,13 @@ def _run(cfg: TrainConfig, reuse: bool, label: str) -> dict[str, Any]:
     summary_path, config_path = out / "summary.json", out / "config.json"
     if reuse and summary_path.is_file() and config_path.is_file():
         saved = json.loads(config_path.read_text())
-        same = not config_differences(saved, cfg, ignore=("progress", "threads", "plot"))
+        same = not config_differences(saved, cfg, ignore=("progress", "threads", "plot", "overwrite"))
         summary = json.loads(summary_path.read_text())
         if same and summary.get("finished"):
             print(f"[bench] {label}: reusing the finished run in {out}", file=sys.stderr)
             return summary
     print(f"[bench] {label}", file=sys.stderr, flush=True)
-    return train(cfg)
+    return train(dataclasses.replace(cfg, overwrite=True))  # not reusable: run it afresh
 
 
 def _history(out: str) -> list[dict[str, Any]]:

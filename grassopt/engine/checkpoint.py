@@ -6,6 +6,13 @@ file in the same folder (``.ckpt-*.tmp``), flushes it to disk and renames it ove
 crash never leaves a half-written checkpoint; :func:`load_checkpoint` turns every way a file can be
 unusable into a :class:`CheckpointError` that says what to do.
 
+Digest. The SHA-256 of the bytes written (hashed while writing) goes to ``<checkpoint>.sha256``
+beside it, and :func:`load_checkpoint` verifies it, so a checkpoint damaged on disk after it was
+written (a bad sector, a partial copy) is refused instead of loaded. The digest file lists the new
+digest and the previous one while the checkpoint is being replaced, so a crash between the two
+renames leaves a pair that still verifies. A checkpoint without a digest file (written before
+digests existed, or copied alone) loads unverified.
+
 :func:`rng_state` / :func:`set_rng_state` capture and restore every generator a step may draw
 from: torch's CPU generator, the accelerator's (CUDA, XPU, MPS, ... of the run's device), numpy's
 global one and Python's ``random``, as plain tensors and values.
@@ -19,6 +26,8 @@ here; those that belong to the run folder (a lock, refusing to overwrite another
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import random
 import tempfile
@@ -28,7 +37,7 @@ from typing import Any
 import torch
 
 __all__ = ["CheckpointError", "Checkpointer", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state",
-           "FORMAT", "REQUIRED_KEYS"]
+           "digest_path", "file_sha256", "FORMAT", "REQUIRED_KEYS"]
 
 #: The checkpoint format this code writes (and the only one it reads).
 FORMAT = 1
@@ -40,15 +49,42 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, truncated, corrupt or from another run."""
 
 
-def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
-    """Write ``payload`` with ``torch.save`` atomically: a temporary file in the same folder,
-    flushed to disk, then renamed over ``path``; a crash never leaves a half-written checkpoint."""
+class _HashingWriter:
+    """A file wrapper that hashes what is written through it."""
+
+    def __init__(self, f: Any):
+        self.f = f
+        self.sha256 = hashlib.sha256()
+
+    def write(self, data: Any) -> int:
+        self.sha256.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def digest_path(path: str | os.PathLike) -> Path:
+    """Where the digest of the checkpoint ``path`` is kept."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(path.name + ".sha256")
+
+
+def _read_digests(path: Path) -> list[str] | None:
+    try:
+        return list(json.loads(digest_path(path).read_text())["sha256"])
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{digest_path(path)} is not a readable digest file ({e}); delete it to load "
+                              f"{path} unverified") from e
+
+
+def _write_json_atomically(path: Path, obj: Any) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -56,6 +92,41 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
+    """Write ``payload`` with ``torch.save`` atomically: a temporary file in the same folder,
+    flushed to disk, then renamed over ``path``; a crash never leaves a half-written checkpoint.
+    Its SHA-256 goes to ``<path>.sha256`` (see the module doc)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".ckpt-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            writer = _HashingWriter(f)
+            torch.save(payload, writer)
+            f.flush()
+            os.fsync(f.fileno())
+        new = writer.sha256.hexdigest()
+        try:
+            old = (_read_digests(path) or [])[:1] if path.is_file() else []
+        except CheckpointError:
+            old = []
+        _write_json_atomically(digest_path(path), {"sha256": [new, *old]})  # both verify during the swap
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _write_json_atomically(digest_path(path), {"sha256": [new]})
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
@@ -72,6 +143,11 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED_KEYS) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a grassopt training checkpoint (missing fields); "
                               "was it written by `grassopt train`?")
+    digests = _read_digests(path)
+    if digests is not None and file_sha256(path) not in digests:
+        raise CheckpointError(f"{path} does not match its digest ({digest_path(path).name}): it was damaged or "
+                              "replaced after it was written; resume from an intact copy, or delete both files to "
+                              "start over")
     return ckpt
 
 
@@ -152,16 +228,17 @@ class Checkpointer:
     def exists(self) -> bool:
         return self.path.is_file()
 
-    def save(self, state: dict[str, Any]) -> None:
-        """Write ``state`` (model, optimizer, ... and counters) with the format, kind and random states.
-        Only the main process writes (under DDP every rank holds the same numbers)."""
+    def save(self, state: dict[str, Any], rng: dict[str, Any] | None = None) -> None:
+        """Write ``state`` (model, optimizer, ... and counters) with the format, kind and random states
+        (``rng``: states captured earlier with :func:`rng_state`; default: the current ones). Only the
+        main process writes (under DDP every rank holds the same numbers)."""
         if not self.main_process:
             return
         payload: dict[str, Any] = {"format": FORMAT}
         if self.kind is not None:
             payload["kind"] = self.kind
         payload.update(state)
-        payload["rng"] = rng_state(self.device)
+        payload["rng"] = rng_state(self.device) if rng is None else rng
         save_checkpoint(self.path, payload)
 
     def load(self) -> dict[str, Any]:

@@ -9,8 +9,8 @@ from typing import Any, ClassVar
 __all__ = ["RunConfig", "RUN_CONTROL"]
 
 #: Config fields of every run that may change when it is resumed (they do not affect the numbers).
-RUN_CONTROL = frozenset({"out", "resume", "stop_after", "checkpoint_every", "log_every", "progress", "threads",
-                         "plot"})
+RUN_CONTROL = frozenset({"out", "resume", "overwrite", "stop_after", "checkpoint_every", "log_every", "progress",
+                         "threads", "plot"})
 
 
 @dataclass
@@ -43,6 +43,7 @@ class RunConfig:
     checkpoint_every: int = 0  # 0: only at the end and on Ctrl-C
     out: str = "runs/run"
     resume: bool = False
+    overwrite: bool = False  # start afresh in a folder that holds another run's checkpoint (replacing it)
     stop_after: int | None = None  # stop (with a checkpoint) after this many steps of this invocation
     progress: bool = True
     plot: bool = True

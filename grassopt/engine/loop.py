@@ -11,6 +11,12 @@ steps (and at the last) a metric line with the mean loss since the last line; ev
 checkpoint; a first Ctrl-C stops after the current step; at the end a checkpoint. Under DDP the
 logged loss is the mean over the ranks, and only the main process writes.
 
+A step that raises ``FloatingPointError`` (a non-finite loss or gradient:
+:class:`~grassopt.engine.step.NonFiniteLossError`, or grassopt's optimizers' own check) has changed
+no parameter, so the loop stops there and writes the last good checkpoint: the state before that
+step, with the sampler's position and the random states as they were before it (a resumed run
+repeats the step exactly). :attr:`LoopResult.error` says what happened.
+
 Also here: the learning-rate schedule (:func:`lr_factor`), the device default
 (:func:`default_device`), the process group (:func:`dist_info`).
 """
@@ -21,12 +27,13 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .. import profiling
+from .checkpoint import rng_state
 from .progress import StopFlag, progress_bar
 from .run import RunFolder
 from .step import TrainStep, call_hooks
@@ -73,7 +80,7 @@ class LoopResult:
     rss_before_training_bytes: int | None = None
     train_peak_rss_bytes: int | None = None
     peak_rss_bytes: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None  # why the run stopped early (a non-finite loss), or None
 
     @property
     def finished(self) -> bool:
@@ -82,7 +89,7 @@ class LoopResult:
     def summary(self) -> dict[str, Any]:
         """The fields every run's summary shares."""
         return {"steps": self.step, "total_steps": self.total, "finished": self.finished,
-                "interrupted": self.interrupted, "train_time_s": self.train_time,
+                "interrupted": self.interrupted, "error": self.error, "train_time_s": self.train_time,
                 "mean_step_s": self.train_time / self.step if self.step else None}
 
 
@@ -144,11 +151,14 @@ class Loop:
         self.counters = {k: int(ckpt.get(k, 0)) for k in self.per_step}
         self.history = self.folder.history(upto=self.step)
 
-    def checkpoint(self) -> None:
+    def checkpoint(self, before: dict[str, Any] | None = None) -> None:
+        """Save the run as it stands; ``before``: the sampler and random states of the start of a step
+        that changed nothing (see the module doc)."""
         self.folder.checkpointer.save({
             "config": self.config, "step": self.step, "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "sampler": self.sampler.state_dict(), "train_time": self.train_time, **self.counters})
+            "sampler": before["sampler"] if before else self.sampler.state_dict(), "train_time": self.train_time,
+            **self.counters}, rng=before["rng"] if before else None)
 
     # -------------------------------------------------------------- the loop
     def _record(self, step_time: float, mean_loss: float, result: Any) -> dict[str, Any]:
@@ -164,14 +174,21 @@ class Loop:
         can_reset_peak = profiling.reset_peak_rss()  # the training phase's own peak resident memory
         bar = progress_bar(self.progress and self.folder.main_process, self.total, self.step, self.desc)
         log_loss, log_n, opt_time, interrupted, step_peak = 0.0, 0, 0.0, False, None
+        error, before = None, None
         stop_at = self.total if self.stop_after is None else min(self.total, self.step + self.stop_after)
         with StopFlag() as stop:
             while self.step < stop_at:
                 t0 = time.perf_counter()
+                before = {"sampler": self.sampler.state_dict(), "rng": rng_state(self.folder.checkpointer.device)}
                 profiling_now = self.profile_step is not None and self.step == self.profile_step
-                with profiling.TensorPeak() if profiling_now else contextlib.nullcontext() as peak:
-                    batches = [self.next_batch() for _ in range(self.grad_accum)]
-                    result = self.step_fn(batches, self.step)
+                try:
+                    with profiling.TensorPeak() if profiling_now else contextlib.nullcontext() as peak:
+                        batches = [self.next_batch() for _ in range(self.grad_accum)]
+                        result = self.step_fn(batches, self.step)
+                except FloatingPointError as e:  # nothing was updated: keep the state before this step
+                    self.optimizer.zero_grad(set_to_none=True)
+                    error = f"{type(e).__name__}: {e}"
+                    break
                 if profiling_now:
                     step_peak = peak.peak
                 self.scheduler.step()
@@ -217,9 +234,9 @@ class Loop:
         peak = max(peak_before or 0, profiling.peak_rss_bytes() or 0) or None
         if self.step_fn.updater is not None:
             self.step_fn.updater.remove()
-        self.checkpoint()
+        self.checkpoint(before if error is not None else None)
         return LoopResult(step=self.step, start_step=start_step, total=self.total, interrupted=interrupted,
                           train_time=self.train_time, optimizer_time=opt_time, counters=dict(self.counters),
                           history=self.history, step_peak_tensor_bytes=step_peak,
                           rss_before_training_bytes=rss_before, train_peak_rss_bytes=train_peak,
-                          peak_rss_bytes=peak)
+                          peak_rss_bytes=peak, error=error)

@@ -10,8 +10,13 @@ the saved one lacks (a field added since) as that field's default, and ignoring 
 only control the run (``out``, ``stop_after``, ``progress``, ...); :meth:`RunFolder.check_resume`
 turns a difference into a :class:`CheckpointError`.
 
-Safety of the folder itself (an exclusive lock while a run uses it, refusing to start a fresh run
-over another run's checkpoint) belongs in :meth:`RunFolder.open`, which every loop calls first.
+Safety of the folder: :meth:`RunFolder.open`, which every loop calls first, takes an exclusive
+lock on ``<out>/.lock`` for as long as the run uses the folder (a second run in the same folder,
+in this process or another, is refused at once instead of interleaving its files with the first),
+removes the temporary files a killed checkpoint writer left behind (``.ckpt-*.tmp``), and refuses
+to start a fresh run over the checkpoint of another run unless told to ``overwrite`` it (the
+choice is then ``--resume`` or ``--overwrite``, never a silent loss). :meth:`RunFolder.close`
+releases the lock (``with RunFolder(...) as folder:`` does both).
 """
 
 from __future__ import annotations
@@ -19,13 +24,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from .checkpoint import Checkpointer, CheckpointError
 
-__all__ = ["RunFolder", "config_differences", "append_metric", "read_metrics", "write_metrics"]
+__all__ = ["RunFolder", "RunFolderError", "config_differences", "append_metric", "read_metrics", "write_metrics"]
+
+
+class RunFolderError(ValueError):
+    """The run folder cannot be used: another run holds it, or it holds another run's checkpoint."""
 
 
 def config_differences(saved: dict[str, Any], now: dict[str, Any], defaults: dict[str, Any] | None = None,
@@ -77,20 +87,81 @@ class RunFolder:
         self.defaults = dict(defaults or {})
         self.checkpointer = Checkpointer(self.path / "checkpoint.pt", kind=kind, device=device,
                                          main_process=main_process)
+        self._lock: Any = None
 
     @property
     def metrics_path(self) -> Path:
         return self.path / "metrics.jsonl"
 
     # -------------------------------------------------------------- starting and resuming
-    def open(self, resume: bool, config: dict[str, Any]) -> dict[str, Any] | None:
-        """Start using the folder: with ``resume``, load the checkpoint and check that ``config``
-        matches the one it was written with (returns the checkpoint); otherwise None."""
-        if not resume:
+    def open(self, resume: bool, config: dict[str, Any], overwrite: bool = False) -> dict[str, Any] | None:
+        """Start using the folder (see the module doc): lock it, clean stale temporary files, then with
+        ``resume`` load the checkpoint and check that ``config`` matches the one it was written with
+        (returns the checkpoint); without, refuse a folder that holds a checkpoint unless ``overwrite``
+        (returns None). On an error the lock is released again."""
+        self.acquire()
+        try:
+            self.clean_stale_files()
+            if resume:
+                ckpt = self.checkpointer.load()
+                self.check_resume(ckpt["config"], config)
+                return ckpt
+            if self.checkpointer.exists() and not overwrite and self.main_process:
+                raise RunFolderError(
+                    f"{self.path} holds the checkpoint of another run ({self.checkpointer.path.name}); continue it "
+                    "with --resume, start over with --overwrite (it is replaced at this run's first checkpoint), "
+                    "or choose another --out folder")
             return None
-        ckpt = self.checkpointer.load()
-        self.check_resume(ckpt["config"], config)
-        return ckpt
+        except BaseException:
+            self.close()
+            raise
+
+    def acquire(self) -> None:
+        """Take the folder's exclusive lock (main process only; a no-op where ``fcntl`` is missing)."""
+        if not self.main_process or self._lock is not None:
+            return
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows: no lock
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        f = open(self.path / ".lock", "a+", encoding="utf-8")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise RunFolderError(f"{self.path} is in use by another run ({holder}); wait for it to finish, or "
+                                 "choose another --out folder") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} ({' '.join(sys.argv[:1])})\n")
+        f.flush()
+        self._lock = f
+
+    def close(self) -> None:
+        """Release the lock (the lock file stays; it holds nothing once released)."""
+        if self._lock is not None:
+            self._lock.close()  # closing the descriptor releases the flock
+            self._lock = None
+
+    def __enter__(self) -> RunFolder:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def clean_stale_files(self) -> list[Path]:
+        """Remove the temporary files of checkpoint writes that never finished (a killed process). Only
+        safe while holding the lock: nobody else is writing then. Returns what was removed."""
+        if not self.main_process or not self.path.is_dir():
+            return []
+        stale = sorted(self.path.glob(".ckpt-*.tmp"))
+        for p in stale:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        return stale
 
     def check_resume(self, saved: dict[str, Any], config: dict[str, Any]) -> None:
         diffs = config_differences(saved, config, self.defaults, self.ignore)

@@ -17,6 +17,12 @@ optimizer:
 Then a sketched model (:mod:`grassopt.sketch`'s estimator) moves to its next sketch matrices and
 the gradients are released. The loss of every micro-batch is computed by ``loss_fn(module,
 batch)``, so the step does not know the model's signature.
+
+A step that meets a non-finite number changes nothing: each micro-batch's loss is checked before
+its backward pass, and the gradient norm (when clipping computes it) before the optimizer step; a
+non-finite one raises :class:`NonFiniteLossError` with the gradients released and no parameter
+touched (grassopt's optimizers raise ``FloatingPointError`` themselves, before changing anything,
+on a non-finite gradient or forward-only loss). The loop then keeps the state before the step.
 """
 
 from __future__ import annotations
@@ -32,7 +38,11 @@ from torch import Tensor, nn
 
 from ..layerwise import clip_grad_norm_per_parameter_
 
-__all__ = ["TrainStep", "StepResult", "call_hooks"]
+__all__ = ["TrainStep", "StepResult", "NonFiniteLossError", "call_hooks"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A training step met a non-finite loss or gradient norm; nothing was updated."""
 
 
 def call_hooks(hooks: Sequence[Any], name: str, *args: Any) -> None:
@@ -124,6 +134,7 @@ class TrainStep:
             with sync:
                 with torch.autocast(**self.autocast):
                     loss = self.loss_fn(module, batch)
+                self._check_finite(loss, "loss", index)
                 (loss / n).backward()
             step_loss += loss.detach() / n
         if self.updater is not None:  # the optimizer ran inside backward: its time is in the step time
@@ -135,6 +146,20 @@ class TrainStep:
         elif self.clip > 0:
             norms = clip_grad_norm_per_parameter_(self.params, self.clip)
             grad_norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else None
+        if grad_norm is not None:
+            self._check_finite(grad_norm, "gradient norm", index)
         t1 = time.perf_counter()
         self.optimizer.step()
         return step_loss, grad_norm, time.perf_counter() - t1
+
+    def _check_finite(self, value: Tensor, what: str, index: int) -> None:
+        """Raise :class:`NonFiniteLossError` (gradients released) if ``value`` is not finite on any rank."""
+        ok = torch.isfinite(value.detach()).all()
+        if self.ddp_model is not None:  # every rank stops at the same step
+            flag = ok.to(torch.int32).reshape(1)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            ok = flag[0] > 0
+        if not bool(ok):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLossError(f"non-finite {what} ({float(value.detach().float().sum())}) at step {index + 1}; "
+                                     "nothing was updated")

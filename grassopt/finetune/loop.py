@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import registry
-from ..engine import CheckpointError, Loop, RunFolder, TrainStep, default_device, lr_factor
+from ..engine import CheckpointError, Loop, NonFiniteLossError, RunFolder, TrainStep, default_device, lr_factor
 from ..engine.config import RUN_CONTROL as BASE_RUN_CONTROL
 from ..engine.config import RunConfig
 from ..presets import PRESETS
@@ -324,7 +324,13 @@ def finetune(cfg: FinetuneConfig, task: TextTask | None = None) -> dict[str, Any
     device = torch.device(cfg.device or default_device())
     folder = RunFolder(cfg.out, kind="finetune", device=device, ignore=cfg.RUN_CONTROL, defaults=cfg.defaults())
     resolve_model_dir(cfg.model_dir)  # fail early, before the task is built
-    ckpt = folder.open(cfg.resume, cfg.to_dict())
+    ckpt = folder.open(cfg.resume, cfg.to_dict(), overwrite=cfg.overwrite)
+    with folder:  # the folder stays locked until the run ends, however it ends
+        return _finetune(cfg, folder, ckpt, task, device, t_start)
+
+
+def _finetune(cfg: FinetuneConfig, folder: RunFolder, ckpt: dict[str, Any] | None, task: TextTask | None,
+              device: torch.device, t_start: float) -> dict[str, Any]:
     if task is None:
         task = load_task(cfg.task, **cfg.task_kwargs())
     if not task.train:
@@ -403,6 +409,9 @@ def finetune(cfg: FinetuneConfig, task: TextTask | None = None) -> dict[str, Any
     if res.interrupted:
         print(f"stopped at step {res.step}/{total}; checkpoint written to {folder.checkpointer.path} "
               "(continue with --resume)", file=sys.stderr)
+    if res.error is not None:
+        raise NonFiniteLossError(f"{res.error}; the last good checkpoint (step {res.step}) and the summary are in "
+                                 f"{folder.path}")
     return summary
 
 def plot_curves(history: list[dict[str, Any]], path: Path, title: str = "") -> None:

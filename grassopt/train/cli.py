@@ -8,7 +8,7 @@ import os
 import sys
 
 from ..engine import CheckpointError, default_device
-from ..engine.cli import key_value, rank_spec
+from ..engine.cli import add_output_arguments, key_value, output_settings, rank_spec
 from .. import registry
 from ..references import MissingPackageError
 from .loop import TrainConfig, train
@@ -128,12 +128,7 @@ def parser() -> argparse.ArgumentParser:
                     "checkpoint.pt to --out. Ctrl-C stops after the current step and writes a checkpoint.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_run_arguments(ap)
-    g = ap.add_argument_group("checkpoints and output")
-    g.add_argument("--out", default="runs/train", help="output folder")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    g.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (0 = only at the end)")
-    g.add_argument("--stop-after", type=int, default=None, help="stop (with a checkpoint) after N steps of this invocation")
-    g.add_argument("--no-plot", action="store_true", help="do not write loss.png")
+    g = add_output_arguments(ap, "runs/train", "loss.png")
     g.add_argument("--profile-memory", action="store_true",
                    help="count the tensor bytes the second training step allocates at its worst moment, beyond "
                         "the weights and optimizer state (grassopt.profiling.TensorPeak; slows that one step)")
@@ -157,12 +152,11 @@ def _init_distributed() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    cfg = config_from_args(args, out=args.out, resume=args.resume, checkpoint_every=args.checkpoint_every,
-                           stop_after=args.stop_after, plot=not args.no_plot, profile_memory=args.profile_memory)
+    cfg = config_from_args(args, **output_settings(args), profile_memory=args.profile_memory)
     distributed = _init_distributed()
     try:
         summary = train(cfg)
-    except (CheckpointError, ValueError, FileNotFoundError, MissingPackageError) as e:
+    except (CheckpointError, ValueError, FloatingPointError, FileNotFoundError, MissingPackageError) as e:
         print(f"grassopt train: error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from .. import references, registry
-from ..engine import (CheckpointError, Loop, RunFolder, TrainStep, call_hooks, default_device, dist_info,
-                      load_checkpoint, lr_factor, save_checkpoint)
+from ..engine import (CheckpointError, Loop, NonFiniteLossError, RunFolder, TrainStep, call_hooks, default_device,
+                      dist_info, load_checkpoint, lr_factor, save_checkpoint)
 from ..engine import config_differences as _differences
 from ..engine.config import RUN_CONTROL as BASE_RUN_CONTROL
 from ..engine.config import RunConfig
@@ -249,7 +249,14 @@ def train(cfg: TrainConfig, dataset: data_mod.TokenizedCorpus | None = None,
                        defaults=cfg.defaults())
     if cfg.resume:
         references.prepare_resume(cfg.preset)  # torchao's state tensors must be known to weights_only loading
-    ckpt = folder.open(cfg.resume, cfg.to_dict())
+    ckpt = folder.open(cfg.resume, cfg.to_dict(), overwrite=cfg.overwrite)
+    with folder:  # the folder stays locked until the run ends, however it ends
+        return _train(cfg, folder, ckpt, dataset, hooks, device, rank, world)
+
+
+def _train(cfg: TrainConfig, folder: RunFolder, ckpt: dict[str, Any] | None,
+           dataset: data_mod.TokenizedCorpus | None, hooks: list[Any], device: torch.device, rank: int,
+           world: int) -> dict[str, Any]:
     if dataset is None:
         dataset = data_mod.prepare(cfg.corpus, vocab_size=cfg.vocab_size, cache_dir=cfg.cache_dir,
                                    progress=cfg.progress and rank == 0)
@@ -330,6 +337,9 @@ def train(cfg: TrainConfig, dataset: data_mod.TokenizedCorpus | None = None,
         if res.interrupted:
             print(f"stopped at step {res.step}/{total}; checkpoint written to {folder.checkpointer.path} "
                   "(continue with --resume)")
+    if res.error is not None:
+        raise NonFiniteLossError(f"{res.error}; the last good checkpoint (step {res.step}) and the summary are in "
+                                 f"{folder.path}")
     return summary
 
 
