@@ -57,25 +57,30 @@ def memory_configs(ranks: list[float], inner_steps: int) -> list[dict]:
 
 
 def build(model_name: str, vocab: int, seq: int, cfg: dict, lr: float, seed: int = 0, weight_decay: float = 0.0):
-    """(model, optimizer) for a configuration; the model is sketched in place if needed."""
+    """(model, optimizer) for a configuration, built by `grassopt train`'s own builders (plain: preset
+    adamw-torch; estimator: adamw-torch on a model sketched with haar; rso: preset rso). The estimator's
+    fresh sketch after every step comes from ``grassopt.sketch.attach``, since ``measure`` steps the
+    optimizer itself. (The tables of activation_memory.md were measured with an earlier copy of these
+    builders in this file: torch.optim.AdamW with its defaults on all parameters, and the model's
+    rotary tables sized to ``seq`` rather than ``max(seq, 1024)``.)"""
     import grassopt.sketch as gs
-    from grassopt.train.model import Llama, config
+    from grassopt.train.loop import TrainConfig, build_model, build_optimizer, sketch_model
 
-    torch.manual_seed(seed)
-    model = Llama(config(model_name, vocab_size=vocab, max_seq_len=seq, lean_activations=cfg.get("lean", False)))
     method = cfg["method"]
+    if method not in ("plain", "estimator", "rso"):
+        raise ValueError(method)
     targets = cfg.get("targets", "all-linear")
-    if method == "rso":
-        opt = gs.rso(model, rank=cfg["rank"], inner_steps=cfg["inner_steps"], lr=lr, weight_decay=weight_decay,
-                     law="haar", seed=seed, targets=targets)
-    else:
-        if method == "estimator":
-            gs.sketch(model, rank=cfg["rank"], law="haar", mode="estimator", seed=seed, targets=targets)
-        elif method != "plain":
-            raise ValueError(method)
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-        if method == "estimator":
-            gs.attach(model, opt)
+    tc = TrainConfig(model=model_name, seq_len=seq, preset="rso" if method == "rso" else "adamw-torch", lr=lr,
+                     weight_decay=weight_decay, seed=seed, sketch=None if method == "plain" else "haar",
+                     sketch_rank=cfg["rank"] or 0.125, update_interval=cfg.get("inner_steps"),
+                     targets=[targets] if isinstance(targets, str) else list(targets),
+                     lean_activations=cfg.get("lean", False))
+    tc.validate()
+    model = build_model(tc, vocab)
+    sketched = sketch_model(model, tc)
+    opt = build_optimizer(model, tc)
+    if sketched:
+        gs.attach(model, opt)
     return model, opt
 
 
@@ -85,8 +90,8 @@ def measure(job: dict) -> dict:
     import contextlib
 
     import grassopt.sketch as gs
-    from grassopt.memory import TensorPeak
-    from grassopt.memory import peak_rss_bytes as max_rss_bytes
+    from grassopt.profiling import TensorPeak
+    from grassopt.profiling import peak_rss_bytes as max_rss_bytes
 
     torch.set_num_threads(job["threads"])
     rss_import = max_rss_bytes()
@@ -188,7 +193,7 @@ def write_report(args, mem: list[dict], loss: list[dict], out: Path) -> None:
                   "parameters and sketch matrices excluded); *per block* = the mean over transformer blocks; "
                   "*step peak* = the exact tensor bytes the second training step allocates at its worst moment "
                   "beyond the weights and the optimizer state (forward, backward and optimizer step; "
-                  "`grassopt.memory.TensorPeak`); *peak RSS* = the measuring process's high-water mark after "
+                  "`grassopt.profiling.TensorPeak`); *peak RSS* = the measuring process's high-water mark after "
                   f"{args.mem_steps} training steps (it includes torch itself: compare the *training* column, "
                   "peak minus the mark after building the model and optimizer; it also holds the allocator's "
                   "caches, so it follows the saved bytes only loosely: the exact columns are the measures of record). Ranks are fractions of each "

@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -28,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
+from grassopt.bench.runner import ROOT, run_process
 
 #: label -> (CLI arguments of the method, learning-rate grid). Subspace methods use alpha = 0.25
 #: (the presets' default), so their rates are about 4x those of full-rank AdamW for the same step.
@@ -98,32 +96,6 @@ def run(args: argparse.Namespace, label: str, lr: float, seed: int) -> dict[str,
     out = Path(args.out) / _slug(label) / f"lr{lr:g}-s{seed}"
     return run_process(out, run_args(args, label, lr, seed), reuse=not args.no_reuse,
                        keep_checkpoint=args.keep_checkpoints)
-
-
-def run_process(out: Path, cli: list[str], reuse: bool = True, keep_checkpoint: bool = False) -> dict[str, Any]:
-    """``grassopt finetune <cli> --out <out>`` in its own process (its peak RSS is its own); returns the
-    summary. A finished run in ``out`` with the same arguments is reused."""
-    cli = [*cli, "--out", str(out)]
-    stamp, summary = out / "args.json", out / "summary.json"
-    if reuse and stamp.is_file() and summary.is_file() and json.loads(stamp.read_text()) == cli:
-        s = json.loads(summary.read_text())
-        if s.get("finished"):
-            return s
-    out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "grassopt.finetune", *cli]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    t0 = time.perf_counter()
-    with open(out / "log.txt", "w") as log:
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
-    if rc != 0:
-        raise SystemExit(f"run failed (exit {rc}): {shlex.join(cmd)}\nsee {out / 'log.txt'}")
-    s = json.loads(summary.read_text())
-    s["process_wall_s"] = time.perf_counter() - t0
-    summary.write_text(json.dumps(s, indent=2))
-    stamp.write_text(json.dumps(cli))
-    if not keep_checkpoint:  # reuse needs only summary.json and args.json
-        (out / "checkpoint.pt").unlink(missing_ok=True)
-    return s
 
 
 def _stats(xs: list[float]) -> tuple[float, float, float, float]:

@@ -5,7 +5,7 @@ Part 1: for the `small` LLaMA on SOTU and each of `adamw-torch`, `galore`, `subt
 steps ordinarily and with `--layerwise` (per-parameter clipping in both, so the numbers are the
 same computation), at two batch shapes: one where activations dominate and one where gradients
 do. Two measures: the exact tensor bytes the second step allocates at its worst moment beyond the
-weights and optimizer state (`--profile-memory`, grassopt.memory.TensorPeak), and the process's
+weights and optimizer state (`--profile-memory`, grassopt.profiling.TensorPeak), and the process's
 peak resident memory during training (Linux VmHWM).
 
 Part 2: tokens/s of `small` with `subtrack++` in one process (2 threads) and in 2 DDP ranks started
@@ -22,33 +22,19 @@ import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from grassopt.bench.runner import ROOT, run_process
+
 MIB = 2 ** 20
 
 
 def train(out: Path, args: list[str], torchrun: int = 0) -> dict:
     """One `grassopt train` run in its own process (or `torchrun` with that many ranks)."""
-    cmd = [sys.executable, "-m", "grassopt.train", *args, "--out", str(out), "--no-progress", "--no-plot"]
-    if torchrun:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
-               "-m", "grassopt.train", *cmd[3:]]
-    out.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    t0 = time.perf_counter()
-    with open(out / "log.txt", "w") as log:
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
-    if rc != 0:
-        raise SystemExit(f"failed (exit {rc}): {shlex.join(cmd)}; see {out / 'log.txt'}")
-    s = json.loads((out / "summary.json").read_text())
-    shown = cmd[3:] if not torchrun else cmd[7:]
-    prefix = f"torchrun --nproc_per_node={torchrun} -m grassopt.train " if torchrun else "grassopt train "
-    s["process_wall_s"], s["command"] = time.perf_counter() - t0, prefix + shlex.join(shown)
-    return s
+    return run_process(out, [*args, "--no-progress", "--no-plot"], command="train", reuse=False,
+                       keep_checkpoint=True, torchrun=torchrun)
 
 
 def main(argv=None) -> int:
@@ -115,7 +101,7 @@ def write(args, mem_rows, ddp_rows, wall, argv) -> None:
         "`grassopt train` process per row.", "",
         "*Step peak* is exact: the tensor bytes the second training step allocates at its worst moment, beyond "
         "the weights and the optimizer state that exist before it (`--profile-memory`, "
-        "`grassopt.memory.TensorPeak`: activations, gradients, temporaries). *Process peak* is the run's peak "
+        "`grassopt.profiling.TensorPeak`: activations, gradients, temporaries). *Process peak* is the run's peak "
         "resident memory during training (Linux VmHWM, reset before the first step; it includes Python, torch, "
         "the corpus and the allocator's caches).", "",
         "| batch x seq | preset | step peak, ordinary (MiB) | step peak, layer-wise (MiB) | saved (MiB) | "

@@ -1,7 +1,7 @@
 """Optimizer-state memory of the GaLore protocol models: GaLore's published BF16 table beside ours;
 and LLaMA-7B on one 24 GiB GPU, part by part, beside GaLore's 7B figures.
 
-Every number of ours comes from ``grassopt.memory.estimate`` (the model built on the ``meta``
+Every number of ours comes from ``grassopt.train.estimate.estimate`` (the model built on the ``meta``
 device, the optimizer's param groups resolved exactly as in training), whose per-parameter formula
 the tests check byte for byte against live optimizers. Nothing here is fitted to the paper.
 
@@ -17,7 +17,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from grassopt.memory import estimate
+from grassopt.train.estimate import estimate
 from grassopt.train.model import config
 
 GB, GIB = 1e9, 2**30
@@ -82,7 +82,7 @@ def seven_b_section(data: dict) -> list[str]:
         "galore_adamw8bit_per_layer`, sequence length 256, the default `--max_length` of `torchrun_main.py`), and "
         "`llama_7b_checkpointing.sh`, the same with `--activation_checkpointing` and `--batch_size 16` "
         "(`# bsz=16, 22.8G`): **22.8G** (also in its README). We quote no number from the paper's figures. Ours are "
-        "`grassopt.memory.estimate` (`grassopt memory 7b ... --state-dtype int8 --param-dtype bf16 --layerwise "
+        "`grassopt.train.estimate.estimate` (`grassopt memory 7b ... --state-dtype int8 --param-dtype bf16 --layerwise "
         "[--checkpoint-activations]`): exact counts of what grassopt allocates for each part, each part checked "
         "against live tensors on `nano` in `tests/test_memory.py` (the int8 states byte for byte against "
         "`SubspaceAdamW(state_dtype=\"int8\")` for every preset). No 7B run was made: this machine has no GPU. GiB = 2^30 bytes, GB = 10^9.",
@@ -239,7 +239,7 @@ def main(argv=None) -> None:
         "# Optimizer-state memory: GaLore's published estimates beside ours",
         "",
         f"Command: `{cmd.strip()}` (instant: the models are built on the `meta` device). Every number of ours is "
-        "`grassopt.memory.estimate` (also `grassopt memory MODEL --preset ... --state-dtype bf16`), whose "
+        "`grassopt.train.estimate.estimate` (also `grassopt memory MODEL --preset ... --state-dtype bf16`), whose "
         "per-parameter formula `tests/test_memory.py` checks byte for byte against live optimizers on `nano` and "
         "`tiny`. Nothing is fitted to the paper.",
         "",

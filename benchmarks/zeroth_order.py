@@ -1,6 +1,6 @@
 """Forward-only fine-tuning of MiniLM on sotu-era: zeroth-order low-rank estimates against backpropagation.
 
-Every run is one `grassopt finetune` process (see finetune_minilm.py, whose runner this reuses), two
+Every run is one `grassopt finetune` process (grassopt.bench.runner.run_process, as in finetune_minilm.py), two
 single-threaded runs at a time. Part 1 (accuracy against forward passes): `zo` with the `haar`,
 `gaussian` and `coordinate` laws of V (rank 8, V kept 50 steps), and the dense MeZO baseline, each
 over a grid of learning rates, against full fine-tuning by backpropagation with torch AdamW and
@@ -22,8 +22,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from finetune_minilm import ROOT, run_process  # noqa: E402
+from grassopt.bench.runner import ROOT, run_process
 
 MIB = 2 ** 20
 # A first attempt with [5e-4, 1e-3, 2e-3] diverged at 1e-3 and 2e-3 (loss 1e4 by step 1000) and blew up

@@ -13,7 +13,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("grassopt.train.cli:main", "train a LLaMA-style model on real text with any preset"),
     "bench": ("grassopt.bench.cli:main", "run several presets side by side and write a report"),
-    "memory": ("grassopt.memory_cli:main", "memory needed by a model config for a preset (weights, grads, states)"),
+    "memory": ("grassopt.train.memory_cli:main", "memory needed by a model config for a preset (weights, grads, states)"),
     "analyze": ("grassopt.analysis.cli:main", "record gradient-subspace diagnostics over a training run"),
     "ackley": ("grassopt.analysis.ackley:main", "the 2-D Ackley demo: tracking vs SVD subspaces"),
     "finetune": ("grassopt.finetune.cli:main", "fine-tune a pretrained encoder on a labelled text task"),

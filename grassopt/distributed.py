@@ -48,12 +48,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ._dtensor import ShardedParameterError, _iter_groups, check_params, is_dtensor
+from ._dtensor import group_items as _items
+from .optimizer import SubspaceAdamW
+
 __all__ = ["DistInfo", "ShardedParameterError", "FSDPSubspaceAdamW", "backend_for", "init_from_env", "wrap_ddp", "rank_and_world",
            "is_dtensor", "check_params", "assert_in_sync", "checksums"]
-
-
-class ShardedParameterError(ValueError):
-    """A sharded (FSDP2 / DTensor) parameter in a param group that cannot handle it."""
 
 
 @dataclass(frozen=True)
@@ -132,60 +132,6 @@ def wrap_ddp(model: nn.Module, info: DistInfo | None = None, **kwargs: Any) -> n
     return nn.parallel.DistributedDataParallel(model, **kwargs)
 
 
-# ---------------------------------------------------------------------------------------- FSDP2
-def is_dtensor(t: Any) -> bool:
-    """True for a ``torch.distributed.tensor.DTensor`` (what ``fully_shard`` makes of parameters)."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch built without distributed
-        return False
-    return isinstance(t, DTensor)
-
-
-def _iter_groups(params: Any) -> list[dict[str, Any]]:
-    if isinstance(params, torch.optim.Optimizer):
-        return list(params.param_groups)
-    if isinstance(params, dict):
-        return [params]
-    items = list(params)
-    if items and all(isinstance(g, dict) for g in items):
-        return items
-    return [{"params": items}]
-
-
-def check_params(params: Any) -> None:
-    """Raise :class:`ShardedParameterError` if a *projected* param group holds a DTensor parameter.
-
-    ``params`` is one param-group dict, a list of them, an optimizer, or a list of parameters
-    (a plain group). Groups without a ``rank`` (plain AdamW) may hold DTensors: their elementwise
-    step works shard by shard. Meant to be called by ``SubspaceAdamW.add_param_group`` so the error
-    comes at construction, before any step::
-
-        grassopt.distributed.check_params(param_group)
-    """
-    for gi, group in enumerate(_iter_groups(params)):
-        if group.get("rank") is None:
-            continue
-        raw = group["params"]
-        if isinstance(raw, Tensor):
-            raw = [raw]
-        names = list(group.get("param_names") or [])
-        sharded = []
-        for j, item in enumerate(raw):
-            name, p = item if isinstance(item, tuple) else (names[j] if j < len(names) else f"parameter {j}", item)
-            if is_dtensor(p):
-                sharded.append(f"{name} {tuple(p.shape)} {tuple(p.placements)}")
-        if sharded:
-            shown = ", ".join(sharded[:3]) + (f" and {len(sharded) - 3} more" if len(sharded) > 3 else "")
-            raise ShardedParameterError(
-                f"projected param group (rank={group['rank']}) holds FSDP2-sharded DTensor parameters: {shown}. "
-                "SubspaceAdamW's subspace step works on whole matrices and cannot step sharded ones. "
-                "Use grassopt.distributed.FSDPSubspaceAdamW (same arguments): it gathers each projected "
-                "matrix at its step and keeps the small low-rank state replicated; or train with DDP "
-                "(torchrun + grassopt.distributed.wrap_ddp), or leave the projected matrices out of "
-                "fully_shard (plain param groups step DTensors correctly).")
-
-
 # ---------------------------------------------------------------------------------------- checks
 def checksums(tensors: Iterable[Tensor]) -> Tensor:
     """A bitwise fingerprint of each tensor (int64): equal tensors give equal fingerprints.
@@ -230,154 +176,127 @@ def assert_in_sync(tensors: Iterable[Tensor], group: Any = None, what: str = "pa
 
 
 # ---------------------------------------------------------------------------------------- FSDP2 adapter
-def _items(group: dict[str, Any]) -> list[tuple[str | None, Tensor]]:
-    raw = group["params"]
-    if isinstance(raw, Tensor):
-        raw = [raw]
-    names = list(group.get("param_names") or [])
-    out = []
-    for j, item in enumerate(raw):
-        if isinstance(item, tuple):
-            out.append(item)
-        else:
-            out.append((names[j] if j < len(names) else None, item))
-    return out
-
-
 def _placeholder(p: Tensor) -> Tensor:
     """A tensor with ``p``'s global shape, dtype and (local) device that owns one element."""
     local = p.to_local()
     return torch.empty_strided(tuple(p.shape), (0,) * p.dim(), dtype=local.dtype, device=local.device)
 
 
-def _make_fsdp_optimizer_class():
-    from .optimizer import SubspaceAdamW
+class FSDPSubspaceAdamW(SubspaceAdamW):
+    """:class:`~grassopt.SubspaceAdamW` for models sharded with FSDP2 (``fully_shard``).
 
-    class FSDPSubspaceAdamW(SubspaceAdamW):
-        """:class:`~grassopt.SubspaceAdamW` for models sharded with FSDP2 (``fully_shard``).
+    Plain groups step their DTensor shards directly (elementwise Adam needs no communication).
+    Each *projected* DTensor matrix is stood in for by a proxy tensor of its full shape that
+    holds no memory between steps; at a step the gradient and the weight are all-gathered (one
+    matrix at a time), the ordinary subspace step runs on the whole matrix, and each rank keeps
+    its own rows of the result. Hence:
 
-        Plain groups step their DTensor shards directly (elementwise Adam needs no communication).
-        Each *projected* DTensor matrix is stood in for by a proxy tensor of its full shape that
-        holds no memory between steps; at a step the gradient and the weight are all-gathered (one
-        matrix at a time), the ordinary subspace step runs on the whole matrix, and each rank keeps
-        its own rows of the result. Hence:
+    * every preset works and gives the result of DDP (up to the order of float sums in the
+      gradient reduction);
+    * the low-rank state of a projected matrix (basis ``Q``, moments ``k x r``) is replicated
+      on every rank: it is small by construction; weights, gradients and the plain AdamW
+      state stay sharded;
+    * per step, two all-gathers per projected matrix (gradient and weight) and the subspace
+      work repeated on every rank; transient memory: one full matrix and its gradient;
+    * :meth:`state_dict` gathers sharded state into full tensors (call it on every rank; it is
+      a collective), so a checkpoint has the same format as a DDP or one-process run and loads
+      into either; :meth:`load_state_dict` re-shards it.
 
-        * every preset works and gives the result of DDP (up to the order of float sums in the
-          gradient reduction);
-        * the low-rank state of a projected matrix (basis ``Q``, moments ``k x r``) is replicated
-          on every rank: it is small by construction; weights, gradients and the plain AdamW
-          state stay sharded;
-        * per step, two all-gathers per projected matrix (gradient and weight) and the subspace
-          work repeated on every rank; transient memory: one full matrix and its gradient;
-        * :meth:`state_dict` gathers sharded state into full tensors (call it on every rank; it is
-          a collective), so a checkpoint has the same format as a DDP or one-process run and loads
-          into either; :meth:`load_state_dict` re-shards it.
+    The projected matrices are stepped one at a time, so a non-finite gradient in one of them
+    raises after the matrices before it (and the plain groups) were updated. Layer-wise
+    updates are not available with FSDP2.
+    """
 
-        The projected matrices are stepped one at a time, so a non-finite gradient in one of them
-        raises after the matrices before it (and the plain groups) were updated. Layer-wise
-        updates are not available with FSDP2.
-        """
+    def __init__(self, params, *args: Any, **kwargs: Any):
+        groups = _iter_groups(params)
+        self._sharded: list[tuple[Tensor, Tensor]] = []  # (proxy, DTensor parameter)
+        new_groups = []
+        for group in groups:
+            group = dict(group)
+            if group.get("rank") is not None:
+                items = []
+                for name, p in _items(group):
+                    if is_dtensor(p):
+                        proxy = nn.Parameter(_placeholder(p), requires_grad=p.requires_grad)
+                        self._sharded.append((proxy, p))
+                        p = proxy
+                    items.append((name, p) if name is not None else p)
+                group["params"] = items
+                group.pop("param_names", None)
+            new_groups.append(group)
+        super().__init__(new_groups, *args, **kwargs)
+        self._proxy_of = {id(p): proxy for proxy, p in self._sharded}
 
-        def __init__(self, params, *args: Any, **kwargs: Any):
-            groups = _iter_groups(params)
-            self._sharded: list[tuple[Tensor, Tensor]] = []  # (proxy, DTensor parameter)
-            new_groups = []
-            for group in groups:
-                group = dict(group)
-                if group.get("rank") is not None:
-                    items = []
-                    for name, p in _items(group):
-                        if is_dtensor(p):
-                            proxy = nn.Parameter(_placeholder(p), requires_grad=p.requires_grad)
-                            self._sharded.append((proxy, p))
-                            p = proxy
-                        items.append((name, p) if name is not None else p)
-                    group["params"] = items
-                    group.pop("param_names", None)
-                new_groups.append(group)
-            super().__init__(new_groups, *args, **kwargs)
-            self._proxy_of = {id(p): proxy for proxy, p in self._sharded}
+    # -------------------------------------------------------------- stepping
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        proxies = {id(proxy) for proxy, _ in self._sharded}
+        super().step_parameters([p for g in self.param_groups for p in g["params"] if id(p) not in proxies])
+        for proxy, p in self._sharded:
+            self._step_sharded(proxy, p)
+        return loss
 
-        # -------------------------------------------------------------- stepping
-        @torch.no_grad()
-        def step(self, closure=None):
-            loss = None
-            if closure is not None:
-                with torch.enable_grad():
-                    loss = closure()
-            proxies = {id(proxy) for proxy, _ in self._sharded}
-            super().step_parameters([p for g in self.param_groups for p in g["params"] if id(p) not in proxies])
-            for proxy, p in self._sharded:
-                self._step_sharded(proxy, p)
-            return loss
+    @torch.no_grad()
+    def step_parameters(self, params: Iterable[Tensor]) -> None:
+        plain, sharded = [], []
+        by_param = {id(p): (proxy, p) for proxy, p in self._sharded}
+        by_proxy = {id(proxy): (proxy, p) for proxy, p in self._sharded}
+        for p in params:
+            pair = by_param.get(id(p)) or by_proxy.get(id(p))
+            (sharded if pair else plain).append(pair or p)
+        super().step_parameters(plain)
+        for proxy, p in sharded:
+            self._step_sharded(proxy, p)
 
-        @torch.no_grad()
-        def step_parameters(self, params: Iterable[Tensor]) -> None:
-            plain, sharded = [], []
-            by_param = {id(p): (proxy, p) for proxy, p in self._sharded}
-            by_proxy = {id(proxy): (proxy, p) for proxy, p in self._sharded}
-            for p in params:
-                pair = by_param.get(id(p)) or by_proxy.get(id(p))
-                (sharded if pair else plain).append(pair or p)
-            super().step_parameters(plain)
-            for proxy, p in sharded:
-                self._step_sharded(proxy, p)
+    def _step_sharded(self, proxy: Tensor, p: Tensor) -> None:
+        from torch.distributed.tensor import distribute_tensor
 
-        def _step_sharded(self, proxy: Tensor, p: Tensor) -> None:
-            from torch.distributed.tensor import distribute_tensor
+        if p.grad is None:
+            return
+        placeholder = proxy.data
+        proxy.data = p.full_tensor()
+        proxy.grad = p.grad.full_tensor()
+        try:
+            super().step_parameters([proxy])
+            mine = distribute_tensor(proxy.data, p.device_mesh, p.placements, src_data_rank=None)
+            p.copy_(mine)
+        finally:
+            proxy.grad = None
+            proxy.data = placeholder
 
-            if p.grad is None:
-                return
-            placeholder = proxy.data
-            proxy.data = p.full_tensor()
-            proxy.grad = p.grad.full_tensor()
-            try:
-                super().step_parameters([proxy])
-                mine = distribute_tensor(proxy.data, p.device_mesh, p.placements, src_data_rank=None)
-                p.copy_(mine)
-            finally:
-                proxy.grad = None
-                proxy.data = placeholder
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        for _, p in self._sharded:
+            if p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.zero_()
 
-        def zero_grad(self, set_to_none: bool = True) -> None:
-            super().zero_grad(set_to_none)
-            for _, p in self._sharded:
-                if p.grad is not None:
-                    if set_to_none:
-                        p.grad = None
-                    else:
-                        p.grad.zero_()
+    # -------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        for st in sd["state"].values():
+            for k, v in list(st.items()):
+                if is_dtensor(v):
+                    st[k] = v.full_tensor()
+        return sd
 
-        # -------------------------------------------------------------- checkpoints
-        def state_dict(self) -> dict[str, Any]:
-            sd = super().state_dict()
-            for st in sd["state"].values():
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        from torch.distributed.tensor import distribute_tensor
+
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if not is_dtensor(p) or p not in self.state:
+                    continue
+                st = self.state[p]
                 for k, v in list(st.items()):
-                    if is_dtensor(v):
-                        st[k] = v.full_tensor()
-            return sd
+                    if isinstance(v, Tensor) and not is_dtensor(v) and tuple(v.shape) == tuple(p.shape):
+                        st[k] = distribute_tensor(v.to(p.to_local().device), p.device_mesh, p.placements,
+                                                  src_data_rank=None)
 
-        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-            from torch.distributed.tensor import distribute_tensor
-
-            super().load_state_dict(state_dict)
-            for group in self.param_groups:
-                for p in group["params"]:
-                    if not is_dtensor(p) or p not in self.state:
-                        continue
-                    st = self.state[p]
-                    for k, v in list(st.items()):
-                        if isinstance(v, Tensor) and not is_dtensor(v) and tuple(v.shape) == tuple(p.shape):
-                            st[k] = distribute_tensor(v.to(p.to_local().device), p.device_mesh, p.placements,
-                                                      src_data_rank=None)
-
-    return FSDPSubspaceAdamW
-
-
-def __getattr__(name: str) -> Any:
-    # Built on first use: importing this module must not import the optimizer (which may import us).
-    if name == "FSDPSubspaceAdamW":
-        cls = _make_fsdp_optimizer_class()
-        globals()[name] = cls
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -54,42 +54,15 @@ from typing import Any
 from torch import nn
 
 from .optimizer import SubspaceAdamW
-from .presets import param_groups
+from . import registry
+from .targets import hf_target_names
 
 __all__ = ["make_optimizer", "optimizer_cls_and_kwargs", "SubspaceAdamWFactory", "target_module_names",
            "args_hyperparameters"]
 
 
-def _is_all_linear(targets: Any) -> bool:
-    return isinstance(targets, str) and targets.replace("_", "-") == "all-linear"
-
-
-def _hf_match(targets: str | Iterable[str], name: str) -> bool:
-    """Hugging Face's ``check_target_module_exists``: a string is a full-match regex; a list entry
-    matches when it equals the name, is contained in it, or fully matches it as a regex."""
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    targets = list(targets)
-    if name in targets or any(t in name for t in targets):
-        return True
-    return any(re.fullmatch(t, name) is not None for t in targets)
-
-
-def target_module_names(model: nn.Module, targets: str | Iterable[str] | None) -> list[str] | str:
-    """The names of the ``nn.Linear`` modules that ``optim_target_modules``-style ``targets`` select.
-
-    Returns ``"all-linear"`` unchanged (``None`` means ``"all-linear"``), otherwise the list of
-    matching linear-module names; raises ``ValueError`` if nothing matches (as the Trainer does).
-    """
-    if targets is None or _is_all_linear(targets):
-        return "all-linear"
-    if not isinstance(targets, (str, list, tuple)):
-        raise TypeError(f"optim_target_modules must be a regex string, a list of strings or 'all-linear', "
-                        f"got {type(targets).__name__}")
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n and _hf_match(targets, n)]
-    if not names:
-        raise ValueError(f"no linear module of the model matches optim_target_modules={targets!r}")
-    return names
+#: Hugging Face's matching rule (a lone string is a full-match regex), kept under its documented name.
+target_module_names = hf_target_names
 
 
 def args_hyperparameters(args: Any | None) -> dict[str, Any]:
@@ -118,12 +91,12 @@ def make_optimizer(model: nn.Module, args: Any | None = None, preset: str = "sub
         targets = getattr(args, "optim_target_modules", None)
     if seed is None:
         seed = getattr(args, "seed", 0) if args is not None else 0
-    names = target_module_names(model, targets)
+    names = hf_target_names(model, targets)
     patterns = names if isinstance(names, str) else [f"^{re.escape(n)}$" for n in names]
-    groups = param_groups(model, preset, rank=rank, update_interval=update_interval, targets=patterns,
-                          weight_decay=hyper.pop("weight_decay", 0.0), **overrides)
-    wd = max((g.get("weight_decay", 0.0) for g in groups), default=0.0)
-    return SubspaceAdamW(groups, weight_decay=wd, seed=seed, **hyper)
+    if preset not in registry.PRESETS:
+        raise ValueError(f"unknown preset {preset!r} for grassopt.hf; choose one of {sorted(registry.PRESETS)}")
+    return registry.build(preset, model, rank=rank, update_interval=update_interval, targets=patterns, seed=seed,
+                          options=overrides, **hyper)
 
 
 class SubspaceAdamWFactory:

@@ -98,7 +98,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .distributed import is_dtensor
+from ._dtensor import is_dtensor
 
 try:  # the global step hooks (torch.optim.optimizer.register_optimizer_step_{pre,post}_hook)
     from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks

@@ -40,6 +40,7 @@ from torch.optim import Optimizer
 
 from . import functional as F
 from . import recovery as rec
+from ._dtensor import check_params  # FSDP2 shards: a clear error at construction, not wrong maths later
 from .linalg import is_transposed, largest_angle, orient, reorthonormalize
 from .rules import RuleContext, all_rule_options, check_options, get_rule, rule_flag
 from .transport import TRANSPORTS, transport
@@ -289,9 +290,7 @@ class SubspaceAdamW(Optimizer):
                     raise ValueError(f"{where}: {seen[id(q)]} is already in param group {gj} ({as_}); "
                                      "a parameter may belong to one group only")
         if "rank" in group:
-            from .distributed import check_params  # FSDP2 shards: a clear error now, not wrong maths later
-
-            check_params(group)
+            check_params(group)  # FSDP2 shards: a clear error now, not wrong maths later
 
     def _validate_group(self, group: dict[str, Any], gi: int) -> None:
         """Check a complete group's option values (``ValueError`` with a one-line message naming the

@@ -7,14 +7,14 @@ projection-aware optimizer, and ``recovery=False`` drops recovery scaling.
 
 Ranks. A preset may have a default rank (``DEFAULT_RANKS``; 128 otherwise). A rank is an int, the
 same for every matrix, or a fraction of each matrix's short side written ``"d/4"`` (``r =
-max(1, d // 4)``), APOLLO's default. A param group holds one int rank, so ``param_groups`` makes
+max(1, d // 4)``), APOLLO's default (:func:`grassopt.targets.resolve_rank`; the layers are chosen by
+:func:`grassopt.targets.select_targets`, re-exported here). A param group holds one int rank, so ``param_groups`` makes
 one projected group per distinct rank; the optimizer and its state dict only ever see ints.
 """
 
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -23,6 +23,7 @@ from torch import nn
 
 from .optimizer import SUBSPACE_DEFAULTS, SubspaceAdamW
 from .rules import all_rule_options
+from .targets import resolve_rank, select_targets
 
 __all__ = ["PRESETS", "DEFAULT_RANKS", "param_groups", "make_optimizer", "select_targets", "resolve_preset",
            "default_rank", "resolve_rank"]
@@ -49,30 +50,9 @@ PRESETS: dict[str, dict[str, Any] | None] = {
 #: The rank a preset uses when none is given (``"d/4"``: a quarter of each matrix's short side).
 DEFAULT_RANKS: dict[str, int | str] = {"apollo": "d/4", "apollo-mini": 1}
 DEFAULT_RANK = 128
-_FRACTION = re.compile(r"\s*d\s*/\s*(\d+)\s*")
-
-
-def resolve_rank(rank: int | str, shape) -> int:
-    """The int rank of an ``m x n`` matrix for a rank spec: an int, or ``"d/N"`` (``max(1, d // N)``,
-    ``d = min(m, n)``)."""
-    if isinstance(rank, str):
-        match = _FRACTION.fullmatch(rank)
-        if not match or int(match.group(1)) < 1:
-            raise ValueError(f"rank={rank!r}: a rank is an integer >= 1 or a fraction of the short side "
-                             "such as 'd/4'")
-        return max(1, min(shape[-2], shape[-1]) // int(match.group(1)))
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank={rank!r} must be an integer >= 1 (or a fraction of the short side such as 'd/4')")
-    return rank
-
-
 def default_rank(preset: str) -> int | str:
     """The rank ``preset`` uses when none is given."""
     return DEFAULT_RANKS.get(preset, DEFAULT_RANK)
-
-#: Names of linear layers that ``"all-linear"`` leaves out (the output layer, as Hugging Face does).
-_OUTPUT_NAMES = ("lm_head", "output", "classifier", "score", "head")
-
 
 def resolve_preset(preset: str, **overrides: Any) -> dict[str, Any] | None:
     """The projected-group settings of ``preset`` with ``overrides`` applied (``None`` for plain)."""
@@ -88,58 +68,6 @@ def resolve_preset(preset: str, **overrides: Any) -> dict[str, Any] | None:
         if key not in known:
             raise ValueError(f"unknown subspace option {key!r}; known: {sorted(known)}")
     return {**base, **overrides}
-
-
-def _output_modules(model: nn.Module) -> set[int]:
-    out = set()
-    get = getattr(model, "get_output_embeddings", None)
-    if callable(get):
-        try:
-            m = get()
-        except Exception:  # noqa: BLE001 - some models raise NotImplementedError
-            m = None
-        if m is not None:
-            out.add(id(m))
-    return out
-
-
-def select_targets(model: nn.Module, targets: str | Iterable[str] = "all-linear") -> list[tuple[str, nn.Linear]]:
-    """The ``nn.Linear`` modules whose weights are projected.
-
-    ``targets`` is ``"all-linear"`` (every linear layer but the output layer), or one or more
-    patterns; a module matches a pattern when the pattern is a substring of its qualified name
-    or a regular expression matching the whole name (as Hugging Face's ``optim_target_modules``).
-    """
-    outputs = _output_modules(model)
-    emb_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    if isinstance(targets, str):
-        targets = [targets]
-    targets = list(targets)
-    if not targets:
-        raise ValueError("targets is empty; pass 'all-linear' or module-name patterns such as ['attn', 'mlp']")
-    all_linear = "all-linear" in targets
-    patterns = [t for t in targets if t != "all-linear"]
-
-    def matches(name: str) -> bool:
-        for t in patterns:
-            if t in name:
-                return True
-            try:
-                if re.fullmatch(t, name):
-                    return True
-            except re.error:
-                pass
-        return False
-
-    chosen = []
-    for name, mod in model.named_modules():
-        if not isinstance(mod, nn.Linear) or id(mod.weight) in emb_weights:
-            continue
-        if all_linear and id(mod) not in outputs and name.split(".")[-1] not in _OUTPUT_NAMES:
-            chosen.append((name, mod))
-        elif matches(name):
-            chosen.append((name, mod))
-    return chosen
 
 
 def param_groups(

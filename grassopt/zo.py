@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .presets import select_targets
+from .targets import select_targets
 from .sketch.laws import LAWS, check_law, mix_seed, projection
 
 __all__ = ["ZO"]

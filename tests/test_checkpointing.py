@@ -10,7 +10,7 @@ import torch
 import grassopt
 import grassopt.sketch as gs
 from grassopt.layerwise import LayerwiseUpdater
-from grassopt.memory import activation_bytes
+from grassopt.train.estimate import activation_bytes
 from grassopt.train.model import Llama, config
 
 VOCAB, B, T, STEPS = 512, 2, 16, 3

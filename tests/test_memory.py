@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import grassopt
-from grassopt.memory import activation_bytes, estimate, load_config, state_breakdown
-from grassopt.memory_cli import main
+from grassopt.memory import state_breakdown
+from grassopt.train.estimate import activation_bytes, estimate, load_config
+from grassopt.train.memory_cli import main
 from grassopt.presets import DEFAULT_RANKS
 from grassopt.train.model import Llama, config
 

@@ -126,7 +126,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         loop.save_checkpoint(path, {"a": torch.zeros(3)})
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(3))  # old one intact
-    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temp file left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "c.pt.sha256"]  # no temp file left behind
 
 
 def test_bad_corpus_inputs_give_clear_errors(tmp_path):

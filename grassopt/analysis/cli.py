@@ -68,11 +68,12 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             print(f"grassopt analyze: error: {e}", file=sys.stderr)
             return 2
-        cfg = config_from_args(args, out=str(out))
-        from ..train.loop import CheckpointError, train
+        cfg = config_from_args(args, out=str(out), overwrite=True)  # analyze has no --resume: always afresh
+        from ..engine import CheckpointError
+        from ..train.loop import train
         try:
             summary = train(cfg, hooks=[hook])
-        except (CheckpointError, ValueError, FileNotFoundError) as e:
+        except (CheckpointError, ValueError, FloatingPointError, FileNotFoundError) as e:
             print(f"grassopt analyze: error: {e}", file=sys.stderr)
             return 2
         records = read_records(out / "analysis.jsonl")

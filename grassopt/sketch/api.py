@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
-from ..presets import select_targets
+from ..targets import matching_modules, resolve_sketch_rank, select_targets
 from .laws import check_law
 from .layer import SHARES, SketchedLinear, SketchState, check_mode
 
@@ -41,23 +40,6 @@ def current_step(model: nn.Module) -> int:
     return states[0].step
 
 
-def _matching(model: nn.Module, pattern: str) -> list[tuple[str, nn.Module]]:
-    """Modules whose name contains ``pattern`` or fully matches it as a regex (as select_targets)."""
-    hits = []
-    for name, mod in model.named_modules():
-        if not name:
-            continue
-        ok = pattern in name
-        if not ok:
-            try:
-                ok = re.fullmatch(pattern, name) is not None
-            except re.error:
-                ok = False
-        if ok:
-            hits.append((name, mod))
-    return hits
-
-
 def _select(model: nn.Module, targets: str | Iterable[str]) -> list[tuple[str, nn.Linear]]:
     patterns = [targets] if isinstance(targets, str) else list(targets)
     if not patterns:
@@ -67,7 +49,7 @@ def _select(model: nn.Module, targets: str | Iterable[str]) -> list[tuple[str, n
             raise ValueError(f"targets must be strings (names, substrings or regexes), got {pat!r}")
         if pat == "all-linear" or select_targets(model, [pat]):
             continue
-        hits = _matching(model, pat)
+        hits = matching_modules(model, pat)
         if not hits:
             raise ValueError(f"target {pat!r} matches no module of the model; use module names as printed by "
                              "model.named_modules(), regexes, or 'all-linear'")
@@ -91,25 +73,6 @@ def _select(model: nn.Module, targets: str | Iterable[str]) -> list[tuple[str, n
     if not chosen:
         raise ValueError(f"targets={targets!r} selects no nn.Linear layer of the model")
     return chosen
-
-
-def _resolve_rank(rank: Rank, name: str, mod: nn.Linear) -> int:
-    n = mod.in_features
-    if callable(rank):
-        r = rank(name, mod)
-    elif isinstance(rank, float) and 0 < rank < 1:
-        r = max(1, round(rank * n))
-    else:
-        r = rank
-    if isinstance(r, bool) or not isinstance(r, int):
-        raise ValueError(f"{name}: rank={r!r} must be an integer >= 1 or a fraction of in_features in (0, 1)")
-    if r < 1:
-        raise ValueError(f"{name}: rank={r} must be >= 1; use a rank between 1 and in_features - 1 = {n - 1}")
-    if r >= n:
-        raise ValueError(f"{name}: rank={r} must be < in_features={n} (a sketch of rank >= n stores at least as "
-                         f"much as the input itself); lower the rank below {n}, pass a fraction such as 0.25, "
-                         "or leave this layer out of targets")
-    return r
 
 
 def sketch(model: nn.Module, rank: Rank, *, law: str = "haar", targets: str | Iterable[str] = "all-linear",
@@ -141,7 +104,7 @@ def sketch(model: nn.Module, rank: Rank, *, law: str = "haar", targets: str | It
     if sketched_layers(model):
         raise ValueError("the model is already sketched; call grassopt.sketch.unsketch(model) first")
     chosen = _select(model, targets)
-    ranks = [_resolve_rank(rank, name, mod) for name, mod in chosen]
+    ranks = [resolve_sketch_rank(rank, name, mod) for name, mod in chosen]
     state = SketchState(mode, law, seed, share)
     replacement = {id(mod): SketchedLinear(mod, r, state, i, name)
                    for i, ((name, mod), r) in enumerate(zip(chosen, ranks))}

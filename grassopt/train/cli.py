@@ -3,36 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import sys
 
-from ..presets import PRESETS
+from ..engine import CheckpointError, default_device
+from ..engine.cli import add_output_arguments, key_value, output_settings, rank_spec
+from .. import registry
 from ..references import MissingPackageError
-from .loop import EXTRA_PRESETS, CheckpointError, TrainConfig, train
+from .loop import TrainConfig, train
 from .model import CONFIGS
-
-
-def _kv(text: str) -> tuple[str, object]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
-    key, value = text.split("=", 1)
-    try:
-        parsed = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-        parsed = value
-    return key.strip().replace("-", "_"), parsed
-
-
-def _rank_spec(text: str) -> int | str:
-    from ..presets import resolve_rank
-    value: int | str = int(text) if text.strip().lstrip("-").isdigit() else text
-    try:
-        resolve_rank(value, (1 << 62, 1 << 62))
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return value
 
 
 def _rank_or_fraction(text: str) -> float | int:
@@ -59,7 +39,7 @@ def add_run_arguments(ap: argparse.ArgumentParser, *, with_preset: bool = True) 
     g.add_argument("--cache-dir", default=None, help="tokenizer/token cache (default: $GRASSOPT_CACHE or ~/.cache/grassopt)")
     g = ap.add_argument_group("optimizer")
     if with_preset:
-        g.add_argument("--preset", default=d.preset, choices=sorted(set(PRESETS) | set(EXTRA_PRESETS)),
+        g.add_argument("--preset", default=d.preset, choices=sorted(registry.KINDS),
                        help="optimizer preset (default: %(default)s); adamw-torch is torch.optim.AdamW; ref-* are "
                             "reference optimizers (ref-muon, ref-adafactor: torch's own; the others need "
                             "pip install grassopt[bench])")
@@ -68,14 +48,14 @@ def add_run_arguments(ap: argparse.ArgumentParser, *, with_preset: bool = True) 
                    help="final LR as a fraction of the peak after cosine decay (default: %(default)s)")
     g.add_argument("--warmup", type=int, default=None, help="linear warmup steps (default: 10%% of the steps)")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="decoupled weight decay (default: %(default)s)")
-    g.add_argument("--rank", type=_rank_spec, default=None,
+    g.add_argument("--rank", type=rank_spec, default=None,
                    help="subspace rank r: an integer, or 'd/N' for a fraction of each matrix's short side "
                         "(default: the preset's: 128; apollo d/4; apollo-mini 1)")
     g.add_argument("--update-interval", type=int, default=None,
                    help="steps between basis updates T (default: the preset's: 200; ldadam 1)")
     g.add_argument("--targets", nargs="+", default=d.targets,
                    help="modules to project: 'all-linear', name substrings or regexes (default: all-linear)")
-    g.add_argument("--opt", action="append", type=_kv, default=[], metavar="KEY=VALUE",
+    g.add_argument("--opt", action="append", type=key_value, default=[], metavar="KEY=VALUE",
                    help="any other subspace option, e.g. --opt alpha=0.25 --opt step_size=0.3 --opt transport=keep "
                         "--opt recovery=False (repeatable)")
     g.add_argument("--clip", type=float, default=d.clip, help="gradient-norm clipping, 0 = off (default: %(default)s)")
@@ -148,15 +128,10 @@ def parser() -> argparse.ArgumentParser:
                     "checkpoint.pt to --out. Ctrl-C stops after the current step and writes a checkpoint.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_run_arguments(ap)
-    g = ap.add_argument_group("checkpoints and output")
-    g.add_argument("--out", default="runs/train", help="output folder")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    g.add_argument("--checkpoint-every", type=int, default=0, help="also checkpoint every N steps (0 = only at the end)")
-    g.add_argument("--stop-after", type=int, default=None, help="stop (with a checkpoint) after N steps of this invocation")
-    g.add_argument("--no-plot", action="store_true", help="do not write loss.png")
+    g = add_output_arguments(ap, "runs/train", "loss.png")
     g.add_argument("--profile-memory", action="store_true",
                    help="count the tensor bytes the second training step allocates at its worst moment, beyond "
-                        "the weights and optimizer state (grassopt.memory.TensorPeak; slows that one step)")
+                        "the weights and optimizer state (grassopt.profiling.TensorPeak; slows that one step)")
     return ap
 
 
@@ -167,7 +142,6 @@ def _init_distributed() -> bool:
     import torch
     import torch.distributed as dist
 
-    from .loop import default_device
     device = default_device()
     backend = "gloo" if device == "cpu" else "nccl" if device.startswith("cuda") else None
     if device.startswith("cuda"):
@@ -178,12 +152,11 @@ def _init_distributed() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    cfg = config_from_args(args, out=args.out, resume=args.resume, checkpoint_every=args.checkpoint_every,
-                           stop_after=args.stop_after, plot=not args.no_plot, profile_memory=args.profile_memory)
+    cfg = config_from_args(args, **output_settings(args), profile_memory=args.profile_memory)
     distributed = _init_distributed()
     try:
         summary = train(cfg)
-    except (CheckpointError, ValueError, FileNotFoundError, MissingPackageError) as e:
+    except (CheckpointError, ValueError, FloatingPointError, FileNotFoundError, MissingPackageError) as e:
         print(f"grassopt train: error: {e}", file=sys.stderr)
         return 2
     finally:

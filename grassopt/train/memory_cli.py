@@ -17,20 +17,9 @@ import argparse
 import json
 import sys
 
+from ..engine.cli import rank_spec as _rank
+
 __all__ = ["main", "build_parser"]
-
-
-def _rank(text: str) -> int | str:
-    try:
-        return int(text)
-    except ValueError:
-        from .presets import resolve_rank
-
-        try:
-            resolve_rank(text, (1 << 30, 1 << 30))
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-        return text
 
 
 def _sketch_rank(text: str) -> int | float:
@@ -57,9 +46,9 @@ def _budget(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .memory import DTYPES, INT8_BLOCK, STATE_DTYPES
-    from .presets import DEFAULT_RANK, DEFAULT_RANKS, PRESETS
-    from .train.model import CONFIGS
+    from .estimate import DTYPES, INT8_BLOCK, STATE_DTYPES
+    from ..presets import DEFAULT_RANK, DEFAULT_RANKS, PRESETS
+    from .model import CONFIGS
 
     defaults = ", ".join(f"{p}: {r}" for p, r in DEFAULT_RANKS.items())
     ap = argparse.ArgumentParser(
@@ -116,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .memory import NOT_COUNTED, _human, estimate
+    from .estimate import NOT_COUNTED, _human, estimate
 
     args = build_parser().parse_args(argv)
     mode = None if args.activations == "none" else args.activations

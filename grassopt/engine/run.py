@@ -1,0 +1,195 @@
+"""The run folder: what a training run writes beside its checkpoint, and the resume check.
+
+``<out>/config.json`` (the settings), ``<out>/metrics.jsonl`` (one JSON line per logged or
+evaluated step, appended as the run goes), ``<out>/summary.json`` (written at the end),
+``<out>/checkpoint.pt`` (:class:`grassopt.engine.checkpoint.Checkpointer`) and whatever the
+application adds (``loss.png``, ``task.md``). Under DDP only the main process writes.
+
+:func:`config_differences` compares a saved config with the one of a resumed run, counting a key
+the saved one lacks (a field added since) as that field's default, and ignoring the fields that
+only control the run (``out``, ``stop_after``, ``progress``, ...); :meth:`RunFolder.check_resume`
+turns a difference into a :class:`CheckpointError`.
+
+Safety of the folder: :meth:`RunFolder.open`, which every loop calls first, takes an exclusive
+lock on ``<out>/.lock`` for as long as the run uses the folder (a second run in the same folder,
+in this process or another, is refused at once instead of interleaving its files with the first),
+removes the temporary files a killed checkpoint writer left behind (``.ckpt-*.tmp``), and refuses
+to start a fresh run over the checkpoint of another run unless told to ``overwrite`` it (the
+choice is then ``--resume`` or ``--overwrite``, never a silent loss). :meth:`RunFolder.close`
+releases the lock (``with RunFolder(...) as folder:`` does both).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import Checkpointer, CheckpointError
+
+__all__ = ["RunFolder", "RunFolderError", "config_differences", "append_metric", "read_metrics", "write_metrics"]
+
+
+class RunFolderError(ValueError):
+    """The run folder cannot be used: another run holds it, or it holds another run's checkpoint."""
+
+
+def config_differences(saved: dict[str, Any], now: dict[str, Any], defaults: dict[str, Any] | None = None,
+                       ignore: Iterable[str] = ()) -> list[str]:
+    """The settings in which ``now`` differs from a ``saved`` config (a key missing from ``saved``,
+    written before the field existed, counts as that field's value in ``defaults``)."""
+    defaults, ignore = defaults or {}, set(ignore)
+    return [f"{k}: checkpoint {saved.get(k, defaults.get(k))!r} vs now {v!r}" for k, v in now.items()
+            if k not in ignore and saved.get(k, defaults.get(k)) != v]
+
+
+def append_metric(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(h) + "\n" for h in history), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_metrics(path: Path, upto: int) -> list[dict[str, Any]]:
+    """The metric lines of steps ``<= upto`` (those a resumed run keeps); unreadable lines are skipped."""
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            rec = json.loads(line)
+            if rec.get("step", 0) <= upto:
+                out.append(rec)
+    return out
+
+
+class RunFolder:
+    """One run's folder (``path``) and the files in it.
+
+    ``main_process``: False on the other ranks of a DDP run, which write nothing. ``kind`` names the
+    run's checkpoints (see :class:`~grassopt.engine.checkpoint.Checkpointer`). ``ignore`` are the
+    config fields a resumed run may change, ``defaults`` the config of a run with no settings given.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, main_process: bool = True, kind: str | None = None,
+                 device: Any = None, ignore: Iterable[str] = (), defaults: dict[str, Any] | None = None):
+        self.path = Path(path)
+        self.main_process = main_process
+        self.ignore = frozenset(ignore)
+        self.defaults = dict(defaults or {})
+        self.checkpointer = Checkpointer(self.path / "checkpoint.pt", kind=kind, device=device,
+                                         main_process=main_process)
+        self._lock: Any = None
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    # -------------------------------------------------------------- starting and resuming
+    def open(self, resume: bool, config: dict[str, Any], overwrite: bool = False) -> dict[str, Any] | None:
+        """Start using the folder (see the module doc): lock it, clean stale temporary files, then with
+        ``resume`` load the checkpoint and check that ``config`` matches the one it was written with
+        (returns the checkpoint); without, refuse a folder that holds a checkpoint unless ``overwrite``
+        (returns None). On an error the lock is released again."""
+        self.acquire()
+        try:
+            self.clean_stale_files()
+            if resume:
+                ckpt = self.checkpointer.load()
+                self.check_resume(ckpt["config"], config)
+                return ckpt
+            if self.checkpointer.exists() and not overwrite and self.main_process:
+                raise RunFolderError(
+                    f"{self.path} holds the checkpoint of another run ({self.checkpointer.path.name}); continue it "
+                    "with --resume, start over with --overwrite (it is replaced at this run's first checkpoint), "
+                    "or choose another --out folder")
+            return None
+        except BaseException:
+            self.close()
+            raise
+
+    def acquire(self) -> None:
+        """Take the folder's exclusive lock (main process only; a no-op where ``fcntl`` is missing)."""
+        if not self.main_process or self._lock is not None:
+            return
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows: no lock
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        f = open(self.path / ".lock", "a+", encoding="utf-8")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise RunFolderError(f"{self.path} is in use by another run ({holder}); wait for it to finish, or "
+                                 "choose another --out folder") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} ({' '.join(sys.argv[:1])})\n")
+        f.flush()
+        self._lock = f
+
+    def close(self) -> None:
+        """Release the lock (the lock file stays; it holds nothing once released)."""
+        if self._lock is not None:
+            self._lock.close()  # closing the descriptor releases the flock
+            self._lock = None
+
+    def __enter__(self) -> RunFolder:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def clean_stale_files(self) -> list[Path]:
+        """Remove the temporary files of checkpoint writes that never finished (a killed process). Only
+        safe while holding the lock: nobody else is writing then. Returns what was removed."""
+        if not self.main_process or not self.path.is_dir():
+            return []
+        stale = sorted(self.path.glob(".ckpt-*.tmp"))
+        for p in stale:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        return stale
+
+    def check_resume(self, saved: dict[str, Any], config: dict[str, Any]) -> None:
+        diffs = config_differences(saved, config, self.defaults, self.ignore)
+        if diffs:
+            raise CheckpointError(f"{self.checkpointer.path} was written by a run with other settings "
+                                  f"({'; '.join(diffs)}); resume with the same settings, or start a new run in "
+                                  "another --out folder")
+
+    def start(self, config: dict[str, Any], history: list[dict[str, Any]], files: dict[str, str] | None = None) -> None:
+        """Create the folder and write ``config.json``, the metric lines kept so far (``history``, on
+        resume) and any other ``files`` (name -> text)."""
+        if not self.main_process:
+            return
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "config.json").write_text(json.dumps(config, indent=2))
+        for name, text in (files or {}).items():
+            (self.path / name).write_text(text)
+        write_metrics(self.metrics_path, history)
+
+    def history(self, upto: int) -> list[dict[str, Any]]:
+        """The metric lines a run resumed at step ``upto`` keeps."""
+        return read_metrics(self.metrics_path, upto)
+
+    # -------------------------------------------------------------- while running and at the end
+    def log(self, record: dict[str, Any]) -> None:
+        if self.main_process:
+            append_metric(self.metrics_path, record)
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        if self.main_process:
+            (self.path / "summary.json").write_text(json.dumps(summary, indent=2))

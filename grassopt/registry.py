@@ -1,0 +1,194 @@
+"""Every optimizer kind by name, and the one function that builds any of them for a model.
+
+``grassopt train --preset NAME``, ``grassopt finetune --method NAME``, ``grassopt bench`` and
+:mod:`grassopt.hf` all build through here, so a name means the same optimizer everywhere:
+
+- grassopt's presets (:data:`grassopt.PRESETS`: ``adamw``, ``galore``, ``subtrack++``, ...):
+  :class:`grassopt.SubspaceAdamW` over :func:`grassopt.param_groups` (:func:`grassopt.make_optimizer`);
+- ``adamw-torch``: ``torch.optim.AdamW`` (fused where the device has the kernel);
+- the reference optimizers (:mod:`grassopt.references`, ``ref-muon``, ...) and the reference
+  packages of our own presets (``ref-galore``, ``ref-apollo``);
+- ``rso``: randomized subspace optimization (:func:`grassopt.sketch.rso`, which sketches the model);
+- ``zo`` and ``mezo``: forward-only steps (:class:`grassopt.zo.ZO`).
+
+:data:`KINDS` says what each name is (``family``, ``description``); :func:`build` makes one;
+:func:`state_bytes` counts any one's state the same way.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import references
+from .functional import fused_available
+from .optimizer import SUBSPACE_DEFAULTS
+from .presets import PRESETS, default_rank, make_optimizer
+from .targets import resolve_rank, select_targets
+
+__all__ = ["Kind", "KINDS", "EXTRA_KINDS", "PRESETS", "build", "state_bytes", "is_forward_only", "FORWARD_ONLY"]
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One optimizer name: its family (``preset``, ``torch``, ``reference``, ``rso``, ``zo``) and what it is."""
+
+    family: str
+    description: str
+
+    @property
+    def forward_only(self) -> bool:
+        return self.family == "zo"
+
+
+#: The names beside grassopt's presets, with one line each (``grassopt train --help`` lists them).
+EXTRA_KINDS: dict[str, Kind] = {
+    "adamw-torch": Kind("torch", "torch.optim.AdamW (full rank, PyTorch's own implementation; fused=True where the "
+                                 "device has the fused kernel)"),
+    "ref-galore": Kind("reference", "GaLoreAdamW from the reference package galore-torch (optional: pip install "
+                                    "grassopt[bench])"),
+    "ref-apollo": Kind("reference", "APOLLOAdamW from the reference package apollo-torch (optional: pip install "
+                                    "grassopt[bench])"),
+    "zo": Kind("zo", "forward-only training: zeroth-order low-rank (U V^T, Haar V) gradient estimates (grassopt.zo)"),
+    "mezo": Kind("zo", "forward-only training with dense Gaussian perturbations (MeZO), the baseline of zo"),
+    "rso": Kind("rso", "randomized subspace optimization (grassopt.sketch.rso): the covered layers train a low-rank "
+                       "B in a random subspace P (resampled every --update-interval steps) and store only x P for "
+                       "backward"),
+    # the reference optimizers people pick today (grassopt.references; optional: pip install grassopt[bench])
+    **{name: Kind("reference", ref.description) for name, ref in references.REFERENCES.items()},
+}
+#: Every name: the presets first, then the others.
+KINDS: dict[str, Kind] = {**{name: Kind("preset", f"grassopt preset {name!r}: SubspaceAdamW with "
+                                                  f"{PRESETS[name] or 'no projection (plain AdamW)'}")
+                             for name in PRESETS}, **EXTRA_KINDS}
+FORWARD_ONLY = tuple(name for name, kind in KINDS.items() if kind.forward_only)
+
+RSO_OPTIONS = {"inner_steps", "mu", "inner", "eps"}
+ZO_OPTIONS = {"eps", "momentum", "law", "lazy", "others"}
+
+
+def is_forward_only(name: str) -> bool:
+    """True for the kinds that step without a backward pass (``zo``, ``mezo``)."""
+    return name in FORWARD_ONLY
+
+
+def _check_options(name: str, options: dict[str, Any], known: set[str], hint: str = "") -> None:
+    bad = set(options) - known
+    if bad:
+        raise ValueError(f"unknown option(s) {sorted(bad)} for preset {name!r}; it takes {sorted(known)}{hint}")
+
+
+def _decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return groups
+
+
+def _reference_groups(model: nn.Module, rank: int | str | None, update_interval: int | None,
+                      targets: Iterable[str], ours: str, extra: dict[str, Any]) -> list[dict[str, Any]]:
+    """Projected/plain groups for the reference packages: the same targets and ranks (``rank``,
+    else the default rank of our preset ``ours``) as :func:`grassopt.param_groups`."""
+    spec = default_rank(ours) if rank is None else rank
+    rank_of = {}
+    for _, m in select_targets(model, targets):
+        r = resolve_rank(spec, m.weight.shape)
+        if m.weight.requires_grad and r < min(m.weight.shape):
+            rank_of[id(m.weight)] = r
+    plain = [p for p in model.parameters() if p.requires_grad and id(p) not in rank_of]
+    groups: list[dict[str, Any]] = [{"params": plain}]
+    for r in sorted(set(rank_of.values())):
+        groups.append({"params": [p for p in model.parameters() if rank_of.get(id(p)) == r], "rank": r,
+                       "update_proj_gap": update_interval or SUBSPACE_DEFAULTS["update_interval"],
+                       "proj_type": "std", **extra})
+    return groups
+
+
+def build(name: str, model: nn.Module, *, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+          weight_decay: float = 0.0, rank: int | str | None = None, update_interval: int | None = None,
+          targets: str | Iterable[str] = "all-linear", options: dict[str, Any] | None = None, seed: int = 0,
+          state_dtype: str = "float32", stochastic_rounding: bool = False, sketch: str | None = None,
+          sketch_rank: float | int = 0.125, eps: float | None = None) -> torch.optim.Optimizer:
+    """The optimizer ``name`` (a key of :data:`KINDS`) over ``model``'s trainable parameters.
+
+    ``rank``, ``update_interval`` and ``targets`` are those of :func:`grassopt.param_groups` (``zo``:
+    the rank of its perturbations, 8 by default); ``options`` are the kind's own settings (subspace
+    options of a preset, a reference's knobs, RSO's ``inner_steps``/``mu``/``inner``/``eps``, ZO's
+    ``eps``/``momentum``/``law``/``lazy``/``others``). ``state_dtype`` and ``stochastic_rounding``
+    apply to the presets. ``rso`` sketches ``model`` in place (rank ``sketch_rank``, law
+    ``sketch`` or ``haar``); call it before wrapping the model in DDP. ``eps`` (Adam's, added to
+    ``sqrt(V)`` or ``sqrt(V_hat)`` as each kind does) applies to the presets, ``adamw-torch`` and ``rso``;
+    None keeps each one's default (1e-6 for grassopt's, torch's 1e-8 for ``adamw-torch``).
+    """
+    opts = dict(options or {})
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    if name not in KINDS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(KINDS)}")
+    kind = KINDS[name]
+    if eps is not None and kind.family not in ("preset", "torch", "rso"):
+        raise ValueError(f"eps applies to grassopt's presets, adamw-torch and rso, not to {name!r} "
+                         "(set a reference's own settings through options)")
+    if kind.family == "preset":
+        return make_optimizer(model, name, lr=lr, rank=rank, update_interval=update_interval, targets=targets,
+                              weight_decay=weight_decay, betas=betas, eps=1e-6 if eps is None else eps, seed=seed,
+                              state_dtype=state_dtype,
+                              stochastic_rounding=stochastic_rounding,
+                              **(opts if PRESETS[name] is not None else {}))
+    if name == "rso":
+        from . import sketch as gs
+        from .targets import sketch_rank_spec
+        _check_options(name, opts, RSO_OPTIONS, " (the rank is sketch_rank, the law is sketch, the outer iteration "
+                                                "is update_interval)")
+        inner_steps = int(opts.get("inner_steps", update_interval or SUBSPACE_DEFAULTS["update_interval"]))
+        return gs.rso(model, sketch_rank_spec(sketch_rank), inner_steps=inner_steps,
+                      lr=lr, weight_decay=weight_decay, mu=float(opts.get("mu", 0.0)),
+                      law=sketch or "haar", seed=seed, targets=targets, betas=betas,
+                      eps=float(opts.get("eps", 1e-6 if eps is None else eps)), inner=opts.get("inner", "adam"))
+    if kind.family == "zo":
+        from .zo import ZO
+        _check_options(name, opts, ZO_OPTIONS)
+        if isinstance(rank, str):
+            raise ValueError(f"preset {name!r} takes an integer rank, got rank={rank!r}")
+        return ZO(model, rank=8 if rank is None else rank, lr=lr, weight_decay=weight_decay,
+                  targets=targets, dense=name == "mezo", seed=seed, **opts)
+    if name == "adamw-torch":  # torch's fused kernel wherever the device has one: its fastest AdamW
+        groups = _decay_groups(model, weight_decay)
+        fused = fused_available([p for g in groups for p in g["params"]]) or None
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused, **({} if eps is None else {"eps": eps}))
+    if name in references.REFERENCES:
+        return references.build(name, model, lr=lr, weight_decay=weight_decay, betas=betas, settings=opts)
+    references.require(name)  # ref-galore, ref-apollo: one line if the package is missing
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if name == "ref-galore":
+            from galore_torch import GaLoreAdamW
+            groups = _reference_groups(model, rank, update_interval, targets, "galore",
+                                       {"scale": opts.get("alpha", 0.25)})
+            return GaLoreAdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay, no_deprecation_warning=True)
+        from apollo_torch import APOLLOAdamW
+        extra = {"scale": opts.get("scale", 1.0), "proj": "random", "scale_type": opts.get("scale_type", "channel")}
+        return APOLLOAdamW(_reference_groups(model, rank, update_interval, targets, "apollo", extra), lr=lr,
+                           betas=betas, weight_decay=weight_decay)
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of the optimizer's state tensors, as allocated (:func:`grassopt.references.tensor_bytes`):
+    nested lists and dicts (SOAP's preconditioners), each storage once and whole (bitsandbytes'
+    shared quantization maps; galore-torch's bases, slices of a full SVD factor), tensor subclasses
+    by their inner tensors (torchao's 8-bit codes, scales and maps), and the reference packages'
+    projector bases (galore-torch, apollo-torch). One counter for every kind."""
+    seen: set = set()
+    total = references.tensor_bytes(list(opt.state.values()), seen)
+    for st in opt.state.values():
+        proj = st.get("projector") if isinstance(st, dict) else None
+        mat = getattr(proj, "ortho_matrix", None)
+        if torch.is_tensor(mat):
+            total += references.tensor_bytes(mat, seen)
+    return total
