@@ -69,7 +69,7 @@ KINDS: dict[str, Kind] = {**{name: Kind("preset", f"grassopt preset {name!r}: Su
 FORWARD_ONLY = tuple(name for name, kind in KINDS.items() if kind.forward_only)
 
 RSO_OPTIONS = {"inner_steps", "mu", "inner", "eps"}
-ZO_OPTIONS = {"eps", "momentum", "law", "lazy", "others"}
+ZO_OPTIONS = {"eps", "momentum", "law", "lazy", "others", "clip", "nonfinite"}
 
 
 def is_forward_only(name: str) -> bool:

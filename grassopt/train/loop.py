@@ -43,7 +43,7 @@ EXTRA_PRESETS = {name: kind.description for name, kind in registry.EXTRA_KINDS.i
 #: Config fields that may change when a run is resumed (they do not affect the numbers).
 #: ``checkpoint_activations`` gives bit-identical losses and gradients (tests/test_checkpointing.py): a run
 #: may be resumed with it switched on or off, e.g. on a device with less memory.
-RUN_CONTROL = BASE_RUN_CONTROL | {"profile_memory", "checkpoint_activations"}
+RUN_CONTROL = BASE_RUN_CONTROL | {"profile_memory", "checkpoint_activations", "subspace_quality"}
 
 
 @dataclass
@@ -74,6 +74,7 @@ class TrainConfig(RunConfig):
     sketch_rank: float = 0.125  # rank of the sketch: a fraction of each layer's in_features, or an int >= 1
     lean_activations: bool = False  # RMSNorm and SwiGLU recompute their intermediates in backward (LlamaConfig)
     checkpoint_activations: bool = False  # each block saves only its input, recomputes the rest in backward
+    subspace_quality: bool = False  # record the next gradients' energy each basis captures (analysis.SubspaceQuality)
     param_dtype: str = "float32"  # dtype of the parameters themselves ("bfloat16" for pure bf16 training)
     state_dtype: str = "float32"  # Adam moments of grassopt's presets: "float32" or "int8" (grassopt.functional)
     stochastic_rounding: bool = False  # round bf16 weight updates stochastically (needs param_dtype bfloat16)
@@ -137,6 +138,9 @@ class TrainConfig(RunConfig):
         forward_only = registry.is_forward_only(self.preset)
         if self.layerwise and forward_only:
             raise ValueError(f"layerwise=True needs a backward pass; preset {self.preset!r} is forward-only")
+        if self.subspace_quality and (self.layerwise or PRESETS.get(self.preset) is None):
+            raise ValueError("subspace_quality=True reads the bases of grassopt's projected presets after backward: "
+                             f"use it with a projected preset (not {self.preset!r}) and without layerwise")
         if self.checkpoint_activations and forward_only:
             raise ValueError(f"checkpoint_activations=True recomputes activations in the backward pass; preset "
                              f"{self.preset!r} is forward-only (it saves no activations)")
@@ -241,6 +245,9 @@ def train(cfg: TrainConfig, dataset: data_mod.TokenizedCorpus | None = None,
     """
     hooks = list(hooks or [])
     cfg.validate()
+    if cfg.subspace_quality:
+        from ..analysis.hook import SubspaceQuality
+        hooks.append(SubspaceQuality(out=cfg.out, plot=cfg.plot))
     rank, world = dist_info()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
