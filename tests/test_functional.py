@@ -11,6 +11,7 @@ from grassopt import SubspaceAdamW
 from grassopt import functional as F
 from grassopt.memory import state_bytes
 from reference import ReferenceStep
+from resume import assert_resumes_bit_identically
 
 PROJECTED = [p for p, v in grassopt.PRESETS.items() if v is not None]
 
@@ -240,18 +241,7 @@ def test_int8_run_resumes_bit_identically(preset, tmp_path):
         return model, grassopt.make_optimizer(model, preset, lr=1e-2, rank=4, update_interval=3, seed=3,
                                               state_dtype="int8")
 
-    m1, o1 = build()
-    _train(m1, o1, data)
-    m2, o2 = build()
-    _train(m2, o2, data[:5])
-    torch.save({"m": m2.state_dict(), "o": o2.state_dict()}, tmp_path / "c.pt")
-    ck = torch.load(tmp_path / "c.pt", weights_only=True)
-    m3, o3 = build()
-    m3.load_state_dict(ck["m"])
-    o3.load_state_dict(ck["o"])
-    _train(m3, o3, data[5:])
-    for a, b in zip(m1.parameters(), m3.parameters()):
-        assert torch.equal(a, b)
+    assert_resumes_bit_identically(build, _train, data, 5, tmp_path / "c.pt")
 
 
 def test_loading_float32_state_into_an_int8_optimizer_is_refused():

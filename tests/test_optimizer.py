@@ -8,6 +8,7 @@ from torch import nn
 import grassopt
 from grassopt import SubspaceAdamW
 from reference import ReferenceStep
+from resume import assert_resumes_bit_identically
 
 PROJECTED = [p for p, v in grassopt.PRESETS.items() if v is not None]
 
@@ -104,20 +105,7 @@ def test_state_dict_loads_weights_only_and_resume_is_bit_identical(preset, tmp_p
             nn.functional.mse_loss(model(x), y).backward()
             opt.step()
 
-    m1, o1 = model_and_opt()
-    train(m1, o1, data)
-
-    m2, o2 = model_and_opt()
-    train(m2, o2, data[:5])  # stop mid-interval (T = 3)
-    path = tmp_path / "ckpt.pt"
-    torch.save({"model": m2.state_dict(), "opt": o2.state_dict()}, path)
-    ckpt = torch.load(path, weights_only=True)
-    m3, o3 = model_and_opt()
-    m3.load_state_dict(ckpt["model"])
-    o3.load_state_dict(ckpt["opt"])
-    train(m3, o3, data[5:])
-    for a, b in zip(m1.parameters(), m3.parameters()):
-        assert torch.equal(a, b)
+    ckpt = assert_resumes_bit_identically(model_and_opt, train, data, 5, tmp_path / "ckpt.pt")  # stop mid-interval (T = 3)
     if preset in ("grasswalk", "grassjump"):
         assert any("rng_state" in s for s in ckpt["opt"]["state"].values())
     settings = grassopt.PRESETS[preset] or {}
