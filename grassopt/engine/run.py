@@ -15,8 +15,14 @@ lock on ``<out>/.lock`` for as long as the run uses the folder (a second run in 
 in this process or another, is refused at once instead of interleaving its files with the first),
 removes the temporary files a killed checkpoint writer left behind (``.ckpt-*.tmp``), and refuses
 to start a fresh run over the checkpoint of another run unless told to ``overwrite`` it (the
-choice is then ``--resume`` or ``--overwrite``, never a silent loss). :meth:`RunFolder.close`
-releases the lock (``with RunFolder(...) as folder:`` does both).
+choice is then ``--resume`` or ``--overwrite``, never a silent loss). With ``overwrite``, the old
+run is kept aside, not deleted: when the new run starts writing (:meth:`RunFolder.start`, so a run
+that fails while it is being set up moves nothing), everything the folder holds but the lock and
+earlier ``previous-*`` folders is moved into ``<out>/previous-<YYYYmmdd-HHMMSS>/``.
+:meth:`RunFolder.close` releases the lock (``with RunFolder(...) as folder:`` does both); a folder
+that the run created and never wrote to is removed again, so a refused run leaves nothing behind.
+A folder that cannot be created (a regular file in its path, no permission) is a
+:class:`RunFolderError` naming it.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import contextlib
 import json
 import os
 import sys
+import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -88,6 +95,9 @@ class RunFolder:
         self.checkpointer = Checkpointer(self.path / "checkpoint.pt", kind=kind, device=device,
                                          main_process=main_process)
         self._lock: Any = None
+        self._created: Path | None = None  # the topmost folder acquire() created (removed again if left empty)
+        self._replace = False  # overwrite: move the old run aside when this one starts writing
+        self.previous: Path | None = None  # where the old run was moved
 
     @property
     def metrics_path(self) -> Path:
@@ -106,11 +116,13 @@ class RunFolder:
                 ckpt = self.checkpointer.load()
                 self.check_resume(ckpt["config"], config)
                 return ckpt
-            if self.checkpointer.exists() and not overwrite and self.main_process:
-                raise RunFolderError(
-                    f"{self.path} holds the checkpoint of another run ({self.checkpointer.path.name}); continue it "
-                    "with --resume, start over with --overwrite (it is replaced at this run's first checkpoint), "
-                    "or choose another --out folder")
+            if self.checkpointer.exists() and self.main_process:
+                if not overwrite:
+                    raise RunFolderError(
+                        f"{self.path} holds the checkpoint of another run ({self.checkpointer.path.name}); continue "
+                        "it with --resume, start over with --overwrite (the old run is then moved to "
+                        f"{self.path}/previous-<time>/), or choose another --out folder")
+                self._replace = True
             return None
         except BaseException:
             self.close()
@@ -124,14 +136,23 @@ class RunFolder:
             import fcntl
         except ImportError:  # pragma: no cover - Windows: no lock
             return
-        self.path.mkdir(parents=True, exist_ok=True)
-        f = open(self.path / ".lock", "a+", encoding="utf-8")
+        created = next((p for p in reversed([self.path, *self.path.parents]) if not p.exists()), None)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            f = open(self.path / ".lock", "a+", encoding="utf-8")
+        except OSError as e:
+            self._created = created
+            self._remove_if_unused()
+            raise RunFolderError(f"cannot use {self.path} as the run folder ({e.strerror or e}); choose another "
+                                 "--out folder") from None
+        self._created = created
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             f.seek(0)
             holder = f.read().strip() or "another process"
             f.close()
+            self._created = None  # the other run's folder
             raise RunFolderError(f"{self.path} is in use by another run ({holder}); wait for it to finish, or "
                                  "choose another --out folder") from None
         f.seek(0)
@@ -141,10 +162,30 @@ class RunFolder:
         self._lock = f
 
     def close(self) -> None:
-        """Release the lock (the lock file stays; it holds nothing once released)."""
+        """Release the lock (the lock file stays; it holds nothing once released). A folder this run
+        created and never wrote to (a run refused while it was being set up) is removed."""
         if self._lock is not None:
+            self._remove_if_unused(locked=True)
             self._lock.close()  # closing the descriptor releases the flock
             self._lock = None
+
+    def _remove_if_unused(self, locked: bool = False) -> None:
+        """Remove the folders :meth:`acquire` created if nothing but the lock file was put in them."""
+        top, self._created = self._created, None
+        if top is None or not self.path.is_dir():
+            return
+        if any(p.name != ".lock" for p in self.path.iterdir()):
+            return
+        if locked:
+            with contextlib.suppress(FileNotFoundError):
+                (self.path / ".lock").unlink()  # while still holding it: no other run can be using it
+        for d in [self.path, *self.path.parents]:
+            try:
+                d.rmdir()
+            except OSError:
+                return
+            if d == top:
+                return
 
     def __enter__(self) -> RunFolder:
         return self
@@ -176,10 +217,30 @@ class RunFolder:
         if not self.main_process:
             return
         self.path.mkdir(parents=True, exist_ok=True)
+        self._created = None  # the run writes here from now on: the folder stays
+        if self._replace:
+            self.previous = self.keep_aside()
+            self._replace = False
         (self.path / "config.json").write_text(json.dumps(config, indent=2))
         for name, text in (files or {}).items():
             (self.path / name).write_text(text)
         write_metrics(self.metrics_path, history)
+
+    def keep_aside(self) -> Path | None:
+        """Move the old run (everything in the folder but the lock and earlier ``previous-*`` folders) into a
+        new ``previous-<YYYYmmdd-HHMMSS>`` folder inside it; returns that folder (None if there was nothing)."""
+        old = [p for p in self.path.iterdir() if p.name != ".lock" and not p.name.startswith("previous-")]
+        if not old:
+            return None
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        dest, n = self.path / f"previous-{stamp}", 1
+        while dest.exists():
+            dest, n = self.path / f"previous-{stamp}-{n}", n + 1
+        dest.mkdir()
+        for p in sorted(old, key=lambda q: q.name.startswith("checkpoint.pt")):  # the checkpoint last
+            os.replace(p, dest / p.name)
+        print(f"{self.path}: the previous run (checkpoint, metrics, ...) was moved to {dest}", file=sys.stderr)
+        return dest
 
     def history(self, upto: int) -> list[dict[str, Any]]:
         """The metric lines a run resumed at step ``upto`` keeps."""
