@@ -213,7 +213,9 @@ class Checkpointer:
     (``"finetune"``, or None for ``grassopt train``, whose checkpoints carry no kind), and the
     ``device`` whose generator is saved with the others.
 
-    ``save(state)`` adds the format, the kind and the random states and writes atomically;
+    ``save(state)`` adds the format, the kind and the random states and writes atomically (a write
+    that fails, e.g. on a full disk, leaves the previous checkpoint as it was and raises a
+    :class:`CheckpointError` saying so);
     ``load()`` reads it back, refusing a checkpoint of another kind; ``restore_rng(ckpt)`` puts the
     random states back (call it last, after everything that builds the run has drawn its numbers).
     """
@@ -239,7 +241,13 @@ class Checkpointer:
             payload["kind"] = self.kind
         payload.update(state)
         payload["rng"] = rng_state(self.device) if rng is None else rng
-        save_checkpoint(self.path, payload)
+        had = self.path.is_file()
+        try:
+            save_checkpoint(self.path, payload)
+        except OSError as e:  # a full disk, a file-size limit, a folder removed under the run
+            kept = ("the previous checkpoint is intact: free space (or raise the limit), then continue with --resume"
+                    if had else "no checkpoint was written: free space (or raise the limit) and run again")
+            raise CheckpointError(f"could not write the checkpoint {self.path} ({e.strerror or e}); {kept}") from None
 
     def load(self) -> dict[str, Any]:
         ckpt = load_checkpoint(self.path)
