@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from .. import profiling
-from .checkpoint import rng_state
+from .checkpoint import CheckpointError, rng_state
 from .progress import StopFlag, progress_bar
 from .run import RunFolder
 from .step import TrainStep, call_hooks
@@ -115,6 +115,8 @@ class Loop:
         profile_step: measure the tensor peak (:class:`grassopt.profiling.TensorPeak`) of this step.
         world: processes of a DDP run (the logged loss is averaged over them).
         progress, desc: the progress bar.
+        data: the fingerprint of the run's data (plain values: a corpus digest, sizes), saved in every
+            checkpoint; :meth:`restore` refuses a checkpoint whose fingerprint differs.
     """
 
     def __init__(self, *, folder: RunFolder, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -123,7 +125,7 @@ class Loop:
                  position: Callable[[dict[str, int]], dict[str, Any]], rate: tuple[str, str],
                  evaluate: Callable[[], dict[str, Any]], log_every: int, eval_every: int, checkpoint_every: int,
                  config: dict[str, Any], hooks: Sequence[Any] = (), profile_step: int | None = None,
-                 world: int = 1, progress: bool = True, desc: str = ""):
+                 world: int = 1, progress: bool = True, desc: str = "", data: dict[str, Any] | None = None):
         self.folder, self.model, self.optimizer = folder, model, optimizer
         self.scheduler, self.sampler, self.step_fn = scheduler, sampler, step
         self.next_batch, self.grad_accum = next_batch, grad_accum
@@ -134,6 +136,7 @@ class Loop:
         self.config, self.hooks = config, list(hooks)
         self.profile_step, self.world = profile_step, world
         self.progress, self.desc = progress, desc
+        self.data = data
         self.step = 0
         self.train_time = 0.0
         self.counters = dict.fromkeys(per_step, 0)
@@ -141,7 +144,18 @@ class Loop:
 
     # -------------------------------------------------------------- checkpoints
     def restore(self, ckpt: dict[str, Any]) -> None:
-        """Continue from ``ckpt``: every state, the counters, the random states, the metric lines so far."""
+        """Continue from ``ckpt``: every state, the counters, the random states, the metric lines so far.
+        A checkpoint of other data (its fingerprint, ``data``, differs) is refused before anything is loaded."""
+        saved = ckpt.get("data")
+        if saved is not None and self.data is not None and saved != self.data:
+            def show(v: Any) -> str:
+                return repr(v[:12] + "...") if isinstance(v, str) and len(v) > 16 else repr(v)
+
+            diffs = [f"{k}: checkpoint {show(saved.get(k))} vs now {show(v)}" for k, v in self.data.items()
+                     if saved.get(k) != v]
+            raise CheckpointError(f"the data changed since {self.folder.checkpointer.path} was written "
+                                  f"({'; '.join(diffs)}); resume with the data it was trained on, or start a new run "
+                                  "(--overwrite, or another --out)")
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
@@ -158,7 +172,8 @@ class Loop:
             "config": self.config, "step": self.step, "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "sampler": before["sampler"] if before else self.sampler.state_dict(), "train_time": self.train_time,
-            **self.counters}, rng=before["rng"] if before else None)
+            **({"data": self.data} if self.data is not None else {}), **self.counters},
+            rng=before["rng"] if before else None)
 
     # -------------------------------------------------------------- the loop
     def _record(self, step_time: float, mean_loss: float, result: Any) -> dict[str, Any]:
