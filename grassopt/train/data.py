@@ -28,7 +28,10 @@ Cache
     validation fraction, split seed, pipeline format version). An entry is built in a
     temporary directory next to it and moved into place with one atomic rename, so a killed
     process never leaves a half-written entry and concurrent processes cannot mix files.
-    The token arrays are opened with ``np.load(mmap_mode="r")``.
+    The token arrays are opened with ``np.load(mmap_mode="r")``. ``meta.json`` lists the
+    SHA-256 of the other files; an entry whose files are unreadable, disagree with
+    ``meta.json`` or with their digests (a file damaged on disk, truncated or edited) is
+    rebuilt from the corpus with a warning naming the file, never half-loaded.
 
 The corpus is held in memory while it is tokenized, which suits corpora up to a few GB.
 """
@@ -45,6 +48,7 @@ import random
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +60,7 @@ import torch
 __all__ = [
     "EOS_TOKEN",
     "BatchSampler",
+    "DamagedCacheError",
     "TokenizedCorpus",
     "default_cache_root",
     "iter_eval_batches",
@@ -138,8 +143,15 @@ def _load_txt_folder(folder: Path) -> list[tuple[str, str]]:
 
 def _load_jsonl(path: Path) -> list[tuple[str, str]]:
     docs: list[tuple[str, str]] = []
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8", errors="surrogateescape") as f:
         for lineno, line in enumerate(f, start=1):
+            bad = next((c for c in line if "\udc80" <= c <= "\udcff"), None)
+            if bad is not None:
+                raise ValueError(
+                    f"{path}, line {lineno}: not UTF-8 text (byte 0x{ord(bad) - 0xDC00:02x}); is it a "
+                    "binary file? A .jsonl corpus holds one JSON object such as "
+                    '{"text": "..."} per line, encoded as UTF-8.'
+                )
             if not line.strip():
                 continue  # blank lines (e.g. a trailing newline) carry no document
             try:
@@ -367,23 +379,77 @@ class TokenizedCorpus:
         return BatchSampler(self.train, batch_size, seq_len, seed=seed, device=device)
 
 
+class DamagedCacheError(ValueError):
+    """A token cache entry whose files cannot be read or do not agree (``meta.json``, ``tokenizer.json``,
+    ``train.npy``, ``val.npy``): :func:`prepare` rebuilds such an entry from the corpus."""
+
+    what: str = ""  # the damaged file and what is wrong with it
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _short(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
 def _load_entry(entry: Path, source: str, from_cache: bool) -> TokenizedCorpus:
+    """Open a cache entry, checking that its files are readable and agree with ``meta.json`` (and with the
+    SHA-256 of each file it lists); a damaged entry raises :class:`DamagedCacheError` naming the file."""
     from tokenizers import Tokenizer
 
-    meta = json.loads((entry / "meta.json").read_text(encoding="utf-8"))
-    tok = _configure(Tokenizer.from_file(str(entry / "tokenizer.json")))
-    train = np.load(entry / "train.npy", mmap_mode="r")
-    val = np.load(entry / "val.npy", mmap_mode="r")
-    if train.dtype != np.uint16 or val.dtype != np.uint16:
-        raise ValueError(
-            f"Cache entry {entry} holds {train.dtype} ids, expected uint16; delete the folder."
+    def damaged(name: str, why: str) -> DamagedCacheError:
+        err = DamagedCacheError(
+            f"The token cache entry {entry} is damaged: {name} {why}. Delete the folder {entry} "
+            "and it is rebuilt from the corpus."
         )
+        err.what = f"{name} {why}"
+        return err
+
+    try:
+        meta = json.loads((entry / "meta.json").read_text(encoding="utf-8"))
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+        vocab_size, eos_id = int(meta["vocab_size"]), int(meta["eos_id"])
+        lengths = {"train.npy": int(meta["train_tokens"]), "val.npy": int(meta["val_tokens"])}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise damaged("meta.json", f"is not readable ({type(err).__name__}: {_short(err)})") from None
+    digests = meta.get("files")
+    if isinstance(digests, dict):
+        for name in ("tokenizer.json", "train.npy", "val.npy"):
+            if name in digests and _file_sha256(entry / name) != digests[name]:
+                raise damaged(name, "does not match its SHA-256 in meta.json")
+    try:
+        tok = _configure(Tokenizer.from_file(str(entry / "tokenizer.json")))
+    except Exception as err:  # noqa: BLE001 - tokenizers raises its own exception types
+        raise damaged("tokenizer.json", f"is not a readable tokenizer ({_short(err)})") from None
+    if tok.get_vocab_size() != vocab_size:
+        raise damaged("tokenizer.json", f"has {tok.get_vocab_size()} tokens but meta.json says {vocab_size}")
+    arrays = {}
+    for name, n in lengths.items():
+        try:
+            arr = np.load(entry / name, mmap_mode="r")
+        except Exception as err:  # noqa: BLE001 - numpy raises many types for damaged files
+            raise damaged(name, f"is not a readable .npy array ({type(err).__name__}: {_short(err)})") from None
+        if arr.dtype != np.uint16:
+            raise damaged(name, f"holds {arr.dtype} ids, expected uint16")
+        if arr.ndim != 1 or len(arr) != n:
+            raise damaged(name, f"holds an array of shape {tuple(arr.shape)}, but meta.json says {n} tokens")
+        if not isinstance(digests, dict) and n and int(arr.max()) >= vocab_size:
+            raise damaged(name, f"holds token ids >= the vocabulary size {vocab_size}")
+        arrays[name] = arr
     return TokenizedCorpus(
-        train=train,
-        val=val,
+        train=arrays["train.npy"],
+        val=arrays["val.npy"],
         tokenizer=tok,
-        vocab_size=int(meta["vocab_size"]),
-        eos_id=int(meta["eos_id"]),
+        vocab_size=vocab_size,
+        eos_id=eos_id,
         meta=meta,
         from_cache=from_cache,
         cache_dir=entry,
@@ -436,11 +502,23 @@ def prepare(
     ).hexdigest()[:20]
     root = default_cache_root(cache_dir) / "corpora"
     entry = root / key
+    damaged = False
     if _entry_complete(entry):
-        return _load_entry(entry, source, from_cache=True)
+        try:
+            return _load_entry(entry, source, from_cache=True)
+        except DamagedCacheError as err:  # a derived file: rebuild it from the corpus, and say so
+            damaged = True
+            warnings.warn(f"The token cache entry {entry} is damaged ({getattr(err, 'what', err)}); rebuilding "
+                          "it from the corpus.", RuntimeWarning, stacklevel=2)
 
-    root.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=root))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=root))
+    except OSError as err:
+        raise ValueError(
+            f"Cannot create the token cache in {root} ({err.strerror or _short(err)}). Choose another "
+            "cache folder (cache_dir, --cache-dir) or set $GRASSOPT_CACHE."
+        ) from None
     try:
         train_texts = [docs[i][1] for i in train_idx]
         val_texts = [docs[i][1] for i in val_idx]
@@ -476,10 +554,11 @@ def prepare(
         tok.save(str(stage / "tokenizer.json"))
         np.save(stage / "train.npy", train_ids)
         np.save(stage / "val.npy", val_ids)
+        meta["files"] = {name: _file_sha256(stage / name) for name in ("tokenizer.json", "train.npy", "val.npy")}
         (stage / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
 
-        if entry.exists() and not _entry_complete(entry):
-            shutil.rmtree(entry, ignore_errors=True)  # a damaged entry, e.g. files deleted
+        if entry.exists() and (damaged or not _entry_complete(entry)):
+            shutil.rmtree(entry, ignore_errors=True)  # a damaged entry, e.g. files deleted or unreadable
         try:
             os.replace(stage, entry)  # atomic: the entry appears whole or not at all
         except OSError:
