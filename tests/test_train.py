@@ -149,7 +149,7 @@ def test_bad_corpus_inputs_give_clear_errors(tmp_path):
 def test_unknown_preset_and_bad_settings(tmp_path):
     with pytest.raises(ValueError, match="unknown preset 'galor'"):
         cfg(tmp_path, preset="galor").validate()
-    with pytest.raises(ValueError, match="grad_accum=0 must be >= 1"):
+    with pytest.raises(ValueError, match="grad_accum=0 must be an integer >= 1"):
         cfg(tmp_path, grad_accum=0).validate()
 
 

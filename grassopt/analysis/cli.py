@@ -76,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         except (CheckpointError, ValueError, FloatingPointError, FileNotFoundError) as e:
             print(f"grassopt analyze: error: {e}", file=sys.stderr)
             return 2
+        except OSError as e:
+            from ..engine.cli import os_error
+            print(f"grassopt analyze: error: {os_error(e)}", file=sys.stderr)
+            return 2
         records = read_records(out / "analysis.jsonl")
         print(json.dumps({k: summary.get(k) for k in ("preset", "steps", "final_eval_loss", "tokens_per_s")}))
     written = write_outputs(records, out)

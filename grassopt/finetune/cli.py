@@ -8,7 +8,7 @@ import sys
 
 from ..presets import PRESETS
 from ..engine import CheckpointError
-from ..engine.cli import add_output_arguments, key_value, output_settings
+from ..engine.cli import add_output_arguments, key_value, os_error, output_settings
 from .loop import METHODS, SKETCH_LAWS, FinetuneConfig, finetune
 from .task import BUILTIN_TASKS
 
@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
         summary = finetune(cfg)
     except (CheckpointError, ValueError, FloatingPointError, FileNotFoundError, NotADirectoryError, ImportError) as e:
         print(f"grassopt finetune: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk or a folder gone while writing metrics: one line naming the file
+        print(f"grassopt finetune: error: {os_error(e)}", file=sys.stderr)
         return 2
     print(json.dumps({k: summary.get(k) for k in SUMMARY_KEYS}, indent=2))
     return 130 if summary.get("interrupted") else 0

@@ -41,12 +41,12 @@ from torch import Tensor, nn
 from .. import registry
 from ..engine import CheckpointError, Loop, NonFiniteLossError, RunFolder, TrainStep, default_device, lr_factor
 from ..engine.config import RUN_CONTROL as BASE_RUN_CONTROL
-from ..engine.config import RunConfig
+from ..engine.config import RunConfig, check_count, check_number
 from ..presets import PRESETS
 from ..profiling import peak_rss_bytes, peak_rss_since_reset, reset_peak_rss
 from ..targets import sketch_rank_spec
 from .model import EncoderClassifier, apply_lora, load_encoder, resolve_model_dir
-from .task import TextTask, load_task
+from .task import TextTask, check_task, load_task
 
 __all__ = ["FinetuneConfig", "finetune", "build_model", "evaluate", "METHODS", "EpochSampler", "Encoded",
            "encode_task", "activation_bytes", "peak_rss_bytes",
@@ -111,23 +111,22 @@ class FinetuneConfig(RunConfig):
         known = set(PRESETS) | set(METHODS)
         if self.method not in known:
             raise ValueError(f"unknown method {self.method!r}; choose one of {sorted(known)}")
-        for name in ("seq_len", "batch_size", "grad_accum", "eval_batch_size", "log_every", "rank", "update_interval"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        super().validate()  # lr, clip, seed, device, out, ... (grassopt.engine.config)
+        for name in ("seq_len", "batch_size", "grad_accum", "eval_batch_size", "rank", "update_interval"):
+            check_count(name, getattr(self, name), 1)
         if self.seq_len < 3:
             raise ValueError(f"seq_len={self.seq_len} leaves no room for text between [CLS] and [SEP]")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"steps={self.steps} must be >= 1")
-        if self.steps is None and not self.epochs > 0:
-            raise ValueError(f"epochs={self.epochs} must be > 0")
-        if not self.lr > 0:
-            raise ValueError(f"lr={self.lr} must be > 0")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]")
-        if self.clip < 0:
-            raise ValueError(f"clip={self.clip} must be >= 0 (0 disables clipping)")
-        if self.eval_every < 0 or self.checkpoint_every < 0:
-            raise ValueError("eval_every and checkpoint_every must be >= 0")
+        check_count("steps", self.steps, 1, none="the length is epochs")
+        check_count("eval_every", self.eval_every, 0, meaning=" (steps between validations; 0: only at the end)")
+        check_count("min_words", self.min_words, 1)
+        for name in ("max_train_per_class", "max_val_per_class", "max_test_per_class"):
+            check_count(name, getattr(self, name), 1, none="no cut")
+        if self.steps is None:
+            check_number("epochs", self.epochs, lambda v: v > 0, "> 0 and finite (passes over the training split)")
+        check_number("dropout", self.dropout, lambda v: 0 <= v < 1, "in [0, 1) (dropout before the head)")
+        check_number("lora_dropout", self.lora_dropout, lambda v: 0 <= v < 1, "in [0, 1) (dropout on the LoRA branch)")
+        check_number("lora_alpha", self.lora_alpha, lambda v: v > 0, "> 0 and finite (LoRA's scale is alpha / rank)")
+        check_task(self.task)
         if self.sketch is not None:
             if self.sketch not in SKETCH_LAWS:
                 raise ValueError(f"sketch={self.sketch!r}: choose one of {SKETCH_LAWS} (or none)")
@@ -136,8 +135,8 @@ class FinetuneConfig(RunConfig):
             if self.method == "lora":
                 raise ValueError("sketch cannot be combined with lora (the adapters are not nn.Linear weights "
                                  "of the encoder); use it with adamw-torch or a preset")
-            if not self.sketch_rank > 0:
-                raise ValueError(f"sketch_rank={self.sketch_rank} must be > 0")
+            check_number("sketch_rank", self.sketch_rank, lambda v: v > 0 and (v < 1 or float(v).is_integer()),
+                         "a fraction of each layer's input size in (0, 1) or an integer rank")
         if self.split_by not in ("speech", "president"):
             raise ValueError(f"split_by={self.split_by!r}: 'speech' or 'president'")
 
@@ -300,6 +299,15 @@ def evaluate(model: nn.Module, data: Encoded, pad_id: int, batch_size: int, devi
 
 
 # ---------------------------------------------------------------------------------------- the run
+def task_fingerprint(task: TextTask) -> dict[str, Any]:
+    """What identifies a run's task (saved in its checkpoints; a resume over another task is refused): a
+    digest of every split's texts and labels, and their sizes."""
+    import hashlib
+    import json
+    h = hashlib.sha256(json.dumps([task.labels, {s: task.splits[s] for s in sorted(task.splits)}]).encode("utf-8"))
+    return {"task_sha256": h.hexdigest(), **{f"{s}_examples": len(exs) for s, exs in sorted(task.splits.items())}}
+
+
 def total_steps(cfg: FinetuneConfig, n_train: int) -> int:
     if cfg.steps is not None:
         return cfg.steps
@@ -368,7 +376,7 @@ def _finetune(cfg: FinetuneConfig, folder: RunFolder, ckpt: dict[str, Any] | Non
                                     "epoch": c["examples_seen"] / len(train_data)},
                 rate=("examples_per_s", "examples_seen"), evaluate=run_eval, log_every=cfg.log_every,
                 eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every, config=cfg.to_dict(),
-                progress=cfg.progress, desc=f"{cfg.method} {task.name}")
+                progress=cfg.progress, desc=f"{cfg.method} {task.name}", data=task_fingerprint(task))
     if ckpt is not None:
         loop.restore(ckpt)
     folder.start(cfg.to_dict(), loop.history, files={"task.md": task.describe() + "\n"})

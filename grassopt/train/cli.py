@@ -8,7 +8,7 @@ import os
 import sys
 
 from ..engine import CheckpointError, default_device
-from ..engine.cli import add_output_arguments, key_value, output_settings, rank_spec
+from ..engine.cli import add_output_arguments, key_value, os_error, output_settings, rank_spec
 from .. import registry
 from ..references import MissingPackageError
 from .loop import TrainConfig, train
@@ -163,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         summary = train(cfg)
     except (CheckpointError, ValueError, FloatingPointError, FileNotFoundError, MissingPackageError) as e:
         print(f"grassopt train: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a full disk or a folder gone while writing metrics: one line naming the file
+        print(f"grassopt train: error: {os_error(e)}", file=sys.stderr)
         return 2
     finally:
         if distributed:

@@ -27,11 +27,11 @@ from ..engine import (CheckpointError, Loop, NonFiniteLossError, RunFolder, Trai
                       dist_info, load_checkpoint, lr_factor, save_checkpoint)
 from ..engine import config_differences as _differences
 from ..engine.config import RUN_CONTROL as BASE_RUN_CONTROL
-from ..engine.config import RunConfig
+from ..engine.config import RunConfig, check_count, check_folder
 from ..presets import PRESETS
 from ..targets import resolve_rank, sketch_rank_spec
 from . import data as data_mod
-from .model import Llama, config as model_config
+from .model import CONFIGS, Llama, config as model_config
 
 __all__ = ["TrainConfig", "train", "build_optimizer", "evaluate", "CheckpointError", "load_checkpoint",
            "save_checkpoint", "EXTRA_PRESETS", "optimizer_state_bytes", "default_device", "build_model",
@@ -43,7 +43,10 @@ EXTRA_PRESETS = {name: kind.description for name, kind in registry.EXTRA_KINDS.i
 #: Config fields that may change when a run is resumed (they do not affect the numbers).
 #: ``checkpoint_activations`` gives bit-identical losses and gradients (tests/test_checkpointing.py): a run
 #: may be resumed with it switched on or off, e.g. on a device with less memory.
-RUN_CONTROL = BASE_RUN_CONTROL | {"profile_memory", "checkpoint_activations", "subspace_quality"}
+#: ``cache_dir`` (where the token cache lives) and ``eval_batch_size`` (how evaluation is batched) do not change the
+#: run either: a changed corpus is caught by the data's fingerprint in the checkpoint, whatever cache holds it.
+RUN_CONTROL = BASE_RUN_CONTROL | {"profile_memory", "checkpoint_activations", "subspace_quality", "cache_dir",
+                                  "eval_batch_size"}
 
 
 @dataclass
@@ -99,27 +102,31 @@ class TrainConfig(RunConfig):
         known = set(PRESETS) | set(EXTRA_PRESETS)
         if self.preset not in known:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of {sorted(known)}")
-        for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_batch_size", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        super().validate()  # lr, clip, seed, device, out, ... (grassopt.engine.config)
+        for name in ("seq_len", "batch_size", "grad_accum", "steps", "eval_batch_size"):
+            check_count(name, getattr(self, name), 1)
+        check_count("eval_every", self.eval_every, 0, meaning=" (steps between evaluations; 0: only at the end)")
+        check_count("tokens", self.tokens, 1, none="the length is steps")
+        check_count("eval_tokens", self.eval_tokens, 1, none="the whole validation split")
+        v = self.vocab_size
+        if isinstance(v, bool) or not isinstance(v, int) or not data_mod._MIN_VOCAB <= v <= data_mod._MAX_VOCAB:
+            raise ValueError(f"vocab_size={v!r} must be an integer from {data_mod._MIN_VOCAB} (256 bytes + "
+                             f"{data_mod.EOS_TOKEN}) to {data_mod._MAX_VOCAB} (token ids are stored as uint16) "
+                             "(--vocab-size)")
+        if self.model not in CONFIGS:
+            raise ValueError(f"unknown model {self.model!r}; choose one of {sorted(CONFIGS)} (--model)")
         if self.rank is not None:
             resolve_rank(self.rank, (1 << 62, 1 << 62))
         if self.update_interval is not None and (isinstance(self.update_interval, bool) or
                                                  not isinstance(self.update_interval, int) or self.update_interval < 1):
             raise ValueError(f"update_interval={self.update_interval!r} must be an integer >= 1 (steps between "
                              "basis updates), or None for the preset's default")
-        if self.eval_tokens is not None and self.eval_tokens < 1:
-            raise ValueError(f"eval_tokens={self.eval_tokens} must be >= 1 (or None for the whole validation split)")
-        if self.tokens is not None and self.tokens < 1:
-            raise ValueError(f"tokens={self.tokens} must be >= 1")
-        if self.lr <= 0:
-            raise ValueError(f"lr={self.lr} must be > 0")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio={self.min_lr_ratio} must lie in [0, 1]")
         if self.param_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"param_dtype={self.param_dtype!r} must be float32, bfloat16 or float16")
-        if self.clip < 0:
-            raise ValueError(f"clip={self.clip} must be >= 0 (0 disables clipping)")
+        if self.corpus is not None and not isinstance(self.corpus, (str, Path)):
+            raise ValueError(f"corpus={self.corpus!r} must be a path (a folder of .txt files or a .jsonl file), or "
+                             "None for the SOTU corpus (--corpus)")
+        check_folder(data_mod.default_cache_root(self.cache_dir), "cache_dir", "cache folder")
         from ..functional import STATE_DTYPES
         if self.state_dtype not in STATE_DTYPES:
             raise ValueError(f"state_dtype={self.state_dtype!r} must be one of {list(STATE_DTYPES)}")
@@ -156,7 +163,8 @@ class TrainConfig(RunConfig):
                 raise ValueError(f"sketch={self.sketch!r} sketches the backward pass; preset {self.preset!r} has none "
                                  "(its own law is the option 'law')")
         r = self.sketch_rank
-        if isinstance(r, bool) or not (0 < r < 1 or (r >= 1 and float(r).is_integer())):
+        if (isinstance(r, bool) or not isinstance(r, (int, float)) or
+                not (0 < r < 1 or (1 <= r < math.inf and float(r).is_integer()))):
             raise ValueError(f"sketch_rank={r!r} must be a fraction of in_features in (0, 1) or an integer >= 1")
 
 
@@ -200,6 +208,13 @@ def config_differences(saved: dict[str, Any], cfg: TrainConfig, ignore: Iterable
     """The settings in which ``cfg`` differs from a saved ``config.json`` (a key missing from it,
     written before the field existed, counts as that field's default)."""
     return _differences(saved, cfg.to_dict(), cfg.defaults(), ignore)
+
+
+def data_fingerprint(dataset: data_mod.TokenizedCorpus) -> dict[str, Any]:
+    """What identifies a run's data (saved in its checkpoints; a resume over other data is refused): the
+    corpus digest, the vocabulary and the lengths of the token streams."""
+    return {"corpus_sha256": dataset.meta.get("corpus_sha256"), "vocab_size": int(dataset.vocab_size),
+            "train_tokens": int(len(dataset.train)), "val_tokens": int(len(dataset.val))}
 
 
 # ---------------------------------------------------------------------------------------- evaluation
@@ -308,7 +323,7 @@ def _train(cfg: TrainConfig, folder: RunFolder, ckpt: dict[str, Any] | None,
                 position=lambda c: {"tokens": c["tokens_seen"]}, rate=("tokens_per_s", "tokens_seen"),
                 evaluate=run_eval, log_every=cfg.log_every, eval_every=cfg.eval_every,
                 checkpoint_every=cfg.checkpoint_every, config=cfg.to_dict(), hooks=hooks, world=world,
-                progress=cfg.progress, desc=f"{cfg.preset} {cfg.model}")
+                progress=cfg.progress, desc=f"{cfg.preset} {cfg.model}", data=data_fingerprint(dataset))
     if ckpt is not None:
         loop.restore(ckpt)
     folder.start(cfg.to_dict(), loop.history)
