@@ -16,6 +16,7 @@ import math
 import shlex
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +138,34 @@ def _available(preset: str) -> bool:
     return _missing(preset) is None
 
 
+def preflight(label: str, cfg: TrainConfig) -> None:
+    """Check one run of the bench before any run starts: its config (:meth:`TrainConfig.validate`) and
+    its optimizer's options, by building the optimizer over a small stand-in of the model (one block,
+    on the CPU, matrices just wide enough that the rank projects where it would in the real model;
+    the global random states are left as they were). Raises ``ValueError`` naming the variant."""
+    import torch
+
+    from ..train.loop import build_optimizer, sketch_model
+    from ..train.model import Llama, config as model_config
+
+    try:
+        cfg.validate()
+        real = model_config(cfg.model)
+        rank = cfg.rank if isinstance(cfg.rank, int) else 0
+        hidden = min(real.hidden_size, max(64, rank + 8))
+        inter = max(hidden, real.intermediate_size * hidden // real.hidden_size)
+        shape = model_config(cfg.model, vocab_size=min(cfg.vocab_size, 512), hidden_size=hidden,
+                             intermediate_size=inter, num_heads=1, num_kv_heads=None, num_layers=1,
+                             max_seq_len=cfg.seq_len)
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. a rank larger than some matrices: plain AdamW there
+            model = Llama(shape)
+            sketch_model(model, cfg)
+            build_optimizer(model, cfg)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"variant {label!r} (lr={cfg.lr!r}): {e}") from None
+
+
 def _run(cfg: TrainConfig, reuse: bool, label: str) -> dict[str, Any]:
     """Train ``cfg`` unless a finished run with the same settings is already in ``cfg.out``."""
     out = Path(cfg.out)
@@ -187,16 +216,26 @@ def main(argv: list[str] | None = None) -> int:
         c = dataclasses.replace(base, preset=name, options={**base.options, **options}, **fields)
         return dataclasses.replace(c, **kw)
 
-    lrs = {label: config_for(label).lr for label in labels}
-    lrs.update(dict(args.lrs))
-    started = time.time()
-    sweep_rows = []
     sweep_lrs = dict(args.sweep_lrs)
-    unknown = sorted((set(sweep_lrs) | {p for pair in args.lrs_from for p in pair}) - set(labels))
+    unknown = sorted((set(sweep_lrs) | set(dict(args.lrs)) | {p for pair in args.lrs_from for p in pair})
+                     - set(labels))
     if unknown:
-        print(f"grassopt bench: error: --sweep-lrs/--lrs-from name {unknown}, which are not among --presets",
+        print(f"grassopt bench: error: --lrs/--sweep-lrs/--lrs-from name {unknown}, which are not among --presets",
               file=sys.stderr)
         return 2
+    lrs = {label: config_for(label).lr for label in labels}
+    lrs.update(dict(args.lrs))
+    # every run's settings are checked before the first one starts (not after the earlier runs took minutes)
+    try:
+        for label in labels:
+            tried = {lrs[label], *sweep_lrs.get(label, args.sweep or [])}
+            for lr in sorted(tried):
+                preflight(label, config_for(label, lr=lr, out=str(out / "runs" / _slug(label))))
+    except (ValueError, TypeError, MissingPackageError) as e:
+        print(f"grassopt bench: error: {e}", file=sys.stderr)
+        return 2
+    started = time.time()
+    sweep_rows = []
     if args.sweep or sweep_lrs:
         sweep_steps = args.sweep_steps or max(1, base.total_steps() // 4)
         for label in labels:
