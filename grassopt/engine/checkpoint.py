@@ -55,10 +55,15 @@ class _HashingWriter:
     def __init__(self, f: Any):
         self.f = f
         self.sha256 = hashlib.sha256()
+        self.error: OSError | None = None  # a failed write (torch.save reports it as "unexpected pos")
 
     def write(self, data: Any) -> int:
         self.sha256.update(data)
-        return self.f.write(data)
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
 
     def flush(self) -> None:
         self.f.flush()
@@ -112,7 +117,12 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             writer = _HashingWriter(f)
-            torch.save(payload, writer)
+            try:
+                torch.save(payload, writer)
+            except RuntimeError:
+                if writer.error is not None:  # torch's writer swallows the OSError of a full disk
+                    raise writer.error from None
+                raise
             f.flush()
             os.fsync(f.fileno())
         new = writer.sha256.hexdigest()
