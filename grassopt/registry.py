@@ -135,6 +135,13 @@ def build(name: str, model: nn.Module, *, lr: float = 1e-3, betas: tuple[float, 
     if eps is not None and kind.family not in ("preset", "torch", "rso"):
         raise ValueError(f"eps applies to grassopt's presets, adamw-torch and rso, not to {name!r} "
                          "(set a reference's own settings through options)")
+    if "eps" in opts and kind.family in ("preset", "torch"):  # --opt eps=...: the same setting as eps
+        if eps is not None and opts["eps"] != eps:
+            raise ValueError(f"eps is given twice ({eps!r} and the option eps={opts['eps']!r}); give it once")
+        eps = opts.pop("eps")
+    if opts and (kind.family == "torch" or (kind.family == "preset" and PRESETS[name] is None)):
+        raise ValueError(f"preset {name!r} projects nothing (plain AdamW) and takes no options but eps; got "
+                         f"{sorted(opts)} (leave them out, or choose a projected preset)")
     if kind.family == "preset":
         return make_optimizer(model, name, lr=lr, rank=rank, update_interval=update_interval, targets=targets,
                               weight_decay=weight_decay, betas=betas, eps=1e-6 if eps is None else eps, seed=seed,

@@ -138,6 +138,13 @@ def _available(preset: str) -> bool:
     return _missing(preset) is None
 
 
+def _takes_options(name: str) -> bool:
+    """Whether preset ``name`` takes options of its own (the --opt options shared by the bench's variants
+    apply to those; a plain AdamW takes only eps)."""
+    kind = registry.KINDS[name]
+    return kind.family not in ("preset", "torch") or registry.PRESETS.get(name) is not None
+
+
 def preflight(label: str, cfg: TrainConfig) -> None:
     """Check one run of the bench before any run starts: its config (:meth:`TrainConfig.validate`) and
     its optimizer's options, by building the optimizer over a small stand-in of the model (one block,
@@ -213,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def config_for(label: str, **kw: Any) -> TrainConfig:
         name, fields, options = variants[label]
-        c = dataclasses.replace(base, preset=name, options={**base.options, **options}, **fields)
+        shared = base.options if _takes_options(name) else {k: v for k, v in base.options.items() if k == "eps"}
+        c = dataclasses.replace(base, preset=name, options={**shared, **options}, **fields)
         return dataclasses.replace(c, **kw)
 
     sweep_lrs = dict(args.sweep_lrs)
