@@ -19,10 +19,12 @@ the gradients are released. The loss of every micro-batch is computed by ``loss_
 batch)``, so the step does not know the model's signature.
 
 A step that meets a non-finite number changes nothing: each micro-batch's loss is checked before
-its backward pass, and the gradient norm (when clipping computes it) before the optimizer step; a
-non-finite one raises :class:`NonFiniteLossError` with the gradients released and no parameter
-touched (grassopt's optimizers raise ``FloatingPointError`` themselves, before changing anything,
-on a non-finite gradient or forward-only loss). The loop then keeps the state before the step.
+its backward pass, and the gradients before the optimizer step (their norm, when clipping computes
+it; else each gradient, unless the optimizer checks them itself: a finite loss can have a NaN
+gradient, which torch's AdamW would write into the weights); a non-finite one raises
+:class:`NonFiniteLossError` with the gradients released and no parameter touched (grassopt's
+optimizers raise ``FloatingPointError`` themselves, before changing anything, on a non-finite
+gradient or forward-only loss). The loop then keeps the state before the step.
 """
 
 from __future__ import annotations
@@ -148,9 +150,36 @@ class TrainStep:
             grad_norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else None
         if grad_norm is not None:
             self._check_finite(grad_norm, "gradient norm", index)
+        elif not self._optimizer_checks_gradients():
+            self._check_gradients(index)
         t1 = time.perf_counter()
         self.optimizer.step()
         return step_loss, grad_norm, time.perf_counter() - t1
+
+    def _optimizer_checks_gradients(self) -> bool:
+        """Whether the optimizer refuses a non-finite gradient itself, before changing anything (grassopt's
+        :class:`~grassopt.SubspaceAdamW` with ``check_finite`` on in every group)."""
+        from ..optimizer import SubspaceAdamW
+        return isinstance(self.optimizer, SubspaceAdamW) and all(
+            g.get("check_finite") is True for g in self.optimizer.param_groups)
+
+    def _check_gradients(self, index: int) -> None:
+        """Raise :class:`NonFiniteLossError` (gradients released) if any gradient is not finite on any rank."""
+        named = [(n, p.grad) for n, p in self.model.named_parameters() if p.requires_grad and p.grad is not None]
+        if not named:
+            return
+        finite = torch.stack([torch.isfinite(g.detach()).all() for _, g in named])
+        ok = finite.all()
+        if self.ddp_model is not None:  # every rank stops at the same step
+            flag = ok.to(torch.int32).reshape(1)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            ok = flag[0] > 0
+        if not bool(ok):
+            bad = [n for (n, _), f in zip(named, finite.tolist()) if not f]
+            self.optimizer.zero_grad(set_to_none=True)
+            shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            raise NonFiniteLossError(f"non-finite gradient (NaN or inf) in {shown or 'another rank'} at step "
+                                     f"{index + 1}; nothing was updated")
 
     def _check_finite(self, value: Tensor, what: str, index: int) -> None:
         """Raise :class:`NonFiniteLossError` (gradients released) if ``value`` is not finite on any rank."""
