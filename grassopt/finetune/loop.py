@@ -418,8 +418,8 @@ def _finetune(cfg: FinetuneConfig, folder: RunFolder, ckpt: dict[str, Any] | Non
         print(f"stopped at step {res.step}/{total}; checkpoint written to {folder.checkpointer.path} "
               "(continue with --resume)", file=sys.stderr)
     if res.error is not None:
-        raise NonFiniteLossError(f"{res.error}; the last good checkpoint (step {res.step}) and the summary are in "
-                                 f"{folder.path}")
+        raise NonFiniteLossError(f"{res.error.rstrip('.')}; the last good checkpoint (step {res.step}) and the summary "
+                                 f"are in {folder.path}")
     return summary
 
 def plot_curves(history: list[dict[str, Any]], path: Path, title: str = "") -> None:

@@ -360,8 +360,8 @@ def _train(cfg: TrainConfig, folder: RunFolder, ckpt: dict[str, Any] | None,
             print(f"stopped at step {res.step}/{total}; checkpoint written to {folder.checkpointer.path} "
                   "(continue with --resume)")
     if res.error is not None:
-        raise NonFiniteLossError(f"{res.error}; the last good checkpoint (step {res.step}) and the summary are in "
-                                 f"{folder.path}")
+        raise NonFiniteLossError(f"{res.error.rstrip('.')}; the last good checkpoint (step {res.step}) and the summary "
+                                 f"are in {folder.path}")
     return summary
 
 
