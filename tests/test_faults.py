@@ -795,7 +795,8 @@ def test_the_command_lines_refuse_bad_paths_devices_threads_and_floats_in_one_li
          "eval_every=-1 must be an integer >= 0 (steps between evaluations; 0: only at the end) (--eval-every)"),
         (["--out", str(out), "--clip", "nan"],
          "clip=nan must be >= 0 and finite (the largest gradient norm; 0 switches clipping off) (--clip)"),
-        (["--out", str(out), "--lr", "inf"], "lr=inf must be > 0 and finite (the peak learning rate, e.g. 1e-3) (--lr)"),
+        (["--out", str(out), "--lr", "inf"],
+         "lr=inf must be > 0 and finite (the peak learning rate, e.g. 1e-3) (--lr)"),
     ]:
         cli_refused(train_cli.main, base + extra, message, capsys)
         assert not out.exists() and afile.read_text() == "not a folder"
@@ -999,3 +1000,76 @@ def test_bench_checks_every_variant_before_the_first_run(tmp_path, tiny_corpus, 
                 "--lrs/--sweep-lrs/--lrs-from name ['galore'], which are not among --presets", capsys,
                 prefix="grassopt bench: error: ")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("name, options, message", [
+    ("subtrack++", {"eps": 0}, "param group 0: eps=0 must be > 0: eps is added to sqrt(V), so eps=0 divides 0 by 0 "
+                               "wherever V is 0 (a coordinate with no gradient yet) and writes NaN into the weights; "
+                               "use e.g. eps=1e-8 (torch's default) or 1e-6 (ours)"),
+    ("adamw-torch", {"alpha": 0.5}, "preset 'adamw-torch' projects nothing (plain AdamW) and takes no options but "
+                                    "eps; got ['alpha'] (leave them out, or choose a projected preset)"),
+    ("adamw", {"transport": "keep"}, "preset 'adamw' projects nothing (plain AdamW) and takes no options but eps; "
+                                     "got ['transport'] (leave them out, or choose a projected preset)"),
+])
+def test_options_a_preset_cannot_use_are_refused_not_ignored(name, options, message):
+    from grassopt import registry
+    model = nn.Sequential(nn.Linear(30, 20))
+    before = copy.deepcopy(options)
+    refused(ValueError, message, lambda: registry.build(name, model, rank=4, options=options))
+    assert options == before
+    assert registry.build(name, model, rank=4, options={"eps": 1e-7}).param_groups[0]["eps"] == 1e-7  # eps is one
+
+
+SAVE_UNDER_LIMIT = r"""
+import resource, signal, sys, torch
+from grassopt.engine.checkpoint import save_checkpoint
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), int(sys.argv[2])))
+try:
+    save_checkpoint(sys.argv[1], {"w": torch.arange(100_000, dtype=torch.float32)})
+except OSError as e:
+    print(f"OSError {e.errno}")
+"""
+
+
+@pytest.mark.parametrize("limit", [4096, 300_000], ids=["4 KiB", "300 kB"])
+def test_a_write_that_fails_inside_torch_save_surfaces_as_the_os_error(limit, tmp_path):
+    # torch.save's zip writer swallows the OSError of its writer and raises "unexpected pos"; the
+    # checkpoint writer hands the OSError on (and the old checkpoint stays, with no temporary file)
+    path = tmp_path / "c.pt"
+    torch.save({"old": torch.ones(3)}, path)
+    old = path.read_bytes()
+    root = Path(__file__).resolve().parent.parent
+    run = subprocess.run([sys.executable, "-c", SAVE_UNDER_LIMIT, str(path), str(limit)], capture_output=True,
+                         text=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)})
+    assert run.returncode == 0 and run.stdout.strip() == "OSError 27", run.stdout + run.stderr
+    assert path.read_bytes() == old and sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]
+
+
+class NaNGradientAt:
+    """A hook that puts a NaN into one gradient after the backward pass of step ``k`` (counting from 1): a
+    finite loss with a non-finite gradient, as a diverging run meets it."""
+
+    def __init__(self, k: int):
+        self.k = k
+
+    def after_backward(self, index, model, optimizer):
+        if index + 1 == self.k:
+            next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = float("nan")
+
+
+@pytest.mark.parametrize("preset", ["adamw-torch", "subtrack++"])
+def test_a_nan_gradient_without_clipping_never_reaches_the_weights(preset, tmp_path, tiny_corpus):
+    # clip=0 computes no gradient norm, and torch's AdamW writes whatever it gets into the weights: the
+    # step checks the gradients itself (grassopt's optimizers check them too), so the last good
+    # checkpoint is the state before the step, equal to a clean run stopped there
+    corpus, cache = tiny_corpus
+    bad, clean = tmp_path / "bad", tmp_path / "clean"
+    with pytest.raises(FloatingPointError,
+                       match=r"non-finite gradient .*nothing was updated.*last good checkpoint \(step 2\)"):
+        train(run_cfg(bad, corpus=str(corpus), cache_dir=str(cache), preset=preset, clip=0.0),
+              hooks=[NaNGradientAt(3)])
+    train(run_cfg(clean, corpus=str(corpus), cache_dir=str(cache), preset=preset, clip=0.0, stop_after=2))
+    a, b = (torch.load(d / "checkpoint.pt", weights_only=True) for d in (bad, clean))
+    assert a["step"] == b["step"] == 2
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
