@@ -15,7 +15,8 @@ def os_error(e: OSError) -> str:
     folder removed under it): what happened and the file."""
     what = e.strerror or str(e) or type(e).__name__
     where = f" ({e.filename})" if e.filename else ""
-    return f"{what}{where}; the last checkpoint on disk (if any) is intact: fix that, then run again (--resume continues from it)"
+    return (f"{what}{where}; the last checkpoint on disk (if any) is intact: fix that, then run again (--resume "
+            "continues from it)")
 
 
 def key_value(text: str) -> tuple[str, object]:
