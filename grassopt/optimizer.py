@@ -153,6 +153,10 @@ class SubspaceAdamW(Optimizer):
     ``step_size``, ``step_mode``, ``update_rank`` for ``track``; defaults come from the rule).
     """
 
+    # Parameters on the meta device are refused (module.to_empty replaces them, so an optimizer built
+    # on them would silently train nothing); the memory estimate builds one on shapes only.
+    _shapes_only = False
+
     def __init__(
         self,
         params,
@@ -264,7 +268,7 @@ class SubspaceAdamW(Optimizer):
             if not isinstance(p, Tensor):
                 raise TypeError(f"{where}: {name} is a {type(p).__name__}, not a tensor; pass tensors or "
                                 "(name, tensor) pairs (model.parameters() or model.named_parameters())")
-            if p.is_meta:
+            if p.is_meta and not self._shapes_only:
                 raise ValueError(f"{where}: {name} is on the meta device (it has no data); materialize the model "
                                  "(module.to_empty(device=...) then initialize it) before building the optimizer")
             if p.layout != torch.strided:

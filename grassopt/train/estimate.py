@@ -75,6 +75,12 @@ def load_config(spec: Any, vocab_size: int | None = None):
     return cfg
 
 
+class _ShapesOnly(SubspaceAdamW):
+    """The optimizer's groups resolved on a meta model: never stepped, only counted."""
+
+    _shapes_only = True
+
+
 def _meta_model(cfg):
     with torch.device("meta"):
         return Llama(cfg)
@@ -381,7 +387,7 @@ def estimate(config: Any, preset: str = "adamw", rank: int | str | None = None, 
             groups = param_groups(model, preset, rank, targets=targets, **overrides)
         notes += [str(w.message) for w in caught]
         label_rank = None if PRESETS[preset] is None else (default_rank(preset) if rank is None else rank)
-    opt = SubspaceAdamW(groups)
+    opt = _ShapesOnly(groups)
     params: list[ParamMemory] = []
     for name, p in model.named_parameters():
         numel = p.numel()
