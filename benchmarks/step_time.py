@@ -9,7 +9,9 @@ slow phase of the shared machine hits them all alike; ratios are computed within
   ``Q``: ``R = Q^T X``, then the back-projection added into the weight with ``addmm_``;
 - ``torch.optim.AdamW(fused=True)`` and ``torch.optim.AdamW(foreach=True)``: full-rank AdamW;
 - ``galore-torch``'s ``GaLoreAdamW`` and ``apollo-torch``'s ``APOLLOAdamW`` (if installed);
-- every grassopt preset (``adamw`` is the plain group on the same tensors).
+- every grassopt preset (``adamw`` is the plain group on the same tensors);
+- int8 moments: ``adamw`` and ``galore`` with ``state_dtype="int8"``, beside ``bitsandbytes``' and
+  ``torchao``'s ``AdamW8bit`` (if installed).
 
 Reported: the median at non-update steps, the mean at basis-update steps (the first step, which
 builds the first basis, is left out), their ratios to the floor, and the state bytes (from
@@ -122,6 +124,19 @@ def contestants(rank: int, interval: int, lr: float = 1e-3):
             out.append(("adamw, check_finite=False", lambda ps: grassopt.SubspaceAdamW(ps, lr=lr, check_finite=False)))
         else:
             out.append((preset, lambda ps, p=preset, s=settings: grassopt.SubspaceAdamW(groups(ps, p, s), lr=lr)))
+    # int8 moments (state_dtype="int8") beside the 8-bit AdamW of bitsandbytes and torchao
+    out.append(("adamw, state_dtype=int8", lambda ps: grassopt.SubspaceAdamW(ps, lr=lr, state_dtype="int8")))
+    out.append(("galore, state_dtype=int8", lambda ps: grassopt.SubspaceAdamW(
+        groups(ps, "galore", {**grassopt.PRESETS["galore"], "state_dtype": "int8"}), lr=lr)))
+    for label, module in (("bitsandbytes AdamW8bit", "bitsandbytes.optim"), ("torchao AdamW8bit", "torchao.optim")):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cls = getattr(__import__(module, fromlist=["AdamW8bit"]), "AdamW8bit")
+            out.append((label, lambda ps, cls=cls: cls(ps, lr=lr)))
+        except ImportError:
+            print(f"{module.split('.')[0]} not installed: its row is skipped (pip install -e .[bench])",
+                  file=sys.stderr)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -235,7 +250,7 @@ def write_report(rows, profiles, updates, args, out: Path) -> None:
     svd_update = by.get("galore", {}).get("update_ms")
     cmd = "python benchmarks/step_time.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     versions = f"torch {torch.__version__}"
-    for pkg in ("galore_torch", "apollo_torch"):
+    for pkg in ("galore_torch", "apollo_torch", "bitsandbytes", "torchao"):
         try:
             from importlib.metadata import version
             versions += f", {pkg.replace('_', '-')} {version(pkg.replace('_', '-'))}"
