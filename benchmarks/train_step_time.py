@@ -25,11 +25,14 @@ import torch
 
 from grassopt.bench.cli import parse_variant
 from grassopt.train import data as data_mod
-from grassopt.train.loop import TrainConfig, build_optimizer
+from grassopt.references import reference_versions
+from grassopt.train.loop import TrainConfig, build_optimizer, optimizer_state_bytes
 from grassopt.train.model import Llama, config
 
 DEFAULT = ["adamw-torch", "adamw", "galore", "ref-galore", "fira", "subtrack++", "grasswalk", "grassjump", "apollo",
-           "ref-apollo", "apollo-mini:rank=1", "ldadam:update_interval=1"]
+           "ref-apollo", "apollo-mini:rank=1", "ldadam:update_interval=1",
+           # int8 moments beside the 8-bit AdamW of bitsandbytes and torchao
+           "adamw:state_dtype=int8", "subtrack++:state_dtype=int8", "ref-adamw8bit", "ref-torchao-adamw8bit"]
 
 
 def main(argv=None) -> int:
@@ -78,19 +81,25 @@ def main(argv=None) -> int:
         t = c["times"][1:]  # the first step builds every basis and allocates the state
         rows.append({"label": c["label"], "mean_step_s": statistics.fmean(t), "median_step_s": statistics.median(t),
                      "mean_opt_ms": 1e3 * statistics.fmean(c["opt_times"][1:]),
-                     "tokens_per_s": tokens / statistics.fmean(t)})
+                     "tokens_per_s": tokens / statistics.fmean(t), "state_bytes": optimizer_state_bytes(c["opt"])})
     ref = next(r for r in rows if r["label"] == "adamw-torch")
     cmd = "python benchmarks/train_step_time.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     lines = ["# Training-step time on `tiny`, every preset interleaved", "",
              f"Command: `{cmd.strip()}`; torch {torch.__version__}, {torch.get_num_threads()} threads, fp32, batch "
              f"{args.batch_size} x {args.seq_len} tokens, rank {args.rank} (apollo-mini 1), basis update every "
              f"{args.update_interval} steps (ldadam every step), {args.steps} steps of each preset taken in turns on the "
-             "same batches; the first step (basis initialisation) is left out of the means.", "",
-             "| preset | mean step (s) | median step (s) | optimizer (ms) | tokens/s | tokens/s / AdamW(fused) |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "same batches; the first step (basis initialisation) is left out of the means. `adamw-torch` is "
+             "`torch.optim.AdamW(fused=True)`. State: the optimizer's state tensors as allocated "
+             "(`grassopt.train.loop.optimizer_state_bytes`, one counter for all).", "",
+             "Packages: " + ", ".join(f"{k} {v}" for k, v in reference_versions(
+                 [p for p in args.presets if p.startswith("ref-")]).items()), "",
+             "| preset | mean step (s) | median step (s) | optimizer (ms) | tokens/s | tokens/s / AdamW(fused) "
+             "| state (MB) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['label']} | {r['mean_step_s']:.3f} | {r['median_step_s']:.3f} | {r['mean_opt_ms']:.1f} | "
-                     f"{r['tokens_per_s']:.0f} | {r['tokens_per_s'] / ref['tokens_per_s']:.3f} |")
+                     f"{r['tokens_per_s']:.0f} | {r['tokens_per_s'] / ref['tokens_per_s']:.3f} | "
+                     f"{r['state_bytes'] / 1e6:.2f} |")
     out = Path(args.out)
     (out / "train_step_time.md").write_text("\n".join(lines) + "\n")
     (out / "train_step_time.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
