@@ -60,6 +60,7 @@ checkpointed), so runs are reproducible, resumable and identical on every data-p
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -204,48 +205,75 @@ def _blocks(x: Tensor) -> tuple[Tensor, Tensor | None]:
     return head, (x[full:].unsqueeze(0) if full < n else None)
 
 
-def _block_max(x: Tensor) -> Tensor:
-    """Per-block ``max |x|`` of a flat float32 tensor, one value per block (the last may be partial)."""
+def _block_max(x: Tensor, signed: bool = True) -> Tensor:
+    """Per-block ``max |x|`` of a flat float32 tensor, one value per block (the last may be partial);
+    ``signed=False`` for a non-negative ``x``. Reductions straight over ``x``: no full-size temporary."""
+    def bmax(b: Tensor) -> Tensor:
+        hi = torch.amax(b, dim=1)
+        return torch.maximum(hi, torch.amin(b, dim=1).neg_()) if signed else hi
+
     head, tail = _blocks(x)
-    parts = [torch.amax(head.abs(), dim=1)] if head.numel() else []
+    parts = [bmax(head)] if head.numel() else []
     if tail is not None:
-        parts.append(torch.amax(tail.abs(), dim=1))
+        parts.append(bmax(tail))
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _per_element(scales: Tensor, n: int) -> tuple[Tensor, Tensor | None]:
-    """Block scales shaped to broadcast against ``_blocks`` of an ``n``-element tensor."""
+def _pairs(x: Tensor, scales: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """``(block view, scale column)`` for the full blocks and the tail of the flat tensor ``x``."""
+    n = x.numel()
+    head, tail = _blocks(x)
     full = n // BLOCK
-    return scales[:full].unsqueeze(1), (scales[full:].unsqueeze(1) if n % BLOCK else None)
+    out = [(head, scales[:full].unsqueeze(1))] if head.numel() else []
+    if tail is not None:
+        out.append((tail, scales[full:].unsqueeze(1)))
+    return out
 
 
 def _apply_blocks(x: Tensor, scales: Tensor, fn) -> None:
     """``fn(block_view, scale_column)`` on the full blocks and on the tail of the flat tensor ``x``."""
-    head, tail = _blocks(x)
-    s_head, s_tail = _per_element(scales, x.numel())
-    if head.numel():
-        fn(head, s_head)
-    if tail is not None:
-        fn(tail, s_tail)
+    for blk, s in _pairs(x, scales):
+        fn(blk, s)
 
 
-def quantize_signed_(codes: Tensor, scales: Tensor, x: Tensor) -> None:
-    """Write the int8 codes and block scales of the flat float32 tensor ``x`` (the signed map of ``M``)."""
+# Full-size temporaries are the int8 step's main cost on a CPU: a fresh multi-megabyte tensor is
+# new memory from the OS, and faulting its pages in costs more than the arithmetic. The chunked step
+# therefore works in float32 buffers of CHUNK elements kept per thread and device.
+_SCRATCH = threading.local()
+
+
+def _scratch(n: int, device: torch.device, k: int) -> list[Tensor] | None:
+    """``k`` float32 work buffers of ``n`` elements (views of cached ``CHUNK``-sized ones), or None
+    when ``n > CHUNK`` (a whole-tensor load: the caller allocates)."""
+    if n > CHUNK:
+        return None
+    cache = getattr(_SCRATCH, "bufs", None)
+    if cache is None:
+        cache = _SCRATCH.bufs = {}
+    bufs = cache.get(device)
+    if bufs is None or len(bufs) < k or bufs[0].numel() < n:
+        bufs = cache[device] = [torch.empty(CHUNK, dtype=torch.float32, device=device) for _ in range(k)]
+    return [b[:n] for b in bufs[:k]]
+
+
+def quantize_signed_(codes: Tensor, scales: Tensor, x: Tensor, work: Tensor | None = None) -> None:
+    """Write the int8 codes and block scales of the flat float32 tensor ``x`` (the signed map of
+    ``M``: ``round(127 sqrt(|x| / max|x|))`` with the sign of ``x``); ``work``: an optional float32
+    buffer of ``x``'s size (else one is allocated)."""
     scales.copy_(_block_max(x))
-    u = x.clone()
-
-    def enc(blk: Tensor, s: Tensor) -> None:
-        blk.div_(s.clamp_min(torch.finfo(torch.float32).tiny)).clamp_(-1.0, 1.0)
-        blk.copy_(blk.sign() * blk.abs().sqrt_().mul_(127.0)).round_()
-
-    _apply_blocks(u, scales, enc)
-    codes.copy_(u)
+    u = torch.abs(x, out=work) if work is not None else x.abs()
+    tiny = torch.finfo(torch.float32).tiny
+    _apply_blocks(u, scales, lambda blk, s: blk.div_(s.clamp_min(tiny)))  # in [0, 1]: |x| <= max|x|
+    codes.copy_(u.sqrt_().mul_(127.0).round_().copysign_(x))
 
 
-def dequantize_signed(codes: Tensor, scales: Tensor) -> Tensor:
-    """The flat float32 tensor of the int8 codes of ``M``: ``max|M| c |c| / 127^2`` per block."""
-    c = codes.to(torch.float32)
-    out = c * c.abs()
+def dequantize_signed(codes: Tensor, scales: Tensor, out: Tensor | None = None,
+                      work: Tensor | None = None) -> Tensor:
+    """The flat float32 tensor of the int8 codes of ``M``: ``max|M| c |c| / 127^2`` per block
+    (written into ``out`` when given, with ``work`` as a float32 buffer of the same size)."""
+    c = codes.to(torch.float32) if work is None else work.copy_(codes)
+    out = torch.square(c, out=out) if out is not None else c.square()
+    out.copysign_(c)  # c |c|, exact in float32
     _apply_blocks(out, scales, lambda blk, s: blk.mul_(s * (1.0 / 127.0**2)))
     return out
 
@@ -273,15 +301,18 @@ def _v_decode(c: Tensor) -> Tensor:
     return c.sub_(255.0).mul_(V_OCTAVES / 255.0).exp2_().masked_fill_(zero, 0.0)
 
 
-def quantize_unsigned_(codes: Tensor, scales: Tensor, x: Tensor, generator: torch.Generator | None = None) -> None:
-    """Write the uint8 codes and block scales of the flat non-negative tensor ``x`` (the map of ``V``).
+def quantize_unsigned_(codes: Tensor, scales: Tensor, x: Tensor, generator: torch.Generator | None = None,
+                       work: Tensor | None = None) -> None:
+    """Write the uint8 codes and block scales of the flat non-negative tensor ``x`` (the map of ``V``;
+    ``work``: an optional float32 buffer of ``x``'s size).
 
     With ``V_ROUNDING == "stochastic"`` (and a ``generator``) a value between two code levels is
     rounded up with probability proportional to its distance from the lower one (unbiased).
     """
-    scales.copy_(_block_max(x))
-    u = x.clone()
-    _apply_blocks(u, scales, lambda blk, s: blk.div_(s.clamp_min(torch.finfo(torch.float32).tiny)).clamp_(0.0, 1.0))
+    scales.copy_(_block_max(x, signed=False))
+    u = x.clone() if work is None else work.copy_(x)
+    tiny = torch.finfo(torch.float32).tiny
+    _apply_blocks(u, scales, lambda blk, s: blk.div_(s.clamp_min(tiny)))  # in [0, 1]: 0 <= x <= max x
     if V_ROUNDING == "stochastic" and generator is not None:
         f = _v_encode(u.clone())
         lo = f.floor_().clamp_max_(254.0)
@@ -294,9 +325,10 @@ def quantize_unsigned_(codes: Tensor, scales: Tensor, x: Tensor, generator: torc
         codes.copy_(_v_encode(u).round_())
 
 
-def dequantize_unsigned(codes: Tensor, scales: Tensor) -> Tensor:
-    """The flat float32 tensor of the uint8 codes of ``V`` (``max V`` times the decoded code)."""
-    out = _v_decode(codes.to(torch.float32))
+def dequantize_unsigned(codes: Tensor, scales: Tensor, out: Tensor | None = None) -> Tensor:
+    """The flat float32 tensor of the uint8 codes of ``V`` (``max V`` times the decoded code; written
+    into ``out`` when given)."""
+    out = _v_decode(codes.to(torch.float32) if out is None else out.copy_(codes))
     _apply_blocks(out, scales, lambda blk, s: blk.mul_(s))
     return out
 
@@ -322,11 +354,16 @@ class Int8Moments:
 
     @staticmethod
     def load(state: dict, lo: int = 0, hi: int | None = None) -> tuple[Tensor, Tensor]:
-        """Dequantized float32 ``(M, V)`` of flat elements ``[lo, hi)`` (``lo``, ``hi`` block-aligned)."""
+        """Dequantized float32 ``(M, V)`` of flat elements ``[lo, hi)`` (``lo``, ``hi`` block-aligned).
+        A chunk (at most ``CHUNK`` elements) lands in this thread's work buffers: valid until the
+        next ``load`` on the device, so :meth:`store` it first."""
         hi = state["exp_avg"].numel() if hi is None else hi
         b0, b1 = lo // BLOCK, math.ceil(hi / BLOCK)
-        m = dequantize_signed(state["exp_avg"].view(-1)[lo:hi], state["exp_avg_scale"][b0:b1])
-        v = dequantize_unsigned(state["exp_avg_sq"].view(-1)[lo:hi], state["exp_avg_sq_scale"][b0:b1])
+        bufs = _scratch(hi - lo, state["exp_avg"].device, 3)
+        m = dequantize_signed(state["exp_avg"].view(-1)[lo:hi], state["exp_avg_scale"][b0:b1],
+                              out=bufs[0] if bufs else None, work=bufs[2] if bufs else None)
+        v = dequantize_unsigned(state["exp_avg_sq"].view(-1)[lo:hi], state["exp_avg_sq_scale"][b0:b1],
+                                out=bufs[1] if bufs else None)
         return m, v
 
     @staticmethod
@@ -334,8 +371,11 @@ class Int8Moments:
         """Quantize float32 flat ``m`` and ``v`` back into elements ``[lo, lo + m.numel())``."""
         hi = lo + m.numel()
         b0, b1 = lo // BLOCK, math.ceil(hi / BLOCK)
-        quantize_signed_(state["exp_avg"].view(-1)[lo:hi], state["exp_avg_scale"][b0:b1], m)
-        quantize_unsigned_(state["exp_avg_sq"].view(-1)[lo:hi], state["exp_avg_sq_scale"][b0:b1], v, generator)
+        bufs = _scratch(hi - lo, m.device, 3)
+        work = bufs[2] if bufs else None
+        quantize_signed_(state["exp_avg"].view(-1)[lo:hi], state["exp_avg_scale"][b0:b1], m, work=work)
+        quantize_unsigned_(state["exp_avg_sq"].view(-1)[lo:hi], state["exp_avg_sq_scale"][b0:b1], v, generator,
+                           work=work)
 
     @staticmethod
     def chunks(n: int):

@@ -203,6 +203,40 @@ def _train(model, opt, data):
         losses.append(float(loss))
     return losses
 
+def test_int8_chunks_in_reused_work_buffers_equal_fresh_tensors_and_a_float64_step(monkeypatch):
+    """The chunked int8 step reuses per-thread work buffers; interleaving two tensors, over several
+    chunks and a partial block, must give exactly what fresh tensors give, and follow the float64
+    Adam step on the dequantized moments."""
+    monkeypatch.setattr(F, "CHUNK", 4 * F.BLOCK)
+    torch.manual_seed(0)
+    shapes = [(37, 61), (5 * F.BLOCK + 9,)]  # several chunks each, the last block partial
+    grads = [[torch.randn(s) * 10.0 ** torch.randint(-4, 0, s) for s in shapes] for _ in range(4)]
+    start = [torch.randn(s) * 0.02 for s in shapes]
+
+    def run(reuse):
+        if not reuse:
+            monkeypatch.setattr(F, "_scratch", lambda n, device, k: None)
+        ps = [p.clone() for p in start]
+        sts = [{} for _ in shapes]
+        for st, s in zip(sts, shapes):
+            F.Int8Moments.init(st, s, "cpu")
+        for t, gs in enumerate(grads, 1):
+            for p, g, st in zip(ps, gs, sts):
+                if t == len(grads):  # the last step against float64 Adam (GaLore's eps) on the stored moments
+                    m, v = (x.double().clone() for x in F.Int8Moments.load(st))
+                    m, v = 0.9 * m + 0.1 * g.double().view(-1), 0.999 * v + 0.001 * g.double().view(-1) ** 2
+                    want = p.double().view(-1) - 1e-3 * math.sqrt(1 - 0.999**t) / (1 - 0.9**t) * m / (v.sqrt() + 1e-8)
+                F.adam_tensor_(p, g, st, t, lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
+                if t == len(grads):
+                    torch.testing.assert_close(p.double().view(-1), want, rtol=0, atol=1e-7)
+        return ps, sts
+
+    ps_a, sts_a = run(True)
+    ps_b, sts_b = run(False)
+    assert all(torch.equal(a, b) for a, b in zip(ps_a, ps_b))
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(sts_a, sts_b) for k in F.Int8Moments.KEYS)
+
+
 
 @pytest.mark.parametrize("preset", ["adamw", "galore", "subtrack++", "grassjump"])
 def test_int8_state_trains_like_float32_and_counts_its_bytes_exactly(preset):
