@@ -29,6 +29,7 @@ import argparse
 import json
 import math
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -132,7 +133,20 @@ def bench_part(out: Path, seeds: list[int], tokens: int, bf16: bool = False) -> 
             "report": (run / "report.md").read_text()}
 
 
-def write(results: dict, path: Path) -> None:
+def _report(report: str, part: str, out: Path) -> str:
+    """A ``grassopt bench`` report under a heading of this one, its plots copied beside it."""
+    body = report.split("\n", 1)[1].strip()
+    for png in ("loss_vs_step.png", "loss_vs_time.png"):
+        src = out / part / png
+        dst = HERE / "low_bit" / f"{part}_{png}"
+        if src.exists():
+            dst.parent.mkdir(exist_ok=True)
+            shutil.copyfile(src, dst)
+        body = body.replace(f"]({png})", f"](low_bit/{part}_{png})")
+    return body
+
+
+def write(results: dict, path: Path, out: Path) -> None:
     lines = ["# Low-bit optimizer states and bf16 weights", "",
              f"Command: `python benchmarks/low_bit.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}`"
              f"; torch {torch.__version__}, {torch.get_num_threads()} threads.", "",
@@ -160,15 +174,14 @@ def write(results: dict, path: Path) -> None:
         for r in results["maps"]:
             lines.append(f"| {r['variant']} | {r['eval_loss']:.4f} | {100 * (r['eval_loss'] / base - 1):+.2f}% |")
     if "bench" in results:
-        lines += ["", "## The `sotu_tiny` protocol", "", f"Command: `{results['bench']['command']}`", "",
-                  results["bench"]["report"].split("\n", 1)[1]]
+        lines += ["", "## The `sotu_tiny` protocol", "", _report(results["bench"]["report"], "bench", out)]
     if "bf16" in results:
         lines += ["", "## bf16 weights with and without stochastic rounding", "",
                   f"`{BF16_MODEL}` with a {BF16_VOCAB}-token BPE, not `tiny`: this CPU has no bf16 units, and a bf16 "
                   "matrix product runs about 60x slower than in fp32 here (2048 x 512 times 512 x 1376: 1,129 ms "
                   "against 18.9 ms), so a bf16 `tiny` run of 500k tokens would take about 95 minutes. Same tokens, "
                   "batch, rate and schedule as above; only the weights' dtype and the rounding of their update change.",
-                  "", f"Command: `{results['bf16']['command']}`", "", results["bf16"]["report"].split("\n", 1)[1]]
+                  "", _report(results["bf16"]["report"], "bf16", out)]
     keep = ""
     if path.exists() and "<!-- analysis -->" in path.read_text():
         text = path.read_text()
@@ -200,7 +213,7 @@ def main(argv=None) -> int:
         results["bf16"] = bench_part(out, args.seeds, args.tokens, bf16=True)
     print(f"{(time.time() - t0) / 60:.1f} min", file=sys.stderr)
     store.write_text(json.dumps(results, indent=1))
-    write(results, HERE / "low_bit.md")
+    write(results, HERE / "low_bit.md", out)
     return 0
 
 
