@@ -148,8 +148,9 @@ def _report(report: str, part: str, out: Path) -> str:
 
 def write(results: dict, path: Path, out: Path) -> None:
     lines = ["# Low-bit optimizer states and bf16 weights", "",
-             f"Command: `python benchmarks/low_bit.py {' '.join(shlex.quote(a) for a in sys.argv[1:])}`"
-             f"; torch {torch.__version__}, {torch.get_num_threads()} threads.", "",
+             "Command: `python benchmarks/low_bit.py` (all four parts; `--parts` runs some, the others keep their "
+             f"last results; last run: `{' '.join(shlex.quote(a) for a in sys.argv[1:]) or 'all parts'}`); "
+             f"torch {torch.__version__}, {torch.get_num_threads()} threads.", "",
              "int8 state (`state_dtype=\"int8\"`, `grassopt.functional`): one byte per moment element plus a "
              "float32 scale per block of 256, `n + 4 ceil(n/256)` bytes per moment; `M` on a signed square-root "
              "code, `V` on the code chosen below.", ""]

@@ -50,8 +50,8 @@ def main(argv=None) -> int:
     contestants = []
     for label in args.presets:
         name, fields, options = parse_variant(label)
-        cfg = TrainConfig(model=args.model, preset=name, rank=fields.get("rank", args.rank), lr=1e-3,
-                          update_interval=fields.get("update_interval", args.update_interval), options=options)
+        cfg = TrainConfig(**{"model": args.model, "preset": name, "rank": args.rank, "lr": 1e-3,
+                             "update_interval": args.update_interval, **fields}, options=options)
         torch.manual_seed(0)
         model = Llama(config(args.model, vocab_size=ds.vocab_size, max_seq_len=max(args.seq_len, 1024)))
         with warnings.catch_warnings():
