@@ -359,9 +359,10 @@ def _check_quality_records(recs, probe):
         assert r["capture_next"] == pytest.approx(sum(shares) / len(shares), abs=1e-6)
         assert r["capture_min"] == pytest.approx(min(shares), abs=1e-6)
         assert r["capture_last"] == pytest.approx(shares[-1], abs=1e-6)
-        if r["complete"]:  # replaced by the update at ``end``: its angles, in float64
+        if r["complete"] and torch.equal(probe["after"][end][name], q):  # an update that kept the basis
+            assert r["angle_max_deg"] == 0.0 and r["angle_mean_deg"] == 0.0
+        elif r["complete"]:  # replaced by the update at ``end``: its angles, in float64
             new = probe["after"][end][name]
-            assert not torch.equal(new, q)
             ang = principal_angles(q, new)
             assert r["angle_max_deg"] == pytest.approx(math.degrees(float(ang.max())), abs=1e-9)
             assert r["angle_mean_deg"] == pytest.approx(math.degrees(float(ang.mean())), abs=1e-9)
@@ -397,12 +398,18 @@ def test_quality_records_equal_a_float64_recomputation_from_the_same_gradients_a
     assert f"| {rule} | **all** | 12 |" in (tmp_path / "q" / "analysis.md").read_text()
 
 
-def test_quality_a_frozen_basis_is_one_interval_over_the_whole_run():
+def test_quality_a_frozen_basis_closes_an_interval_at_every_scheduled_update_with_angle_zero():
     hook = SubspaceQuality()
-    _, _, probe = _mlp_run("galore", 8, hooks=[hook], rule="frozen")
-    assert [(r["name"], r["interval_start"], r["step"], r["steps"], r["complete"]) for r in hook.records] == [
-        (n, 0, 7, 7, False) for n in ("0.weight", "2.weight", "4.weight")]
+    _, _, probe = _mlp_run("galore", 8, hooks=[hook], rule="frozen")  # updates at steps 3 and 6
+    names = ("0.weight", "2.weight", "4.weight")
+    got = sorted((r["name"], r["interval_start"], r["step"], r["steps"], r["complete"], r["angle_max_deg"])
+                 for r in hook.records)
+    assert got == sorted([(n, 0, 3, 3, True, 0.0) for n in names] + [(n, 3, 6, 3, True, 0.0) for n in names]
+                         + [(n, 6, 7, 1, False, None) for n in names])
     _check_quality_records(hook.records, probe)
+    track = SubspaceQuality()  # the same interval boundaries as a rule that moves its basis
+    _mlp_run("subtrack++", 8, hooks=[track])
+    assert sorted((r["name"], r["interval_start"], r["step"]) for r in track.records) == sorted(g[:3] for g in got)
 
 
 def test_quality_hook_leaves_the_run_bit_identical_and_needs_a_projecting_optimizer():

@@ -38,10 +38,11 @@ record per interval and matrix::
      "angle_max_deg", "angle_mean_deg", "complete": true}
 
 ``angle_*_deg``: the principal angles between this interval's basis and the one that replaced it
-(the move of the update at ``t'``). An update that returns the same basis (``frozen``) does not end
-the interval; the interval still open at the end of the run is written by ``on_end`` with
-``complete: false``, ``step`` its last measured step and no angles (a frozen basis: one interval
-over the whole run). Records share ``analysis.jsonl`` with the analyzer's (``type`` tells them
+(the move of the update at ``t'``). Every scheduled update (each ``update_interval`` steps of the
+matrix's param group) ends the interval, also one that returns the same basis: a ``frozen`` basis gives
+one record per interval like every other rule, with angles 0, so its capture can be followed over
+training. The interval still open at the end of the run is written by ``on_end`` with
+``complete: false``, ``step`` its last measured step and no angles. Records share ``analysis.jsonl`` with the analyzer's (``type`` tells them
 apart; ``kind`` is the layer type in every record). The gradient measured is the one the optimizer
 receives (``X = G``, not LDAdam's ``G + E``), before clipping; a non-finite gradient makes its
 interval's values NaN (the report's means skip them).
@@ -90,6 +91,7 @@ class Target:
     kind: str
     depth: int | None
     rule: str | None = None  # the update rule of its param group (None outside projected groups)
+    interval: int | None = None  # the group's update_interval T (its basis updates: every T steps)
 
 
 def _main_process() -> bool:
@@ -116,12 +118,12 @@ def find_targets(model: nn.Module, optimizer: torch.optim.Optimizer, *, rank: in
     ``"all-linear"``) at ``rank``, ``cfg.rank`` or 64. Matrices whose rank reaches their short side are
     skipped (their subspace is everything)."""
     names = {id(p): n for n, p in model.named_parameters()}
-    found: list[tuple[str, Tensor, int, str | None]] = []
+    found: list[tuple[str, Tensor, int, str | None, int | None]] = []
     for group in optimizer.param_groups:
         if group.get("rank") is None:
             continue
         gnames = group.get("param_names") or [names.get(id(p), f"param{i}") for i, p in enumerate(group["params"])]
-        found += [(n, p, int(group["rank"]), group.get("rule"))
+        found += [(n, p, int(group["rank"]), group.get("rule"), group.get("update_interval"))
                   for n, p in zip(gnames, group["params"]) if p.dim() == 2]
     if not found and fallback:
         from ..presets import select_targets
@@ -129,13 +131,13 @@ def find_targets(model: nn.Module, optimizer: torch.optim.Optimizer, *, rank: in
         spec = spec or (getattr(cfg, "targets", None) or "all-linear")
         default_rank = rank or getattr(cfg, "rank", None) or 64
         for mname, mod in select_targets(model, spec):
-            found.append((f"{mname}.weight", mod.weight, default_rank, None))
+            found.append((f"{mname}.weight", mod.weight, default_rank, None, None))
     out = []
-    for name, p, r, rule in found:
+    for name, p, r, rule, interval in found:
         r = rank or r
         if r >= min(p.shape):
             continue
-        out.append(Target(name, p, r, layer_kind(name), layer_depth(name), rule))
+        out.append(Target(name, p, r, layer_kind(name), layer_depth(name), rule, interval))
     return out
 
 
@@ -360,9 +362,9 @@ class _RecordingHook:
     def after_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, record: Any = None) -> None:
         if not self._active or not (self.basis_records or self._tracker is not None):
             return
-        recs = []
+        recs, moved = [], set()
+        update = step - 1  # ``step`` steps are done: an update happened in step ``step - 1`` (from 0)
         for t, old, new in self._watch.changes(optimizer, self.projected):
-            update = step - 1  # ``step`` steps are done: the update happened in step ``step - 1`` (from 0)
             if old is not None and old.device.type == "mps":  # no float64 there: the angles on the host
                 old, new = old.cpu(), new.cpu()
             ang = None if old is None else principal_angles(old, new)  # (re-orthonormalised in float64)
@@ -374,6 +376,13 @@ class _RecordingHook:
                 rec = self._tracker.switch(t, update, ang)
                 if rec is not None:
                     recs.append(rec)
+                moved.add(t.name)
+        if self._tracker is not None:  # a scheduled update that kept the basis (frozen) ends its interval too
+            for t in self.projected:
+                if t.interval and update > 0 and update % t.interval == 0 and t.name not in moved:
+                    rec = self._tracker.switch(t, update, torch.zeros(1, dtype=torch.float64))
+                    if rec is not None:
+                        recs.append(rec)
         self._emit(recs)
 
     def on_end(self, model: nn.Module, optimizer: torch.optim.Optimizer, summary: dict[str, Any] | None = None) -> None:
