@@ -32,6 +32,19 @@ def test_bench_rejects_unknown_presets(tmp_path, capsys):
     assert "unknown preset 'nonsense'" in capsys.readouterr().err
 
 
+def test_widen_steps_beyond_the_edge_holding_the_best_rate_and_stops_at_an_interior_optimum():
+    assert cli.widen({1e-3: 5.0, 3e-3: 5.1, 1e-2: 5.3}) == pytest.approx(1e-3 / 3)
+    assert cli.widen({1e-3: 5.3, 3e-3: 5.1, 1e-2: 5.0}) == pytest.approx(1e-2 * 10 / 3)
+    assert cli.widen({1e-3: 5.3, 3e-3: 5.0, 1e-2: 5.2}) is None
+    assert cli.widen({1e-3: 5.3, 3e-3: 5.0, 1e-2: float("nan")}) is None  # a diverged top edge is no optimum
+    assert cli.widen({1e-3: 5.3, 3e-3: float("nan")}) == pytest.approx(1e-3 / 3)
+    assert cli.widen({2e-3: 5.0}) == pytest.approx(6e-3)
+    assert cli.widen({1e-3: None, 3e-3: float("nan")}) is None
+    # scores compared in order (fine-tuning: minus the validation accuracy, then the validation loss)
+    assert cli.widen({1e-3: (-0.60, 1.1), 3e-3: (-0.62, 1.2), 1e-2: (-0.62, 1.0)}) == pytest.approx(1e-2 * 10 / 3)
+    assert cli.widen({1e-3: (-0.60, 1.1), 3e-3: (-0.62, 1.0), 1e-2: (-0.62, float("nan"))}) is None
+
+
 def test_variants_parse_into_config_fields_and_subspace_options():
     name, fields, options = cli.parse_variant("subtrack++:transport=keep,recovery=False,update_interval=50,lr=0.01")
     assert name == "subtrack++"
@@ -45,13 +58,17 @@ def test_sweep_per_preset_rates_borrowed_and_a_report_beside_shared_runs(tmp_pat
     argv = ["--model", "nano", "--vocab-size", "1024", "--seq-len", "32", "--batch-size", "2", "--steps", "4",
             "--rank", "8", "--eval-every", "4", "--eval-tokens", "512", "--threads", "1", "--no-progress",
             "--presets", "adamw-torch", "galore", "galore:update_interval=2", "--no-refs",
-            "--sweep-lrs", "adamw-torch=1e-3,3e-2", "galore=1e-4,1e-2", "--sweep-steps", "3",
+            "--sweep-lrs", "adamw-torch=1e-3,3e-2", "galore=1e-4,1e-2", "--sweep-steps", "3", "--widen", "1",
             "--lrs-from", "galore:update_interval=2=galore",
             "--out", str(out), "--report-dir", str(rep), "--cache-dir", str(sotu_1k.cache_dir.parent.parent)]
     assert cli.main(argv) == 0
     res = json.loads((rep / "results.json").read_text())
     swept = {(s["preset"], s["lr"]): s["final_eval_loss"] for s in res["sweep"]}
-    assert set(swept) == {("adamw-torch", 1e-3), ("adamw-torch", 3e-2), ("galore", 1e-4), ("galore", 1e-2)}
+    for p, (lo, hi) in {"adamw-torch": (1e-3, 3e-2), "galore": (1e-4, 1e-2)}.items():
+        # two rates: the best is at an edge, so --widen 1 sweeps one more, one grid step beyond it
+        first = min((lo, hi), key=lambda lr: swept[(p, lr)])
+        beyond = float(f"{(lo * lo / hi if first == lo else hi * hi / lo):.3g}")
+        assert {lr for q, lr in swept if q == p} == {lo, hi, beyond}
     lrs = {r["preset"]: r["lr"] for r in res["rows"]}
     for p in ("adamw-torch", "galore"):  # each preset at the rate of its best sweep run
         assert lrs[p] == min((lr for q, lr in swept if q == p), key=lambda lr: swept[(p, lr)])

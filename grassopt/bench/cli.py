@@ -112,6 +112,16 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--lrs-from", nargs="+", type=_preset_pair, default=[], metavar="PRESET=OTHER",
                    help="use OTHER's learning rate (swept or given) for PRESET, e.g. ref-galore=galore: the "
                         "reference package of an algorithm at the rate chosen for ours")
+    g.add_argument("--widen", type=int, default=0, metavar="N",
+                   help="while a preset's best sweep rate is at an edge of its grid, sweep one more rate beyond "
+                        "that edge (the grid's own ratio between neighbours, else x3), at most N more per preset, "
+                        "so that the rate chosen is an interior optimum (default: 0, the grid as given)")
+    g.add_argument("--sweep-only", action="store_true",
+                   help="stop after the sweep (its table in the report): several processes can sweep disjoint "
+                        "presets into one --out, and a later invocation reuses their runs")
+    g.add_argument("--sweep-seed", type=int, default=None,
+                   help="seed of the sweep runs (default: the first of --seeds); give it when processes with "
+                        "different --seeds share one sweep")
     g.add_argument("--sweep-model", default=None, help="model for the sweep (default: --model)")
     g.add_argument("--sweep-steps", type=int, default=None, help="steps of each sweep run (default: --steps / 4)")
     g.add_argument("--sweep-eval-tokens", type=int, default=None,
@@ -193,6 +203,32 @@ def _history(out: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
+def widen(losses: dict[float, Any]) -> float | None:
+    """The next rate to sweep when the best of ``losses`` ({lr: score}, lowest best; a score is a number
+    or a tuple of numbers compared in order; None or non-finite = diverged) sits at an edge of the grid:
+    one grid step beyond that edge (the ratio between the edge and its neighbour, or 3 for a single
+    rate); None when the best is interior or nothing finished finite. The first of equal scores wins."""
+    def finite(v):
+        return v is not None and all(math.isfinite(x) for x in (v if isinstance(v, tuple) else (v,)))
+
+    done = sorted(lr for lr, v in losses.items() if finite(v))
+    if not done:
+        return None
+    grid = sorted(losses)
+    best = min(done, key=lambda lr: losses[lr])
+    if len(grid) == 1:
+        return best * 3
+    if best == grid[0]:
+        return grid[0] ** 2 / grid[1]
+    if best == grid[-1]:
+        return grid[-1] ** 2 / grid[-2]
+    return None
+
+
+def _command(argv: list[str] | None) -> str:
+    return "grassopt bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     labels = list(dict.fromkeys(args.presets))
@@ -231,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"grassopt bench: error: --lrs/--sweep-lrs/--lrs-from name {unknown}, which are not among --presets",
               file=sys.stderr)
         return 2
+    if args.sweep_only and not (args.sweep or sweep_lrs):
+        print("grassopt bench: error: --sweep-only needs rates to sweep: give --sweep or --sweep-lrs", file=sys.stderr)
+        return 2
     lrs = {label: config_for(label).lr for label in labels}
     lrs.update(dict(args.lrs))
     # every run's settings are checked before the first one starts (not after the earlier runs took minutes)
@@ -247,28 +286,43 @@ def main(argv: list[str] | None = None) -> int:
     if args.sweep or sweep_lrs:
         sweep_steps = args.sweep_steps or max(1, base.total_steps() // 4)
         for label in labels:
-            best = None
-            for lr in sweep_lrs.get(label, args.sweep or []):
-                c = config_for(label, lr=lr, seed=args.seeds[0], model=args.sweep_model or base.model, tokens=None,
+            best, grid, losses = None, list(sweep_lrs.get(label, args.sweep or [])), {}
+            extra = args.widen
+            while grid:
+                lr = float(f"{grid.pop(0):.3g}")
+                c = config_for(label, lr=lr, seed=args.seeds[0] if args.sweep_seed is None else args.sweep_seed, model=args.sweep_model or base.model, tokens=None,
                                steps=sweep_steps, eval_every=sweep_steps, plot=False,
                                eval_tokens=args.sweep_eval_tokens or base.eval_tokens,
                                out=str(out / "sweep" / f"{_slug(label)}-lr{lr:g}"))
                 s = _run(c, not args.no_reuse, f"sweep {label} lr={lr:g}")
                 loss = s["final_eval_loss"]
                 sweep_rows.append({"preset": label, "lr": lr, "final_eval_loss": loss})
+                losses[lr] = loss
                 if loss is not None and math.isfinite(loss) and (best is None or loss < best[1]):
                     best = (lr, loss)
+                if not grid and extra > 0 and (nxt := widen(losses)) is not None:
+                    extra -= 1
+                    grid.append(nxt)
+                    print(f"[bench] {label}: best rate {best[0]:g} at the edge of the sweep; widening to {nxt:.3g}",
+                          file=sys.stderr)
             if best is not None and label not in dict(args.lrs):
                 lrs[label] = best[0]
     for label, other in args.lrs_from:
         lrs[label] = lrs[other]
+    if args.sweep_only:
+        report_dir = Path(args.report_dir) if args.report_dir else out
+        write_report(report_dir, [], sweep_rows, base, command=_command(argv), wall_time=time.time() - started,
+                     title=args.title, versions=reference_versions(dict.fromkeys(variants[label][0] for label in labels)))
+        for label in labels:
+            print(f"{label}: lr {lrs[label]:g}")
+        return 0
     runs = []
     for label in labels:
         for seed in args.seeds:
             c = config_for(label, lr=lrs[label], seed=seed, out=str(out / "runs" / f"{_slug(label)}-s{seed}"))
             s = _run(c, not args.no_reuse, f"{label} seed={seed} lr={lrs[label]:g}")
             runs.append({"preset": label, "seed": seed, "lr": lrs[label], "summary": s, "history": _history(c.out)})
-    cmd = "grassopt bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    cmd = _command(argv)
     report_dir = Path(args.report_dir) if args.report_dir else out
     versions = reference_versions(dict.fromkeys(variants[label][0] for label in labels))
     table = write_report(report_dir, runs, sweep_rows, base, command=cmd, wall_time=time.time() - started,
