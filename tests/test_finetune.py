@@ -70,7 +70,8 @@ def _train_loss(model, data, pad_id):
     return ft.evaluate(model, data, pad_id, batch_size=16, device="cpu")["loss"]
 
 
-@pytest.mark.parametrize("method,lr", [("adamw-torch", 2e-4), ("lora", 3e-3), ("galore", 2e-3), ("subtrack++", 2e-3)])
+@pytest.mark.parametrize("method,lr", [("adamw-torch", 2e-4), ("lora", 3e-3), ("dora", 3e-3), ("galore", 2e-3),
+                                       ("subtrack++", 2e-3)])
 def test_few_steps_lower_the_training_loss(tiny_task, method, lr):
     cfg = ft.FinetuneConfig(method=method, lr=lr, rank=4, update_interval=3, seq_len=32, seed=0)
     model, tok = ft.build_model(cfg, tiny_task.num_labels)
@@ -78,7 +79,7 @@ def test_few_steps_lower_the_training_loss(tiny_task, method, lr):
     opt = ft.make_optimizer(model, cfg)
     before = _train_loss(model, data, tok.pad_token_id)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    if method == "lora":  # only adapters (and the head) train
+    if method in ("lora", "dora"):  # only adapters (and the head) train
         assert all("lora_" in n or n.startswith("classifier") for n, p in model.named_parameters() if p.requires_grad)
     else:  # the embeddings stay frozen, everything else trains
         assert all(("embeddings" in n) != p.requires_grad for n, p in model.named_parameters())
@@ -93,18 +94,23 @@ def test_few_steps_lower_the_training_loss(tiny_task, method, lr):
     assert after < before - 0.05, (before, after)
 
 
-def test_lora_adapters_merge_back(tiny_task):
-    cfg = ft.FinetuneConfig(method="lora", lr=1e-2, rank=4, seq_len=32)
+@pytest.mark.parametrize("method", ["lora", "dora"])
+def test_lora_adapters_merge_back(tiny_task, method):
+    cfg = ft.FinetuneConfig(method=method, lr=1e-2, rank=4, seq_len=32)
     model, tok = ft.build_model(cfg, tiny_task.num_labels)
     data = ft.encode_task(tiny_task, tok, cfg.seq_len)["train"]
     opt = ft.make_optimizer(model, cfg)
     x, m = ft.collate(data.ids, tok.pad_token_id)
+    magnitudes = [p for n, p in model.named_parameters() if "lora_magnitude_vector" in n]
+    assert len(magnitudes) == (36 if method == "dora" else 0)  # DoRA: one trained magnitude per adapted layer
+    start = [p.detach().clone() for p in magnitudes]
     for _ in range(2):  # make B non-zero, so the adapters change the outputs
         model(x, m, data.labels)[1].backward()
         opt.step()
         opt.zero_grad()
     n_lora = sum(1 for n, _ in model.named_modules() if n.endswith("lora_A"))
     assert n_lora == 6 * 6  # q, k, v, attention output, FFN in and out in each of the 6 layers
+    assert all(not torch.equal(p, p0) for p, p0 in zip(magnitudes, start))  # and the optimizer trains them
     model.eval()
     with torch.no_grad():
         base = copy.deepcopy(model)

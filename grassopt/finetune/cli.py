@@ -52,13 +52,14 @@ def parser() -> argparse.ArgumentParser:
                    help="also train the token/position embeddings (frozen by default, for every method)")
     g = ap.add_argument_group("method")
     g.add_argument("--method", "--preset", dest="method", default=d.method, choices=methods,
-                   help="a grassopt preset, adamw-torch (full fine-tuning with torch.optim.AdamW) or lora "
-                        "(peft adapters of rank --rank trained with torch.optim.AdamW)")
+                   help="a grassopt preset, adamw-torch (full fine-tuning with torch.optim.AdamW), lora "
+                        "(peft adapters of rank --rank trained with torch.optim.AdamW) or dora (LoRA plus a trained "
+                        "magnitude per output: peft's use_dora)")
     g.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
     g.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final LR / peak LR (cosine decay)")
     g.add_argument("--warmup", type=int, default=None, help="linear warmup steps (default: 10%% of the steps)")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="decoupled weight decay")
-    g.add_argument("--rank", type=int, default=d.rank, help="subspace rank of a preset; adapter rank of lora")
+    g.add_argument("--rank", type=int, default=d.rank, help="subspace rank of a preset; adapter rank of lora and dora")
     g.add_argument("--update-interval", type=int, default=d.update_interval, help="steps between basis updates T")
     g.add_argument("--targets", nargs="+", default=d.targets,
                    help="encoder modules to project / adapt / sketch: 'all-linear', name substrings or regexes")

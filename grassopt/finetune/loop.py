@@ -56,11 +56,14 @@ __all__ = ["FinetuneConfig", "finetune", "build_model", "evaluate", "METHODS", "
 METHODS = {
     "adamw-torch": "full fine-tuning with torch.optim.AdamW",
     "lora": "LoRA adapters (peft) of rank --rank on the encoder's linear layers, trained with torch.optim.AdamW",
+    "dora": "DoRA (peft, use_dora=True): LoRA of rank --rank plus a trained magnitude per output of each adapted "
+            "layer, trained with torch.optim.AdamW",
     "zo": "forward only (grassopt.zo): low-rank U V^T perturbations of the encoder's linear layers, V of law "
           "--opt law=haar (default), gaussian or coordinate, kept --opt lazy=N steps; the head, biases and norms "
           "get full-rank Gaussian perturbations",
     "mezo": "forward only with dense Gaussian perturbations of every trainable parameter (MeZO), zo's baseline",
 }
+ADAPTERS = ("lora", "dora")  # peft adapters on a frozen encoder, trained with torch.optim.AdamW
 ZEROTH_ORDER = registry.FORWARD_ONLY
 SKETCH_LAWS = ("haar", "gaussian", "coordinate")
 #: Config fields that may change when a run is resumed (they do not affect the numbers).
@@ -132,7 +135,7 @@ class FinetuneConfig(RunConfig):
                 raise ValueError(f"sketch={self.sketch!r}: choose one of {SKETCH_LAWS} (or none)")
             if self.method in ZEROTH_ORDER:
                 raise ValueError(f"sketch sketches the backward pass; method {self.method!r} has none")
-            if self.method == "lora":
+            if self.method in ADAPTERS:
                 raise ValueError("sketch cannot be combined with lora (the adapters are not nn.Linear weights "
                                  "of the encoder); use it with adamw-torch or a preset")
             check_number("sketch_rank", self.sketch_rank, lambda v: v > 0 and (v < 1 or float(v).is_integer()),
@@ -230,8 +233,9 @@ def build_model(cfg: FinetuneConfig, num_labels: int) -> tuple[EncoderClassifier
         emb = encoder.get_input_embeddings()
     if emb is not None and not cfg.train_embeddings:
         emb.requires_grad_(False)
-    if cfg.method == "lora":
-        apply_lora(model, rank=cfg.rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.targets)
+    if cfg.method in ADAPTERS:
+        apply_lora(model, rank=cfg.rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=cfg.targets,
+                   dora=cfg.method == "dora")
     if cfg.sketch is not None:
         from .. import sketch as gs
         gs.sketch(model, rank=sketch_rank_spec(cfg.sketch_rank), law=cfg.sketch, targets=cfg.targets, mode="estimator", seed=cfg.seed)
@@ -242,7 +246,7 @@ def build_model(cfg: FinetuneConfig, num_labels: int) -> tuple[EncoderClassifier
 def make_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
     """The optimizer of ``cfg.method`` over the trainable parameters (:func:`grassopt.registry.build`;
     LoRA's adapters train with ``adamw-torch``)."""
-    kind = "adamw-torch" if cfg.method == "lora" else cfg.method
+    kind = "adamw-torch" if cfg.method in ADAPTERS else cfg.method
     options = dict(cfg.options)
     if kind in ZEROTH_ORDER:  # a fresh head must train too: perturb it (and biases, norms) full rank
         options.setdefault("others", "perturb")

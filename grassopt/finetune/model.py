@@ -157,8 +157,10 @@ def is_lora(model: EncoderClassifier) -> bool:
 
 
 def apply_lora(model: EncoderClassifier, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-               targets: str | Sequence[str] = "all-linear") -> EncoderClassifier:
-    """Wrap ``model.encoder`` with LoRA adapters (``peft``) on ``targets``, in place.
+               targets: str | Sequence[str] = "all-linear", dora: bool = False) -> EncoderClassifier:
+    """Wrap ``model.encoder`` with LoRA adapters (``peft``) on ``targets``, in place; with ``dora``, DoRA
+    (Liu et al. 2024, ``peft``'s ``use_dora=True``): each weight split into a trained magnitude vector
+    and a direction that the LoRA update turns, ``m (W + s B A) / ||W + s B A||_c`` (column norms).
 
     The encoder's own weights are frozen; the adapters (``A`` random, ``B`` zero: the model's output
     is unchanged at first) and the classification head are trained. ``targets``: ``"all-linear"``
@@ -178,7 +180,8 @@ def apply_lora(model: EncoderClassifier, rank: int = 8, alpha: float = 16.0, dro
         targets = list(targets)
         if targets == ["all-linear"]:
             targets = "all-linear"
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none")
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
+                     use_dora=bool(dora))
     try:
         model.encoder = get_peft_model(model.encoder, cfg)
     except ValueError as e:
