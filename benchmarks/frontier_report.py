@@ -1,0 +1,156 @@
+"""Write benchmarks/frontier.md and frontier.png from the runs of benchmarks/frontier.sh.
+
+    python benchmarks/frontier_report.py runs/frontier [--dest benchmarks]
+
+Reads ``<runs>/results.json`` (the report ``grassopt bench`` wrote over both seeds) and every sweep run's
+result; writes the table (eval loss with its seed spread, optimizer-state bytes from the one counter every
+run reports, tokens/s against torch's AdamW), the sweep with a check that each chosen rate is interior,
+the Pareto front of state bytes against eval loss, and the plot. A hand-written analysis between the
+markers in an existing ``frontier.md`` is carried over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from ablations_report import kept_analysis  # the hand-written analysis between markers, carried over
+
+OURS = ("galore", "fira", "subtrack++", "grassjump", "apollo", "apollo-mini", "adamw:")
+
+
+def ours(preset: str) -> bool:
+    return preset.split(":")[0] in {o.rstrip(":") for o in OURS}
+
+
+def pareto(rows: list[dict]) -> set[str]:
+    """Methods no other method beats on both axes (no more state bytes and a lower mean eval loss, or
+    fewer bytes and no higher loss)."""
+    front = set()
+    for r in rows:
+        dominated = any((o["state_mb"] <= r["state_mb"] and o["eval_loss"] < r["eval_loss"]) or
+                        (o["state_mb"] < r["state_mb"] and o["eval_loss"] <= r["eval_loss"]) for o in rows if o is not r)
+        if not dominated:
+            front.add(r["preset"])
+    return front
+
+
+def sweep_check(sweep: list[dict]) -> dict[str, dict]:
+    """Per method: its grid, losses, best rate and whether the best is interior."""
+    by = defaultdict(dict)
+    for s in sweep:
+        by[s["preset"]][s["lr"]] = s["final_eval_loss"]
+    out = {}
+    for p, losses in by.items():
+        finite = {lr: v for lr, v in losses.items() if v is not None and math.isfinite(v)}
+        grid = sorted(losses)
+        best = min(finite, key=finite.get) if finite else None
+        out[p] = {"grid": grid, "losses": losses, "best": best,
+                  "interior": best is not None and grid[0] < best < grid[-1]}
+    return out
+
+
+def plot(rows: list[dict], front: set[str], runs: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(15, 5.2), gridspec_kw={"width_ratios": [1.6, 1]})
+    for r in rows:
+        losses = [x for x in r["eval_losses"] if x is not None and math.isfinite(x)]
+        color = "tab:red" if ours(r["preset"]) else "tab:blue"
+        ax.errorbar(r["state_mb"], r["eval_loss"], yerr=[[r["eval_loss"] - min(losses)], [max(losses) - r["eval_loss"]]],
+                    fmt="o" if r["preset"] in front else "s", color=color, ms=7 if r["preset"] in front else 5,
+                    mfc=color if r["preset"] in front else "white", capsize=3)
+        ax.annotate(r["preset"], (r["state_mb"], r["eval_loss"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    fr = sorted((r for r in rows if r["preset"] in front), key=lambda r: r["state_mb"])
+    if fr:
+        xs, ys = [fr[0]["state_mb"]], [fr[0]["eval_loss"]]
+        for r in fr[1:]:
+            xs += [r["state_mb"], r["state_mb"]]
+            ys += [ys[-1], r["eval_loss"]]
+        ax.plot(xs, ys, "-", color="gray", lw=1, zorder=0, label="Pareto front")
+    ax.set_xscale("log")
+    ax.set_xlabel("optimizer state (MB, log scale)")
+    ax.set_ylabel("final eval loss (bars: the 2 seeds)")
+    ax.set_title("state bytes against eval loss (red: grassopt presets; filled: on the front)", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    order = sorted(rows, key=lambda r: r.get("tokens_ratio") or 0)
+    bx.barh([r["preset"] for r in order], [r.get("tokens_ratio") or 0 for r in order],
+            color=["tab:red" if ours(r["preset"]) else "tab:blue" for r in order])
+    bx.axvline(1.0, color="gray", lw=1)
+    bx.set_xlabel("training tokens/s / torch.optim.AdamW's (separate runs, two at a time: rough)")
+    bx.tick_params(axis="y", labelsize=7)
+    bx.set_title("speed of the whole training step", fontsize=9)
+    bx.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(src: Path, dest: Path) -> str:
+    res = json.loads((src / "results.json").read_text())
+    rows = [r for r in res["rows"] if r["eval_loss"] is not None and math.isfinite(r["eval_loss"])]
+    sweep = sweep_check(res["sweep"])
+    front = pareto(rows)
+    dest.mkdir(parents=True, exist_ok=True)
+    plot(rows, front, res["runs"], dest / "frontier.png")
+    cfg = res["config"]
+    L = ["# The memory frontier: grassopt against the optimizers people pick today", "",
+         f"Model `{cfg['model']}` on SOTU, {rows[0]['tokens']:,} training tokens per run ({cfg['batch_size']} x "
+         f"{cfg['seq_len']} tokens per step), fp32, seeds {sorted({s for r in rows for s in r['seeds']})}, rank "
+         f"{cfg['rank']} for the projected presets (apollo-mini: 1), basis update every {cfg['update_interval']} steps; "
+         "warmup then cosine decay. Each method at the best rate of its own sweep (below), widened until that best "
+         "is interior. Optimizer state: the bytes of every tensor in the optimizer's state, counted by the same "
+         "function for every method (`grassopt.registry.state_bytes`). Made by "
+         "[`benchmarks/frontier.sh`](frontier.sh) and [`benchmarks/frontier_report.py`](frontier_report.py).", "",
+         f"Command (the report over both seeds): `{res['command']}`", "",
+         "Packages: " + ", ".join(f"{k} {v}" for k, v in res.get("versions", {}).items()), "",
+         "*tokens/s / AdamW*: each run's training throughput over `torch.optim.AdamW`'s, from separate runs made "
+         "two at a time on 2 shared cores, one thread each: a rough ratio (the interleaved measurement is "
+         "[`train_step_time.md`](train_step_time.md)).", "",
+         "| method | lr | eval loss | seeds | state (MB) | state / AdamW | tokens/s / AdamW | on the front |",
+         "|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: r["state_mb"]):
+        seeds = ", ".join(f"{x:.4f}" for x in r["eval_losses"])
+        L.append(f"| {r['preset']} | {r['lr']:g} | {r['eval_loss']:.4f} | {seeds} | {r['state_mb']:.2f} | "
+                 f"{r.get('state_ratio') or float('nan'):.3f} | {r.get('tokens_ratio') or float('nan'):.3f} | "
+                 f"{'**yes**' if r['preset'] in front else 'no'} |")
+    L += ["", "![frontier](frontier.png)", "", "## The sweep", "",
+          "| method | rates (loss after the sweep's steps) | best | interior |", "|---|---|---|---|"]
+    for p, s in sweep.items():
+        cells = ", ".join(f"{lr:g}: {'diverged' if v is None or not math.isfinite(v) else format(v, '.4f')}"
+                          for lr, v in sorted(s["losses"].items()))
+        L.append(f"| {p} | {cells} | {s['best']:g} | {'yes' if s['interior'] else '**no**'} |")
+    on = sorted(front, key=lambda p: next(r["state_mb"] for r in rows if r["preset"] == p))
+    L += ["", f"On the Pareto front (state bytes against mean eval loss): {', '.join(f'`{p}`' for p in on)}.", ""]
+    md = dest / "frontier.md"
+    analysis = kept_analysis(md)
+    if analysis:
+        L += [analysis, ""]
+    text = "\n".join(L) + "\n"
+    md.write_text(text)
+    (dest / "frontier.json").write_text(json.dumps({"rows": rows, "front": on, "sweep": {
+        p: {"grid": s["grid"], "best": s["best"], "interior": s["interior"]} for p, s in sweep.items()}}, indent=1))
+    return text
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", help="the output folder of benchmarks/frontier.sh (e.g. runs/frontier)")
+    ap.add_argument("--dest", default="benchmarks", help="where frontier.md, frontier.png and frontier.json go")
+    args = ap.parse_args(argv)
+    src = Path(args.runs)
+    if not (src / "results.json").is_file():
+        print(f"no {src / 'results.json'}: run benchmarks/frontier.sh first", file=sys.stderr)
+        return 2
+    print(report(src, Path(args.dest)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
