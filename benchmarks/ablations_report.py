@@ -23,7 +23,11 @@ from pathlib import Path
 from typing import Any
 
 RULES = ("track", "walk", "jump", "hybrid", "svd", "frozen")
-DEFAULT_Q, DEFAULT_WALK = 1, 0.1
+DEFAULT_Q, DEFAULT_WALK = 1, 0.1  # the walk's step size of runs that do not name one (the default until 2026-12-03)
+SCRIPT_LRS = {"adamw-torch": 0.003, None: 0.01}  # ablations.sh's rates (for archived records without one)
+RULE_Q = {"walk": "full", "hybrid": "full"}  # today's default update rank where it is not 1 (runs without the option)
+WALK_STEPS = (0.03, 0.1, 0.3, 1.0, 1.5)
+R_OVER_D = 64 / 256  # rank / short side of every projected matrix of `tiny` (hidden 256, FFN 688)
 BASE_T = 50  # the update interval of the runs without an override (set from the data in report())
 COMBOS = (("rotate", True), ("keep", True), ("rotate", False), ("keep", False))
 
@@ -43,13 +47,36 @@ def load_runs(root: Path) -> list[dict[str, Any]]:
         opts = cfg.get("options", {})
         run = {"dir": str(d), "seed": cfg["seed"], "preset": cfg["preset"], "summary": summary, "history": hist,
                "rule": opts.get("rule"), "transport": opts.get("transport"), "recovery": opts.get("recovery"),
-               "T": cfg["update_interval"], "q": opts.get("update_rank", DEFAULT_Q),
+               "T": cfg["update_interval"], "q": opts.get("update_rank", RULE_Q.get(opts.get("rule"), DEFAULT_Q)),
                "eta": opts.get("step_size", DEFAULT_WALK if opts.get("rule") in ("walk", "hybrid") else None),
                "extra": {k: v for k, v in opts.items() if k not in ("rule", "transport", "recovery", "update_rank",
                                                                       "step_size")},
                "config": cfg}
         runs.append(run)
     return runs
+
+
+def load_archive(path: Path, live: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs of an earlier report's ``results.json`` whose configuration and seed no live run has (their
+    folders may be gone): the measurements of (i)-(iii) stay in the report when only new parts are run."""
+    if not path.is_file():
+        return []
+    have = {(key(r), r["seed"]) for r in live}
+    out = []
+    for c in json.loads(path.read_text())["runs"]:
+        src = c.get("archived_from") or str(path)
+        run = {"dir": c["dir"], "seed": c["seed"], "preset": c["preset"], "rule": c["rule"], "transport": c["transport"],
+               "recovery": c["recovery"], "T": c["T"], "q": c["q"], "eta": c["eta"], "extra": {}, "config": None,
+               "lr": c.get("lr", SCRIPT_LRS.get(c["preset"], SCRIPT_LRS[None])),
+               "archived_from": src,
+               "summary": {"final_eval_loss": c["final_eval_loss"], "train_time_s": c["train_time_s"],
+                           "mean_opt_step_s": c["mean_opt_step_s"]},
+               "history": [{"step": st, "eval_loss": v} for st, v in c["eval"]] +
+                          [{"step": st, "train_time": t, "loss": v} for st, t, v in c["train"]]}
+        run["history"].sort(key=lambda h: (h["step"], "loss" in h))
+        run["shadowed"] = (key(run), run["seed"]) in have  # rerun live: kept only for the comparison
+        out.append(run)
+    return out
 
 
 def key(r: dict[str, Any]) -> tuple:
@@ -213,6 +240,113 @@ def plot_sweeps(groups, path: Path) -> None:
     plt.close(fig)
 
 
+def plot_extension(groups, path: Path) -> None:
+    """(iv) the walk's step size, full tangent against rank 1; (v) keep / rotate / reset per rule."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    ax = axes[0]
+    for q, style in (("full", "o-"), (1, "s--")):
+        pts = [(e, find(groups, "walk", q=q, eta=e)) for e in WALK_STEPS]
+        pts = [(e, rs) for e, rs in pts if rs]
+        if pts:
+            ax.plot([e for e, _ in pts], [final(rs) for _, rs in pts], style,
+                    label="full tangent" if q == "full" else "rank 1 (update_rank=1)")
+            ax.plot([e for e, rs in pts for _ in by_seed(rs)], [v for _, rs in pts for v in by_seed(rs).values()],
+                    "k.", ms=4)
+    fz = find(groups, "frozen", "keep", True)
+    if fz:
+        ax.axhline(final(fz), color="gray", ls=":", label="frozen")
+    ax.set_xscale("log")
+    ax.set_xticks(WALK_STEPS, [str(e) for e in WALK_STEPS])
+    ax.minorticks_off()
+    ax.set_xlabel("walk step size (largest angle per update, rad)")
+    ax.set_ylabel("final eval loss (dots: seeds)")
+    ax.set_title("(iv) walk: full tangent vs rank 1 (rotate + recovery)", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    ax = axes[1]
+    for j, tr in enumerate(("keep", "rotate", "reset")):
+        for i, (rule, q) in enumerate(TRANSPORT_RULES):
+            rs = find(groups, rule, tr, True, q=q)
+            if rs:
+                ax.bar(i + (j - 1) * 0.27, final(rs), 0.27, color=plt.cm.tab10(j), label=tr if i == 0 else None)
+                ax.plot([i + (j - 1) * 0.27] * len(rs), list(by_seed(rs).values()), "k.", ms=4)
+    ax.set_xticks(range(len(TRANSPORT_RULES)), [f"{r} (full)" if q == "full" else r for r, q in TRANSPORT_RULES])
+    vals = [final(find(groups, r, tr, True, q=q)) for r, q in TRANSPORT_RULES for tr in ("keep", "rotate", "reset")]
+    vals = [v for v in vals if v is not None]
+    if vals:
+        ax.set_ylim(min(vals) - 0.03, max(vals) + 0.03)
+    ax.set_ylabel("final eval loss (dots: seeds)")
+    ax.set_title("(v) moment transport at each update (recovery on)", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+TRANSPORT_RULES = (("jump", DEFAULT_Q), ("walk", "full"), ("track", DEFAULT_Q), ("svd", DEFAULT_Q))
+
+
+def extension(groups, noise, figdir: Path, shadowed=()) -> list[str]:
+    """Sections (iv) and (v): the full-tangent walk and the reset transport (issue 18's extension)."""
+    full = {e: find(groups, "walk", q="full", eta=e) for e in WALK_STEPS}
+    resets = {r: find(groups, r, "reset", True, q=q) for r, q in TRANSPORT_RULES}
+    if not any(full.values()) and not any(resets.values()):
+        return []
+    plot_extension(groups, figdir / "walk_reset.png")
+    fz = find(groups, "frozen", "keep", True)
+    L = ["## (iv) The full-tangent walk, and hybrid with it", "",
+         "`walk` with `update_rank=\"full\"`: every update turns all 64 directions of the basis along a random "
+         "tangent, the largest angle equal to the step size (the rank-1 walk of (iii) turned one). Rotate + "
+         "recovery unless said otherwise.", "",
+         "| walk: step size (rad) | " + " | ".join(str(e) for e in WALK_STEPS) + " |", "|---|" + "---|" * len(WALK_STEPS),
+         "| full tangent | " + " | ".join(cell(full[e]) for e in WALK_STEPS) + " |",
+         "| rank 1, from (iii) | " + " | ".join(cell(find(groups, "walk", eta=e)) for e in WALK_STEPS) + " |", "",
+         f"Beside it: `frozen` {cell(fz)}; the full walk (0.1 rad) with `keep` "
+         f"{cell(find(groups, 'walk', 'keep', True, q='full'))}; `hybrid` (walk steps of 0.1 rad, jump probability "
+         f"0.3) with the full tangent {cell(find(groups, 'hybrid', q='full'))}, with the rank-1 walk (from (i)) "
+         f"{cell(find(groups, 'hybrid'))}.", ""]
+    best_eta = min((e for e in WALK_STEPS if full[e]), key=lambda e: final(full[e]), default=None)
+    if best_eta is not None and fz:
+        d = {s: by_seed(fz)[s] - v for s, v in by_seed(full[best_eta]).items() if s in by_seed(fz)}
+        m = statistics.fmean(d.values())
+        verdict_walk = ("moves off frozen and trains better" if m > noise and all(v > 0 for v in d.values()) else
+                        "worse than frozen" if m < -noise and all(v < 0 for v in d.values()) else
+                        "within the seed noise of frozen")
+        L += [f"Best full-walk step size {best_eta:g} rad: loss(frozen) - loss(walk) = "
+              + ", ".join(f"seed {s}: {v:+.4f}" for s, v in sorted(d.items())) + f" (mean {m:+.4f}; noise {noise:.4f}):"
+              f" **{verdict_walk}**.", ""]
+    L += ["## (v) Resetting the moments at each update, beside keeping and rotating them", "",
+          "Recovery on. `keep` and `rotate` of `jump`, `track` and `svd` come from (i); `walk` is the full-tangent "
+          "walk at 0.1 rad. Position of rotate between keep (0) and reset (1): `(rotate - keep) / (reset - keep)` per "
+          "seed, given only where `|reset - keep|` exceeds the seed noise.", "",
+          "| rule | keep | rotate | reset | rotate - keep | reset - keep | position of rotate |",
+          "|---|---|---|---|---|---|---|"]
+    for rule, q in TRANSPORT_RULES:
+        k, ro, re = (find(groups, rule, tr, True, q=q) for tr in ("keep", "rotate", "reset"))
+        bk, bro, bre = by_seed(k), by_seed(ro), by_seed(re)
+        seeds = sorted(set(bk) & set(bro) & set(bre))
+        pos = [(bro[s] - bk[s]) / (bre[s] - bk[s]) for s in seeds if abs(bre[s] - bk[s]) > noise]
+        diff = lambda a, b: fmt(statistics.fmean(a[s] - b[s] for s in seeds), "+.4f") if seeds else "–"  # noqa: E731
+        L.append(f"| {rule}{' (full)' if q == 'full' else ''} | {cell(k)} | {cell(ro)} | {cell(re)} | {diff(bro, bk)} | "
+                 f"{diff(bre, bk)} | {', '.join(f'{p:.2f}' for p in pos) or '–'} |")
+    L += ["", f"For a random jump, the singular values of `C = Q_old^T Q_new` have mean square `r/d` = {R_OVER_D:g} on "
+              f"`tiny` (rank 64, every projected matrix's short side 256): rotating multiplies the first moment's "
+              f"energy by about {R_OVER_D:g} (its norm by {math.sqrt(R_OVER_D):.2f}), a partial reset; for `track`, whose "
+              "updates turn a few degrees, `C` is close to the identity and rotate is close to keep.", ""]
+    if shadowed and fz:
+        old = by_seed(shadowed_group := [r for r in shadowed if key(r) == key(fz[0])])
+        new = {s: v for s, v in by_seed([r for r in fz if not r.get("archived_from")]).items()}
+        if old and new and shadowed_group:
+            L += ["**Control.** `frozen` (keep + recovery) ran again with today's code beside (iv) and (v); "
+                  "(i)-(iii) come from runs of an earlier code version (`" + shadowed_group[0]["archived_from"] +
+                  "`): " + ", ".join(f"seed {s}: {old[s]:.4f} then, {new[s]:.4f} now ({new[s] - old[s]:+.4f})"
+                                     for s in sorted(set(old) & set(new))) + ".", ""]
+    L += ["![walk and reset](ablations/walk_reset.png)", ""]
+    return L
+
+
 # ---------------------------------------------------------------------------------------- text
 ANALYSIS_START, ANALYSIS_END = "<!-- analysis: hand-written, kept on regeneration -->", "<!-- end of analysis -->"
 
@@ -239,14 +373,15 @@ def verdict(diffs: list[float], noise: float) -> str:
     return "not shown (within seed noise)"
 
 
-def report(runs, dest: Path, source: Path) -> str:
+def report(runs, dest: Path, source: Path, shadowed=()) -> str:
     global BASE_T
     BASE_T = statistics.mode(r["T"] for r in runs)
     groups = group(runs)
     spreads = [spread(rs) for rs in groups.values() if spread(rs) is not None]
     noise = statistics.median(spreads) if spreads else 0.0
     seeds = sorted({r["seed"] for r in runs})
-    any_run = next((r for r in runs if r["preset"] == "subtrack++"), runs[0])
+    live = [r for r in runs if r.get("config") is not None]
+    any_run = next((r for r in live if r["preset"] == "subtrack++"), live[0])
     c = any_run["config"]
     dest.mkdir(parents=True, exist_ok=True)
     figdir = dest / "ablations"
@@ -263,7 +398,10 @@ def report(runs, dest: Path, source: Path) -> str:
          "(`grassopt bench --presets 'subtrack++:rule=walk,transport=keep,recovery=False' ...`): Adam inside the "
          f"subspace, basis update every {BASE_T} steps unless said otherwise. Made by "
          "[`benchmarks/ablations.sh`](ablations.sh) and [`benchmarks/ablations_report.py`](ablations_report.py) "
-         f"from `{source}`.", "",
+         f"from `{source}`" + (f" and, for the configurations not rerun there, the runs archived in "
+                               f"`{archived[0]}` (run folders gone; the control in (v) shows today's code "
+                               "reproduces them)" if (archived := sorted({r['archived_from'] for r in runs
+                                                                          if r.get('archived_from')})) else "") + ".", "",
          f"Losses are final eval losses over the whole validation split, mean ± half the spread of the {len(seeds)} "
          f"seeds. **Seed noise**: the median over configurations of the seed-to-seed spread is "
          f"{noise:.4f} nats; below, a difference counts only when its mean exceeds that.", ""]
@@ -284,7 +422,7 @@ def report(runs, dest: Path, source: Path) -> str:
                  f" | {fmt(None if opt_ms is None else 1e3 * opt_ms, '.1f')} | {fmt(final(base, 'train_time_s'), '.0f')} |")
     ref = [r for rs in groups.values() for r in rs if r["preset"] == "adamw-torch"]
     if ref:
-        L += ["", f"Full-rank reference, `torch.optim.AdamW` (lr {ref[0]['config']['lr']:g}, not tuned): "
+        L += ["", f"Full-rank reference, `torch.optim.AdamW` (lr {(ref[0]['config'] or ref[0])['lr']:g}, not tuned): "
                   f"{cell(ref)}."]
     L += ["", "`frozen` never changes its basis, so rotation cannot act: it ran once, with `keep`.", "",
           "![rules](ablations/rules.png)", "", "![curves](ablations/curves.png)", ""]
@@ -300,6 +438,7 @@ def report(runs, dest: Path, source: Path) -> str:
           "| walk: step size (rad) | 0.03 | 0.1 | 0.3 | 1.0 |", "|---|---|---|---|---|",
           "| eval loss | " + " | ".join(cell(find(groups, "walk", eta=e)) for e in (0.03, 0.1, 0.3, 1.0)) + " |", "",
           "![sweeps](ablations/sweeps.png)", ""]
+    L += extension(groups, noise, figdir, shadowed)
     # claims
     data_rules = [r for r in RULES if r != "frozen"]
     rot = [(f"{rule} rec={rs} s{s}", lk[s] - lr_[s])
@@ -391,7 +530,9 @@ def report(runs, dest: Path, source: Path) -> str:
                 "final_eval_loss": r["summary"]["final_eval_loss"], "train_time_s": r["summary"]["train_time_s"],
                 "mean_opt_step_s": r["summary"]["mean_opt_step_s"],
                 "eval": [(h["step"], h["eval_loss"]) for h in r["history"] if "eval_loss" in h],
-                "train": [(h["step"], h["train_time"], h["loss"]) for h in r["history"] if "loss" in h]} for r in runs]
+                "train": [(h["step"], h["train_time"], h["loss"]) for h in r["history"] if "loss" in h],
+                "lr": r["config"]["lr"] if r.get("config") else r.get("lr"),
+                "archived_from": r.get("archived_from")} for r in runs]
     (figdir / "results.json").write_text(json.dumps({"noise": noise, "runs": compact}, indent=0))
     return text
 
@@ -400,12 +541,21 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", help="the output folder of benchmarks/ablations.sh (e.g. runs/ablations)")
     ap.add_argument("--dest", default="benchmarks", help="where ablations.md and ablations/*.png go")
+    ap.add_argument("--archive", default="benchmarks/ablations/runs_2026-12-02.json",
+                    help="an earlier report's results.json (default: the runs of (i)-(iii), measured on 2026-12-02, "
+                         "whose folders are gone): its runs join the report where no live run has the same "
+                         "configuration and seed ('' for none)")
     args = ap.parse_args(argv)
     runs = load_runs(Path(args.runs))
+    shadowed = []
+    if runs and args.archive:
+        archived = load_archive(Path(args.archive), runs)
+        runs += [r for r in archived if not r["shadowed"]]
+        shadowed = [r for r in archived if r["shadowed"]]
     if not runs:
         print(f"no finished runs under {args.runs}/s*/runs/", file=sys.stderr)
         return 2
-    print(report(runs, Path(args.dest), Path(args.runs)))
+    print(report(runs, Path(args.dest), Path(args.runs), shadowed))
     return 0
 
 
