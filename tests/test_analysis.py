@@ -14,6 +14,7 @@ from grassopt.analysis import (SubspaceAnalyzer, SubspaceQuality, basis_energy_s
 from grassopt.analysis import ackley as ack
 from grassopt.analysis import cli as analyze_cli
 from grassopt.linalg import orient
+from grassopt.rules import get_rule
 from grassopt.train.loop import TrainConfig, load_checkpoint, train
 
 
@@ -196,11 +197,11 @@ def test_the_analyze_hook_leaves_a_training_run_bit_identical(tmp_path, sotu_1k)
             ref_sv = torch.linalg.svdvals(estimation_error_derivative(x, q))[:5]
             assert torch.allclose(torch.tensor(r["df_sv"], dtype=torch.float64), ref_sv, rtol=1e-3, atol=1e-12)
             assert r["svd_drift_max_deg"] is not None and 0 <= r["svd_drift_mean_deg"] <= r["svd_drift_max_deg"] <= 90
-    # GrassWalk turns every basis by exactly step_size = 0.1 rad at steps 2 and 4 (update_interval 2)
+    # GrassWalk turns every basis by exactly its step size at steps 2 and 4 (update_interval 2)
     assert sorted({r["step"] for r in bases}) == [2, 4] and len(bases) == 2 * n_mat
     for r in bases:
-        assert r["angle_max_deg"] == pytest.approx(math.degrees(0.1), abs=1e-3)
-        assert r["angle_mean_deg"] < r["angle_max_deg"]  # rank-1 step: the other angles are 0
+        assert r["angle_max_deg"] == pytest.approx(math.degrees(get_rule("walk").OPTIONS["step_size"]), abs=1e-3)
+        assert 0 < r["angle_mean_deg"] < r["angle_max_deg"]  # the other angles: smaller, not all zero
     # quality=True: per basis interval, the capture of the following gradients, with the update's angles
     quality = [r for r in an.records if r["type"] == "quality"]
     assert len(quality) == 3 * n_mat and {r["rule"] for r in quality} == {"walk"}
