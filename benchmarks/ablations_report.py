@@ -351,6 +351,15 @@ def extension(groups, noise, figdir: Path, shadowed=()) -> list[str]:
 ANALYSIS_START, ANALYSIS_END = "<!-- analysis: hand-written, kept on regeneration -->", "<!-- end of analysis -->"
 
 
+def write_with_analysis(path: Path, lines: list[str]) -> str:
+    """Write ``lines`` to the markdown report ``path``, followed by the hand-written analysis of the report
+    it replaces (:func:`kept_analysis`); returns the text. The other benchmark reports use it too."""
+    analysis = kept_analysis(path)
+    text = "\n".join(lines + ([analysis, ""] if analysis else [])) + "\n"
+    path.write_text(text)
+    return text
+
+
 def kept_analysis(path: Path) -> str:
     """The hand-written analysis of an earlier ``ablations.md`` (between the markers), to carry over."""
     if not path.is_file():
@@ -520,11 +529,7 @@ def report(runs, dest: Path, source: Path, shadowed=()) -> str:
     L += ["", "Wall times come from two runs side by side on 2 shared cores (one thread each): compare them "
               "within this table, not with other machines. The optimizer step (the only part that differs between "
               "rules) is also given on its own.", ""]
-    analysis = kept_analysis(dest / "ablations.md")
-    if analysis:
-        L += [analysis, ""]
-    text = "\n".join(L) + "\n"
-    (dest / "ablations.md").write_text(text)
+    text = write_with_analysis(dest / "ablations.md", L)
     compact = [{"dir": r["dir"], "seed": r["seed"], "preset": r["preset"], "rule": r["rule"], "transport": r["transport"],
                 "recovery": r["recovery"], "T": r["T"], "q": r["q"], "eta": r["eta"],
                 "final_eval_loss": r["summary"]["final_eval_loss"], "train_time_s": r["summary"]["train_time_s"],

@@ -18,7 +18,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from ablations_report import kept_analysis  # the hand-written analysis between markers, carried over
+from ablations_report import write_with_analysis  # keeps the hand-written analysis between markers
 
 OURS = ("galore", "fira", "subtrack++", "grassjump", "apollo", "apollo-mini", "adamw:")
 
@@ -128,12 +128,7 @@ def report(src: Path, dest: Path) -> str:
         L.append(f"| {p} | {cells} | {s['best']:g} | {'yes' if s['interior'] else '**no**'} |")
     on = sorted(front, key=lambda p: next(r["state_mb"] for r in rows if r["preset"] == p))
     L += ["", f"On the Pareto front (state bytes against mean eval loss): {', '.join(f'`{p}`' for p in on)}.", ""]
-    md = dest / "frontier.md"
-    analysis = kept_analysis(md)
-    if analysis:
-        L += [analysis, ""]
-    text = "\n".join(L) + "\n"
-    md.write_text(text)
+    text = write_with_analysis(dest / "frontier.md", L)
     (dest / "frontier.json").write_text(json.dumps({"rows": rows, "front": on, "sweep": {
         p: {"grid": s["grid"], "best": s["best"], "interior": s["interior"]} for p, s in sweep.items()}}, indent=1))
     return text

@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from ablations_report import kept_analysis  # the hand-written analysis between markers, carried over
+from ablations_report import write_with_analysis  # keeps the hand-written analysis between markers
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "runs" / "subspace_quality"
@@ -224,12 +224,7 @@ def report(walk_step: float, dest: Path) -> str:
     if any(results.values()):
         plot(results, dest / "subspace_quality.png")
     (dest / "subspace_quality.json").write_text(json.dumps({"noise": noise, "results": results}, indent=1))
-    md = dest / "subspace_quality.md"
-    analysis = kept_analysis(md)
-    if analysis:
-        L += [analysis, ""]
-    text = "\n".join(L) + "\n"
-    md.write_text(text)
+    text = write_with_analysis(dest / "subspace_quality.md", L)
     return text
 
 
