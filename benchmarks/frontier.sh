@@ -62,14 +62,14 @@ echo "sweep done after $(( ($(date +%s) - start) / 60 )) min"
 # 2. the runs, one seed per process
 ALL=("${A[@]}" "${B[@]}")
 mapfile -t SALL < <(sweep_args "${ALL[@]}")
+pids=()
 for seed in 0 1; do
   grassopt bench "${COMMON[@]}" --presets "${ALL[@]}" --sweep-lrs "${SALL[@]}" --seeds "$seed" \
     --report-dir "$OUT/seed$seed" > "$OUT/seed$seed.log" 2>&1 &
-  eval "p$seed=\$!"
+  pids+=($!)
 done
-trap 'kill $p0 $p1 2>/dev/null' INT TERM
-wait $p0
-wait $p1
+trap 'kill "${pids[@]}" 2>/dev/null' INT TERM
+for p in "${pids[@]}"; do wait "$p"; done
 echo "runs done after $(( ($(date +%s) - start) / 60 )) min"
 
 # 3. the report over both seeds (every run reused), then the frontier

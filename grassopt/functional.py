@@ -251,7 +251,7 @@ def _scratch(n: int, device: torch.device, k: int) -> list[Tensor] | None:
     if cache is None:
         cache = _SCRATCH.bufs = {}
     bufs = cache.get(device)
-    if bufs is None or len(bufs) < k or bufs[0].numel() < n:
+    if bufs is None or len(bufs) < k or bufs[0].numel() < n:  # < n: CHUNK grew since (tests patch it)
         bufs = cache[device] = [torch.empty(CHUNK, dtype=torch.float32, device=device) for _ in range(k)]
     return [b[:n] for b in bufs[:k]]
 

@@ -285,12 +285,13 @@ def main(argv: list[str] | None = None) -> int:
     sweep_rows = []
     if args.sweep or sweep_lrs:
         sweep_steps = args.sweep_steps or max(1, base.total_steps() // 4)
+        sweep_seed = args.seeds[0] if args.sweep_seed is None else args.sweep_seed
         for label in labels:
             best, grid, losses = None, list(sweep_lrs.get(label, args.sweep or [])), {}
             extra = args.widen
             while grid:
-                lr = float(f"{grid.pop(0):.3g}")
-                c = config_for(label, lr=lr, seed=args.seeds[0] if args.sweep_seed is None else args.sweep_seed, model=args.sweep_model or base.model, tokens=None,
+                lr = grid.pop(0)
+                c = config_for(label, lr=lr, seed=sweep_seed, model=args.sweep_model or base.model, tokens=None,
                                steps=sweep_steps, eval_every=sweep_steps, plot=False,
                                eval_tokens=args.sweep_eval_tokens or base.eval_tokens,
                                out=str(out / "sweep" / f"{_slug(label)}-lr{lr:g}"))
@@ -302,8 +303,8 @@ def main(argv: list[str] | None = None) -> int:
                     best = (lr, loss)
                 if not grid and extra > 0 and (nxt := widen(losses)) is not None:
                     extra -= 1
-                    grid.append(nxt)
-                    print(f"[bench] {label}: best rate {best[0]:g} at the edge of the sweep; widening to {nxt:.3g}",
+                    grid.append(float(f"{nxt:.3g}"))  # a widened rate, to 3 digits (the given ones stay exact)
+                    print(f"[bench] {label}: best rate {best[0]:g} at the edge of the sweep; widening to {grid[-1]:g}",
                           file=sys.stderr)
             if best is not None and label not in dict(args.lrs):
                 lrs[label] = best[0]
