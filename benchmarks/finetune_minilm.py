@@ -29,6 +29,8 @@ from typing import Any
 from grassopt.bench.cli import widen
 from grassopt.bench.runner import ROOT, run_process
 
+from ablations_report import kept_analysis  # the hand-written analysis between markers, carried over
+
 #: label -> (CLI arguments of the method, learning-rate grid). Subspace methods use alpha = 0.25
 #: (the presets' default), so their rates are about 4x those of full-rank AdamW for the same step.
 #: The starting grids sit one step (x3) above those of the first version of this benchmark, where every
@@ -286,7 +288,9 @@ def write(args, rows, sweep, runs, wall, command) -> Path:
     plot(rows, png, args.smoke)
     text = report(args, rows, sweep, runs, wall, command)
     head, sep, tail = text.partition("\n## Learning-rate sweep")
-    path.write_text(head + f"\n![accuracy against optimizer state]({png.name})\n" + sep + tail)
+    analysis = kept_analysis(path)  # the hand-written analysis between the markers, carried over
+    path.write_text(head + f"\n![accuracy against optimizer state]({png.name})\n" + sep + tail +
+                    (f"\n{analysis}\n" if analysis else ""))
     (Path(args.out) / "results.json").write_text(json.dumps({"command": command, "args": vars(args), "rows": rows,
                                                              "sweep": sweep, "runs": runs, "wall_s": wall}, indent=1))
     return path

@@ -5,7 +5,8 @@
 Reads ``<runs>/results.json`` (the report ``grassopt bench`` wrote over both seeds) and every sweep run's
 result; writes the table (eval loss with its seed spread, optimizer-state bytes from the one counter every
 run reports, tokens/s against torch's AdamW), the sweep with a check that each chosen rate is interior,
-the Pareto front of state bytes against eval loss, and the plot. A hand-written analysis between the
+the Pareto front of state bytes against eval loss, the plot, and each method's state split over the
+parts of the model (embedding + head, hidden matrices, norms). A hand-written analysis between the
 markers in an existing ``frontier.md`` is carried over.
 """
 
@@ -19,6 +20,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from ablations_report import write_with_analysis  # keeps the hand-written analysis between markers
+
+from grassopt.bench.cli import _slug
 
 OURS = ("galore", "fira", "subtrack++", "grassjump", "apollo", "apollo-mini", "adamw:")
 
@@ -54,6 +57,40 @@ def sweep_check(sweep: list[dict]) -> dict[str, dict]:
     return out
 
 
+#: The parts of the model the state breakdown separates (by parameter name and shape).
+PARTS = ("hidden matrices", "embedding + head", "norms")
+
+
+def _part(name: str, p) -> str:
+    if p.dim() < 2:
+        return "norms"
+    return "embedding + head" if ("emb" in name or "head" in name) else "hidden matrices"
+
+
+def state_by_part(run_dir: Path) -> dict[str, int]:
+    """Optimizer-state bytes of a finished run's method, split over the parts of the model: the method is
+    built again from the run's ``config.json`` on the same model (vocabulary from its summary), takes one
+    step on random tokens (states are created at the first step), and each parameter's state is counted
+    with the same counter as the table (:func:`grassopt.references.tensor_bytes`, shared storages once)."""
+    import torch
+
+    from grassopt import references
+    from grassopt.train.loop import TrainConfig, build_model, build_optimizer
+
+    cfg = TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text()))
+    model = build_model(cfg, cfg.vocab_size)
+    opt = build_optimizer(model, cfg)
+    x = torch.randint(0, cfg.vocab_size, (2, 64))
+    model(x, x)[1].backward()
+    opt.step()
+    names = {p: n for n, p in model.named_parameters()}
+    seen: set = set()
+    out = dict.fromkeys(PARTS, 0)
+    for p, st in opt.state.items():
+        out[_part(names.get(p, ""), p)] += references.tensor_bytes(st, seen)
+    return out
+
+
 def plot(rows: list[dict], front: set[str], runs: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -65,7 +102,10 @@ def plot(rows: list[dict], front: set[str], runs: list[dict], path: Path) -> Non
         ax.errorbar(r["state_mb"], r["eval_loss"], yerr=[[r["eval_loss"] - min(losses)], [max(losses) - r["eval_loss"]]],
                     fmt="o" if r["preset"] in front else "s", color=color, ms=7 if r["preset"] in front else 5,
                     mfc=color if r["preset"] in front else "white", capsize=3)
-        ax.annotate(r["preset"], (r["state_mb"], r["eval_loss"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        same = sorted((o for o in rows if abs(o["state_mb"] - r["state_mb"]) < 0.01),
+                      key=lambda o: -o["eval_loss"])  # labels of methods with equal state: stacked
+        ax.annotate(r["preset"], (r["state_mb"], r["eval_loss"]), fontsize=7, textcoords="offset points",
+                    xytext=(6, 4.5 * (len(same) - 1) - 9 * same.index(r)))
     fr = sorted((r for r in rows if r["preset"] in front), key=lambda r: r["state_mb"])
     if fr:
         xs, ys = [fr[0]["state_mb"]], [fr[0]["eval_loss"]]
@@ -83,7 +123,7 @@ def plot(rows: list[dict], front: set[str], runs: list[dict], path: Path) -> Non
     bx.barh([r["preset"] for r in order], [r.get("tokens_ratio") or 0 for r in order],
             color=["tab:red" if ours(r["preset"]) else "tab:blue" for r in order])
     bx.axvline(1.0, color="gray", lw=1)
-    bx.set_xlabel("training tokens/s / torch.optim.AdamW's (separate runs, two at a time: rough)")
+    bx.set_xlabel("tokens/s / torch.optim.AdamW's (separate runs, 2 at a time: rough)")
     bx.tick_params(axis="y", labelsize=7)
     bx.set_title("speed of the whole training step", fontsize=9)
     bx.grid(alpha=0.3, axis="x")
@@ -126,11 +166,24 @@ def report(src: Path, dest: Path) -> str:
         cells = ", ".join(f"{lr:g}: {'diverged' if v is None or not math.isfinite(v) else format(v, '.4f')}"
                           for lr, v in sorted(s["losses"].items()))
         L.append(f"| {p} | {cells} | {s['best']:g} | {'yes' if s['interior'] else '**no**'} |")
+    L += ["", "## Where the state goes", "",
+          "Each method's state split over the parts of `" + cfg["model"] + "` (MB; `state_by_part`: the method built "
+          "again from its seed-0 run's config, one step on random tokens, the same counter as above). The last "
+          "column checks the split against the run's own count.", "",
+          "| method | " + " | ".join(PARTS) + " | total | = the run's |", "|---|" + "---|" * (len(PARTS) + 2)]
+    parts = {}
+    for r in sorted(rows, key=lambda r: r["state_mb"]):
+        run_dir = src / "runs" / f"{_slug(r['preset'])}-s{min(r['seeds'])}"
+        parts[r["preset"]] = b = state_by_part(run_dir)
+        total = sum(b.values()) / 2**20
+        same = "yes" if abs(total - r["state_mb"]) < 0.01 else f"**no** ({r['state_mb']:.2f})"
+        L.append(f"| {r['preset']} | " + " | ".join(f"{b[k] / 2**20:.2f}" for k in PARTS) + f" | {total:.2f} | {same} |")
     on = sorted(front, key=lambda p: next(r["state_mb"] for r in rows if r["preset"] == p))
     L += ["", f"On the Pareto front (state bytes against mean eval loss): {', '.join(f'`{p}`' for p in on)}.", ""]
     text = write_with_analysis(dest / "frontier.md", L)
     (dest / "frontier.json").write_text(json.dumps({"rows": rows, "front": on, "sweep": {
-        p: {"grid": s["grid"], "best": s["best"], "interior": s["interior"]} for p, s in sweep.items()}}, indent=1))
+        p: {"grid": s["grid"], "best": s["best"], "interior": s["interior"]} for p, s in sweep.items()},
+        "state_by_part": parts}, indent=1))
     return text
 
 
