@@ -14,8 +14,8 @@
 #   1. the sweep, the methods split over two processes (one thread each);
 #   2. the runs at the chosen rates, seed 0 and seed 1 as two processes side by side (one thread each);
 #   3. one report over both seeds (every run reused), then benchmarks/frontier_report.py.
-# Cost on this 2-core machine: about 25 min of sweep and 85 min of runs (15 methods x 2 seeds x ~5.5
-# min, two at a time).
+# Cost on this 2-core machine (measured, 2026-12-03): 45 min of sweep and about 2 h of runs, two at a
+# time: 5-6 min per run, except ref-muon's 37 min (torch's Muon orthogonalizes in bfloat16, slow on a CPU).
 #
 #   bash benchmarks/frontier.sh                                  # from the repository root
 #   OUT=/tmp/f SMOKE=1 bash benchmarks/frontier.sh               # nano, a few steps: the pipeline only
