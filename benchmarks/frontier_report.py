@@ -69,7 +69,7 @@ def _part(name: str, p) -> str:
 
 def state_by_part(run_dir: Path) -> dict[str, int]:
     """Optimizer-state bytes of a finished run's method, split over the parts of the model: the method is
-    built again from the run's ``config.json`` on the same model (vocabulary from its summary), takes one
+    built again from the run's ``config.json`` on the same model (its ``vocab_size``), takes one
     step on random tokens (states are created at the first step), and each parameter's state is counted
     with the same counter as the table (:func:`grassopt.references.tensor_bytes`, shared storages once)."""
     import torch
