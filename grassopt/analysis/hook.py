@@ -44,8 +44,8 @@ one record per interval like every other rule, with angles 0, so its capture can
 training. The interval still open at the end of the run is written by ``on_end`` with
 ``complete: false``, ``step`` its last measured step and no angles. Records share ``analysis.jsonl``
 with the analyzer's (``type`` tells them apart; ``kind`` is the layer type in every record). The
-gradient measured is the one the optimizer receives (``X = G``, not LDAdam's ``G + E``), before clipping; a non-finite gradient makes its
-interval's values NaN (the report's means skip them).
+gradient measured is the one the optimizer receives (``X = G``, not LDAdam's ``G + E``), before
+clipping; a non-finite gradient makes its interval's values NaN (the report's means skip them).
 
 A resumed run (``cfg.resume``) appends to ``analysis.jsonl`` after dropping what the interrupted
 invocation wrote from the resumed step on (and its still-open quality intervals); the first record
