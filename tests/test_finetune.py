@@ -23,7 +23,10 @@ except FileNotFoundError:  # pragma: no cover
 
 FOX = "The quick brown fox jumps over the lazy dog."
 # all-MiniLM-L6-v2's embedding of FOX (mean pooling, L2-normalised), recorded with this code and
-# identical (max difference 0.0) to sentence-transformers' SentenceTransformer(<model dir>).encode
+# identical (max difference 0.0) to sentence-transformers' SentenceTransformer(<model dir>).encode.
+# Stored on one machine: on others the products round differently. Measured across the kernel paths of
+# tests/make_curves.py (MKL_CBWR=COMPATIBLE, AVX2-only, SSE4.2): at most 1.4e-7 on these dimensions and
+# 1.8e-7 relative on the norm, so the tests allow 2e-6 on both (.ci/run checks them on those paths).
 FOX_FIRST_DIMS = [0.04393357, 0.05893431, 0.04817842, 0.07754800, 0.02674442, -0.03762965]
 FOX_NORM_BEFORE_NORMALISATION = 5.4238825
 
@@ -42,9 +45,9 @@ def tiny_task():
 def test_pretrained_embedding_is_stable(encoder):
     enc, tok = encoder
     e = sentence_embeddings(enc, tok, [FOX])[0]
-    assert torch.allclose(e[:6], torch.tensor(FOX_FIRST_DIMS), atol=1e-5)
+    assert torch.allclose(e[:6], torch.tensor(FOX_FIRST_DIMS), rtol=0, atol=2e-6)
     raw = sentence_embeddings(enc, tok, [FOX], normalize=False)[0]
-    assert raw.norm().item() == pytest.approx(FOX_NORM_BEFORE_NORMALISATION, rel=1e-4)
+    assert raw.norm().item() == pytest.approx(FOX_NORM_BEFORE_NORMALISATION, rel=2e-6)
 
 
 def test_pretrained_model_is_not_random(encoder):
