@@ -80,11 +80,13 @@ def make_optimizer(model: nn.Module, args: Any | None = None, preset: str = "sub
 
     ``targets`` defaults to ``args.optim_target_modules`` (then ``"all-linear"``); ``seed`` to
     ``args.seed`` (the random rules' generators). ``lr``, ``betas``, ``eps``, ``weight_decay`` come
-    from ``args`` unless given in ``overrides``; other ``overrides`` are subspace options
-    (``alpha``, ``step_size``, ``transport``, ...).
+    from ``args`` unless given in ``overrides``; ``plain_lr`` and ``plain_weight_decay`` (default: the
+    same as ``lr`` / ``weight_decay``) are those of the parameters that are not projected (embedding,
+    head, norms, biases; the Trainer's scheduler scales every group's rate by the same factor); other
+    ``overrides`` are subspace options (``alpha``, ``step_size``, ``transport``, ...).
     """
     hyper = args_hyperparameters(args)
-    for key in ("lr", "betas", "eps", "weight_decay"):
+    for key in ("lr", "betas", "eps", "weight_decay", "plain_lr", "plain_weight_decay"):
         if key in overrides:
             hyper[key] = overrides.pop(key)
     if targets is None and args is not None:

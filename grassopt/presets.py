@@ -23,7 +23,7 @@ from torch import nn
 
 from .optimizer import SUBSPACE_DEFAULTS, SubspaceAdamW
 from .rules import all_rule_options
-from .targets import resolve_rank, select_targets
+from .targets import check_plain_rates, hidden_matrices, resolve_rank, select_targets
 
 __all__ = ["PRESETS", "DEFAULT_RANKS", "param_groups", "make_optimizer", "select_targets", "resolve_preset",
            "default_rank", "resolve_rank"]
@@ -80,6 +80,8 @@ def param_groups(
     lr: float | None = None,
     weight_decay: float = 0.0,
     state_dtype: str | None = None,
+    plain_lr: float | None = None,
+    plain_weight_decay: float | None = None,
     **overrides: Any,
 ) -> list[dict[str, Any]]:
     """Optimizer param groups for ``model``: the projected group(s) and the plain rest.
@@ -93,7 +95,16 @@ def param_groups(
     fewer than 2 dimensions (norms, biases) get no decay, as in nanoGPT. Parameters are given with
     their names, so errors and :meth:`SubspaceAdamW.diagnostics` name them. ``state_dtype``
     (``"float32"`` or ``"int8"``), when given, is set on every group, projected and plain.
+
+    ``plain_lr`` and ``plain_weight_decay`` are the learning rate and weight decay of the plain
+    parameters, those the method does not project (embedding, head, norms, biases); None (the
+    default) means the same as ``lr`` / ``weight_decay``, and the groups are then those of a
+    single rate. A hidden matrix (:func:`grassopt.targets.hidden_matrices`) that falls back to plain
+    AdamW (its rank is too large, or ``preset="adamw"``) keeps ``lr`` and ``weight_decay``, in a group
+    of its own, as it does under ``adamw-torch``.
     """
+    check_plain_rates(plain_lr, plain_weight_decay)
+    split = plain_lr is not None or plain_weight_decay is not None  # else: the groups of one rate
     if update_interval is not None and PRESETS.get(preset) is not None:
         overrides["update_interval"] = update_interval
     settings = resolve_preset(preset, **overrides)
@@ -101,42 +112,47 @@ def param_groups(
         rank = default_rank(preset)
     if settings is not None:
         resolve_rank(rank, (1 << 62, 1 << 62))  # validates the spec before looking at the model
+    hidden = hidden_matrices(model, targets) if settings is not None or split else []
     rank_of: dict[int, int] = {}
     if settings is not None:
-        for name, mod in select_targets(model, targets):
-            w = mod.weight
-            if not w.requires_grad or w.dim() != 2:
-                continue
+        for name, w in hidden:
             r = resolve_rank(rank, w.shape)
             if r >= min(w.shape):
                 warnings.warn(f"{name}.weight {tuple(w.shape)}: rank {r} >= min(m, n) = {min(w.shape)}; "
                               "it is trained with plain AdamW instead", stacklevel=2)
                 continue
             rank_of[id(w)] = r
+    kept_ids = {id(w) for _, w in hidden} if split else set()  # hidden matrices trained with AdamW at lr
+    plain_wd = weight_decay if plain_weight_decay is None else plain_weight_decay
     proj: dict[int, list] = {}  # rank -> (name, parameter) pairs
-    decay, no_decay = [], []
+    kept, decay, no_decay = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if id(p) in rank_of:
             proj.setdefault(rank_of[id(p)], []).append((name, p))
-        elif weight_decay > 0 and p.dim() < 2:
+        elif id(p) in kept_ids:
+            kept.append((name, p))
+        elif plain_wd > 0 and p.dim() < 2:
             no_decay.append((name, p))
         else:
             decay.append((name, p))
     common = {} if lr is None else {"lr": lr}
     if state_dtype is not None:
         common["state_dtype"] = state_dtype
+    plain = common if plain_lr is None else {**common, "lr": plain_lr}
     groups: list[dict[str, Any]] = []
     for r, params in proj.items():
         groups.append({"params": params, "rank": r, "weight_decay": weight_decay, **settings, **common})
     if not proj and settings is not None:
         warnings.warn(f"preset {preset!r}: no parameter matched targets={targets!r}; everything is plain AdamW",
                       stacklevel=2)
+    if kept:
+        groups.append({"params": kept, "weight_decay": weight_decay, **common})
     if decay:
-        groups.append({"params": decay, "weight_decay": weight_decay, **common})
+        groups.append({"params": decay, "weight_decay": plain_wd, **plain})
     if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0, **common})
+        groups.append({"params": no_decay, "weight_decay": 0.0, **plain})
     return groups
 
 
@@ -144,9 +160,12 @@ def make_optimizer(model: nn.Module, preset: str = "subtrack++", lr: float = 1e-
                    update_interval: int | None = None, targets: str | Iterable[str] = "all-linear", *,
                    weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-6, seed: int = 0,
                    state_dtype: str = "float32", stochastic_rounding: bool = False, fused: bool | None = None,
-                   check_finite: bool = True, **overrides: Any) -> SubspaceAdamW:
-    """``SubspaceAdamW(param_groups(model, preset, ...), lr=lr, ...)`` in one call."""
-    groups = param_groups(model, preset, rank, update_interval, targets, weight_decay=weight_decay, **overrides)
+                   check_finite: bool = True, plain_lr: float | None = None, plain_weight_decay: float | None = None,
+                   **overrides: Any) -> SubspaceAdamW:
+    """``SubspaceAdamW(param_groups(model, preset, ...), lr=lr, ...)`` in one call (``plain_lr``,
+    ``plain_weight_decay``: the plain group's own rate and decay, see :func:`param_groups`)."""
+    groups = param_groups(model, preset, rank, update_interval, targets, weight_decay=weight_decay,
+                          plain_lr=plain_lr, plain_weight_decay=plain_weight_decay, **overrides)
     return SubspaceAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, seed=seed,
                          state_dtype=state_dtype, stochastic_rounding=stochastic_rounding, fused=fused,
                          check_finite=check_finite)

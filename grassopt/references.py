@@ -5,7 +5,7 @@ of these on the same harness as grassopt's presets: the same model, data order, 
 then cosine, applied to every param group), gradient clipping, checkpoints and state-byte counter.
 
 ``REFERENCES`` is the registry: name -> :class:`Reference` ``(description, build, packages,
-betas)``, where ``build(model, lr, weight_decay, betas, settings) -> torch.optim.Optimizer``.
+betas)``, where ``build(model, lr, weight_decay, betas, settings, plain=None) -> torch.optim.Optimizer``.
 :func:`build` resolves the betas and checks the packages first. ``settings`` are the
 reference's own knobs (``--opt key=value`` on the command line; an unknown key is an error that
 lists the known ones); ``settings["betas"]`` overrides the betas for any reference.
@@ -15,6 +15,21 @@ one's learning rate the same way. Weight decay goes on matrices and embeddings, 
 parameters), as for ``adamw-torch``; Adam-mini decides this itself (no decay on names with "norm").
 Each optional package's absence is one line, :class:`MissingPackageError`, naming the pip extra.
 
+``plain`` (a :class:`grassopt.targets.PlainRates`, from ``plain_lr`` / ``plain_weight_decay``) gives
+the plain parameters (everything but the hidden matrices that grassopt's presets would project:
+embedding, head, norms, biases) their own rate and decay, in param groups of their own (Adam-mini,
+which makes one group per parameter itself: those groups' ``lr`` and ``weight_decay`` are set after
+construction). ``ref-muon``'s Muon part is the hidden matrices, so its AdamW part gets the plain rate;
+so does ``ref-adafactor:rest=adamw``'s.
+
+Hidden matrices + AdamW. For a comparison in which every method trains the embedding, head, norms and
+biases the same way (AdamW) and differs only on the hidden matrices (every trainable 2-D parameter but
+the embedding tables and the head: attention and MLP weights), :class:`HiddenAndAdamW` holds any torch
+optimizer on the hidden matrices and ``torch.optim.AdamW`` on the rest, as one optimizer (one LR
+schedule, one state dict): ``ref-muon`` (:class:`MuonAdamW`) always, ``ref-adafactor`` with
+``rest=adamw`` (:class:`AdafactorAdamW`). The AdamW part takes the harness's (or ``settings["betas"]``)
+betas and ``adamw_eps`` (torch's 1e-8 by default; ``adamw_eps=1e-6`` is grassopt's own AdamW's eps).
+
 Learning rates and settings, with their source:
 
 - ``ref-muon``: ``torch.optim.Muon`` (momentum 0.95, Nesterov, 5 Newton-Schulz steps: Keller
@@ -22,11 +37,16 @@ Learning rates and settings, with their source:
   ``torch.optim.AdamW`` on embeddings, head and norms. ``adjust_lr_fn="match_rms_adamw"`` (Moonshot,
   "Muon is Scalable for LLM Training", arXiv 2502.16982; torch's Muon docs) scales each matrix's
   step to ``lr * 0.2 * sqrt(max(A, B))``, which gives Muon's update the RMS of AdamW's so that
-  both share one learning rate and one weight decay: the AdamW rate.
+  both share one learning rate and one weight decay: the AdamW rate. ``adamw_eps`` (or its older
+  name ``eps``) is the AdamW part's eps.
 - ``ref-adafactor``: ``torch.optim.Adafactor`` with torch's defaults, which are the paper's
   (Shazeer & Stern 2018): relative steps ``min(lr, 1/sqrt(t)) * max(1e-3, RMS(param))``,
   ``beta2_t = 1 - t^-0.8``, update clipping d = 1, no first moment. ``lr`` caps the relative step
-  (the paper's constant is 1e-2, torch's default lr).
+  (the paper's constant is 1e-2, torch's default lr). ``rest`` says what trains the parameters that
+  are not hidden matrices: ``"adafactor"`` (the default: Adafactor on every parameter) or ``"adamw"``
+  (Adafactor on the hidden matrices, the same ones ``ref-muon`` gives Muon, and ``torch.optim.AdamW``
+  on the rest, with ``adamw_eps``). Since ``lr`` is Adafactor's relative-step cap, give the AdamW part
+  its own rate with ``plain_lr`` (and ``plain_weight_decay``).
 - ``ref-adam-mini``: the authors' ``adam-mini`` with dim, n_heads and n_kv_heads of our
   ``Llama``; "the same values as those used for AdamW" for lr, betas, eps and weight decay (its
   README). Its README also recommends ``optimizer.wv_names = {}`` (one lr for the whole value
@@ -55,13 +75,17 @@ import importlib
 import importlib.metadata
 import importlib.util
 import logging
+import math
 import warnings
 from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 from torch import nn
 
-__all__ = ["REFERENCES", "Reference", "MissingPackageError", "MuonAdamW", "build", "require", "available",
+from .targets import PlainRates
+
+__all__ = ["REFERENCES", "Reference", "MissingPackageError", "HiddenAndAdamW", "MuonAdamW",
+           "AdafactorAdamW", "build", "require", "available",
            "reference_versions", "prepare_resume", "tensor_bytes", "EXTRA"]
 
 #: The pip extra that installs every reference package.
@@ -91,11 +115,21 @@ def _settings(name: str, given: dict[str, Any], **defaults: Any) -> dict[str, An
     return {**defaults, **given}
 
 
-def _decay_groups(params: Iterable[nn.Parameter], weight_decay: float, **extra: Any) -> list[dict[str, Any]]:
-    """Weight decay on matrices and embeddings, none on 1-D parameters (norms), as adamw-torch."""
+def _decay_groups(params: Iterable[nn.Parameter], weight_decay: float, plain: PlainRates | None = None,
+                  **extra: Any) -> list[dict[str, Any]]:
+    """Weight decay on matrices and embeddings, none on 1-D parameters (norms), as adamw-torch. With
+    ``plain``: the hidden matrices first (``weight_decay``), then the plain parameters at ``plain.lr``
+    (matrices with ``plain.weight_decay``, 1-D parameters with none)."""
     params = [p for p in params if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay, **extra},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, **extra}]
+    if plain is None:
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay, **extra},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, **extra}]
+    else:
+        rest = [p for p in params if id(p) not in plain.hidden]
+        groups = [{"params": [p for p in params if id(p) in plain.hidden], "weight_decay": weight_decay, **extra},
+                  {"params": [p for p in rest if p.dim() >= 2], "weight_decay": plain.weight_decay,
+                   "lr": plain.lr, **extra},
+                  {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "lr": plain.lr, **extra}]
     return [g for g in groups if g["params"]]
 
 
@@ -131,26 +165,20 @@ def _import(module: str):
         return importlib.import_module(module)
 
 
-# ---------------------------------------------------------------------------------------- Muon + AdamW
-class MuonAdamW(torch.optim.Optimizer):
-    """``torch.optim.Muon`` on the hidden matrices and ``torch.optim.AdamW`` on everything else, as one
-    optimizer: ``param_groups`` are the two optimizers' own group dicts (Muon's first), so an LR
-    scheduler drives both; ``state`` is their states merged (read it, do not write it);
-    ``state_dict()`` is the ordinary format over all groups, and ``load_state_dict`` hands each
-    optimizer its part."""
+# ---------------------------------------------------------------------------------------- hidden + AdamW
+class HiddenAndAdamW(torch.optim.Optimizer):
+    """One optimizer (``hidden_optimizer``: Muon, Adafactor, any ``torch.optim.Optimizer``) on the hidden
+    matrices and ``torch.optim.AdamW`` (``adamw``, or None when there is nothing else) on everything
+    else, as one optimizer: ``param_groups`` are the two optimizers' own group dicts (the hidden
+    optimizer's first), so an LR scheduler drives both; ``state`` is their states merged (read it, do
+    not write it); ``state_dict()`` is the ordinary format over all groups, and ``load_state_dict``
+    hands each optimizer its part (a state dict with another number of groups, or of parameters in a
+    group, is refused in one line)."""
 
-    def __init__(self, muon_params: list[nn.Parameter], adamw_params: list[nn.Parameter], *, lr: float,
-                 weight_decay: float, betas: tuple[float, float], momentum: float = 0.95, nesterov: bool = True,
-                 ns_steps: int = 5, adjust_lr_fn: str | None = "match_rms_adamw", eps: float = 1e-8) -> None:
-        if not muon_params:
-            raise ValueError("ref-muon found no hidden 2-D matrices to give Muon")
-        self.muon = torch.optim.Muon(muon_params, lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                     nesterov=nesterov, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn)
-        self.optimizers: list[torch.optim.Optimizer] = [self.muon]
-        self.adamw = None
-        if adamw_params:
-            self.adamw = torch.optim.AdamW(_decay_groups(adamw_params, weight_decay), lr=lr, betas=betas, eps=eps)
-            self.optimizers.append(self.adamw)
+    def __init__(self, hidden_optimizer: torch.optim.Optimizer, adamw: torch.optim.Optimizer | None) -> None:
+        self.hidden_optimizer = hidden_optimizer
+        self.adamw = adamw
+        self.optimizers: list[torch.optim.Optimizer] = [hidden_optimizer] + ([adamw] if adamw is not None else [])
         self._ready = False
         super().__init__([g for o in self.optimizers for g in o.param_groups], {})
         self._ready = True
@@ -169,11 +197,12 @@ class MuonAdamW(torch.optim.Optimizer):
     @state.setter
     def state(self, value: Any) -> None:  # Optimizer.__init__ assigns an empty dict; the state lives below
         if value:
-            raise AttributeError("MuonAdamW.state is the merged state of its two optimizers; it cannot be set")
+            raise AttributeError(f"{type(self).__name__}.state is the merged state of its two optimizers; it "
+                                 "cannot be set")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if self._ready:
-            raise NotImplementedError("add a group to MuonAdamW.muon or MuonAdamW.adamw, then rebuild")
+            raise NotImplementedError(f"add a group to one of {type(self).__name__}.optimizers, then rebuild")
         super().add_param_group(param_group)
 
     @torch.no_grad()
@@ -192,12 +221,17 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         groups, state = state_dict["param_groups"], state_dict["state"]
+        name = type(self).__name__
         if len(groups) != len(self.param_groups):
-            raise ValueError(f"loaded state dict has {len(groups)} parameter groups, MuonAdamW has "
+            raise ValueError(f"loaded state dict has {len(groups)} parameter groups, {name} has "
                              f"{len(self.param_groups)}")
         start = offset = 0
         for o in self.optimizers:
             mine = groups[start:start + len(o.param_groups)]
+            for k, (g, own) in enumerate(zip(mine, o.param_groups)):
+                if len(g["params"]) != len(own["params"]):
+                    raise ValueError(f"loaded state dict's parameter group {start + k} has {len(g['params'])} "
+                                     f"parameters, {name}'s has {len(own['params'])}")
             n = sum(len(g["params"]) for g in mine)
             ids = [i for g in mine for i in g["params"]]
             o.load_state_dict({
@@ -208,28 +242,108 @@ class MuonAdamW(torch.optim.Optimizer):
         self._relink()  # load_state_dict gives each optimizer new group dicts
 
 
+def _rest_adamw(params: list[nn.Parameter], lr: float, weight_decay: float, betas: tuple[float, float],
+                eps: float, plain: PlainRates | None) -> torch.optim.AdamW | None:
+    """``torch.optim.AdamW`` on the parameters that are not hidden matrices (embedding, head, norms,
+    biases): decay on matrices, none on 1-D parameters, at ``plain``'s rate when given. None if none."""
+    if not params:
+        return None
+    return torch.optim.AdamW(_decay_groups(params, weight_decay, plain), lr=lr, betas=betas, eps=eps)
+
+
+class MuonAdamW(HiddenAndAdamW):
+    """``torch.optim.Muon`` (``muon``) on the hidden matrices and ``torch.optim.AdamW`` (``adamw``) on
+    everything else (:class:`HiddenAndAdamW`). ``eps`` is AdamW's."""
+
+    def __init__(self, muon_params: list[nn.Parameter], adamw_params: list[nn.Parameter], *, lr: float,
+                 weight_decay: float, betas: tuple[float, float], momentum: float = 0.95, nesterov: bool = True,
+                 ns_steps: int = 5, adjust_lr_fn: str | None = "match_rms_adamw", eps: float = 1e-8,
+                 plain: PlainRates | None = None) -> None:
+        if not muon_params:
+            raise ValueError("ref-muon found no hidden 2-D matrices to give Muon")
+        muon = torch.optim.Muon(muon_params, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                nesterov=nesterov, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn)
+        super().__init__(muon, _rest_adamw(adamw_params, lr, weight_decay, betas, eps, plain))
+
+    @property
+    def muon(self) -> torch.optim.Optimizer:
+        return self.hidden_optimizer
+
+
+class AdafactorAdamW(HiddenAndAdamW):
+    """``torch.optim.Adafactor`` (``adafactor``) on the hidden matrices and ``torch.optim.AdamW``
+    (``adamw``) on everything else (:class:`HiddenAndAdamW`): ``ref-adafactor:rest=adamw``."""
+
+    def __init__(self, adafactor_params: list[nn.Parameter], adamw_params: list[nn.Parameter], *, lr: float,
+                 weight_decay: float, betas: tuple[float, float], beta2_decay: float = -0.8,
+                 eps: tuple[float | None, float] = (None, 1e-3), d: float = 1.0, adamw_eps: float = 1e-8,
+                 plain: PlainRates | None = None) -> None:
+        if not adafactor_params:
+            raise ValueError("ref-adafactor:rest=adamw found no hidden 2-D matrices to give Adafactor")
+        adafactor = torch.optim.Adafactor(adafactor_params, lr=lr, weight_decay=weight_decay,
+                                          beta2_decay=beta2_decay, eps=tuple(eps), d=d)
+        super().__init__(adafactor, _rest_adamw(adamw_params, lr, weight_decay, betas, adamw_eps, plain))
+
+    @property
+    def adafactor(self) -> torch.optim.Optimizer:
+        return self.hidden_optimizer
+
+
 def _hidden_matrices(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(the hidden matrices: every trainable 2-D parameter but the embedding tables and the head; the rest)."""
     vocab = {id(p) for p in _vocab_matrices(model)}
     params = [p for p in model.parameters() if p.requires_grad]
     hidden = [p for p in params if p.dim() == 2 and id(p) not in vocab]
     return hidden, [p for p in params if not (p.dim() == 2 and id(p) not in vocab)]
 
 
-def _muon(model, lr, weight_decay, betas, settings):
+def _adamw_eps(name: str, s: dict[str, Any], given: dict[str, Any]) -> float:
+    """The AdamW part's eps: ``adamw_eps`` (ref-muon also reads its older name ``eps``), checked."""
+    if name == "ref-muon" and "eps" in given:
+        if "adamw_eps" in given and given["adamw_eps"] != given["eps"]:
+            raise ValueError(f"ref-muon: eps={given['eps']!r} and adamw_eps={given['adamw_eps']!r} are the same "
+                             "setting (AdamW's eps); give it once")
+        s["adamw_eps"] = given["eps"]
+    v = s["adamw_eps"]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+        raise ValueError(f"{name}: adamw_eps={v!r} must be a number >= 0 and finite (the eps of the AdamW part), "
+                         "e.g. 1e-6 for grassopt's AdamW")
+    return float(v)
+
+
+def _muon(model, lr, weight_decay, betas, settings, plain=None):
     s = _settings("ref-muon", settings, momentum=0.95, nesterov=True, ns_steps=5,
-                  adjust_lr_fn="match_rms_adamw", eps=1e-8)
+                  adjust_lr_fn="match_rms_adamw", adamw_eps=1e-8, eps=1e-8)
+    eps = _adamw_eps("ref-muon", s, settings)
+    del s["adamw_eps"], s["eps"]
     hidden, other = _hidden_matrices(model)
-    return MuonAdamW(hidden, other, lr=lr, weight_decay=weight_decay, betas=betas, **s)
+    return MuonAdamW(hidden, other, lr=lr, weight_decay=weight_decay, betas=betas, plain=plain, eps=eps, **s)
 
 
 # ---------------------------------------------------------------------------------------- the others
-def _adafactor(model, lr, weight_decay, betas, settings):
-    s = _settings("ref-adafactor", settings, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0)
-    return torch.optim.Adafactor(_decay_groups(model.parameters(), weight_decay), lr=lr,
+#: ``ref-adafactor``'s ``rest``: what trains the parameters that are not hidden matrices
+ADAFACTOR_REST = ("adafactor", "adamw")
+
+
+def _adafactor(model, lr, weight_decay, betas, settings, plain=None):
+    s = _settings("ref-adafactor", settings, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, rest="adafactor",
+                  adamw_eps=1e-8)
+    if s["rest"] not in ADAFACTOR_REST:
+        raise ValueError(f"ref-adafactor: rest={s['rest']!r} is not one of {list(ADAFACTOR_REST)} (what trains "
+                         "the embedding, head, norms and biases: Adafactor, or AdamW as every other method)")
+    if s["rest"] == "adamw":
+        hidden, other = _hidden_matrices(model)
+        return AdafactorAdamW(hidden, other, lr=lr, weight_decay=weight_decay, betas=betas,
+                              beta2_decay=s["beta2_decay"], eps=s["eps"], d=s["d"],
+                              adamw_eps=_adamw_eps("ref-adafactor", s, settings), plain=plain)
+    if "adamw_eps" in settings:
+        raise ValueError("ref-adafactor: adamw_eps is the eps of the AdamW part, which only rest=adamw has "
+                         "(Adafactor's own is eps)")
+    return torch.optim.Adafactor(_decay_groups(model.parameters(), weight_decay, plain), lr=lr,
                                  beta2_decay=s["beta2_decay"], eps=tuple(s["eps"]), d=s["d"])
 
 
-def _adam_mini(model, lr, weight_decay, betas, settings):
+def _adam_mini(model, lr, weight_decay, betas, settings, plain=None):
     s = _settings("ref-adam-mini", settings, eps=1e-8, single_value_lr=True)
     c = getattr(model, "config", None)
     if not all(hasattr(c, k) for k in ("hidden_size", "num_heads")):
@@ -241,13 +355,25 @@ def _adam_mini(model, lr, weight_decay, betas, settings):
                     verbose=False)
     if s["single_value_lr"]:
         opt.wv_names = set()
+    if plain is not None:  # Adam-mini's groups are one per parameter, each read with its own lr at every step
+        for g in opt.param_groups:
+            if id(g["params"][0]) not in plain.hidden:
+                g["lr"] = plain.lr
+                g["weight_decay"] = 0.0 if _adam_mini_no_decay(g["name"]) else plain.weight_decay
+        # the hidden matrices' groups first, as under every kind (a run logs the first group's lr)
+        opt.param_groups.sort(key=lambda g: id(g["params"][0]) not in plain.hidden)
     return opt
 
 
-def _adamw8bit(model, lr, weight_decay, betas, settings):
+def _adam_mini_no_decay(name: str) -> bool:
+    """Adam-mini's own rule: no weight decay on a parameter whose (lower-case) name has norm, ln or bias."""
+    return "norm" in name or "ln" in name or "bias" in name
+
+
+def _adamw8bit(model, lr, weight_decay, betas, settings, plain=None):
     s = _settings("ref-adamw8bit", settings, eps=1e-8, min_8bit_size=4096, embedding_bits=32)
     bnb_optim = _import("bitsandbytes.optim")
-    opt = bnb_optim.AdamW8bit(_decay_groups(model.parameters(), weight_decay), lr=lr, betas=betas, eps=s["eps"],
+    opt = bnb_optim.AdamW8bit(_decay_groups(model.parameters(), weight_decay, plain), lr=lr, betas=betas, eps=s["eps"],
                               weight_decay=weight_decay, min_8bit_size=s["min_8bit_size"])
     # bitsandbytes' per-parameter overrides live in a process-wide manager keyed by id(param); this
     # optimizer gets its own, so that other runs in the same process are not affected
@@ -260,27 +386,27 @@ def _adamw8bit(model, lr, weight_decay, betas, settings):
     return opt
 
 
-def _torchao_adamw8bit(model, lr, weight_decay, betas, settings):
+def _torchao_adamw8bit(model, lr, weight_decay, betas, settings, plain=None):
     s = _settings("ref-torchao-adamw8bit", settings, eps=1e-8, block_size=256)
     AdamW8bit = _import("torchao.optim").AdamW8bit
-    return AdamW8bit(_decay_groups(model.parameters(), weight_decay), lr=lr, betas=betas, eps=s["eps"],
+    return AdamW8bit(_decay_groups(model.parameters(), weight_decay, plain), lr=lr, betas=betas, eps=s["eps"],
                      weight_decay=weight_decay, block_size=s["block_size"])
 
 
-def _soap(model, lr, weight_decay, betas, settings):
+def _soap(model, lr, weight_decay, betas, settings, plain=None):
     s = _settings("ref-soap", settings, precondition_frequency=10, max_precondition_dim=10000, shampoo_beta=None,
                   eps=1e-8, precondition_vocab=False)
     SOAP = _import("pytorch_optimizer.optimizer.soap").SOAP
     max_dim = int(s["max_precondition_dim"])
     vocab = _vocab_matrices(model)
     vocab_ids = {id(p) for p in vocab}
-    groups = _decay_groups([p for p in model.parameters() if id(p) not in vocab_ids], weight_decay)
+    groups = _decay_groups([p for p in model.parameters() if id(p) not in vocab_ids], weight_decay, plain)
     if vocab:
         if s["precondition_vocab"]:
-            groups += _decay_groups(vocab, weight_decay)
+            groups += _decay_groups(vocab, weight_decay, plain)
         else:  # only the short (hidden) side of each vocabulary matrix is preconditioned
             short = max(min(p.shape) for p in vocab)
-            groups += _decay_groups(vocab, weight_decay, max_precondition_dim=min(max_dim, short))
+            groups += _decay_groups(vocab, weight_decay, plain, max_precondition_dim=min(max_dim, short))
     return SOAP(groups, lr=lr, betas=betas, shampoo_beta=s["shampoo_beta"], weight_decay=weight_decay,
                 precondition_frequency=int(s["precondition_frequency"]), max_precondition_dim=max_dim,
                 eps=s["eps"])
@@ -292,11 +418,13 @@ _BNB = ("bitsandbytes", "bitsandbytes", "0.50")  # 0.50: 8-bit optimizers run on
 REFERENCES: dict[str, Reference] = {
     "ref-muon": Reference(
         "torch.optim.Muon on the hidden matrices (attention, MLP) + torch.optim.AdamW on embeddings, head and "
-        "norms; adjust_lr_fn='match_rms_adamw' lets both share the AdamW learning rate and weight decay",
+        "norms (eps adamw_eps); adjust_lr_fn='match_rms_adamw' lets both share the AdamW learning rate and weight "
+        "decay",
         _muon),
     "ref-adafactor": Reference(
-        "torch.optim.Adafactor on all parameters with the paper's settings (factored second moment, no first "
-        "moment, beta2 decay -0.8, update clipping 1); lr caps the relative step (the paper's: 1e-2)",
+        "torch.optim.Adafactor with the paper's settings (factored second moment, no first moment, beta2 decay "
+        "-0.8, update clipping 1) on all parameters, or with rest=adamw on the hidden matrices + torch.optim.AdamW "
+        "on embeddings, head and norms (at plain_lr; eps adamw_eps); lr caps the relative step (the paper's: 1e-2)",
         _adafactor),
     "ref-adam-mini": Reference(
         "Adam-mini from the package adam-mini (one second moment per head of q/k, per row of embedding, head, "
@@ -363,9 +491,11 @@ def available(name: str) -> bool:
 
 
 def build(name: str, model: nn.Module, lr: float, weight_decay: float = 0.0,
-          betas: tuple[float, float] = (0.9, 0.999), settings: dict[str, Any] | None = None) -> torch.optim.Optimizer:
+          betas: tuple[float, float] = (0.9, 0.999), settings: dict[str, Any] | None = None,
+          plain: PlainRates | None = None) -> torch.optim.Optimizer:
     """The reference optimizer ``name`` for ``model``. ``betas``: the harness's, unless the reference's
-    authors recommend others (``Reference.betas``) or ``settings["betas"]`` is given."""
+    authors recommend others (``Reference.betas``) or ``settings["betas"]`` is given. ``plain``: the
+    plain parameters' own rate and decay (:func:`grassopt.targets.plain_rates`), or None for one rate."""
     if name not in REFERENCES:
         raise ValueError(f"unknown reference {name!r}; choose one of {sorted(REFERENCES)}")
     require(name)
@@ -374,7 +504,7 @@ def build(name: str, model: nn.Module, lr: float, weight_decay: float = 0.0,
     betas = tuple(settings.pop("betas", ref.betas or betas))
     if len(betas) != 2:
         raise ValueError(f"betas={betas!r} must be two numbers")
-    return ref.build(model, lr, weight_decay, betas, settings)
+    return ref.build(model, lr, weight_decay, betas, settings, plain)
 
 
 def prepare_resume(name: str) -> None:

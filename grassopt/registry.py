@@ -13,6 +13,11 @@
 
 :data:`KINDS` says what each name is (``family``, ``description``); :func:`build` makes one;
 :func:`state_bytes` counts any one's state the same way.
+
+``plain_lr`` and ``plain_weight_decay`` give the plain parameters (those the method does not project
+or orthogonalize: embedding, head, norms, biases; everything but the hidden matrices of
+:func:`grassopt.targets.hidden_matrices`) their own rate and decay, the same split for every kind
+that takes param groups; the kinds of :data:`ONE_RATE` refuse them (:func:`check_plain`).
 """
 
 from __future__ import annotations
@@ -29,9 +34,10 @@ from . import references
 from .functional import fused_available
 from .optimizer import SUBSPACE_DEFAULTS
 from .presets import PRESETS, default_rank, make_optimizer
-from .targets import resolve_rank, select_targets
+from .targets import PlainRates, check_plain_rates, hidden_matrices, plain_rates, resolve_rank
 
-__all__ = ["Kind", "KINDS", "EXTRA_KINDS", "PRESETS", "build", "state_bytes", "is_forward_only", "FORWARD_ONLY"]
+__all__ = ["Kind", "KINDS", "EXTRA_KINDS", "PRESETS", "build", "state_bytes", "is_forward_only", "FORWARD_ONLY",
+           "ONE_RATE", "check_plain"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,9 @@ KINDS: dict[str, Kind] = {**{name: Kind("preset", f"grassopt preset {name!r}: Su
 FORWARD_ONLY = tuple(name for name, kind in KINDS.items() if kind.forward_only)
 
 RSO_OPTIONS = {"inner_steps", "mu", "inner", "eps"}
+#: The kinds that take one learning rate (``plain_lr`` / ``plain_weight_decay`` refused), and why.
+ONE_RATE = {name: "its forward-only step moves every parameter it covers along one estimate, at lr (grassopt.zo)"
+            for name in FORWARD_ONLY}
 ZO_OPTIONS = {"eps", "momentum", "law", "lazy", "others", "clip", "nonfinite"}
 
 
@@ -83,7 +92,17 @@ def _check_options(name: str, options: dict[str, Any], known: set[str], hint: st
         raise ValueError(f"unknown option(s) {sorted(bad)} for preset {name!r}; it takes {sorted(known)}{hint}")
 
 
-def _decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def check_plain(name: str, plain_lr: float | None = None, plain_weight_decay: float | None = None) -> None:
+    """Refuse (one line) a bad ``plain_lr`` / ``plain_weight_decay``, or either one for a kind of :data:`ONE_RATE`."""
+    check_plain_rates(plain_lr, plain_weight_decay)
+    given = [k for k, v in (("plain_lr", plain_lr), ("plain_weight_decay", plain_weight_decay)) if v is not None]
+    if given and name in ONE_RATE:
+        raise ValueError(f"{name} takes one rate: {ONE_RATE[name]}; leave {' and '.join(given)} unset")
+
+
+def _decay_groups(model: nn.Module, weight_decay: float, plain: PlainRates | None = None) -> list[dict[str, Any]]:
+    if plain is not None:  # hidden matrices at lr, the plain rest at plain.lr (as the references split)
+        return references._decay_groups(model.parameters(), weight_decay, plain)
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}]
@@ -93,29 +112,36 @@ def _decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
 
 
 def _reference_groups(model: nn.Module, rank: int | str | None, update_interval: int | None,
-                      targets: Iterable[str], ours: str, extra: dict[str, Any]) -> list[dict[str, Any]]:
+                      targets: Iterable[str], ours: str, extra: dict[str, Any],
+                      plain: PlainRates | None = None) -> list[dict[str, Any]]:
     """Projected/plain groups for the reference packages: the same targets and ranks (``rank``,
-    else the default rank of our preset ``ours``) as :func:`grassopt.param_groups`."""
+    else the default rank of our preset ``ours``) as :func:`grassopt.param_groups`. With ``plain``,
+    the projected groups come first, then the unprojected hidden matrices (at lr), then the plain
+    parameters at ``plain.lr`` and ``plain.weight_decay``."""
     spec = default_rank(ours) if rank is None else rank
     rank_of = {}
-    for _, m in select_targets(model, targets):
-        r = resolve_rank(spec, m.weight.shape)
-        if m.weight.requires_grad and r < min(m.weight.shape):
-            rank_of[id(m.weight)] = r
-    plain = [p for p in model.parameters() if p.requires_grad and id(p) not in rank_of]
-    groups: list[dict[str, Any]] = [{"params": plain}]
-    for r in sorted(set(rank_of.values())):
-        groups.append({"params": [p for p in model.parameters() if rank_of.get(id(p)) == r], "rank": r,
-                       "update_proj_gap": update_interval or SUBSPACE_DEFAULTS["update_interval"],
-                       "proj_type": "std", **extra})
-    return groups
+    for _, w in hidden_matrices(model, targets):
+        r = resolve_rank(spec, w.shape)
+        if r < min(w.shape):
+            rank_of[id(w)] = r
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in rank_of]
+    projected = [{"params": [p for p in model.parameters() if rank_of.get(id(p)) == r], "rank": r,
+                  "update_proj_gap": update_interval or SUBSPACE_DEFAULTS["update_interval"],
+                  "proj_type": "std", **extra} for r in sorted(set(rank_of.values()))]
+    if plain is None:
+        return [{"params": rest}, *projected]
+    kept = {"params": [p for p in rest if id(p) in plain.hidden]}
+    others = {"params": [p for p in rest if id(p) not in plain.hidden], "lr": plain.lr,
+              "weight_decay": plain.weight_decay}
+    return [g for g in (*projected, kept, others) if g["params"]]
 
 
 def build(name: str, model: nn.Module, *, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
           weight_decay: float = 0.0, rank: int | str | None = None, update_interval: int | None = None,
           targets: str | Iterable[str] = "all-linear", options: dict[str, Any] | None = None, seed: int = 0,
           state_dtype: str = "float32", stochastic_rounding: bool = False, sketch: str | None = None,
-          sketch_rank: float | int = 0.125, eps: float | None = None) -> torch.optim.Optimizer:
+          sketch_rank: float | int = 0.125, eps: float | None = None, plain_lr: float | None = None,
+          plain_weight_decay: float | None = None) -> torch.optim.Optimizer:
     """The optimizer ``name`` (a key of :data:`KINDS`) over ``model``'s trainable parameters.
 
     ``rank``, ``update_interval`` and ``targets`` are those of :func:`grassopt.param_groups` (``zo``:
@@ -126,12 +152,19 @@ def build(name: str, model: nn.Module, *, lr: float = 1e-3, betas: tuple[float, 
     ``sketch`` or ``haar``); call it before wrapping the model in DDP. ``eps`` (Adam's, added to
     ``sqrt(V)`` or ``sqrt(V_hat)`` as each kind does) applies to the presets, ``adamw-torch`` and ``rso``;
     None keeps each one's default (1e-6 for grassopt's, torch's 1e-8 for ``adamw-torch``).
+
+    ``plain_lr`` and ``plain_weight_decay`` (None: the same as ``lr`` / ``weight_decay``) are the rate and
+    decay of the parameters that are not hidden matrices (:func:`grassopt.targets.hidden_matrices` of
+    ``targets``: embedding, head, norms, biases), for every kind but the forward-only ones (:data:`ONE_RATE`).
+    ``rso``'s sketched layers (its ``B``) keep ``lr``; ``ref-muon``'s AdamW part gets ``plain_lr``.
     """
     opts = dict(options or {})
     targets = [targets] if isinstance(targets, str) else list(targets)
     if name not in KINDS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(KINDS)}")
+    check_plain(name, plain_lr, plain_weight_decay)  # before anything is built (rso sketches the model)
     kind = KINDS[name]
+    split = dict(plain_lr=plain_lr, plain_weight_decay=plain_weight_decay)
     if eps is not None and kind.family not in ("preset", "torch", "rso"):
         raise ValueError(f"eps applies to grassopt's presets, adamw-torch and rso, not to {name!r} "
                          "(set a reference's own settings through options)")
@@ -146,7 +179,7 @@ def build(name: str, model: nn.Module, *, lr: float = 1e-3, betas: tuple[float, 
         return make_optimizer(model, name, lr=lr, rank=rank, update_interval=update_interval, targets=targets,
                               weight_decay=weight_decay, betas=betas, eps=1e-6 if eps is None else eps, seed=seed,
                               state_dtype=state_dtype,
-                              stochastic_rounding=stochastic_rounding,
+                              stochastic_rounding=stochastic_rounding, **split,
                               **(opts if PRESETS[name] is not None else {}))
     if name == "rso":
         from . import sketch as gs
@@ -157,7 +190,8 @@ def build(name: str, model: nn.Module, *, lr: float = 1e-3, betas: tuple[float, 
         return gs.rso(model, sketch_rank_spec(sketch_rank), inner_steps=inner_steps,
                       lr=lr, weight_decay=weight_decay, mu=float(opts.get("mu", 0.0)),
                       law=sketch or "haar", seed=seed, targets=targets, betas=betas,
-                      eps=float(opts.get("eps", 1e-6 if eps is None else eps)), inner=opts.get("inner", "adam"))
+                      eps=float(opts.get("eps", 1e-6 if eps is None else eps)), inner=opts.get("inner", "adam"),
+                      **split)
     if kind.family == "zo":
         from .zo import ZO
         _check_options(name, opts, ZO_OPTIONS)
@@ -165,23 +199,25 @@ def build(name: str, model: nn.Module, *, lr: float = 1e-3, betas: tuple[float, 
             raise ValueError(f"preset {name!r} takes an integer rank, got rank={rank!r}")
         return ZO(model, rank=8 if rank is None else rank, lr=lr, weight_decay=weight_decay,
                   targets=targets, dense=name == "mezo", seed=seed, **opts)
+    plain = plain_rates(model, targets, lr, weight_decay, plain_lr, plain_weight_decay)
     if name == "adamw-torch":  # torch's fused kernel wherever the device has one: its fastest AdamW
-        groups = _decay_groups(model, weight_decay)
+        groups = _decay_groups(model, weight_decay, plain)
         fused = fused_available([p for g in groups for p in g["params"]]) or None
         return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused, **({} if eps is None else {"eps": eps}))
     if name in references.REFERENCES:
-        return references.build(name, model, lr=lr, weight_decay=weight_decay, betas=betas, settings=opts)
+        return references.build(name, model, lr=lr, weight_decay=weight_decay, betas=betas, settings=opts,
+                                plain=plain)
     references.require(name)  # ref-galore, ref-apollo: one line if the package is missing
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if name == "ref-galore":
             from galore_torch import GaLoreAdamW
             groups = _reference_groups(model, rank, update_interval, targets, "galore",
-                                       {"scale": opts.get("alpha", 0.25)})
+                                       {"scale": opts.get("alpha", 0.25)}, plain)
             return GaLoreAdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay, no_deprecation_warning=True)
         from apollo_torch import APOLLOAdamW
         extra = {"scale": opts.get("scale", 1.0), "proj": "random", "scale_type": opts.get("scale_type", "channel")}
-        return APOLLOAdamW(_reference_groups(model, rank, update_interval, targets, "apollo", extra), lr=lr,
+        return APOLLOAdamW(_reference_groups(model, rank, update_interval, targets, "apollo", extra, plain), lr=lr,
                            betas=betas, weight_decay=weight_decay)
 
 

@@ -16,18 +16,26 @@ matrix's short side, ``max(1, d // N)`` (:func:`resolve_rank`). A *sketch rank* 
 activation-saving layer) is an int, or a float in (0, 1): that fraction of the layer's
 ``in_features``, rounded (:func:`resolve_sketch_rank`); a config may write the int as a float
 (``2.0``), which :func:`sketch_rank_spec` normalises.
+
+Hidden matrices and plain parameters. The *hidden matrices* are the trainable 2-D weights of the
+linear layers that :func:`select_targets` picks (:func:`hidden_matrices`): what grassopt's presets
+project. Every other trainable parameter (embedding, head, norms, biases, layers outside the targets)
+is *plain*; ``plain_lr`` and ``plain_weight_decay`` (:class:`PlainRates`) give the plain parameters
+their own rate and decay under every optimizer kind, the same split for each.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import nn
 
 __all__ = ["select_targets", "name_matches", "matching_modules", "hf_name_matches", "hf_target_names",
-           "resolve_rank", "resolve_sketch_rank", "sketch_rank_spec", "OUTPUT_NAMES"]
+           "resolve_rank", "resolve_sketch_rank", "sketch_rank_spec", "OUTPUT_NAMES", "hidden_matrices",
+           "PlainRates", "plain_rates", "check_plain_rates"]
 
 #: Names of linear layers that ``"all-linear"`` leaves out (the output layer, as Hugging Face does).
 OUTPUT_NAMES = ("lm_head", "output", "classifier", "score", "head")
@@ -83,6 +91,51 @@ def select_targets(model: nn.Module, targets: str | Iterable[str] = "all-linear"
         elif any(name_matches(t, name) for t in patterns):
             chosen.append((name, mod))
     return chosen
+
+
+def hidden_matrices(model: nn.Module, targets: str | Iterable[str] = "all-linear") -> list[tuple[str, nn.Parameter]]:
+    """The hidden matrices of ``model``, with their modules' names: the trainable 2-D weights of the
+    linear layers :func:`select_targets` picks. The presets project these (those the rank allows);
+    under ``plain_lr`` they keep ``lr`` for every kind, and everything else is plain."""
+    return [(name, m.weight) for name, m in select_targets(model, targets)
+            if m.weight.requires_grad and m.weight.dim() == 2]
+
+
+class PlainRates(NamedTuple):
+    """The split of ``plain_lr`` / ``plain_weight_decay``: the hidden matrices (``hidden``, ids) keep the
+    main ``lr`` and ``weight_decay``; every other trainable parameter gets ``lr`` and ``weight_decay`` here."""
+
+    hidden: frozenset[int]
+    lr: float
+    weight_decay: float
+
+
+def check_plain_rates(plain_lr: Any = None, plain_weight_decay: Any = None) -> None:
+    """Refuse, with one line, a ``plain_lr`` that is not > 0 and finite or a ``plain_weight_decay`` that is not
+    >= 0 and finite (None, the default, means the same as ``lr`` / ``weight_decay``)."""
+    def bad(v: Any, low_ok: bool) -> bool:
+        return (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                or not (v >= 0 if low_ok else v > 0))
+
+    if plain_lr is not None and bad(plain_lr, False):
+        raise ValueError(f"plain_lr={plain_lr!r} must be > 0 and finite (the learning rate of the parameters the "
+                         "method does not project: embedding, head, norms, biases), e.g. 3e-3; or None for the "
+                         "same as lr")
+    if plain_weight_decay is not None and bad(plain_weight_decay, True):
+        raise ValueError(f"plain_weight_decay={plain_weight_decay!r} must be >= 0 and finite (the weight decay of "
+                         "the parameters the method does not project), e.g. 0.0; or None for the same as "
+                         "weight_decay")
+
+
+def plain_rates(model: nn.Module, targets: str | Iterable[str], lr: float, weight_decay: float,
+                plain_lr: float | None = None, plain_weight_decay: float | None = None) -> PlainRates | None:
+    """The :class:`PlainRates` of ``model`` (None when both are None: one rate, the groups of before)."""
+    check_plain_rates(plain_lr, plain_weight_decay)
+    if plain_lr is None and plain_weight_decay is None:
+        return None
+    return PlainRates(frozenset(id(w) for _, w in hidden_matrices(model, targets)),
+                      lr if plain_lr is None else plain_lr,
+                      weight_decay if plain_weight_decay is None else plain_weight_decay)
 
 
 def matching_modules(model: nn.Module, pattern: str) -> list[tuple[str, nn.Module]]:

@@ -997,7 +997,7 @@ def test_bench_checks_every_variant_before_the_first_run(tmp_path, tiny_corpus, 
                 "variant 'galore:clip=nan' (lr=0.001): clip=nan must be >= 0 and finite (the largest gradient norm; "
                 "0 switches clipping off) (--clip)", capsys, prefix="grassopt bench: error: ")
     cli_refused(bench_cli.main, base + ["--presets", "adamw-torch", "--lrs", "galore=0.01"],
-                "--lrs/--sweep-lrs/--lrs-from name ['galore'], which are not among --presets", capsys,
+                "--lrs/--sweep-lrs/--sweep-plain-lrs/--lrs-from name ['galore'], which are not among --presets", capsys,
                 prefix="grassopt bench: error: ")
     assert not out.exists()
 

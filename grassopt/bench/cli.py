@@ -3,8 +3,10 @@
 Each run is a normal ``grassopt train`` run (its own folder under ``--out/runs``), all in this
 one process, one after the other. The report (``report.md``, ``results.json``, loss against step
 and against wall time as PNGs) sets every preset beside ``torch.optim.AdamW``. An optional
-learning-rate sweep first picks each preset's best rate on a short horizon. Finished runs are
-reused when the bench is started again with the same settings (``--no-reuse`` to redo them).
+learning-rate sweep first picks each preset's best rate on a short horizon; an optional sweep of a
+preset's ``plain_lr`` (the rate of what it does not project) then picks that at the chosen rate.
+Finished runs are reused when the bench is started again with the same settings (``--no-reuse`` to
+redo them).
 """
 
 from __future__ import annotations
@@ -40,9 +42,9 @@ def _preset_lr(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"expected PRESET=LR, got {text!r}") from None
 
 
-_CONFIG_KEYS = {"rank", "update_interval", "lr", "weight_decay", "clip", "clip_mode", "param_dtype", "bf16",
-                "layerwise", "sketch", "sketch_rank", "lean_activations", "state_dtype", "stochastic_rounding",
-                "checkpoint_activations"}
+_CONFIG_KEYS = {"rank", "update_interval", "lr", "weight_decay", "plain_lr", "plain_weight_decay", "clip", "clip_mode",
+                "param_dtype", "bf16", "layerwise", "sketch", "sketch_rank", "lean_activations", "state_dtype",
+                "stochastic_rounding", "checkpoint_activations"}
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
@@ -109,9 +111,16 @@ def parser() -> argparse.ArgumentParser:
                    help="learning rates to sweep first, e.g. '1e-3,3e-3,1e-2'; each preset then runs at its best")
     g.add_argument("--sweep-lrs", nargs="+", type=_preset_lrs, default=[], metavar="PRESET=LR,LR,...",
                    help="learning rates to sweep for one preset instead of --sweep (e.g. adamw-torch=1e-3,3e-3,1e-2)")
+    g.add_argument("--sweep-plain-lrs", nargs="+", type=_preset_lrs, default=[], metavar="PRESET=LR,LR,...",
+                   help="plain_lr values (the rate of the parameters PRESET does not project: embedding, head, norms, "
+                        "biases) to sweep for PRESET at its fixed learning rate: the one --sweep/--sweep-lrs chose, "
+                        "else --lrs or --lr; a coordinate sweep after the lr sweep, not a grid of both. Same steps, "
+                        "seed and --widen as the lr sweep; PRESET then runs at its best plain_lr "
+                        "(e.g. adamw-torch=1e-3,3e-3,1e-2)")
     g.add_argument("--lrs-from", nargs="+", type=_preset_pair, default=[], metavar="PRESET=OTHER",
-                   help="use OTHER's learning rate (swept or given) for PRESET, e.g. ref-galore=galore: the "
-                        "reference package of an algorithm at the rate chosen for ours")
+                   help="use OTHER's learning rate (swept or given) for PRESET, and its swept plain_lr if it has "
+                        "one, e.g. ref-galore=galore: the reference package of an algorithm at the rate chosen "
+                        "for ours")
     g.add_argument("--widen", type=int, default=0, metavar="N",
                    help="while a preset's best sweep rate is at an edge of its grid, sweep one more rate beyond "
                         "that edge (the grid's own ratio between neighbours, else x3), at most N more per preset, "
@@ -180,7 +189,8 @@ def preflight(label: str, cfg: TrainConfig) -> None:
             sketch_model(model, cfg)
             build_optimizer(model, cfg)
     except (ValueError, TypeError) as e:
-        raise ValueError(f"variant {label!r} (lr={cfg.lr!r}): {e}") from None
+        plain = "" if cfg.plain_lr is None else f", plain_lr={cfg.plain_lr!r}"
+        raise ValueError(f"variant {label!r} (lr={cfg.lr!r}{plain}): {e}") from None
 
 
 def _run(cfg: TrainConfig, reuse: bool, label: str) -> dict[str, Any]:
@@ -225,6 +235,25 @@ def widen(losses: dict[float, Any]) -> float | None:
     return None
 
 
+def sweep(values: list[float], extra: int, score, label: str, what: str = "rate") -> float | None:
+    """Score each of ``values`` (``score(v)``: a final eval loss, None or non-finite when diverged), widening
+    the grid (:func:`widen`) at most ``extra`` times while the best sits at an edge; the best value, or
+    None when nothing finished finite."""
+    best, grid, losses = None, list(values), {}
+    while grid:
+        v = grid.pop(0)
+        loss = score(v)
+        losses[v] = loss
+        if loss is not None and math.isfinite(loss) and (best is None or loss < best[1]):
+            best = (v, loss)
+        if not grid and extra > 0 and (nxt := widen(losses)) is not None:
+            extra -= 1
+            grid.append(float(f"{nxt:.3g}"))  # a widened value, to 3 digits (the given ones stay exact)
+            print(f"[bench] {label}: best {what} {best[0]:g} at the edge of the sweep; widening to {grid[-1]:g}",
+                  file=sys.stderr)
+    return None if best is None else best[0]
+
+
 def _command(argv: list[str] | None) -> str:
     return "grassopt bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
 
@@ -260,69 +289,83 @@ def main(argv: list[str] | None = None) -> int:
         c = dataclasses.replace(base, preset=name, options={**shared, **options}, **fields)
         return dataclasses.replace(c, **kw)
 
-    sweep_lrs = dict(args.sweep_lrs)
-    unknown = sorted((set(sweep_lrs) | set(dict(args.lrs)) | {p for pair in args.lrs_from for p in pair})
-                     - set(labels))
+    sweep_lrs, sweep_plain = dict(args.sweep_lrs), dict(args.sweep_plain_lrs)
+    unknown = sorted((set(sweep_lrs) | set(sweep_plain) | set(dict(args.lrs))
+                      | {p for pair in args.lrs_from for p in pair}) - set(labels))
     if unknown:
-        print(f"grassopt bench: error: --lrs/--sweep-lrs/--lrs-from name {unknown}, which are not among --presets",
-              file=sys.stderr)
+        print(f"grassopt bench: error: --lrs/--sweep-lrs/--sweep-plain-lrs/--lrs-from name {unknown}, which are not "
+              "among --presets", file=sys.stderr)
         return 2
-    if args.sweep_only and not (args.sweep or sweep_lrs):
-        print("grassopt bench: error: --sweep-only needs rates to sweep: give --sweep or --sweep-lrs", file=sys.stderr)
+    if args.sweep_only and not (args.sweep or sweep_lrs or sweep_plain):
+        print("grassopt bench: error: --sweep-only needs rates to sweep: give --sweep, --sweep-lrs or "
+              "--sweep-plain-lrs", file=sys.stderr)
         return 2
     lrs = {label: config_for(label).lr for label in labels}
     lrs.update(dict(args.lrs))
+    plain_lrs = {label: config_for(label).plain_lr for label in labels}  # None: the same as lr
     # every run's settings are checked before the first one starts (not after the earlier runs took minutes)
     try:
         for label in labels:
             tried = {lrs[label], *sweep_lrs.get(label, args.sweep or [])}
             for lr in sorted(tried):
                 preflight(label, config_for(label, lr=lr, out=str(out / "runs" / _slug(label))))
+            for plain_lr in sweep_plain.get(label, []):
+                preflight(label, config_for(label, lr=lrs[label], plain_lr=plain_lr,
+                                            out=str(out / "runs" / _slug(label))))
     except (ValueError, TypeError, MissingPackageError) as e:
         print(f"grassopt bench: error: {e}", file=sys.stderr)
         return 2
     started = time.time()
     sweep_rows = []
-    if args.sweep or sweep_lrs:
-        sweep_steps = args.sweep_steps or max(1, base.total_steps() // 4)
-        sweep_seed = args.seeds[0] if args.sweep_seed is None else args.sweep_seed
-        for label in labels:
-            best, grid, losses = None, list(sweep_lrs.get(label, args.sweep or [])), {}
-            extra = args.widen
-            while grid:
-                lr = grid.pop(0)
-                c = config_for(label, lr=lr, seed=sweep_seed, model=args.sweep_model or base.model, tokens=None,
-                               steps=sweep_steps, eval_every=sweep_steps, plot=False,
-                               eval_tokens=args.sweep_eval_tokens or base.eval_tokens,
-                               out=str(out / "sweep" / f"{_slug(label)}-lr{lr:g}"))
-                s = _run(c, not args.no_reuse, f"sweep {label} lr={lr:g}")
-                loss = s["final_eval_loss"]
-                sweep_rows.append({"preset": label, "lr": lr, "final_eval_loss": loss})
-                losses[lr] = loss
-                if loss is not None and math.isfinite(loss) and (best is None or loss < best[1]):
-                    best = (lr, loss)
-                if not grid and extra > 0 and (nxt := widen(losses)) is not None:
-                    extra -= 1
-                    grid.append(float(f"{nxt:.3g}"))  # a widened rate, to 3 digits (the given ones stay exact)
-                    print(f"[bench] {label}: best rate {best[0]:g} at the edge of the sweep; widening to {grid[-1]:g}",
-                          file=sys.stderr)
+    sweep_steps = args.sweep_steps or max(1, base.total_steps() // 4)
+    sweep_seed = args.seeds[0] if args.sweep_seed is None else args.sweep_seed
+
+    def sweep_run(label: str, lr: float, plain_lr: float | None, folder: str) -> float | None:
+        c = config_for(label, lr=lr, plain_lr=plain_lr, seed=sweep_seed, model=args.sweep_model or base.model,
+                       tokens=None, steps=sweep_steps, eval_every=sweep_steps, plot=False,
+                       eval_tokens=args.sweep_eval_tokens or base.eval_tokens, out=str(out / "sweep" / folder))
+        shown = "" if plain_lr is None else f" plain_lr={plain_lr:g}"
+        loss = _run(c, not args.no_reuse, f"sweep {label} lr={lr:g}{shown}")["final_eval_loss"]
+        sweep_rows.append({"preset": label, "lr": lr, "plain_lr": plain_lr, "final_eval_loss": loss})
+        return loss
+
+    for label in labels:
+        grid = sweep_lrs.get(label, args.sweep or [])
+        if grid:
+            best = sweep(grid, args.widen,
+                         lambda lr: sweep_run(label, lr, plain_lrs[label], f"{_slug(label)}-lr{lr:g}"), label)
             if best is not None and label not in dict(args.lrs):
-                lrs[label] = best[0]
+                lrs[label] = best
+        if label in sweep_plain:  # at the rate just chosen (or given)
+            lr = lrs[label]
+            best = sweep(sweep_plain[label], args.widen,
+                         lambda p: sweep_run(label, lr, p, f"{_slug(label)}-lr{lr:g}-plain{p:g}"), label, "plain_lr")
+            if best is not None:
+                plain_lrs[label] = best
     for label, other in args.lrs_from:
         lrs[label] = lrs[other]
+        if other in sweep_plain:
+            plain_lrs[label] = plain_lrs[other]
+
+    def rates(label: str) -> str:
+        return f"lr {lrs[label]:g}" + ("" if plain_lrs[label] is None else f", plain_lr {plain_lrs[label]:g}")
+
     if args.sweep_only:
         report_dir = Path(args.report_dir) if args.report_dir else out
         write_report(report_dir, [], sweep_rows, base, command=_command(argv), wall_time=time.time() - started,
                      title=args.title, versions=reference_versions(dict.fromkeys(variants[label][0] for label in labels)))
         for label in labels:
-            print(f"{label}: lr {lrs[label]:g}")
+            print(f"{label}: {rates(label)}")
         return 0
     runs = []
     for label in labels:
         for seed in args.seeds:
-            c = config_for(label, lr=lrs[label], seed=seed, out=str(out / "runs" / f"{_slug(label)}-s{seed}"))
-            s = _run(c, not args.no_reuse, f"{label} seed={seed} lr={lrs[label]:g}")
-            runs.append({"preset": label, "seed": seed, "lr": lrs[label], "summary": s, "history": _history(c.out)})
+            c = config_for(label, lr=lrs[label], plain_lr=plain_lrs[label], seed=seed,
+                           out=str(out / "runs" / f"{_slug(label)}-s{seed}"))
+            shown = "" if plain_lrs[label] is None else f" plain_lr={plain_lrs[label]:g}"
+            s = _run(c, not args.no_reuse, f"{label} seed={seed} lr={lrs[label]:g}{shown}")
+            runs.append({"preset": label, "seed": seed, "lr": lrs[label], "plain_lr": plain_lrs[label], "summary": s,
+                         "history": _history(c.out)})
     cmd = _command(argv)
     report_dir = Path(args.report_dir) if args.report_dir else out
     versions = reference_versions(dict.fromkeys(variants[label][0] for label in labels))

@@ -24,7 +24,7 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         losses = [r["summary"]["final_eval_loss"] for r in rs]
         finite = [x for x in losses if x is not None and math.isfinite(x)]
         rows.append({
-            "preset": preset, "lr": rs[0]["lr"], "seeds": [r["seed"] for r in rs],
+            "preset": preset, "lr": rs[0]["lr"], "plain_lr": rs[0].get("plain_lr"), "seeds": [r["seed"] for r in rs],
             "eval_loss": _mean(losses), "eval_loss_spread": (max(finite) - min(finite)) if len(finite) > 1 else 0.0,
             "eval_losses": losses,
             "eval_ppl": _mean([r["summary"]["final_eval_ppl"] for r in rs]),
@@ -49,13 +49,22 @@ def _fmt(x, spec=".3f", none="n/a"):
     return none if x is None else format(x, spec)
 
 
+def _plain_lr(row: dict[str, Any]) -> str:
+    """The plain-lr cell: the rate, or "= lr" when the run has none of its own."""
+    return "= lr" if row.get("plain_lr") is None else f"{row['plain_lr']:g}"
+
+
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ("| preset | lr | eval loss | spread | ppl | vs AdamW | opt. state (MB) | state / AdamW | "
-            "saved act. (MB) | step (s) | opt. step (ms) | tokens/s | tokens/s / AdamW |")
-    lines = [head, "|" + "---|" * 13]
+    """The markdown table; with a "plain lr" column after "lr" when any run has a plain_lr of its own."""
+    plain = any(r.get("plain_lr") is not None for r in rows)
+    head = ("| preset | lr |" + (" plain lr |" if plain else "") + " eval loss | spread | ppl | vs AdamW | "
+            "opt. state (MB) | state / AdamW | saved act. (MB) | step (s) | opt. step (ms) | tokens/s | "
+            "tokens/s / AdamW |")
+    lines = [head, "|" + "---|" * (14 if plain else 13)]
     for r in rows:
         lines.append(
-            f"| {r['preset']} | {r['lr']:g} | {_fmt(r['eval_loss'], '.4f')} | {_fmt(r['eval_loss_spread'], '.4f')} | "
+            f"| {r['preset']} | {r['lr']:g} |" + (f" {_plain_lr(r)} |" if plain else "") +
+            f" {_fmt(r['eval_loss'], '.4f')} | {_fmt(r['eval_loss_spread'], '.4f')} | "
             f"{_fmt(r['eval_ppl'], '.1f')} | {_fmt(r.get('loss_vs_ref_pct'), '+.2f')}% | {_fmt(r['state_mb'], '.2f')} | "
             f"{_fmt(r.get('state_ratio'), '.3f')} | {_fmt(r.get('saved_mb'), '.1f')} | {_fmt(r['step_s'], '.3f')} | "
             f"{_fmt(None if r['opt_step_s'] is None else 1e3 * r['opt_step_s'], '.1f')} | "
@@ -130,8 +139,12 @@ def write_report(out: Path, runs, sweep_rows, base, command: str, wall_time: flo
         lines += ["Packages: " + ", ".join(f"{k} {v}" for k, v in versions.items()), ""]
     lines += [tab, ""]
     if sweep_rows:
-        lines += ["## Learning-rate sweep", "", "| preset | lr | final eval loss |", "|---|---|---|"]
-        lines += [f"| {s['preset']} | {s['lr']:g} | {_fmt(s['final_eval_loss'], '.4f')} |" for s in sweep_rows]
+        plain = any(s.get("plain_lr") is not None for s in sweep_rows)  # a plain-lr column only then
+        lines += ["## Learning-rate sweep", "",
+                  "| preset | lr |" + (" plain lr |" if plain else "") + " final eval loss |",
+                  "|---|---|" + ("---|" if plain else "") + "---|"]
+        lines += [f"| {s['preset']} | {s['lr']:g} |" + (f" {_plain_lr(s)} |" if plain else "") +
+                  f" {_fmt(s['final_eval_loss'], '.4f')} |" for s in sweep_rows]
         lines += [""]
     lines += [f"![{p}]({p})" for p in pngs]
     (out / "report.md").write_text("\n".join(lines) + "\n")

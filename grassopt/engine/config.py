@@ -98,7 +98,8 @@ RUN_CONTROL = frozenset({"out", "resume", "overwrite", "stop_after", "checkpoint
 @dataclass
 class RunConfig:
     """Base of a run's config dataclass (``TrainConfig``, ``FinetuneConfig``): the settings every run
-    has (the optimizer's hyperparameters and schedule, clipping, seed, device, and the run control;
+    has (the optimizer's hyperparameters, ``plain_lr`` and ``plain_weight_decay`` included, and
+    schedule, clipping, seed, device, and the run control;
     an application redeclares a field to give it another default), and their JSON form.
 
     ``to_dict()`` is the JSON form (``config.json``, and the ``config`` of every checkpoint: tuples
@@ -113,6 +114,10 @@ class RunConfig:
     min_lr_ratio: float = 0.1  # the final one, a fraction of the peak (cosine decay)
     warmup: int | None = None  # linear warmup steps; default: 10% of the steps
     weight_decay: float = 0.0
+    # the rate and decay of the parameters the method does not project or orthogonalize (embedding, head,
+    # norms, biases); None: the same as lr / weight_decay. The schedule scales every group alike
+    plain_lr: float | None = None
+    plain_weight_decay: float | None = None
     betas: tuple[float, float] = (0.9, 0.999)
     targets: list[str] = field(default_factory=lambda: ["all-linear"])  # the layers a method covers
     options: dict[str, Any] = field(default_factory=dict)  # the method's own options (alpha, step_size, ...)
@@ -137,6 +142,14 @@ class RunConfig:
         check_number("min_lr_ratio", self.min_lr_ratio, lambda v: 0 <= v <= 1,
                      "in [0, 1] (the final learning rate as a fraction of the peak)")
         check_number("weight_decay", self.weight_decay, lambda v: v >= 0, ">= 0 and finite (e.g. 0.0 or 0.1)")
+        if self.plain_lr is not None:
+            check_number("plain_lr", self.plain_lr, lambda v: v > 0,
+                         "> 0 and finite (the peak learning rate of the parameters the method does not project: "
+                         "embedding, head, norms, biases), or None for the same as lr")
+        if self.plain_weight_decay is not None:
+            check_number("plain_weight_decay", self.plain_weight_decay, lambda v: v >= 0,
+                         ">= 0 and finite (the weight decay of the parameters the method does not project), or "
+                         "None for the same as weight_decay")
         b = self.betas
         if (not isinstance(b, (tuple, list)) or len(b) != 2 or
                 any(isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 <= x < 1 for x in b)):

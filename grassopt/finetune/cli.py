@@ -59,6 +59,12 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final LR / peak LR (cosine decay)")
     g.add_argument("--warmup", type=int, default=None, help="linear warmup steps (default: 10%% of the steps)")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="decoupled weight decay")
+    g.add_argument("--plain-lr", type=float, default=None,
+                   help="peak learning rate of the trainable parameters the method does not project (head, "
+                        "biases, norms; with lora/dora, all but the adapter matrices A and B: the head and "
+                        "DoRA's magnitude vectors) (default: the same as --lr)")
+    g.add_argument("--plain-weight-decay", type=float, default=None,
+                   help="weight decay of those parameters (default: the same as --weight-decay)")
     g.add_argument("--rank", type=int, default=d.rank, help="subspace rank of a preset; adapter rank of lora and dora")
     g.add_argument("--update-interval", type=int, default=d.update_interval, help="steps between basis updates T")
     g.add_argument("--targets", nargs="+", default=d.targets,
@@ -99,7 +105,8 @@ def config_from_args(args: argparse.Namespace) -> FinetuneConfig:
         max_val_per_class=args.max_val_per_class, max_test_per_class=args.max_test_per_class, seq_len=args.seq_len,
         batch_size=args.batch_size, grad_accum=args.grad_accum, epochs=args.epochs, steps=args.steps,
         method=args.method, lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup=args.warmup,
-        weight_decay=args.weight_decay, rank=args.rank, update_interval=args.update_interval,
+        weight_decay=args.weight_decay, plain_lr=args.plain_lr, plain_weight_decay=args.plain_weight_decay,
+        rank=args.rank, update_interval=args.update_interval,
         targets=list(args.targets), options=dict(args.opt), lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
         sketch=args.sketch, sketch_rank=args.sketch_rank, train_embeddings=args.train_embeddings, dropout=args.dropout,
         clip=args.clip, bf16=args.bf16, eval_every=args.eval_every, eval_batch_size=args.eval_batch_size,

@@ -17,7 +17,8 @@ correction folded into the step size).
 Param groups: group 0 holds the ``B``s (key ``"rso": True``; its ``lr`` is the inner learning rate
 and its ``weight_decay`` the decay of the merged ``W``; it also carries the counters
 ``outer_step``, ``inner_step`` and ``wd_factor``, so they travel with ``state_dict``); the other
-groups are AdamW (``weight_decay`` on tensors with 2 or more dimensions only, as nanoGPT does).
+groups are AdamW (``weight_decay`` on tensors with 2 or more dimensions only, as nanoGPT does), at
+``plain_lr`` and ``plain_weight_decay`` when given (the plain parameters' own rate and decay).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ..functional import adam_tensor_
+from ..targets import check_plain_rates
 from .api import Rank, sketch, sketch_states, sketched_layers
 from .layer import SketchedLinear, _master_dtype
 
@@ -52,11 +54,15 @@ class RSO(Optimizer):
         mu: proximal coefficient of ``mu/2 ||B||^2`` in the subproblem (its gradient ``mu B`` is
             added to ``B``'s gradient before the inner update).
         inner: ``"adam"`` (default) or ``"sgd"`` (``B <- B - lr (dB + mu B)``), the subproblem solver.
+        plain_lr, plain_weight_decay: learning rate and weight decay of the other parameters
+            (embeddings, norms, the output layer, biases); None: ``lr`` and ``weight_decay``.
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, inner_steps: int = 200,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0,
-                 mu: float = 0.0, inner: str = "adam"):
+                 mu: float = 0.0, inner: str = "adam", plain_lr: float | None = None,
+                 plain_weight_decay: float | None = None):
+        check_plain_rates(plain_lr, plain_weight_decay)
         layers = sketched_layers(model)
         if not layers:
             raise ValueError("RSO needs a model sketched with mode='rso'; use grassopt.sketch.rso(model, rank=...) "
@@ -77,18 +83,20 @@ class RSO(Optimizer):
         self._layers: list[SketchedLinear] = [layer for _, layer in layers]
         self._states = sketch_states(model)
         b_ids = {id(layer.B) for layer in self._layers}
+        plain_wd = weight_decay if plain_weight_decay is None else plain_weight_decay
+        plain = {} if plain_lr is None else {"lr": plain_lr}
         decay, no_decay = [], []
         for name, p in model.named_parameters():
             if p.requires_grad and id(p) not in b_ids:
-                (no_decay if weight_decay > 0 and p.dim() < 2 else decay).append((name, p))
+                (no_decay if plain_wd > 0 and p.dim() < 2 else decay).append((name, p))
         groups: list[dict[str, Any]] = [{
             "params": [(f"{name}.B", layer.B) for name, layer in layers], "rso": True,
             "inner_steps": inner_steps, "mu": mu, "inner": inner,
             "outer_step": self._states[0].step, "inner_step": 0, "wd_factor": 1.0}]
         if decay:
-            groups.append({"params": decay, "weight_decay": weight_decay})
+            groups.append({"params": decay, "weight_decay": plain_wd, **plain})
         if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0})
+            groups.append({"params": no_decay, "weight_decay": 0.0, **plain})
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(groups, defaults)
 
@@ -207,9 +215,10 @@ class RSO(Optimizer):
 def rso(model: nn.Module, rank: Rank, inner_steps: int = 200, lr: float = 1e-3, weight_decay: float = 0.0,
         mu: float = 0.0, law: str = "haar", seed: int = 0, targets: str | Iterable[str] = "all-linear",
         betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6, inner: str = "adam",
-        share: str | None = "input") -> RSO:
+        share: str | None = "input", plain_lr: float | None = None, plain_weight_decay: float | None = None) -> RSO:
     """Sketch ``model`` in place for RSO (:func:`grassopt.sketch.sketch` with ``mode="rso"``) and
     return its :class:`RSO` optimizer. Wrap the model in DDP after this call."""
+    check_plain_rates(plain_lr, plain_weight_decay)  # before the model is sketched
     sketch(model, rank, law=law, targets=targets, mode="rso", seed=seed, share=share)
     return RSO(model, lr=lr, inner_steps=inner_steps, betas=betas, eps=eps, weight_decay=weight_decay,
-               mu=mu, inner=inner)
+               mu=mu, inner=inner, plain_lr=plain_lr, plain_weight_decay=plain_weight_decay)

@@ -48,6 +48,13 @@ def add_run_arguments(ap: argparse.ArgumentParser, *, with_preset: bool = True) 
                    help="final LR as a fraction of the peak after cosine decay (default: %(default)s)")
     g.add_argument("--warmup", type=int, default=None, help="linear warmup steps (default: 10%% of the steps)")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="decoupled weight decay (default: %(default)s)")
+    g.add_argument("--plain-lr", type=float, default=None,
+                   help="peak learning rate of the parameters the method does not project or orthogonalize "
+                        "(embedding, head, norms, biases); the schedule scales it as --lr (default: the same as "
+                        "--lr)")
+    g.add_argument("--plain-weight-decay", type=float, default=None,
+                   help="weight decay of those parameters; norms and biases stay undecayed (default: the same as "
+                        "--weight-decay)")
     g.add_argument("--rank", type=rank_spec, default=None,
                    help="subspace rank r: an integer, or 'd/N' for a fraction of each matrix's short side "
                         "(default: the preset's: 128; apollo d/4; apollo-mini 1)")
@@ -109,7 +116,8 @@ def config_from_args(args: argparse.Namespace, **overrides) -> TrainConfig:
         model=args.model, corpus=args.corpus, vocab_size=args.vocab_size, seq_len=args.seq_len,
         batch_size=args.batch_size, grad_accum=args.grad_accum, steps=args.steps, tokens=args.tokens,
         preset=getattr(args, "preset", TrainConfig.preset), lr=args.lr, min_lr_ratio=args.min_lr_ratio,
-        warmup=args.warmup, weight_decay=args.weight_decay, rank=args.rank, update_interval=args.update_interval,
+        warmup=args.warmup, weight_decay=args.weight_decay, plain_lr=args.plain_lr,
+        plain_weight_decay=args.plain_weight_decay, rank=args.rank, update_interval=args.update_interval,
         targets=list(args.targets), options=dict(args.opt), clip=args.clip, clip_mode=args.clip_mode,
         layerwise=args.layerwise, sketch=args.sketch, sketch_rank=args.sketch_rank, bf16=args.bf16,
         lean_activations=args.lean_activations, checkpoint_activations=args.checkpoint_activations,

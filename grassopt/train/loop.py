@@ -52,9 +52,9 @@ RUN_CONTROL = BASE_RUN_CONTROL | {"profile_memory", "checkpoint_activations", "s
 @dataclass
 class TrainConfig(RunConfig):
     """Everything that defines a run. ``steps`` or ``tokens`` sets its length. The optimizer's
-    hyperparameters and schedule (``lr``, ``min_lr_ratio``, ``warmup``, ``weight_decay``, ``betas``,
-    ``targets``, ``options``), ``clip``, ``bf16``, ``seed`` (model init and data order), ``device``,
-    ``threads`` and the run control (``log_every``, ``checkpoint_every``, ``out``, ``resume``,
+    hyperparameters and schedule (``lr``, ``min_lr_ratio``, ``warmup``, ``weight_decay``, ``plain_lr``,
+    ``plain_weight_decay``, ``betas``, ``targets``, ``options``), ``clip``, ``bf16``, ``seed`` (model init and
+    data order), ``device``, ``threads`` and the run control (``log_every``, ``checkpoint_every``, ``out``, ``resume``,
     ``stop_after``, ``progress``, ``plot``) are :class:`grassopt.engine.config.RunConfig`'s."""
 
     RUN_CONTROL: ClassVar[frozenset[str]] = RUN_CONTROL
@@ -139,6 +139,7 @@ class TrainConfig(RunConfig):
         if self.clip_mode not in ("global", "per-parameter"):
             raise ValueError(f"clip_mode={self.clip_mode!r} must be 'global' or 'per-parameter'")
         references.require(self.preset)  # a missing optional package: one line naming it and the extra
+        registry.check_plain(self.preset, self.plain_lr, self.plain_weight_decay)  # zo, mezo: one rate
         if self.layerwise and self.preset in references.REFERENCES:
             raise ValueError(f"layerwise=True steps grassopt's presets and adamw-torch; the reference "
                              f"{self.preset!r} runs as its authors do, with optimizer.step()")
@@ -197,7 +198,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     return registry.build(cfg.preset, model, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
                           rank=cfg.rank, update_interval=cfg.update_interval, targets=cfg.targets,
                           options=cfg.options, seed=cfg.seed, state_dtype=cfg.state_dtype,
-                          stochastic_rounding=cfg.stochastic_rounding, sketch=cfg.sketch, sketch_rank=cfg.sketch_rank)
+                          stochastic_rounding=cfg.stochastic_rounding, sketch=cfg.sketch, sketch_rank=cfg.sketch_rank,
+                          plain_lr=cfg.plain_lr, plain_weight_decay=cfg.plain_weight_decay)
 
 
 #: Bytes of any optimizer's state tensors (:func:`grassopt.registry.state_bytes`).
