@@ -7,8 +7,8 @@
 #         (frozen never changes its basis, so rotate = keep: run once, as keep), plus torch AdamW;
 #   (ii)  track: update interval T in {25, 50, 100, 200, 500}, update rank q in {1, 2, 4, 8};
 #   (iii) walk: step size (radians) in {0.03, 0.1, 0.3, 1.0}.
-#   (i)-(iii) pin walk and hybrid to update_rank=1 and the walk to step_size=0.1, the defaults when they were
-#   measured (now "full" and 1.5 rad); every walk below names its step size.
+#   (i)-(iii) pin walk and hybrid to update_rank=1 and step_size=0.1, the defaults when they were
+#   measured (now "full" and 1.5 rad); every walk and hybrid below names its step size.
 #   (iv)  walkfull: walk with the full tangent (update_rank=full) at step sizes {0.03, 0.1, 0.3, 1.0, 1.5}, with
 #         keep at 0.1, and hybrid with it;
 #   (v)   reset: transport=reset for jump, walk (full), track, svd (recovery on), beside rotate and keep;
@@ -42,7 +42,7 @@ V=subtrack++  # the base preset of every variant: Adam in the subspace, alpha 0.
 
 rules=()
 for rule in track walk jump hybrid svd; do
-  q=""; [[ $rule == hybrid ]] && q=",update_rank=1"; [[ $rule == walk ]] && q=",update_rank=1,step_size=0.1"
+  q=""; [[ $rule == walk || $rule == hybrid ]] && q=",update_rank=1,step_size=0.1"
   for tr in rotate keep; do
     for rs in True False; do rules+=("$V:rule=$rule,transport=$tr,recovery=$rs$q"); done
   done
@@ -59,7 +59,7 @@ walk=("$WALK,step_size=0.1")  # shared with (i)
 for eta in 0.03 0.3 1.0; do walk+=("$WALK,step_size=$eta"); done
 FULL="$V:rule=walk,transport=rotate,recovery=True,update_rank=full"  # the full-tangent walk (step sizes below)
 walkfull=("$FULL,step_size=0.1" "$V:rule=walk,transport=keep,recovery=True,update_rank=full,step_size=0.1"
-          "$V:rule=hybrid,transport=rotate,recovery=True,update_rank=full")
+          "$V:rule=hybrid,transport=rotate,recovery=True,update_rank=full,step_size=0.1")
 for eta in 0.03 0.3 1.0 1.5; do walkfull+=("$FULL,step_size=$eta"); done
 reset=()
 for rule in jump track svd; do reset+=("$V:rule=$rule,transport=reset,recovery=True"); done

@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 import grassopt
-from grassopt.presets import default_rank, resolve_rank, select_targets
+from grassopt.presets import default_rank
+from grassopt.targets import resolve_rank, select_targets
 from grassopt.train.data import prepare
 from grassopt.train.model import Llama, config
 

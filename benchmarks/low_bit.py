@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from grassopt import functional as F
+from grassopt.codecs import int8 as F  # the int8 codec: its code map defaults and quantizers
 
 HERE = Path(__file__).resolve().parent
 CODES = [("log", "nearest"), ("pow4", "nearest"), ("log", "stochastic"), ("pow4", "stochastic")]
@@ -98,7 +98,7 @@ def maps_part(out: Path) -> list[dict]:
         run = out / "maps" / label.replace(" ", "_").replace(",", "")
         script = (
             "import sys, json, torch\ntorch.set_num_threads(1)\n"
-            "from grassopt import functional as F\n"
+            "from grassopt.codecs import int8 as F\n"
             "from grassopt.train.loop import TrainConfig, train\n"
             f"code, rounding = {code!r}, {rounding!r}\n"
             "if code: F.V_CODE, F.V_ROUNDING = code, rounding\n"

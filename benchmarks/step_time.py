@@ -43,8 +43,9 @@ import torch
 
 import grassopt
 from grassopt.linalg import is_transposed, orient, reorthonormalize
-from grassopt.presets import DEFAULT_RANKS, resolve_rank
+from grassopt.presets import DEFAULT_RANKS
 from grassopt.rules import RuleContext, get_rule
+from grassopt.targets import resolve_rank
 from grassopt.train.loop import optimizer_state_bytes
 
 SHAPES = [(512, 512)] * 4 + [(1376, 512)] * 2 + [(512, 1376)]

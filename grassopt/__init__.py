@@ -8,8 +8,9 @@ Quick start::
 
 from .memory import expected_state_elements, state_breakdown, state_bytes
 from .optimizer import SUBSPACE_DEFAULTS, SubspaceAdamW
-from .presets import PRESETS, make_optimizer, param_groups, resolve_preset, select_targets
+from .presets import PRESETS, make_optimizer, param_groups, resolve_preset
 from .rules import RULES
+from .targets import select_targets
 from .transport import TRANSPORTS
 
 __version__ = "0.1.0"

@@ -66,10 +66,6 @@ class DistInfo:
     device: torch.device
 
     @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
     def distributed(self) -> bool:
         return self.world_size > 1
 

@@ -3,7 +3,7 @@
 Two recipes; both build :class:`~grassopt.SubspaceAdamW` from the model with
 :func:`grassopt.param_groups`, take ``learning_rate``, ``adam_beta1/2``, ``adam_epsilon`` and
 ``weight_decay`` from the ``TrainingArguments``, and pick the projected layers from
-``args.optim_target_modules`` with Hugging Face's matching rule (see :func:`target_module_names`).
+``args.optim_target_modules`` with Hugging Face's matching rule (:func:`grassopt.targets.hf_target_names`).
 The Trainer keeps doing everything else: its LR scheduler (``lr_scheduler_type``, warmup), global
 gradient clipping (``max_grad_norm``), gradient accumulation, checkpoints (``optimizer.pt`` is the
 optimizer's ``state_dict``, bases and random-generator states included; it loads with
@@ -57,12 +57,7 @@ from .optimizer import SubspaceAdamW
 from . import registry
 from .targets import hf_target_names
 
-__all__ = ["make_optimizer", "optimizer_cls_and_kwargs", "SubspaceAdamWFactory", "target_module_names",
-           "args_hyperparameters"]
-
-
-#: Hugging Face's matching rule (a lone string is a full-match regex), kept under its documented name.
-target_module_names = hf_target_names
+__all__ = ["make_optimizer", "optimizer_cls_and_kwargs", "SubspaceAdamWFactory", "args_hyperparameters"]
 
 
 def args_hyperparameters(args: Any | None) -> dict[str, Any]:
@@ -73,13 +68,16 @@ def args_hyperparameters(args: Any | None) -> dict[str, Any]:
             "weight_decay": args.weight_decay}
 
 
-def make_optimizer(model: nn.Module, args: Any | None = None, preset: str = "subtrack++", rank: int = 128,
+def make_optimizer(model: nn.Module, args: Any | None = None, preset: str = "subtrack++",
+                   rank: int | str | None = None,
                    update_interval: int | None = None, targets: str | Iterable[str] | None = None, *,
                    seed: int | None = None, **overrides: Any) -> SubspaceAdamW:
     """A :class:`~grassopt.SubspaceAdamW` for ``model`` configured from Trainer ``args``.
 
-    ``targets`` defaults to ``args.optim_target_modules`` (then ``"all-linear"``); ``seed`` to
-    ``args.seed`` (the random rules' generators). ``lr``, ``betas``, ``eps``, ``weight_decay`` come
+    ``rank`` defaults to the preset's own (:func:`grassopt.presets.default_rank`: 1 for ``apollo-mini``,
+    ``"d/4"`` for ``apollo``, else 128). ``targets`` defaults to ``args.optim_target_modules`` (then
+    ``"all-linear"``); ``seed`` to ``args.seed`` (the random rules' generators). ``lr``, ``betas``,
+    ``eps``, ``weight_decay`` come
     from ``args`` unless given in ``overrides``; ``plain_lr`` and ``plain_weight_decay`` (default: the
     same as ``lr`` / ``weight_decay``) are those of the parameters that are not projected (embedding,
     head, norms, biases; the Trainer's scheduler scales every group's rate by the same factor); other
@@ -112,7 +110,7 @@ class SubspaceAdamWFactory:
         return make_optimizer(model, **kwargs)
 
 
-def optimizer_cls_and_kwargs(args: Any | None = None, preset: str = "subtrack++", rank: int = 128,
+def optimizer_cls_and_kwargs(args: Any | None = None, preset: str = "subtrack++", rank: int | str | None = None,
                              update_interval: int | None = None, targets: str | Iterable[str] | None = None,
                              **overrides: Any) -> tuple[type, dict[str, Any]]:
     """The ``optimizer_cls_and_kwargs`` tuple for ``transformers.Trainer`` (see the module docstring).

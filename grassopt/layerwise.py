@@ -47,6 +47,8 @@ Which optimizers
       parameter's gradient and state, which is all of ``torch.optim`` except ``LBFGS`` (refused).
       An optimizer that rewrites param-group entries inside ``step()`` (a group-level step
       counter, say) would see them rewritten once per parameter: that is detected and refused.
+    * RSO (:class:`grassopt.sketch.RSO`) is refused at construction: its inner-step counter and its
+      merge of every layer after the K-th step belong to the whole optimizer step, not to a parameter.
 
 Clipping
     ``clip_norm`` clips each parameter's gradient to that norm inside the hook, exactly like
@@ -80,10 +82,12 @@ Data parallel (DDP)
     parameters: never is a step taken on unsynchronised gradients.
 
 Failure
-    A non-finite gradient found by ``SubspaceAdamW(check_finite=True)`` raises from inside backward;
-    parameters whose gradients came earlier in that backward pass have already been updated (a
-    layer-wise step cannot be all-or-nothing). Calling ``optimizer.step()`` while the updater is
-    attached raises; :meth:`LayerwiseUpdater.remove` detaches it and restores normal stepping.
+    A non-finite gradient raises ``FloatingPointError`` from inside backward, before its parameter is
+    stepped (found by ``SubspaceAdamW(check_finite=True)``, or for other optimizers by the updater's
+    own ``check_finite=True``); parameters whose gradients came earlier in that backward pass have
+    already been updated (a layer-wise step cannot be all-or-nothing). Calling ``optimizer.step()``
+    while the updater is attached raises; :meth:`LayerwiseUpdater.remove` detaches it and restores
+    normal stepping.
 """
 
 from __future__ import annotations
@@ -186,18 +190,26 @@ class LayerwiseUpdater:
             ``allreduce_hook``, which averages). A compressing hook such as ``fp16_compress_hook``
             works too: the step reads the gradients from the tensor its future returns.
         comm_state: the ``state`` passed to ``comm_hook`` (default: the DDP model's process group).
+        check_finite: for an optimizer without ``step_parameters`` (``torch.optim``), raise
+            ``FloatingPointError`` before stepping a parameter whose gradient is not finite (one host
+            sync per parameter; free of a pass when its norm is computed anyway). ``SubspaceAdamW``
+            checks its gradients itself (its own ``check_finite``).
 
     The updater is attached from construction until :meth:`remove` (or the end of a ``with`` block).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, *, ddp_model: nn.Module | None = None,
                  clip_norm: float | None = None, norm_type: float = 2.0, track_grad_norm: bool = True,
-                 comm_hook: Callable[..., Any] | None = None, comm_state: Any = None):
+                 comm_hook: Callable[..., Any] | None = None, comm_state: Any = None, check_finite: bool = True):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"LayerwiseUpdater needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, torch.optim.LBFGS):
             raise LayerwiseError("LBFGS cannot be stepped layer-wise: its step re-evaluates a closure and "
                                  "treats all parameters as one vector")
+        why = getattr(optimizer, "layerwise_refusal", None)  # set by optimizers whose step is not per parameter
+        if why:
+            raise ValueError(f"{type(optimizer).__name__} cannot be stepped layer-wise: {why}; "
+                             "train it without layer-wise updates")
         if getattr(optimizer, _ATTACHED, None) is not None:
             raise LayerwiseError("this optimizer already has a LayerwiseUpdater attached; call remove() on "
                                  "it before attaching another (two would step every parameter twice)")
@@ -207,6 +219,7 @@ class LayerwiseUpdater:
         self.clip_norm = clip_norm
         self.norm_type = float(norm_type)
         self.track_grad_norm = track_grad_norm
+        self.check_finite = check_finite
         #: number of optimizer steps taken layer-wise (backward passes that stepped parameters)
         self.step_count = 0
         #: the global ``norm_type``-norm of the last step's gradients (before clipping), a 0-dim tensor
@@ -239,6 +252,7 @@ class LayerwiseUpdater:
                 "Use layer-wise updates with DDP or in a single process.")
         self._params = params
         self._managed = {id(p) for p in params}
+        self._index = {id(p): i for i, p in enumerate(params)}
 
         world = 1
         if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -284,11 +298,6 @@ class LayerwiseUpdater:
                 yield
         finally:
             self._accumulating = False
-
-    @property
-    def accumulating(self) -> bool:
-        """True inside :meth:`accumulate`."""
-        return self._accumulating
 
     def clip_grad_norm_(self, *args: Any, **kwargs: Any) -> None:
         """Always raises: global-norm clipping is impossible in layer-wise mode (use ``clip_norm``)."""
@@ -381,8 +390,12 @@ class LayerwiseUpdater:
                 self._run_step_hooks(post=False)
             p.grad = grad
             try:
+                n = None
                 if self.clip_norm is not None or self.track_grad_norm:
                     n = _grad_norm(grad, self.norm_type)
+                if self.check_finite and not self._native:  # SubspaceAdamW checks its gradients itself
+                    self._check_finite(p, grad, n)
+                if n is not None:
                     self._norms.append(n)
                     if self.clip_norm is not None:
                         grad.mul_(_clip_coef(n, self.clip_norm).to(grad.dtype))
@@ -398,6 +411,19 @@ class LayerwiseUpdater:
             finally:
                 p.grad = None  # free the gradient at once
             self._stepped.append(p)
+
+    def _check_finite(self, p: Tensor, grad: Tensor, norm: Tensor | None) -> None:
+        """Raise ``FloatingPointError`` before stepping ``p`` if its gradient holds a NaN or an inf (a
+        ``torch.optim`` optimizer would write it into the weight). A finite norm (of order > 0) proves
+        every element finite; a non-finite one is confirmed element by element (a norm can overflow)."""
+        if norm is not None and self.norm_type > 0 and bool(norm.isfinite()):
+            return
+        if bool(torch.isfinite(grad).all()):
+            return
+        raise FloatingPointError(
+            f"non-finite gradient (NaN or inf) in parameter {self._index[id(p)]} {tuple(p.shape)}; it was not "
+            "stepped. Lower the learning rate, clip gradients, or use a GradScaler with fp16; pass "
+            "check_finite=False to skip this check")
 
     def _generic_step(self, p: Tensor) -> None:
         opt = self.optimizer

@@ -2,9 +2,10 @@
 
 Live: ``state_bytes(optimizer)`` / ``state_breakdown(optimizer)`` count what is really allocated in
 the optimizer's state tensors (plain values such as step counts and seeds are not tensors and are
-not counted). By formula: ``state_elements(shape, group)`` per parameter (docs/algorithms.md#memory),
-priced in a state dtype by :func:`param_state_bytes` (8-bit moments: :func:`moment_bytes`); the two
-agree exactly (tests).
+not counted). By formula: :func:`param_state_bytes` prices the optimizer's own declaration of a
+parameter's state (``grassopt.optim.state.state_spec``: keys, dtypes, shapes, with the moments laid
+out by the group's codec, :data:`grassopt.codecs.CODECS`); the two agree exactly (tests).
+:func:`state_elements` counts the same declaration's elements (docs/algorithms.md#memory).
 
 Estimates for whole model configs (weights, gradients, states and saved activations of a LLaMA
 config built on the ``meta`` device) are in :mod:`grassopt.train.estimate`, beside the model they
@@ -14,15 +15,16 @@ whose names are also importable from here.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from .codecs import CODECS, MOMENT_KEYS
+from .codecs.int8 import BLOCK as INT8_BLOCK
+from .optim.state import spec_bytes
 from .optimizer import SUBSPACE_DEFAULTS
 from .profiling import TensorPeak, current_rss_bytes, peak_rss_bytes, peak_rss_since_reset, reset_peak_rss
-from .rules import get_rule, rule_flag
 
 __all__ = [
     "state_bytes",
@@ -43,7 +45,6 @@ __all__ = [
 ]
 
 _BASIS_KEYS = {"Q"}
-_MOMENT_KEYS = {"exp_avg", "exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale"}  # int8 moments carry block scales
 CATEGORIES = ("bases", "moments", "other")
 
 #: dtype names accepted by :func:`estimate` and ``grassopt memory``.
@@ -52,12 +53,11 @@ DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
     "fp16": torch.float16, "float16": torch.float16,
 }
-#: state dtype names accepted by :func:`estimate` and ``grassopt memory --state-dtype``: the dtypes
-#: above (every state element in that dtype: the papers' "BF16 states" convention) and ``int8``
-#: (SubspaceAdamW's 8-bit Adam moments, see :func:`moment_bytes`).
-STATE_DTYPES: dict[str, torch.dtype] = {**DTYPES, "int8": torch.int8}
-#: int8 moments: one float32 scale per block of this many consecutive elements of the flattened tensor.
-INT8_BLOCK = 256
+#: state dtype names accepted by :func:`estimate` and ``grassopt memory --state-dtype``: a codec of
+#: :data:`grassopt.codecs.CODECS` (what ``SubspaceAdamW(state_dtype=...)`` allocates: ``int8``'s 8-bit
+#: moments, ``Q`` and the other state float32), or a dtype above that is not a codec's name: every
+#: state element in that dtype (the papers' "BF16 states" convention; ``fp32`` is ``float32``).
+STATE_DTYPES: dict[str, torch.dtype | str] = {**DTYPES, **{name: name for name in CODECS}}
 
 
 def _nbytes(t: Tensor) -> int:
@@ -77,42 +77,47 @@ def _size(d: str | torch.dtype) -> int:
     return torch.empty((), dtype=_dtype(d)).element_size()
 
 
-def _state_dtype(d: str | torch.dtype) -> torch.dtype:
-    if d in ("int8", torch.int8):
-        return torch.int8
+def _state_dtype(d: str | torch.dtype) -> str | torch.dtype:
+    """A codec name, or the dtype every state element is priced in (not a codec's)."""
+    if d in ("fp32", torch.float32):
+        return "float32"
+    if d == torch.int8:
+        return "int8"
+    if isinstance(d, str) and d in CODECS:
+        return d
     try:
         return _dtype(d)
     except ValueError:
         raise ValueError(f"unknown state dtype {d!r}; choose one of {sorted(STATE_DTYPES)}") from None
 
 
-def moment_bytes(numel: int, state_dtype: str | torch.dtype = "fp32") -> int:
-    """Bytes of ONE Adam moment tensor (``exp_avg`` or ``exp_avg_sq``) of ``numel`` elements.
+def _priced(group: dict[str, Any], state_dtype: str | torch.dtype) -> tuple[dict[str, Any], int | None]:
+    """The complete group to read :func:`state_spec` of, and the size every element is priced at
+    (None: each at its own dtype's, the codec's layout)."""
+    g = {**SUBSPACE_DEFAULTS, **group} if group.get("rank") is not None else dict(group)
+    sd = _state_dtype(state_dtype)
+    if isinstance(sd, str):
+        return {**g, "state_dtype": sd}, None
+    return {**g, "state_dtype": "float32"}, _size(sd)
 
-    ``int8`` (``SubspaceAdamW(state_dtype="int8")``): one byte per element plus one float32 scale
-    per block of :data:`INT8_BLOCK` consecutive elements of the flattened tensor, i.e.
-    ``numel + 4 ceil(numel / 256)``. Any other dtype: ``numel`` elements of that dtype.
-    """
-    if _state_dtype(state_dtype) == torch.int8:
-        return numel + 4 * math.ceil(numel / INT8_BLOCK)
-    return numel * _size(state_dtype)
+
+def moment_bytes(numel: int, state_dtype: str | torch.dtype = "fp32") -> int:
+    """Bytes of ONE Adam moment tensor (``exp_avg`` or ``exp_avg_sq``) of ``numel`` elements: half
+    of the moment pair :func:`param_state_bytes` prices for a plain parameter of that size (``int8``:
+    ``numel + 4 ceil(numel / 256)``, with its block scales)."""
+    return param_state_bytes((numel,), {"params": []}, state_dtype)["moments"] // 2
 
 
 def param_state_bytes(shape: tuple[int, ...] | torch.Size, group: dict[str, Any],
                       state_dtype: str | torch.dtype = "fp32") -> dict[str, int]:
-    """Bytes of one parameter's optimizer state by category (``bases``, ``moments``, ``other``):
-    :func:`state_elements` priced in ``state_dtype``. The one place where a state dtype becomes bytes.
-
-    ``int8``: the two moments as :func:`moment_bytes` each (projected: ``k x r`` each; plain: the
-    parameter's shape); the basis ``Q`` and the other state (recovery's or the limiter's scalar,
-    LDAdam's error buffer) stay float32. Other dtypes: every element in that dtype.
+    """Bytes of one parameter's optimizer state by category (``bases``, ``moments``, ``other``): the
+    tensors of ``state_spec(group, shape)`` (``grassopt.optim.state``) priced at their dtypes, with the
+    moments as the codec ``state_dtype`` lays them out (``int8``: codes plus a float32 scale per block;
+    ``Q`` and the other state float32). A ``state_dtype`` that is not a codec's name prices every
+    element in that dtype. The one place where a state becomes bytes.
     """
-    el = state_elements(shape, group)
-    if _state_dtype(state_dtype) == torch.int8:
-        return {"bases": 4 * el["bases"], "moments": 2 * moment_bytes(el["moments"] // 2, "int8"),
-                "other": 4 * el["other"]}
-    size = _size(state_dtype)
-    return {k: v * size for k, v in el.items()}
+    g, size = _priced(group, state_dtype)
+    return spec_bytes(g, tuple(shape), size)
 
 
 # ---------------------------------------------------------------------------------------- live state
@@ -124,7 +129,7 @@ def state_breakdown(optimizer: torch.optim.Optimizer) -> dict[str, int]:
     for st in optimizer.state.values():
         for k, v in st.items():
             if isinstance(v, Tensor):
-                kind = "bases" if k in _BASIS_KEYS else "moments" if k in _MOMENT_KEYS else "other"
+                kind = "bases" if k in _BASIS_KEYS else "moments" if k in MOMENT_KEYS else "other"
                 out[kind] += _nbytes(v)
     return out
 
@@ -136,7 +141,8 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
 # ---------------------------------------------------------------------------------------- formula
 def state_elements(shape: tuple[int, ...] | torch.Size, group: dict[str, Any]) -> dict[str, int]:
-    """State elements of one parameter under ``group``'s settings, by category (docs/algorithms.md#memory).
+    """State elements of one parameter under ``group``'s settings, by category (docs/algorithms.md#memory):
+    the float32 elements of ``state_spec`` (``grassopt.optim.state``).
 
     Plain AdamW: ``2 numel`` moments. Projected ``m x n`` at rank ``r`` (``d = min``, ``k = max``):
 
@@ -146,17 +152,11 @@ def state_elements(shape: tuple[int, ...] | torch.Size, group: dict[str, Any]) -
     - other: ``1`` (the norm-growth limiter's previous norm, with recovery scaling or APOLLO's
       scaling) ``+ m n`` (LDAdam's error-feedback buffer).
 
-    So APOLLO is ``2 k r + 1``, APOLLO-Mini ``2 k + 1``, LDAdam ``d r + 2 k r + m n``. (Section 6
-    writes APOLLO as ``2 k r (+ a seed)`` and leaves out the limiter's one float.)
+    So APOLLO is ``2 k r + 1``, APOLLO-Mini ``2 k + 1``, LDAdam ``d r + 2 k r + m n``, as in
+    docs/algorithms.md#memory.
     """
-    if group.get("rank") is None:
-        return {"bases": 0, "moments": 2 * math.prod(shape), "other": 0}
-    g = {**SUBSPACE_DEFAULTS, **group}
-    m, n = shape
-    d, k, r = min(m, n), max(m, n), g["rank"]
-    seeded = rule_flag(get_rule(g["rule"]), "FROM_SEED")
-    other = (1 if g["recovery"] or g["scaling"] is not None else 0) + (m * n if g["error_feedback"] else 0)
-    return {"bases": 0 if seeded else d * r, "moments": 2 * k * r, "other": other}
+    g, _ = _priced(group, "float32")
+    return spec_bytes(g, tuple(shape), element_size=1)
 
 
 def expected_state_elements(shape: tuple[int, ...] | torch.Size, group: dict[str, Any]) -> int:

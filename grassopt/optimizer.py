@@ -21,8 +21,11 @@ same step rather than copies of it:
 Rules whose basis is a function of a seed (``gaussian``) store the seed, not ``Q``.
 
 A param group is projected when it has a ``rank``; otherwise it is plain AdamW with the same Adam
-convention. Subspace maths and all optimizer state are float32 whatever the parameter's dtype;
-nothing is tied to a device. Random rules draw only from generators the optimizer owns, seeded
+convention. Subspace maths and all optimizer state are float32 whatever the parameter's dtype, but
+for the moments, which are stored in the group's ``state_dtype`` codec (``grassopt.codecs``);
+nothing is tied to a device. This class is the shell (groups, state, checks, diagnostics): the
+step's maths are functions in ``grassopt/optim/`` (``_projected.py``, ``_plain.py``), and a
+parameter's state is declared once, by ``grassopt.optim.state.state_spec``. Random rules draw only from generators the optimizer owns, seeded
 from ``(seed, parameter index)``, saved in ``state_dict``.
 """
 
@@ -38,12 +41,13 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import functional as F
-from . import recovery as rec
 from ._dtensor import check_params  # FSDP2 shards: a clear error at construction, not wrong maths later
-from .linalg import is_transposed, largest_angle, orient, reorthonormalize
-from .rules import RuleContext, all_rule_options, check_options, get_rule, rule_flag
-from .transport import TRANSPORTS, transport
+from .codecs import CODECS, detect, get_codec
+from .optim import _plain, _projected
+from .optim._projected import mix_seed as _mix_seed
+from .optim.state import init_state, state_spec
+from .rules import all_rule_options, check_options, get_rule, rule_flag
+from .transport import TRANSPORTS
 
 __all__ = ["SubspaceAdamW", "SUBSPACE_DEFAULTS"]
 
@@ -64,15 +68,7 @@ _PLAIN_KEYS = {"params", "param_names", "lr", "betas", "eps", "weight_decay", "s
                "initial_lr", "name", "state_dtype", "stochastic_rounding"}
 _SUBSPACE_KEYS = {"rank", *SUBSPACE_DEFAULTS}
 _NUMBER = (float, int)  # exact types (not bool) for the fast path of _hyper_error
-_NON_NEGATIVE = {"exp_avg_sq", "exp_avg_scale", "exp_avg_sq_scale", "residual_norm"}  # state keys
-
-
-def _mix_seed(seed: int, index: int) -> int:
-    """A 63-bit generator seed from ``(seed, parameter index)`` (splitmix64 finaliser)."""
-    z = (seed * 0x9E3779B97F4A7C15 + (index + 1) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
+_NON_NEGATIVE = {"residual_norm"}  # state keys besides the codecs' own (Codec.NON_NEGATIVE)
 
 
 def _suggest(key: str, known: Iterable[str]) -> str:
@@ -133,8 +129,9 @@ class SubspaceAdamW(Optimizer):
         check_finite: check, before anything is changed, that every gradient is finite, and raise a
             ``FloatingPointError`` naming the offending parameters otherwise. Costs one fused
             norm over the plain groups' gradients per step (projected ones are checked on ``Q^T X``).
-        state_dtype: ``"float32"`` or ``"int8"`` (block-wise quantized Adam moments, ``n + 4 ceil(n/256)``
-            bytes per moment of ``n`` elements; see :mod:`grassopt.functional`). Per group.
+        state_dtype: the moments' format, a name in :data:`grassopt.codecs.CODECS`: ``"float32"`` or
+            ``"int8"`` (block-wise quantized Adam moments, ``n + 4 ceil(n/256)`` bytes per moment of
+            ``n`` elements; see :mod:`grassopt.codecs.int8`). Per group.
         stochastic_rounding: round the float32 update of a bf16 parameter stochastically (unbiased),
             from the optimizer's seeded per-parameter generators. Per group.
         fused: ``None`` uses torch's fused Adam kernel where the device has one (CPU, CUDA, MPS, ...),
@@ -184,6 +181,8 @@ class SubspaceAdamW(Optimizer):
         self._generators: dict[Tensor, torch.Generator] = {}
         self._seed_generators: dict[str, torch.Generator] = {}  # scratch, reseeded before each use
         self._diag: dict[Tensor, dict[str, Any]] = {}
+        #: id(parameter) -> (group index, index in the group, index over all groups): O(1) look-ups
+        self._where: dict[int, tuple[int, int, int]] = {}
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups and validation
@@ -201,6 +200,9 @@ class SubspaceAdamW(Optimizer):
         param_group.clear()  # the group is the caller's dict, as with torch's optimizers
         param_group.update(group)
         self.param_groups[-1] = param_group
+        flat = sum(len(g["params"]) for g in self.param_groups[:-1])
+        for i, p in enumerate(param_group["params"]):
+            self._where[id(p)] = (gi, i, flat + i)
 
     def _complete_group(self, param_group: dict[str, Any], gi: int) -> dict[str, Any]:
         """A new dict: ``params`` a list of tensors (names moved to ``param_names``), unknown keys
@@ -315,8 +317,8 @@ class SubspaceAdamW(Optimizer):
             bad(f"seed={seed!r} must be an integer (it seeds the random rules and stochastic rounding), e.g. seed=0")
         if not isinstance(group["check_finite"], bool):
             bad(f"check_finite={group['check_finite']!r} must be True or False")
-        if group["state_dtype"] not in F.STATE_DTYPES:
-            bad(f"state_dtype={group['state_dtype']!r} must be one of {list(F.STATE_DTYPES)}")
+        if not isinstance(group["state_dtype"], str) or group["state_dtype"] not in CODECS:
+            bad(f"state_dtype={group['state_dtype']!r} must be one of {list(CODECS)}")
         if not isinstance(group["stochastic_rounding"], bool):
             bad(f"stochastic_rounding={group['stochastic_rounding']!r} must be True or False")
         if "rank" not in group:
@@ -377,18 +379,21 @@ class SubspaceAdamW(Optimizer):
     def _flat_params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
 
-    def _param_index(self, p: Tensor) -> int:
-        return next(i for i, q in enumerate(self._flat_params()) if q is p)
+    def _locate(self, p: Tensor, missing_ok: bool = False) -> tuple[int, int, int] | None:
+        """``(group index, index in the group, index over all groups)`` of a parameter, in O(1)
+        (None for a tensor that is not a parameter here, with ``missing_ok``)."""
+        where = self._where.get(id(p))
+        if where is None or not (where[0] < len(self.param_groups) and where[1] < len(
+                ps := self.param_groups[where[0]]["params"]) and ps[where[1]] is p):  # groups edited in place
+            flat = [(gi, i, q) for gi, g in enumerate(self.param_groups) for i, q in enumerate(g["params"])]
+            self._where = {id(q): (gi, i, n) for n, (gi, i, q) in enumerate(flat)}
+            where = self._where.get(id(p))
+            if where is None and not missing_ok:
+                raise KeyError("the tensor is not a parameter of this optimizer")
+        return where
 
-    def _seeded(self, group: dict[str, Any], rule, seed: int, x: Tensor) -> Tensor:
-        """The basis of a ``FROM_SEED`` rule for ``seed``: ``rule.init`` with a generator seeded from it."""
-        key = str(x.device)
-        gen = self._seed_generators.get(key)
-        if gen is None:
-            gen = self._seed_generators[key] = torch.Generator(device=x.device)
-        gen.manual_seed(seed)
-        ctx = RuleContext(rank=group["rank"], transposed=False, options=group, generator=gen)
-        return rule.init(x, ctx).to(torch.float32)
+    def _param_index(self, p: Tensor) -> int:
+        return self._locate(p)[2]
 
     def basis(self, p: Tensor) -> Tensor | None:
         """The current basis ``Q`` (``d x r``, float32) of a projected parameter; None before its first
@@ -396,17 +401,16 @@ class SubspaceAdamW(Optimizer):
         st = self.state.get(p, {})
         if "Q" in st or "seed" not in st:
             return st.get("Q")
-        group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
-        return self._seeded(group, get_rule(group["rule"]), st["seed"],
-                            torch.empty(min(p.shape), 0, device=p.device))
+        group = self.param_groups[self._locate(p)[0]]
+        return _projected.seeded_basis(get_rule(group["rule"]), group, st["seed"],
+                                       torch.empty(min(p.shape), 0, device=p.device), self._seed_generators)
 
     def _generator(self, p: Tensor) -> torch.Generator:
         gen = self._generators.get(p)
         if gen is None:
-            index = self._param_index(p)
-            seed = next(g["seed"] for g in self.param_groups if any(q is p for q in g["params"]))
+            gi, _, index = self._locate(p)
             gen = torch.Generator(device=p.device)
-            gen.manual_seed(_mix_seed(int(seed), index))
+            gen.manual_seed(_mix_seed(int(self.param_groups[gi]["seed"]), index))
             self._generators[p] = gen
         return gen
 
@@ -451,6 +455,10 @@ class SubspaceAdamW(Optimizer):
                 self._generators[p] = gen
             self.state[p] = {k: v.detach().to(device=p.device).clone() if isinstance(v, Tensor) else v
                              for k, v in st.items() if k != "rng_state"}
+            if "step" in st:  # fields a checkpoint written before they existed lacks (e.g. the int8 code map)
+                fields = get_codec(self.param_groups[self._locate(p)[0]]["state_dtype"]).FIELDS
+                for k, v in fields.items():
+                    self.state[p].setdefault(k, v)
 
     def _check_state_dict(self, state_dict: Any) -> list[tuple[Tensor, dict[str, Any], torch.Generator | None]]:
         """Check a state dict against this optimizer (see :meth:`load_state_dict`) without changing
@@ -525,57 +533,47 @@ class SubspaceAdamW(Optimizer):
                                  "corrupt or from another device") from None
         if set(st) <= {"rng_state"}:
             return gen  # never stepped
-        int8 = group["state_dtype"] == "int8"
-        if ("exp_avg_scale" in st) != int8:
-            has = "int8" if "exp_avg_scale" in st else "float32"
+        codec = get_codec(group["state_dtype"])
+        has = detect(st)
+        if has is not None and has != codec.NAME:
             raise ValueError(f"{where} has {has} moments but its group has state_dtype={group['state_dtype']!r}; "
                              "build the optimizer with the state_dtype it was saved with")
-        f32 = torch.float32
-        if "rank" in group:
-            rank, k, d = group["rank"], max(p.shape), min(p.shape)
-            moments: tuple = (k, rank)
-            need: dict[str, Any] = {"step": int, "adam_step": int}
-            if rule_flag(get_rule(group["rule"]), "FROM_SEED"):
-                need["seed"] = int
-            else:
-                need["Q"] = (f32, (d, rank))
-            if group["recovery"] or group["scaling"] is not None:
-                need["residual_norm"] = (f32, ())
-            if group["error_feedback"]:
-                need["error"] = (f32, tuple(p.shape))
-        else:
-            moments = tuple(p.shape)
-            need = {"step": int}
-        if int8:
-            blocks = (math.ceil(math.prod(moments) / F.BLOCK),)
-            need.update(exp_avg=(torch.int8, moments), exp_avg_sq=(torch.uint8, moments),
-                        exp_avg_scale=(f32, blocks), exp_avg_sq_scale=(f32, blocks))
-        else:
-            need.update(exp_avg=(f32, moments), exp_avg_sq=(f32, moments))
-        missing = [k for k in need if k not in st]
+        need = state_spec(group, tuple(p.shape))
+        missing = [k for k in need if k not in st and k not in codec.FIELDS]
         extra = [k for k in st if k not in need and k != "rng_state"]
         if missing or extra:
             what = (f"lacks {missing}" if missing else "") + (" and " if missing and extra else "") + \
                    (f"has unexpected {extra}" if extra else "")
             raise ValueError(f"{where} {what}; the checkpoint is incomplete or from another optimizer or settings")
-        for k, spec in need.items():
-            v = st[k]
-            if spec is int:
-                if not isinstance(v, Integral) or isinstance(v, bool) or v < 0:
-                    raise ValueError(f"{where}: {k}={v!r} must be an integer >= 0; the state dict is corrupt")
-                continue
-            dtype, shape = spec
-            if not isinstance(v, Tensor) or v.dtype != dtype or tuple(v.shape) != shape:
-                got = f"{v.dtype} {tuple(v.shape)}" if isinstance(v, Tensor) else type(v).__name__
-                raise ValueError(f"{where}: {k} is {got} but this optimizer needs {dtype} {shape}; the checkpoint "
-                                 f"is of another model or settings (parameter shape {tuple(p.shape)})")
-            if dtype == f32 and not (bool(v.isfinite().all()) and (k not in _NON_NEGATIVE or bool((v >= 0).all()))):
-                rule = "finite and >= 0" if k in _NON_NEGATIVE else "finite"
-                raise ValueError(f"{where}: {k} is not {rule} (NaN, inf or a wrong sign: a corrupt checkpoint, "
-                                 "or state saved after a divergence); load an earlier checkpoint")
+        for k, (dtype, shape) in need.items():
+            if k in st:
+                self._check_state_value(k, st[k], dtype, shape, codec, p, where)
         if "adam_step" in need and st["adam_step"] > st["step"]:
             raise ValueError(f"{where}: adam_step={st['adam_step']} exceeds step={st['step']}; the state dict is corrupt")
         return gen
+
+    @staticmethod
+    def _check_state_value(k: str, v: Any, dtype: Any, shape: tuple | None, codec, p: Tensor, where: str) -> None:
+        """One saved state entry against its :func:`~grassopt.optim.state.state_spec` entry."""
+        if dtype is int:
+            if not isinstance(v, Integral) or isinstance(v, bool) or v < 0:
+                raise ValueError(f"{where}: {k}={v!r} must be an integer >= 0; the state dict is corrupt")
+            return
+        if dtype is str:
+            msg = codec.field_error(k, v)
+            if msg:
+                raise ValueError(f"{where}: {msg}; the checkpoint is from another version or corrupt")
+            return
+        if not isinstance(v, Tensor) or v.dtype != dtype or tuple(v.shape) != shape:
+            got = f"{v.dtype} {tuple(v.shape)}" if isinstance(v, Tensor) else type(v).__name__
+            raise ValueError(f"{where}: {k} is {got} but this optimizer needs {dtype} {shape}; the checkpoint "
+                             f"is of another model or settings (parameter shape {tuple(p.shape)})")
+        if dtype.is_floating_point:
+            non_negative = k in _NON_NEGATIVE or k in codec.NON_NEGATIVE
+            if not (bool(v.isfinite().all()) and (not non_negative or bool((v >= 0).all()))):
+                rule = "finite and >= 0" if non_negative else "finite"
+                raise ValueError(f"{where}: {k} is not {rule} (NaN, inf or a wrong sign: a corrupt checkpoint, "
+                                 "or state saved after a divergence); load an earlier checkpoint")
 
     # ------------------------------------------------------------------ diagnostics
     def diagnostics(self) -> dict[str, dict[str, Any]]:
@@ -595,7 +593,7 @@ class SubspaceAdamW(Optimizer):
                 d = self._diag.get(p)
                 if d is None:
                     continue
-                key = name or f"param {next(i for i, q in enumerate(self._flat_params()) if q is p)}"
+                key = name or f"param {self._param_index(p)}"
                 out[key] = {k: (float(v) if isinstance(v, Tensor) else v) for k, v in d.items()}
                 if out[key].get("angle") is not None:
                     out[key]["angle_deg"] = math.degrees(out[key].pop("angle"))
@@ -647,16 +645,25 @@ class SubspaceAdamW(Optimizer):
         This is what layer-wise updates call from a gradient hook: each parameter is updated as
         soon as its gradient is complete, and its gradient can then be freed.
         """
-        self._step({id(p) for p in params})
+        chosen: dict[int, list[int]] = {}
+        for p in params:  # O(len(params)): a layer-wise hook steps one parameter without a pass over all
+            where = self._locate(p, missing_ok=True) if p.grad is not None else None
+            if where is not None:  # (tensors that are not parameters here are ignored, as by step)
+                chosen.setdefault(where[0], []).append(where[1])
+        self._step({gi: sorted(set(idx)) for gi, idx in chosen.items()})
 
-    def _step(self, only: set[int] | None) -> None:
+    def _step(self, only: dict[int, list[int]] | None) -> None:
+        """Step every parameter with a gradient (``only``: those of ``{group index: [indices]}``)."""
         work: list[tuple[dict[str, Any], Any]] = []
         checks: list[tuple[list[tuple[int, int]], Tensor]] = []
         for gi, group in enumerate(self.param_groups):  # every check before the first write
+            if only is not None and gi not in only:
+                continue
             chosen = []
-            for i, p in enumerate(group["params"]):
+            for i in range(len(group["params"])) if only is None else only[gi]:
+                p = group["params"][i]
                 g = p.grad
-                if g is None or (only is not None and id(p) not in only):
+                if g is None:
                     continue
                 if (g.shape != p.shape or g.layout != torch.strided or not g.dtype.is_floating_point
                         or g.device != p.device):
@@ -700,301 +707,35 @@ class SubspaceAdamW(Optimizer):
         return f"the gradient of {name} {why}; nothing was updated"
 
     def _plain_step(self, params: list[Tensor], group: dict[str, Any]) -> None:
-        """AdamW on every parameter of a plain group: float32 tensors with float32 state in one fused
-        call per step count; low-precision parameters or int8 state one tensor at a time."""
-        betas, lr, eps, wd = group["betas"], group["lr"], group["eps"], group["weight_decay"]
-        int8 = group["state_dtype"] == "int8"
-        batches: dict[int, list[Tensor]] = {}
-        for p in params:
-            st = self.state[p]
+        """AdamW on every parameter of a plain group (``optim/_plain.py``): float32 tensors with dense
+        moments in one fused call per step count; low-precision parameters or encoded moments one
+        tensor at a time."""
+        codec = get_codec(group["state_dtype"])
+        states = [self.state[p] for p in params]
+        for p, st in zip(params, states):
             if "step" not in st:
-                st["step"] = 0
-                if int8:
-                    F.Int8Moments.init(st, p.shape, p.device)
-                else:
-                    st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-                    st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-            st["step"] += 1
-            if not int8 and p.dtype == torch.float32 and p.grad.dtype == torch.float32:
-                batches.setdefault(st["step"], []).append(p)
-            else:
-                gen = self._generator(p) if group["stochastic_rounding"] and p.dtype != torch.float32 else None
-                F.adam_tensor_(p, p.grad, st, st["step"], lr=lr, betas=betas, eps=eps, weight_decay=wd,
-                               generator=gen, state_generator=self._state_generator(p, int8), fused=self._fused)
-        for t, ps in batches.items():
-            sts = [self.state[p] for p in ps]
-            F.adam_(ps, [p.grad for p in ps], [s["exp_avg"] for s in sts], [s["exp_avg_sq"] for s in sts], t,
-                    lr=lr, betas=betas, eps=eps, weight_decay=wd, fused=self._fused)
+                init_state(st, group, p)
+        sr = group["stochastic_rounding"]
+        _plain.plain_adamw_(
+            params, [p.grad for p in params], states, codec=codec, lr=group["lr"], betas=group["betas"],
+            eps=group["eps"], weight_decay=group["weight_decay"], fused=self._fused,
+            generators=[self._generator(p) if sr and p.dtype != torch.float32 else None for p in params],
+            state_generators=[self._generator(p) if codec.needs_generator(st) else None
+                              for p, st in zip(params, states)])
 
-    def _transport(self, group: dict[str, Any], q_old: Tensor, q_new: Tensor, st: dict[str, Any]) -> None:
-        """Transport the moments of ``st`` from ``q_old`` to ``q_new`` (int8 moments through float32)."""
-        if F.Int8Moments.is_int8(st):
-            m, v = F.Int8Moments.load(st)
-            shape = st["exp_avg"].shape
-            restart = transport(group["transport"], q_old, q_new, m.view(shape), v.view(shape))
-            F.Int8Moments.store(st, m, v)
-        else:
-            restart = transport(group["transport"], q_old, q_new, st["exp_avg"], st["exp_avg_sq"])
-        if restart:
-            st["adam_step"] = 0
-
-    def _prepare(self, group: dict[str, Any], chosen: list[tuple[int, Tensor]]) -> _Batch:
+    def _prepare(self, group: dict[str, Any], chosen: list[tuple[int, Tensor]]) -> _projected.Batch:
         """The oriented gradients of a projected group, its current bases, and ``R = Q^T X`` where a
-        basis exists, written into one ``(sum k) x r`` buffer (so the group's checks, norms and the
-        recovery correction are single operations)."""
+        basis exists (so the group's checks, norms and the recovery correction are single operations)."""
+        return _projected.prepare(group, get_rule(group["rule"]), chosen, [self.state[p] for _, p in chosen],
+                                  self._seed_generators)
+
+    def _projected_step(self, group: dict[str, Any], batch: _projected.Batch) -> None:
+        """One step for every parameter of a projected group (``optim/_projected.py``)."""
         rule = get_rule(group["rule"])
-        seeded, T = rule_flag(rule, "FROM_SEED"), group["update_interval"]
-        deferred = group.get("error_feedback", False)  # X = G + E is formed in E's buffer after the check
-        ps = [p for _, p in chosen]
-        batch = _Batch(group["rank"], chosen, ps)
-        for j, (i, p) in enumerate(chosen):
-            if deferred:
-                continue
-            x = batch.xs[j] = orient(p.grad)  # d x k, float32
-            st = self.state[p]
-            q = None
-            if seeded:  # regenerated, except at a basis update (the old one is not needed)
-                if "seed" in st and st["step"] % T:
-                    q = self._seeded(group, rule, st["seed"], x)
-            else:
-                q = st.get("Q")
-            batch.qs[j] = q
-            if q is not None:
-                batch.project(j)
-        return batch
-
-    def _projected_step(self, group: dict[str, Any], batch: _Batch) -> None:
-        """One step for every parameter of a projected group: per-parameter basis maintenance and
-        matrix products; Adam (fused), the recovery norms and the limiter batched over the group."""
-        rule = get_rule(group["rule"])
-        seeded, orthonormal = rule_flag(rule, "FROM_SEED"), rule_flag(rule, "ORTHONORMAL")
-        scaling, feedback, recovery = group.get("scaling"), group.get("error_feedback", False), group["recovery"]
-        int8 = group["state_dtype"] == "int8"
-        T = group["update_interval"]
-        b1, b2 = group["betas"]
-        lr, wd, alpha = group["lr"], group["weight_decay"], group["alpha"]
-        states, diags, sizes = [], [], []
-        for j, p in enumerate(batch.params):
-            st = self.state[p]
-            diag = self._diag.setdefault(p, {})
-            first = "step" not in st
-            if feedback:  # X = G + E, formed in the error buffer itself: E is X until the end of the step
-                e = st.get("error")
-                if e is None:
-                    e = st["error"] = torch.empty_like(p, dtype=torch.float32,
-                                                       memory_format=torch.contiguous_format).copy_(p.grad)
-                else:
-                    e.add_(p.grad)
-                batch.xs[j] = orient(e)
-            x = batch.xs[j]
-            ctx = RuleContext(rank=group["rank"], transposed=is_transposed(p.shape), options=group,
-                              generator=self._generator(p) if rule.NEEDS_GENERATOR and not seeded else None)
-            basis_update = True
-            if first:  # the initial basis
-                if seeded:
-                    st["seed"] = _mix_seed(int(group["seed"]), self._param_index(p))
-                    q = self._seeded(group, rule, st["seed"], x)
-                else:
-                    q = st["Q"] = rule.init(x, ctx).to(torch.float32).contiguous()
-                st["step"], st["adam_step"] = 0, 0
-                if int8:
-                    F.Int8Moments.init(st, (x.shape[1], q.shape[1]), x.device)
-                else:
-                    st["exp_avg"] = x.new_zeros(x.shape[1], q.shape[1])
-                    st["exp_avg_sq"] = x.new_zeros(x.shape[1], q.shape[1])
-                if recovery or scaling is not None:  # the limiter's previous norm
-                    st["residual_norm"] = x.new_zeros(())
-                diag.update(angle=None, last_update=0)
-                batch.qs[j] = q
-                batch.project(j)
-            elif st["step"] % T == 0:  # basis update, then moment transport
-                if seeded:  # a fresh draw from a new seed; keep/reset transports need no old basis
-                    st["seed"] = _mix_seed(st["seed"], st["step"])
-                    q = self._seeded(group, rule, st["seed"], x)
-                    self._transport(group, q, q, st)
-                    angle = None
-                else:
-                    q_old = st["Q"]
-                    if batch.rts[j] is None:
-                        batch.qs[j] = q_old
-                        batch.project(j)
-                    ctx.projected = batch.rts[j].mT
-                    q_new = rule.update(q_old, x, ctx)
-                    if q_new is not q_old:
-                        q_new = q_new.to(torch.float32)
-                        if orthonormal:
-                            q_new = reorthonormalize(q_new)
-                        q_new = q_new.contiguous()
-                        angle = (ctx.angle if ctx.angle is not None
-                                 else largest_angle(q_old, q_new) if orthonormal else None)
-                        self._transport(group, q_old, q_new, st)
-                        st["Q"] = q = q_new
-                    else:
-                        q, angle = q_old, x.new_zeros(())
-                batch.qs[j] = q
-                batch.project(j)
-                diag.update(angle=angle, last_update=st["step"])
-            else:
-                basis_update = False
-                if batch.rts[j] is None:  # error feedback: X was only formed now
-                    batch.qs[j] = st["Q"]
-                    batch.project(j)
-            if ctx.svd_fallbacks:
-                diag["svd_fallbacks"] = diag.get("svd_fallbacks", 0) + ctx.svd_fallbacks
-            st["step"] += 1
-            st["adam_step"] += 1
-            diag["step"] = st["step"]
-            states.append(st)
-            diags.append((diag, basis_update))
-            t = st["adam_step"]
-            sizes.append(lr * math.sqrt(1 - b2**t) / (1 - b1**t))
-        xs, qs, rts = batch.xs, batch.qs, batch.rts
-        # Adam in the subspace: nts = scale * N, fused over the tensors that share a step count
-        scale = alpha if scaling is None else 1.0
-        nts = self._directions(batch, states, group, scale)
-        phis = None
-        if scaling is not None or recovery:
-            phis = self._scales(group, batch, nts, states, diags, scale)
-        alpha_r = alpha if group["alpha_r"] is None else group["alpha_r"]
-        decay = 1.0 - lr * wd  # decoupled decay after the update: (W - s D)(1 - lr wd), folded into the update
-        if recovery:  # alpha N - alpha_r c R Phi
-            for nt, rt, phi in zip(nts, rts, phis):
-                nt.addcmul_(rt, phi.unsqueeze(1), value=-alpha_r)
-        for j, (p, x, q, st, rt, nt, step_size) in enumerate(zip(batch.params, xs, qs, states, rts, nts, sizes)):
-            transposed = is_transposed(p.shape)
-            w = p if p.dtype == torch.float32 else p.float()
-            # the raw gradient in W's layout: p.grad itself when W is float32 and X was not rebuilt
-            g = p.grad if w is p and not feedback else x.mT if transposed else x
-            if scaling is not None:  # APOLLO: D = alpha c X Phi, nothing back-projected
-                phi = phis[j] if scaling == "tensor" else phis[j].unsqueeze(1) if transposed else phis[j].unsqueeze(0)
-                if wd:
-                    w.mul_(decay)
-                w.addcmul_(g, phi, value=-step_size * alpha * decay)
-            else:
-                if not recovery and diags[j][1] and orthonormal:  # residual diagnostics at basis updates only
-                    x2 = rec.col_sq(x).sum()
-                    e = (x2 - rt.square().sum()).clamp_min(0).sqrt()
-                    diags[j][0].update(residual_norm=e, residual_ratio=e / x2.sqrt().clamp_min(1e-30))
-                if transposed:  # W (m x n) -= step (Q N)^T = Nt Q^T: no full-size temporary
-                    w.addmm_(nt, q.mT, beta=decay, alpha=-step_size * decay)
-                else:
-                    w.addmm_(q, nt.mT, beta=decay, alpha=-step_size * decay)
-                if recovery:  # + alpha_r c X Phi, with Phi along the long side
-                    phi = phis[j].unsqueeze(1)
-                    w.addcmul_(g, phi if transposed else phi.mT, value=-step_size * alpha_r * decay)
-            if w is not p:
-                if group["stochastic_rounding"]:
-                    F.stochastic_round_(p, w, self._generator(p))
-                else:
-                    p.copy_(w)
-            if feedback:  # E = X - Q R, in place in the buffer that held X (m x n)
-                e = st["error"]
-                if transposed:
-                    e.addmm_(rt, q.mT, alpha=-1.0)
-                else:
-                    e.addmm_(q, rt.mT, alpha=-1.0)
-
-    def _state_generator(self, p: Tensor, int8: bool) -> torch.Generator | None:
-        """The generator for stochastic rounding of int8 state, when that rounding is in use."""
-        return self._generator(p) if int8 and F.V_ROUNDING == "stochastic" else None
-
-    def _directions(self, batch: _Batch, states: list[dict[str, Any]], group: dict[str, Any],
-                    scale: float) -> list[Tensor]:
-        """``scale * N`` for every matrix of a group (moments updated in place): float32 moments in
-        one fused call per Adam step count, int8 moments one matrix at a time."""
-        out = batch.directions()
-        batches: dict[int, list[int]] = {}
-        for j, st in enumerate(states):
-            if F.Int8Moments.is_int8(st):
-                out[j].copy_(F.direction_tensor(batch.rts[j], st, st["adam_step"], betas=group["betas"],
-                                                eps=group["eps"], scale=scale,
-                                                generator=self._state_generator(batch.params[j], True),
-                                                fused=self._fused))
-            else:
-                batches.setdefault(st["adam_step"], []).append(j)
-        for t, idx in batches.items():
-            F.adam_direction([batch.rts[j] for j in idx], [states[j]["exp_avg"] for j in idx],
-                             [states[j]["exp_avg_sq"] for j in idx], t, betas=group["betas"], eps=group["eps"],
-                             scale=scale, fused=self._fused, out=[out[j] for j in idx])
-        return out
-
-    def _scales(self, group: dict[str, Any], batch: _Batch, nts: list[Tensor], states: list[dict[str, Any]],
-                diags: list, scale: float) -> list[Tensor]:
-        """The recovery (or APOLLO) scales ``c Phi`` of every matrix, with the limiter folded in.
-
-        ``nts`` hold ``scale * N``. ``||X_j||^2`` (recovery and channel scaling) is the only pass over
-        the gradients besides the two products; the per-slice arithmetic and the limiter run once
-        over the group's concatenated slice vectors.
-        """
-        scaling = group.get("scaling")
-        xs, rts = batch.xs, batch.rts
-        n = len(rts)
-        if scaling == "tensor":
-            phis = [rec.tensor_scale(rt, nt) / scale for rt, nt in zip(rts, nts)]
-            s_norm = torch.stack([phi * torch.linalg.vector_norm(x) for phi, x in zip(phis, xs)])
-        else:
-            sizes = [rt.shape[0] for rt in rts]
-            r_norm = torch.cat([torch.linalg.vector_norm(rt, dim=1) for rt in rts])
-            n_norm = torch.cat([torch.linalg.vector_norm(nt, dim=1) for nt in nts])
-            x_col2 = torch.cat([rec.col_sq(x) for x in xs])
-            phi = n_norm.div_(r_norm.add(rec.PHI_EPS))
-            if scale != 1.0:
-                phi.div_(scale)
-            seg = batch.segments(phi.device)
-
-            def seg_sum(v: Tensor) -> Tensor:
-                return torch.zeros(n, dtype=v.dtype, device=v.device).index_add_(0, seg, v)
-
-            if scaling == "channel":  # ||X Phi||^2 = sum_j phi_j^2 ||X_j||^2
-                s_norm = seg_sum(phi.square() * x_col2).sqrt_()
-            else:  # recovery: the residual E Phi only, ||E_j||^2 = ||X_j||^2 - ||R_j||^2
-                e_col2 = (x_col2 - r_norm.square_()).clamp_min_(0.0)
-                s_norm = seg_sum(phi.square() * e_col2).sqrt_()
-                e = seg_sum(e_col2).sqrt_()
-                ratio = e / seg_sum(x_col2).sqrt_().clamp_min(1e-30)
-        prev = [s["residual_norm"] for s in states]
-        c = rec.limit(s_norm, torch.stack(prev), group["zeta"])
-        torch._foreach_copy_(prev, list((s_norm * c).unbind()))
-        cs = c.unbind()
-        if scaling is None:
-            for d, ei, ri, ci in zip(diags, e.unbind(), ratio.unbind(), cs):
-                d[0].update(residual_norm=ei, residual_ratio=ri, limiter=ci)
-        else:
-            for d, ci in zip(diags, cs):
-                d[0].update(limiter=ci)
-        if scaling == "tensor":
-            return [phi * ci for phi, ci in zip(phis, cs)]
-        return list(phi.mul_(c[seg]).split(sizes))  # the limiter folded into Phi
-
-
-class _Batch:
-    """One step's working set of a projected group: oriented gradients, bases and ``R = Q^T X`` per
-    matrix. (One shared ``(sum k) x r`` buffer for the group was tried and measured slower on the
-    CPU: a fresh large allocation every step costs its page faults, about 1 ms per 4 MB here.)"""
-
-    def __init__(self, rank: int, chosen: list[tuple[int, Tensor]], params: list[Tensor]) -> None:
-        self.chosen, self.params = chosen, params
-        self.ks = [max(p.shape) for p in params]
-        n = len(params)
-        self.xs: list[Tensor | None] = [None] * n
-        self.qs: list[Tensor | None] = [None] * n
-        self.rts: list[Tensor | None] = [None] * n
-
-    def project(self, j: int) -> None:
-        """``R_j = (Q_j^T X_j)^T`` (``k x r``)."""
-        self.rts[j] = self.xs[j].mT @ self.qs[j]
-
-    def checks(self):
-        """``(index, tensor)`` to check for each matrix: its ``R``, or its gradient before it has one
-        (first step, basis updates of seeded rules, error feedback)."""
-        for (i, p), rt in zip(self.chosen, self.rts):
-            yield i, (p.grad if rt is None else rt)
-
-    def directions(self) -> list[Tensor]:
-        """Zeroed ``k x r`` outputs for ``scale * N``."""
-        return [torch.zeros_like(rt) for rt in self.rts]
-
-    def segments(self, device) -> Tensor:
-        """The matrix index of every slice ``j`` of the concatenated per-slice vectors."""
-        return torch.repeat_interleave(torch.arange(len(self.ks), device=device),
-                                       torch.tensor(self.ks, device=device))
+        params = batch.params
+        seeds = ([_mix_seed(int(group["seed"]), self._param_index(p)) if "step" not in self.state[p] else 0
+                  for p in params] if rule_flag(rule, "FROM_SEED") else [0] * len(params))
+        _projected.projected_step_(
+            batch, [self.state[p] for p in params], [self._diag.setdefault(p, {}) for p in params], rule=rule,
+            group=group, codec=get_codec(group["state_dtype"]), seeds=seeds,
+            generator=lambda j: self._generator(params[j]), cache=self._seed_generators, fused=self._fused)

@@ -8,7 +8,7 @@ projection-aware optimizer, and ``recovery=False`` drops recovery scaling.
 Ranks. A preset may have a default rank (``DEFAULT_RANKS``; 128 otherwise). A rank is an int, the
 same for every matrix, or a fraction of each matrix's short side written ``"d/4"`` (``r =
 max(1, d // 4)``), APOLLO's default (:func:`grassopt.targets.resolve_rank`; the layers are chosen by
-:func:`grassopt.targets.select_targets`, re-exported here). A param group holds one int rank, so ``param_groups`` makes
+:func:`grassopt.targets.select_targets`). A param group holds one int rank, so ``param_groups`` makes
 one projected group per distinct rank; the optimizer and its state dict only ever see ints.
 """
 
@@ -23,10 +23,9 @@ from torch import nn
 
 from .optimizer import SUBSPACE_DEFAULTS, SubspaceAdamW
 from .rules import all_rule_options
-from .targets import check_plain_rates, hidden_matrices, resolve_rank, select_targets
+from .targets import check_plain_rates, hidden_matrices, resolve_rank
 
-__all__ = ["PRESETS", "DEFAULT_RANKS", "param_groups", "make_optimizer", "select_targets", "resolve_preset",
-           "default_rank", "resolve_rank"]
+__all__ = ["PRESETS", "DEFAULT_RANKS", "param_groups", "make_optimizer", "resolve_preset", "default_rank"]
 
 #: Component choices of every preset. ``None`` means no projection (plain AdamW).
 PRESETS: dict[str, dict[str, Any] | None] = {
@@ -89,8 +88,8 @@ def param_groups(
     ``rank`` is an int, ``"d/N"`` (a fraction of each matrix's short side: one projected group per
     distinct rank), or None for the preset's default (``DEFAULT_RANKS``, else 128). Only 2-D
     weights of ``nn.Linear`` modules selected by ``targets`` are projected (see
-    :func:`select_targets`); embeddings, norms, biases and the output layer go to the plain
-    AdamW group. A matrix whose short side is not larger than ``rank`` cannot be projected: it
+    :func:`grassopt.targets.select_targets`); embeddings, norms, biases and the output layer go to the
+    plain AdamW group. A matrix whose short side is not larger than ``rank`` cannot be projected: it
     falls back to the plain group with a warning. With ``weight_decay > 0``, parameters with
     fewer than 2 dimensions (norms, biases) get no decay, as in nanoGPT. Parameters are given with
     their names, so errors and :meth:`SubspaceAdamW.diagnostics` name them. ``state_dtype``

@@ -7,10 +7,11 @@ the norm kept from the previous step, if ``||S|| > zeta g`` then ``S`` is scaled
 ``zeta g``; the final ``||S||`` becomes the new ``g`` (a stored ``g = 0`` means "no previous step":
 the first step only stores).
 
-Nothing here forms ``E``: since ``Q^T (X Phi) = R Phi``,
-``||S||^2 = sum_j phi_j^2 (||X_j||^2 - ||R_j||^2)``, and the optimizer applies the direction as
-``alpha_r c X Phi + Q (alpha N - alpha_r c R Phi)``: one product with ``Q``, like GaLore. The
-norm is therefore exact up to float32 cancellation (``sqrt(eps) ||X||``), which only matters when
+This module holds the pieces (:func:`col_sq`, :func:`tensor_scale`, :func:`limit`, ``PHI_EPS``); the
+optimizer's projected step assembles them, batched over a group. Nothing forms ``E``: since
+``Q^T (X Phi) = R Phi``, ``||S||^2 = sum_j phi_j^2 (||X_j||^2 - ||R_j||^2)``, and the optimizer applies
+the direction as ``alpha_r c X Phi + Q (alpha N - alpha_r c R Phi)``: one product with ``Q``, like
+GaLore. The norm is therefore exact up to float32 cancellation (``sqrt(eps) ||X||``), which only matters when
 the residual is a tiny part of the gradient.
 
 The same scale and limiter serve APOLLO (docs/algorithms.md#apollo), whose direction is the whole raw
@@ -53,24 +54,9 @@ def col_sq(x: Tensor) -> Tensor:
     return out
 
 
-def channel_scale(rt: Tensor, nt: Tensor) -> tuple[Tensor, Tensor]:
-    """``phi_j = ||N_j|| / (||R_j|| + 1e-8)`` for each slice ``j`` (rows of the ``k x r`` tensors),
-    and the ``||R_j||`` it used."""
-    r_norm = torch.linalg.vector_norm(rt, dim=1)
-    return torch.linalg.vector_norm(nt, dim=1) / (r_norm + PHI_EPS), r_norm
-
-
 def tensor_scale(rt: Tensor, nt: Tensor) -> Tensor:
     """APOLLO-Mini's one scale per tensor, ``||N||_F / (||R||_F + 1e-8)`` (a 0-d tensor)."""
     return torch.linalg.vector_norm(nt) / (torch.linalg.vector_norm(rt) + PHI_EPS)
-
-
-def residual_terms(x: Tensor, r_norm: Tensor, phi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(||S||^2, ||E||^2, ||X||^2)`` before limiting, for the oriented ``x`` (``d x k``) and the
-    slice norms ``||R_j||`` of its projection."""
-    x_col2 = col_sq(x)
-    e_col2 = (x_col2 - r_norm.square()).clamp_min_(0.0)
-    return torch.dot(phi.square(), e_col2), e_col2.sum(), x_col2.sum()
 
 
 def limit(norm: Tensor, previous: Tensor, zeta: float) -> Tensor:

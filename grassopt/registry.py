@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,49 +37,156 @@ from .optimizer import SUBSPACE_DEFAULTS
 from .presets import PRESETS, default_rank, make_optimizer
 from .targets import PlainRates, check_plain_rates, hidden_matrices, plain_rates, resolve_rank
 
-__all__ = ["Kind", "KINDS", "EXTRA_KINDS", "PRESETS", "build", "state_bytes", "is_forward_only", "FORWARD_ONLY",
+__all__ = ["Kind", "Request", "KINDS", "EXTRA_KINDS", "PRESETS", "build", "state_bytes", "is_forward_only", "FORWARD_ONLY",
            "ONE_RATE", "check_plain"]
 
 
 @dataclass(frozen=True)
 class Kind:
-    """One optimizer name: its family (``preset``, ``torch``, ``reference``, ``rso``, ``zo``) and what it is."""
+    """One optimizer name: its family (``preset``, ``torch``, ``reference``, ``rso``, ``zo``), what it is, how it
+    is built (``build(request) -> torch.optim.Optimizer``, a :class:`Request`) and the options it takes
+    (``options``; None: its builder checks them itself, e.g. a preset's rule or a reference's settings;
+    ``hint``: what else to say when one is refused)."""
 
     family: str
     description: str
+    build: Callable[[Request], torch.optim.Optimizer] | None = field(default=None, compare=False, repr=False)
+    options: frozenset[str] | None = None
+    hint: str = ""
 
     @property
     def forward_only(self) -> bool:
         return self.family == "zo"
 
 
+@dataclass
+class Request:
+    """What :func:`build` was asked for (its arguments, ``options`` a copy, ``targets`` a list)."""
+
+    name: str
+    model: nn.Module
+    lr: float
+    betas: tuple[float, float]
+    weight_decay: float
+    rank: int | str | None
+    update_interval: int | None
+    targets: list[str]
+    options: dict[str, Any]
+    seed: int
+    state_dtype: str
+    stochastic_rounding: bool
+    sketch: str | None
+    sketch_rank: float | int
+    eps: float | None
+    plain_lr: float | None
+    plain_weight_decay: float | None
+
+    @property
+    def split(self) -> dict[str, Any]:
+        return {"plain_lr": self.plain_lr, "plain_weight_decay": self.plain_weight_decay}
+
+    def plain(self) -> PlainRates | None:
+        return plain_rates(self.model, self.targets, self.lr, self.weight_decay, self.plain_lr,
+                           self.plain_weight_decay)
+
+
+# ---------------------------------------------------------------------------------------- the builders
+def _build_preset(r: Request) -> torch.optim.Optimizer:
+    return make_optimizer(r.model, r.name, lr=r.lr, rank=r.rank, update_interval=r.update_interval, targets=r.targets,
+                          weight_decay=r.weight_decay, betas=r.betas, eps=1e-6 if r.eps is None else r.eps,
+                          seed=r.seed, state_dtype=r.state_dtype, stochastic_rounding=r.stochastic_rounding,
+                          **r.split, **(r.options if PRESETS[r.name] is not None else {}))
+
+
+def _build_adamw_torch(r: Request) -> torch.optim.Optimizer:
+    """torch's fused kernel wherever the device has one: its fastest AdamW."""
+    groups = _decay_groups(r.model, r.weight_decay, r.plain())
+    fused = fused_available([p for g in groups for p in g["params"]]) or None
+    return torch.optim.AdamW(groups, lr=r.lr, betas=r.betas, fused=fused, **({} if r.eps is None else {"eps": r.eps}))
+
+
+def _build_rso(r: Request) -> torch.optim.Optimizer:
+    from . import sketch as gs
+    from .targets import sketch_rank_spec
+    opts = r.options
+    inner_steps = int(opts.get("inner_steps", r.update_interval or SUBSPACE_DEFAULTS["update_interval"]))
+    return gs.rso(r.model, sketch_rank_spec(r.sketch_rank), inner_steps=inner_steps,
+                  lr=r.lr, weight_decay=r.weight_decay, mu=float(opts.get("mu", 0.0)),
+                  law=r.sketch or "haar", seed=r.seed, targets=r.targets, betas=r.betas,
+                  eps=float(opts.get("eps", 1e-6 if r.eps is None else r.eps)), inner=opts.get("inner", "adam"),
+                  **r.split)
+
+
+def _build_zo(r: Request) -> torch.optim.Optimizer:
+    from .zo import ZO
+    if isinstance(r.rank, str):
+        raise ValueError(f"preset {r.name!r} takes an integer rank, got rank={r.rank!r}")
+    return ZO(r.model, rank=8 if r.rank is None else r.rank, lr=r.lr, weight_decay=r.weight_decay,
+              targets=r.targets, dense=r.name == "mezo", seed=r.seed, **r.options)
+
+
+def _build_reference(r: Request) -> torch.optim.Optimizer:
+    return references.build(r.name, r.model, lr=r.lr, weight_decay=r.weight_decay, betas=r.betas,
+                            settings=r.options, plain=r.plain())
+
+
+def _build_ref_galore(r: Request) -> torch.optim.Optimizer:
+    plain = r.plain()
+    references.require(r.name)  # one line if the package is missing
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from galore_torch import GaLoreAdamW
+        groups = _reference_groups(r.model, r.rank, r.update_interval, r.targets, "galore",
+                                   {"scale": r.options.get("alpha", 0.25)}, plain)
+        return GaLoreAdamW(groups, lr=r.lr, betas=r.betas, weight_decay=r.weight_decay, no_deprecation_warning=True)
+
+
+def _build_ref_apollo(r: Request) -> torch.optim.Optimizer:
+    plain = r.plain()
+    references.require(r.name)  # one line if the package is missing
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from apollo_torch import APOLLOAdamW
+        extra = {"scale": r.options.get("scale", 1.0), "proj": "random",
+                 "scale_type": r.options.get("scale_type", "channel")}
+        return APOLLOAdamW(_reference_groups(r.model, r.rank, r.update_interval, r.targets, "apollo", extra, plain),
+                           lr=r.lr, betas=r.betas, weight_decay=r.weight_decay)
+
+
+RSO_OPTIONS = {"inner_steps", "mu", "inner", "eps"}
+ZO_OPTIONS = {"eps", "momentum", "law", "lazy", "others", "clip", "nonfinite"}
+
 #: The names beside grassopt's presets, with one line each (``grassopt train --help`` lists them).
 EXTRA_KINDS: dict[str, Kind] = {
     "adamw-torch": Kind("torch", "torch.optim.AdamW (full rank, PyTorch's own implementation; fused=True where the "
-                                 "device has the fused kernel)"),
+                                 "device has the fused kernel)", _build_adamw_torch),
     "ref-galore": Kind("reference", "GaLoreAdamW from the reference package galore-torch (optional: pip install "
-                                    "grassopt[bench])"),
+                                    "grassopt[bench])", _build_ref_galore, frozenset({"alpha"}),
+                       " (alpha: GaLore's scale of the update, 0.25 by default)"),
     "ref-apollo": Kind("reference", "APOLLOAdamW from the reference package apollo-torch (optional: pip install "
-                                    "grassopt[bench])"),
-    "zo": Kind("zo", "forward-only training: zeroth-order low-rank (U V^T, Haar V) gradient estimates (grassopt.zo)"),
-    "mezo": Kind("zo", "forward-only training with dense Gaussian perturbations (MeZO), the baseline of zo"),
+                                    "grassopt[bench])", _build_ref_apollo, frozenset({"scale", "scale_type"}),
+                       " (scale: APOLLO's scale of the update, 1.0 by default; scale_type: channel or tensor)"),
+    "zo": Kind("zo", "forward-only training: zeroth-order low-rank (U V^T, Haar V) gradient estimates (grassopt.zo)",
+               _build_zo, frozenset(ZO_OPTIONS)),
+    "mezo": Kind("zo", "forward-only training with dense Gaussian perturbations (MeZO), the baseline of zo",
+                 _build_zo, frozenset(ZO_OPTIONS)),
     "rso": Kind("rso", "randomized subspace optimization (grassopt.sketch.rso): the covered layers train a low-rank "
                        "B in a random subspace P (resampled every --update-interval steps) and store only x P for "
-                       "backward"),
-    # the reference optimizers people pick today (grassopt.references; optional: pip install grassopt[bench])
-    **{name: Kind("reference", ref.description) for name, ref in references.REFERENCES.items()},
+                       "backward", _build_rso, frozenset(RSO_OPTIONS),
+                " (the rank is sketch_rank, the law is sketch, the outer iteration is update_interval)"),
+    # the reference optimizers people pick today (grassopt.references; optional: pip install grassopt[bench]);
+    # their settings are checked by grassopt.references
+    **{name: Kind("reference", ref.description, _build_reference) for name, ref in references.REFERENCES.items()},
 }
 #: Every name: the presets first, then the others.
 KINDS: dict[str, Kind] = {**{name: Kind("preset", f"grassopt preset {name!r}: SubspaceAdamW with "
-                                                  f"{PRESETS[name] or 'no projection (plain AdamW)'}")
+                                                  f"{PRESETS[name] or 'no projection (plain AdamW)'}", _build_preset)
                              for name in PRESETS}, **EXTRA_KINDS}
 FORWARD_ONLY = tuple(name for name, kind in KINDS.items() if kind.forward_only)
 
-RSO_OPTIONS = {"inner_steps", "mu", "inner", "eps"}
 #: The kinds that take one learning rate (``plain_lr`` / ``plain_weight_decay`` refused), and why.
 ONE_RATE = {name: "its forward-only step moves every parameter it covers along one estimate, at lr (grassopt.zo)"
             for name in FORWARD_ONLY}
-ZO_OPTIONS = {"eps", "momentum", "law", "lazy", "others", "clip", "nonfinite"}
 
 
 def is_forward_only(name: str) -> bool:
@@ -158,67 +266,34 @@ def build(name: str, model: nn.Module, *, lr: float = 1e-3, betas: tuple[float, 
     ``targets``: embedding, head, norms, biases), for every kind but the forward-only ones (:data:`ONE_RATE`).
     ``rso``'s sketched layers (its ``B``) keep ``lr``; ``ref-muon``'s AdamW part gets ``plain_lr``.
     """
-    opts = dict(options or {})
-    targets = [targets] if isinstance(targets, str) else list(targets)
     if name not in KINDS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(KINDS)}")
     check_plain(name, plain_lr, plain_weight_decay)  # before anything is built (rso sketches the model)
     kind = KINDS[name]
-    split = dict(plain_lr=plain_lr, plain_weight_decay=plain_weight_decay)
-    if eps is not None and kind.family not in ("preset", "torch", "rso"):
+    r = Request(name, model, lr, betas, weight_decay, rank, update_interval,
+                [targets] if isinstance(targets, str) else list(targets), dict(options or {}), seed, state_dtype,
+                stochastic_rounding, sketch, sketch_rank, eps, plain_lr, plain_weight_decay)
+    _check_eps_and_options(kind, r)
+    assert kind.build is not None, name
+    return kind.build(r)
+
+
+def _check_eps_and_options(kind: Kind, r: Request) -> None:
+    """Refuse (one line) ``eps`` where it does not apply and any option ``kind`` does not take; ``--opt eps=...``
+    of a preset or ``adamw-torch`` becomes ``r.eps``."""
+    name, opts = r.name, r.options
+    if r.eps is not None and kind.family not in ("preset", "torch", "rso"):
         raise ValueError(f"eps applies to grassopt's presets, adamw-torch and rso, not to {name!r} "
                          "(set a reference's own settings through options)")
     if "eps" in opts and kind.family in ("preset", "torch"):  # --opt eps=...: the same setting as eps
-        if eps is not None and opts["eps"] != eps:
-            raise ValueError(f"eps is given twice ({eps!r} and the option eps={opts['eps']!r}); give it once")
-        eps = opts.pop("eps")
+        if r.eps is not None and opts["eps"] != r.eps:
+            raise ValueError(f"eps is given twice ({r.eps!r} and the option eps={opts['eps']!r}); give it once")
+        r.eps = opts.pop("eps")
     if opts and (kind.family == "torch" or (kind.family == "preset" and PRESETS[name] is None)):
         raise ValueError(f"preset {name!r} projects nothing (plain AdamW) and takes no options but eps; got "
                          f"{sorted(opts)} (leave them out, or choose a projected preset)")
-    if kind.family == "preset":
-        return make_optimizer(model, name, lr=lr, rank=rank, update_interval=update_interval, targets=targets,
-                              weight_decay=weight_decay, betas=betas, eps=1e-6 if eps is None else eps, seed=seed,
-                              state_dtype=state_dtype,
-                              stochastic_rounding=stochastic_rounding, **split,
-                              **(opts if PRESETS[name] is not None else {}))
-    if name == "rso":
-        from . import sketch as gs
-        from .targets import sketch_rank_spec
-        _check_options(name, opts, RSO_OPTIONS, " (the rank is sketch_rank, the law is sketch, the outer iteration "
-                                                "is update_interval)")
-        inner_steps = int(opts.get("inner_steps", update_interval or SUBSPACE_DEFAULTS["update_interval"]))
-        return gs.rso(model, sketch_rank_spec(sketch_rank), inner_steps=inner_steps,
-                      lr=lr, weight_decay=weight_decay, mu=float(opts.get("mu", 0.0)),
-                      law=sketch or "haar", seed=seed, targets=targets, betas=betas,
-                      eps=float(opts.get("eps", 1e-6 if eps is None else eps)), inner=opts.get("inner", "adam"),
-                      **split)
-    if kind.family == "zo":
-        from .zo import ZO
-        _check_options(name, opts, ZO_OPTIONS)
-        if isinstance(rank, str):
-            raise ValueError(f"preset {name!r} takes an integer rank, got rank={rank!r}")
-        return ZO(model, rank=8 if rank is None else rank, lr=lr, weight_decay=weight_decay,
-                  targets=targets, dense=name == "mezo", seed=seed, **opts)
-    plain = plain_rates(model, targets, lr, weight_decay, plain_lr, plain_weight_decay)
-    if name == "adamw-torch":  # torch's fused kernel wherever the device has one: its fastest AdamW
-        groups = _decay_groups(model, weight_decay, plain)
-        fused = fused_available([p for g in groups for p in g["params"]]) or None
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused, **({} if eps is None else {"eps": eps}))
-    if name in references.REFERENCES:
-        return references.build(name, model, lr=lr, weight_decay=weight_decay, betas=betas, settings=opts,
-                                plain=plain)
-    references.require(name)  # ref-galore, ref-apollo: one line if the package is missing
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if name == "ref-galore":
-            from galore_torch import GaLoreAdamW
-            groups = _reference_groups(model, rank, update_interval, targets, "galore",
-                                       {"scale": opts.get("alpha", 0.25)}, plain)
-            return GaLoreAdamW(groups, lr=lr, betas=betas, weight_decay=weight_decay, no_deprecation_warning=True)
-        from apollo_torch import APOLLOAdamW
-        extra = {"scale": opts.get("scale", 1.0), "proj": "random", "scale_type": opts.get("scale_type", "channel")}
-        return APOLLOAdamW(_reference_groups(model, rank, update_interval, targets, "apollo", extra, plain), lr=lr,
-                           betas=betas, weight_decay=weight_decay)
+    if kind.options is not None:
+        _check_options(name, opts, set(kind.options), kind.hint)
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:

@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 from torch import nn
 
 __all__ = ["select_targets", "name_matches", "matching_modules", "hf_name_matches", "hf_target_names",
-           "resolve_rank", "resolve_sketch_rank", "sketch_rank_spec", "OUTPUT_NAMES", "hidden_matrices",
+           "resolve_rank", "resolve_sketch_rank", "sketch_rank_spec", "parse_rank", "parse_rank_or_fraction", "OUTPUT_NAMES", "hidden_matrices",
            "PlainRates", "plain_rates", "check_plain_rates"]
 
 #: Names of linear layers that ``"all-linear"`` leaves out (the output layer, as Hugging Face does).
@@ -184,6 +184,27 @@ def resolve_rank(rank: int | str, shape) -> int:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank={rank!r} must be an integer >= 1 (or a fraction of the short side such as 'd/4')")
     return rank
+
+
+def parse_rank(text: str) -> int | str:
+    """A rank as written on a command line (``--rank``): an integer (``"8"``), or a fraction of each
+    matrix's short side (``"d/4"``) kept as the string; anything else is a ``ValueError`` (one line)."""
+    value: int | str = int(text) if text.strip().lstrip("-").isdigit() else text
+    resolve_rank(value, (1 << 62, 1 << 62))
+    return value
+
+
+def parse_rank_or_fraction(text: str | float | int) -> int | float:
+    """A sketch rank as written on a command line (``--sketch-rank``): a fraction in (0, 1) (``"0.125"``, a
+    float) or a whole number >= 1 (``"8"`` or ``"8.0"``, an int); anything else is a ``ValueError``. The one
+    reading of such a value: :func:`sketch_rank_spec` gives the same for a number."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (0 < value < 1 or (1 <= value < math.inf and value.is_integer())):
+        raise ValueError(f"expected a fraction in (0, 1) or an integer >= 1, got {text!r}")
+    return sketch_rank_spec(value)
 
 
 def sketch_rank_spec(value: float | int) -> float | int:

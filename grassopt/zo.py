@@ -337,13 +337,6 @@ class ZO(torch.optim.Optimizer):
                              for k, v in st.items()}
         self._step = int(step)
 
-    def extra_memory_elements(self) -> int:
-        """Elements the method keeps between steps (momentum) plus the largest per-layer draw."""
-        kept = sum(v.numel() for st in self.state.values() for v in st.values() if torch.is_tensor(v))
-        per_layer = max((mod.weight.numel() if self.dense else (sum(mod.weight.shape) * self.rank))
-                        for mod in self._layers)
-        return kept + per_layer
-
     def remove_hooks(self) -> None:
         """Detach the forward hooks (the model is then an ordinary module again)."""
         for h in self._handles:

@@ -1,5 +1,6 @@
-"""An independent, naive float64 implementation of docs/algorithms.md#projected-step (and the scaling and
-error feedback of section 4), for tests.
+"""An independent, naive float64 implementation of docs/algorithms.md#projected-step, with the recovery
+scaling of docs/algorithms.md#recovery, APOLLO's scaling (docs/algorithms.md#apollo) and LDAdam's error
+feedback (docs/algorithms.md#ldadam), for tests.
 
 It forms every matrix explicitly (the residual ``E``, ``D``, the transport's covariance), so it
 shares no code path with the optimizer's fused formulas. Bases are supplied from outside (the

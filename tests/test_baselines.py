@@ -15,7 +15,8 @@ from torch import nn
 
 import grassopt
 from grassopt import SubspaceAdamW
-from grassopt.presets import default_rank, resolve_rank, select_targets
+from grassopt.presets import default_rank
+from grassopt.targets import resolve_rank, select_targets
 
 NEW = ["apollo", "apollo-mini", "ldadam"]
 

@@ -119,14 +119,14 @@ def _eps_inside_the_square_root(monkeypatch):
             o.copy_(x)
         return out
 
-    monkeypatch.setattr(F, "adam_direction", direction)
+    monkeypatch.setattr(F, "adam_direction_", direction)
 
 
 def _recovery_scale_off_by_one_percent(monkeypatch):
     """The recovery scales ``c Phi`` 1% too large."""
-    from grassopt.optimizer import SubspaceAdamW
-    scales = SubspaceAdamW._scales
-    monkeypatch.setattr(SubspaceAdamW, "_scales", lambda self, *a: [s * 1.01 for s in scales(self, *a)])
+    from grassopt.optim import _projected
+    scales = _projected.scales
+    monkeypatch.setattr(_projected, "scales", lambda *a, **kw: [s * 1.01 for s in scales(*a, **kw)])
 
 
 def _one_skipped_basis_update(monkeypatch):

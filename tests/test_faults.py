@@ -13,6 +13,7 @@ from torch import nn
 
 import grassopt
 from grassopt import SubspaceAdamW
+from grassopt.codecs import CODECS
 
 INF, NAN = float("inf"), float("nan")
 
@@ -133,7 +134,7 @@ def test_non_finite_subspace_and_rule_options_are_refused(options, message):
     ({"transport": ["keep"]}, "param group 0: unknown transport ['keep']; choose one of ['keep', 'reset', 'rotate']"),
     ({"zeta": "1"}, "param group 0: zeta='1' must be >= 1 and finite (the limiter may only shrink the residual's "
                     "growth; a large zeta such as 1e6 lets it act on explosions only)"),
-    ({"state_dtype": None}, "param group 0: state_dtype=None must be one of ['float32', 'int8']"),
+    ({"state_dtype": None}, f"param group 0: state_dtype=None must be one of {list(CODECS)}"),  # the registry's
     ({"recovery": None}, "param group 0: recovery=None must be True or False"),
     ({"update_rank": None}, "param group 0: update_rank=None is not valid for subspace rule 'track': use "
                             "update_rank='full' or an integer in [1, rank=4]"),

@@ -1,4 +1,4 @@
-"""The one Adam (fused and foreach), int8 moments and stochastic rounding (grassopt.functional)."""
+"""The one Adam (fused and foreach), int8 moments (grassopt.codecs.int8) and stochastic rounding (grassopt.functional)."""
 
 import math
 
@@ -9,6 +9,8 @@ from torch import nn
 import grassopt
 from grassopt import SubspaceAdamW
 from grassopt import functional as F
+from grassopt.codecs import CODECS, _base
+from grassopt.codecs import int8 as I8
 from grassopt.memory import state_bytes
 from reference import ReferenceStep
 from resume import assert_resumes_bit_identically
@@ -62,8 +64,8 @@ def test_fused_and_foreach_directions_agree_and_match_float64():
         ms = [torch.zeros_like(r) for r in rs]
         vs = [torch.zeros_like(r) for r in rs]
         for t in range(1, 4):
-            n = F.adam_direction([r * t for r in rs], ms, vs, t, betas=(0.9, 0.999), eps=1e-6, scale=0.25,
-                                 fused=fused)
+            n = F.adam_direction_([r * t for r in rs], ms, vs, t, betas=(0.9, 0.999), eps=1e-6, scale=0.25,
+                                  fused=fused)
         out[fused] = n
     M = V = 0
     for t in range(1, 4):
@@ -131,33 +133,33 @@ def test_int8_round_trip_error_within_the_documented_bound(n):
     # values over ten orders of magnitude, as Adam's second moment has
     x = torch.randn(n, generator=g) * torch.exp(torch.empty(n).uniform_(-12, 0, generator=g))
     codes = torch.empty(n, dtype=torch.int8)
-    scales = torch.empty(math.ceil(n / F.BLOCK))
-    F.quantize_signed_(codes, scales, x)
-    y = F.dequantize_signed(codes, scales)
-    per = scales.repeat_interleave(F.BLOCK)[:n]
-    assert torch.equal(scales, torch.stack([b.abs().max() for b in x.split(F.BLOCK)]))
+    scales = torch.empty(math.ceil(n / I8.BLOCK))
+    I8.quantize_signed_(codes, scales, x)
+    y = I8.dequantize_signed(codes, scales)
+    per = scales.repeat_interleave(I8.BLOCK)[:n]
+    assert torch.equal(scales, torch.stack([b.abs().max() for b in x.split(I8.BLOCK)]))
     assert bool((y - x).abs().le(_bound_signed(x, per) * (1 + 1e-5)).all())
     assert torch.equal(y.sign() * (y != 0), x.sign() * (y != 0))  # never flips a sign
     v = x.square()
     ucodes = torch.empty(n, dtype=torch.uint8)
-    F.quantize_unsigned_(ucodes, scales, v)
-    w = F.dequantize_unsigned(ucodes, scales)
-    per = scales.repeat_interleave(F.BLOCK)[:n]
+    I8.quantize_unsigned_(ucodes, scales, v)
+    w = I8.dequantize_unsigned(ucodes, scales)
+    per = scales.repeat_interleave(I8.BLOCK)[:n]
     assert bool((w - v).abs().le(_bound_unsigned(v, per) * (1 + 1e-5)).all())
     # the block maximum is exact, so a block that decays uniformly keeps its codes
-    assert torch.allclose(torch.stack([b.max() for b in w.split(F.BLOCK)]), scales, rtol=1e-6)
-    F.quantize_unsigned_(ucodes.clone(), scales, 0.999 * w)
-    assert torch.allclose(F.dequantize_unsigned(ucodes, scales), 0.999 * w, rtol=1e-5)
+    assert torch.allclose(torch.stack([b.max() for b in w.split(I8.BLOCK)]), scales, rtol=1e-6)
+    I8.quantize_unsigned_(ucodes.clone(), scales, 0.999 * w)
+    assert torch.allclose(I8.dequantize_unsigned(ucodes, scales), 0.999 * w, rtol=1e-5)
 
 
 @pytest.mark.parametrize("code", ["pow4", "log"])
 def test_int8_keeps_small_second_moments_nonzero_where_a_linear_code_does_not(code, monkeypatch):
-    monkeypatch.setattr(F, "V_CODE", code)
+    monkeypatch.setattr(I8, "V_CODE", code)
     v = torch.tensor([1.0] + [1e-8] * 255)  # one large entry in a block of tiny ones
     codes = torch.empty(256, dtype=torch.uint8)
     scales = torch.empty(1)
-    F.quantize_unsigned_(codes, scales, v)
-    w = F.dequantize_unsigned(codes, scales)
+    I8.quantize_unsigned_(codes, scales, v)
+    w = I8.dequantize_unsigned(codes, scales)
     assert float(w[0]) == 1.0 and bool((w[1:] > 0).all())
     # pow4: sqrt(V)'s relative error <= 1/c with c = 255 * 1e-2 = 2.55; log: <= 2^(32/1020) - 1
     bound = 1 / 2.55 if code == "pow4" else 2 ** (32 / 1020) - 1
@@ -166,15 +168,15 @@ def test_int8_keeps_small_second_moments_nonzero_where_a_linear_code_does_not(co
 
 
 def test_stochastic_rounding_of_v_is_unbiased(monkeypatch):
-    monkeypatch.setattr(F, "V_ROUNDING", "stochastic")
+    monkeypatch.setattr(I8, "V_ROUNDING", "stochastic")
     v = torch.cat([torch.ones(1), torch.full((255,), 0.3)])
     codes = torch.empty(256, dtype=torch.uint8)
     scales = torch.empty(1)
     gen = torch.Generator().manual_seed(0)
     draws = []
     for _ in range(400):
-        F.quantize_unsigned_(codes, scales, v, gen)
-        draws.append(F.dequantize_unsigned(codes, scales)[1:])
+        I8.quantize_unsigned_(codes, scales, v, gen)
+        draws.append(I8.dequantize_unsigned(codes, scales)[1:])
     d = torch.stack(draws).double()
     assert len(set(d.flatten().tolist())) == 2  # the two neighbouring levels
     se = d.std() / math.sqrt(d.numel())
@@ -207,26 +209,27 @@ def test_int8_chunks_in_reused_work_buffers_equal_fresh_tensors_and_a_float64_st
     """The chunked int8 step reuses per-thread work buffers; interleaving two tensors, over several
     chunks and a partial block, must give exactly what fresh tensors give, and follow the float64
     Adam step on the dequantized moments."""
-    monkeypatch.setattr(F, "CHUNK", 4 * F.BLOCK)
+    monkeypatch.setattr(_base, "CHUNK", 4 * I8.BLOCK)
     torch.manual_seed(0)
-    shapes = [(37, 61), (5 * F.BLOCK + 9,)]  # several chunks each, the last block partial
+    shapes = [(37, 61), (5 * I8.BLOCK + 9,)]  # several chunks each, the last block partial
     grads = [[torch.randn(s) * 10.0 ** torch.randint(-4, 0, s) for s in shapes] for _ in range(4)]
     start = [torch.randn(s) * 0.02 for s in shapes]
 
     def run(reuse):
         if not reuse:
-            monkeypatch.setattr(F, "_scratch", lambda n, device, k: None)
+            monkeypatch.setattr(I8, "_scratch", lambda n, device, k: None)
         ps = [p.clone() for p in start]
         sts = [{} for _ in shapes]
+        codec = CODECS["int8"]
         for st, s in zip(sts, shapes):
-            F.Int8Moments.init(st, s, "cpu")
+            codec.init(st, s, "cpu")
         for t, gs in enumerate(grads, 1):
             for p, g, st in zip(ps, gs, sts):
                 if t == len(grads):  # the last step against float64 Adam (GaLore's eps) on the stored moments
-                    m, v = (x.double().clone() for x in F.Int8Moments.load(st))
+                    m, v = (x.double().clone() for x in codec.load(st))
                     m, v = 0.9 * m + 0.1 * g.double().view(-1), 0.999 * v + 0.001 * g.double().view(-1) ** 2
                     want = p.double().view(-1) - 1e-3 * math.sqrt(1 - 0.999**t) / (1 - 0.9**t) * m / (v.sqrt() + 1e-8)
-                F.adam_tensor_(p, g, st, t, lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
+                F.adam_tensor_(p, g, st, t, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, codec=codec)
                 if t == len(grads):
                     torch.testing.assert_close(p.double().view(-1), want, rtol=0, atol=1e-7)
         return ps, sts
@@ -234,7 +237,7 @@ def test_int8_chunks_in_reused_work_buffers_equal_fresh_tensors_and_a_float64_st
     ps_a, sts_a = run(True)
     ps_b, sts_b = run(False)
     assert all(torch.equal(a, b) for a, b in zip(ps_a, ps_b))
-    assert all(torch.equal(a[k], b[k]) for a, b in zip(sts_a, sts_b) for k in F.Int8Moments.KEYS)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(sts_a, sts_b) for k in CODECS["int8"].layout((1,)))
 
 
 
@@ -255,7 +258,7 @@ def test_int8_state_trains_like_float32_and_counts_its_bytes_exactly(preset):
             st = opt.state[p]
             assert st["exp_avg"].dtype == torch.int8 and st["exp_avg_sq"].dtype == torch.uint8
             n = st["exp_avg"].numel()
-            expected += 2 * F.int8_bytes(n)
+            expected += 2 * (n + 4 * math.ceil(n / 256))  # the documented formula, by hand
             if "rank" in group:
                 d, k = sorted(p.shape)
                 assert n == k * group["rank"]
@@ -299,13 +302,16 @@ def test_stochastic_rounding_is_unbiased_and_deterministic_for_a_seed():
     vals = out.double()
     mean, se = vals.mean(0), vals.std(0) / math.sqrt(n)
     assert bool(((mean - x.double()).abs() <= 4 * se + 1e-12).all()), (mean, x)
-    lo = x.to(torch.bfloat16).double()  # every draw is one of the two neighbours
-    assert bool(((vals - x.double()).abs() < 2 * (x.double().abs() * 2**-7)).all())
+    # every draw is one of the two bf16 neighbours of x: x truncated to bf16 (towards zero), or the next
+    # bf16 away from zero (one bf16 ulp further, 2^16 in the float32 bit pattern); both occur
+    toward = x.view(torch.int32) & -(1 << 16)
+    lo, hi = toward.view(torch.float32).double(), (toward + (1 << 16)).view(torch.float32).double()
+    assert bool(((vals == lo) | (vals == hi)).all())
+    assert bool(((vals == lo).any(0) & (vals == hi).any(0))[:3].all())
     assert torch.equal(vals[:, 3], torch.full((n,), 7.0, dtype=torch.float64))  # representable: exact
     again = torch.empty_like(out)
     F.stochastic_round_(again, src, torch.Generator().manual_seed(0))
     assert torch.equal(again, out)
-    assert lo.shape == x.shape
     special = torch.tensor([float("inf"), float("-inf"), float("nan")])
     sp = torch.empty(3, dtype=torch.bfloat16)
     F.stochastic_round_(sp, special, torch.Generator().manual_seed(1))
@@ -349,3 +355,34 @@ def test_stochastic_rounding_resumes_bit_identically():
     m3, _ = run(state=(m2.state_dict(), o2.state_dict(), 3))
     for a, b in zip(m1.parameters(), m3.parameters()):
         assert a.dtype == torch.bfloat16 and torch.equal(a, b)
+
+
+def test_stochastic_rounding_into_fp16_rounds_to_nearest_and_says_so_once(monkeypatch):
+    monkeypatch.setattr(F, "_FP16_WARNED", False)
+    src = torch.tensor([1.0 + 2**-12, -3.0])
+    dst = torch.empty(2, dtype=torch.float16)
+    with pytest.warns(UserWarning, match="rounded to nearest"):
+        F.stochastic_round_(dst, src, torch.Generator().manual_seed(0))
+    assert torch.equal(dst, src.to(torch.float16))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        F.stochastic_round_(dst, src, torch.Generator().manual_seed(0))  # once only
+
+
+def test_the_int8_code_map_is_saved_with_the_state_and_read_back_from_it(monkeypatch):
+    """A state records the code that wrote it; changing the default later does not change how it reads."""
+    model = _model()
+    monkeypatch.setattr(I8, "V_CODE", "log")
+    opt = grassopt.make_optimizer(model, "subtrack++", lr=1e-2, rank=4, update_interval=3, state_dtype="int8")
+    _train(model, opt, _data(4))
+    sd = opt.state_dict()
+    assert {st["int8_code"] for st in sd["state"].values()} == {"log/nearest"}
+    monkeypatch.setattr(I8, "V_CODE", "pow4")
+    st = next(iter(opt.state.values()))
+    m, v = CODECS["int8"].load(st)
+    want = I8.dequantize_unsigned(st["exp_avg_sq"].view(-1), st["exp_avg_sq_scale"], code="log")
+    assert torch.equal(v, want)
+    bad = {**sd, "state": {k: {**s, "int8_code": "cube/nearest"} for k, s in sd["state"].items()}}
+    with pytest.raises(ValueError, match="int8_code='cube/nearest' is not an int8 code map"):
+        opt.load_state_dict(bad)

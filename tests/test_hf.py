@@ -14,7 +14,9 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 import grassopt  # noqa: E402
-from grassopt.hf import make_optimizer, optimizer_cls_and_kwargs, target_module_names  # noqa: E402
+from grassopt.hf import make_optimizer, optimizer_cls_and_kwargs  # noqa: E402
+from grassopt.presets import default_rank  # noqa: E402
+from grassopt.targets import hf_target_names, resolve_rank  # noqa: E402
 
 SEQ = 64
 RANK = 8
@@ -71,19 +73,37 @@ def _same_state(a, b):
 
 def test_targets_follow_hugging_face_rules():
     model = _llama(300)
-    assert target_module_names(model, None) == "all-linear"
-    names = target_module_names(model, ["self_attn", "mlp"])
+    assert hf_target_names(model, None) == "all-linear"
+    names = hf_target_names(model, ["self_attn", "mlp"])
     assert len(names) == 2 * 7 and all("lm_head" not in n for n in names)
     # a string is a full-match regex, not a substring
-    assert target_module_names(model, r".*\.mlp\.down_proj") == ["model.layers.0.mlp.down_proj",
+    assert hf_target_names(model, r".*\.mlp\.down_proj") == ["model.layers.0.mlp.down_proj",
                                                                  "model.layers.1.mlp.down_proj"]
     with pytest.raises(ValueError, match="no linear module"):
-        target_module_names(model, "mlp")
+        hf_target_names(model, "mlp")
     opt = make_optimizer(model, _args("unused"), rank=RANK)
     projected = [p for g in opt.param_groups if "rank" in g for p in g["params"]]
     assert len(projected) == 14
     assert opt.param_groups[0]["lr"] == 3e-3 and opt.param_groups[0]["eps"] == 1e-8
     assert all(g["weight_decay"] == (0.01 if g["params"][0].dim() == 2 else 0.0) for g in opt.param_groups)
+
+
+@pytest.mark.parametrize("preset", ["apollo-mini", "apollo", "galore"])
+def test_without_a_rank_each_preset_gets_its_own_default_rank(preset):
+    """One rank policy: grassopt.hf gives a preset the rank grassopt.presets.default_rank names
+    (apollo-mini: rank 1; apollo: d/4), not a rank of its own."""
+    model = _llama(300)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # galore's 128 >= 64: every matrix falls back to AdamW, with a warning
+        opt = make_optimizer(model, _args("unused"), preset=preset)
+    ranks = sorted(g["rank"] for g in opt.param_groups if "rank" in g)
+    assert ranks == {"apollo-mini": [1], "apollo": [16], "galore": []}[preset]  # d = 64: d/4 = 16
+    assert resolve_rank(default_rank(preset), (64, 128)) == (ranks[0] if ranks else 128)
+    try:
+        _, kwargs = optimizer_cls_and_kwargs(_args("unused"), preset=preset)
+    except RuntimeError:  # a transformers without optimizer factories
+        return
+    assert kwargs["rank"] is None  # the factory defers to the same policy
 
 
 def test_trainer_finetunes_llama_and_resumes(sotu_1k, tmp_path):

@@ -252,6 +252,37 @@ def test_non_finite_gradient_says_what_was_updated():
         (model(torch.randn(4, 8)).sum() * float("nan")).backward()
 
 
+@pytest.mark.parametrize("kw", [{}, {"track_grad_norm": False}, {"clip_norm": 1.0}],
+                         ids=["norm-tracked", "no-norm", "clipped"])
+def test_a_torch_optimizer_never_steps_a_non_finite_gradient(kw):
+    """torch's AdamW writes a NaN gradient into the weights; layer-wise, the updater refuses it first
+    (with or without clipping: no clipping is where nothing else would look)."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+    before = [p.detach().clone() for p in model.parameters()]
+    lw = LayerwiseUpdater(torch.optim.AdamW(model.parameters(), lr=1e-2), **kw)
+    x = torch.randn(4, 8)
+    with pytest.raises(FloatingPointError, match=r"non-finite gradient \(NaN or inf\) in parameter \d \(\d.*\); it "
+                                                 r"was not stepped.*layer-wise mode"):
+        (model(x).sum() * float("nan")).backward()  # every gradient NaN: the first one stops the step
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    lw.remove()
+    lw = LayerwiseUpdater(torch.optim.AdamW(model.parameters(), lr=1e-2), check_finite=False, **kw)
+    (model(x).sum() * float("nan")).backward()  # unchecked: the NaN reaches the weights (what the check prevents)
+    assert not all(p.isfinite().all() for p in model.parameters())
+
+
+def test_rso_is_refused_in_one_line_naming_why():
+    """RSO's inner-step counter and merge are per optimizer step; a per-parameter step broke on them
+    (KeyError: 'inner_step' from the narrowed param group). Refused at construction instead."""
+    import grassopt.sketch as gs
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    opt = gs.rso(model, rank=4, inner_steps=2, lr=1e-2)
+    with pytest.raises(ValueError, match=r"^RSO cannot be stepped layer-wise: its inner-step counter.*once per "
+                                         r"optimizer step, not once per parameter; train it without layer-wise"):
+        LayerwiseUpdater(opt)
+    assert opt.step.__func__ is type(opt).step  # nothing attached
+
+
 @pytest.mark.parametrize("preset", ["subtrack++", "adamw-torch"])
 def test_step_hooks_run_once_per_step_after_backward(preset):
     """``optimizer.step()`` runs its step hooks once; so does a layer-wise step (the pre-hooks before

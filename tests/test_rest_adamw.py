@@ -20,36 +20,11 @@ from grassopt.targets import hidden_matrices
 from grassopt.train import cli as train_cli
 from grassopt.train.data import TokenizedCorpus
 from grassopt.train.loop import TrainConfig, build_optimizer, train
-from grassopt.train.model import Llama, config
 
-VOCAB = 257
+from test_references import VOCAB, batch, nano, steps  # the nano Llama and its steps, shared
+
 LR, WD = 1e-2, 0.1
 HIDDEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def nano(seed=0):
-    torch.manual_seed(seed)
-    return Llama(config("nano", vocab_size=VOCAB))
-
-
-def batch(seed=1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, VOCAB, (4, 32), generator=g)
-    return x, x.roll(-1, dims=1)
-
-
-def steps(model, opt, n, sched=None):
-    x, y = batch()
-    losses = []
-    for _ in range(n):
-        _, loss = model(x, y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if sched is not None:
-            sched.step()
-        losses.append(loss.item())
-    return losses
 
 
 def build(model, lr=LR, wd=WD, plain_lr=None, plain_weight_decay=None, preset="ref-adafactor", **options):

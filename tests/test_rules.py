@@ -251,6 +251,19 @@ def test_hybrid_walk_branch_is_the_full_walk():
     assert angles.max().item() == pytest.approx(0.2, abs=2e-5) and (angles > 0.01).all()
 
 
+def test_hybrid_walks_by_the_walks_default_step():
+    """hybrid's walk steps default to walk's step size (1.5 rad), not the 0.1 rad that walk's own
+    docstring calls a frozen basis: the same constant, in the rule and in an optimizer's group."""
+    from grassopt import SubspaceAdamW
+    eta = get_rule("walk").OPTIONS["step_size"]
+    assert eta == 1.5 and get_rule("hybrid").OPTIONS["step_size"] == eta
+    Q = linalg.haar(30, 5, torch.Generator().manual_seed(29), "cpu")
+    Q2 = get_rule("hybrid").update(Q, None, ctx(5, seed=30, jump_prob=0.0))  # step_size: the default
+    assert principal_angles(Q, Q2).max().item() == pytest.approx(eta, abs=2e-5)
+    w = torch.nn.Parameter(torch.zeros(8, 12))
+    assert SubspaceAdamW([{"params": [w], "rank": 2, "rule": "hybrid"}]).param_groups[0]["step_size"] == eta
+
+
 # ---------------------------------------------------------------- option validation
 
 

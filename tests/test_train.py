@@ -295,3 +295,11 @@ def test_checkpoint_activations_cli_flag():
     assert "--checkpoint-activations" in ap.format_help()
     assert config_from_args(ap.parse_args(["--checkpoint-activations"])).checkpoint_activations is True
     assert config_from_args(ap.parse_args([])).checkpoint_activations is False
+
+
+def test_rso_under_layerwise_is_refused_before_anything_is_built():
+    """RSO's inner steps and merges advance once per optimizer step, so layer-wise stepping is refused
+    by the config's check (one line naming why), before the model is sketched."""
+    from grassopt.train.loop import TrainConfig
+    with pytest.raises(ValueError, match=r"^layerwise=True cannot step preset 'rso': its inner-step counter"):
+        TrainConfig(preset="rso", layerwise=True).validate()

@@ -1,8 +1,11 @@
 
+import math
+
 import pytest
 import torch
+from torch import nn
 
-from grassopt import recovery, transport
+from grassopt import SubspaceAdamW, recovery, transport
 from conftest import random_orthonormal
 
 
@@ -73,48 +76,71 @@ def naive(X, Q, N, prev, zeta):
     return S * c, c, E.norm().item()
 
 
-def fused(X, Q, N, prev, zeta):
-    """The optimizer's route: k x r layout, norms from ||X||^2 - ||R||^2, no E formed."""
-    Rt, Nt = X.T @ Q, N.T
-    phi, r_norm = recovery.channel_scale(Rt, Nt)
-    s2, e2, x2 = recovery.residual_terms(X, r_norm, phi)
-    c = recovery.limit(s2.sqrt(), torch.tensor(prev), zeta)
-    return phi * c, c, s2.sqrt() * c, e2.sqrt()
+def first_adam_direction(R, betas=(0.9, 0.999), eps=1e-6):
+    """``N`` of the first Adam step on ``R`` (section 2: ``eps`` on ``sqrt(V)``, bias correction in the step size)."""
+    R = R.double()
+    return (1 - betas[0]) * R / (((1 - betas[1]) * R * R).sqrt() + eps)
+
+
+def optimizer_route(X, Q, prev, zeta, alpha, alpha_r):
+    """What :class:`SubspaceAdamW` does with recovery (``k x r`` layout, the norms from
+    ``||X_j||^2 - ||R_j||^2``, ``E`` never formed): one first Adam step of a ``d x k`` weight (``d < k``,
+    so ``X = G``) in the basis ``Q``, with the limiter remembering ``prev``. Returns the direction
+    ``D`` (``W <- W - lr_t D``), the limiter's factor, the norm ``||c S||`` it stores and ``||E||``."""
+    w = nn.Parameter(torch.zeros(X.shape))
+    opt = SubspaceAdamW([{"params": [w], "rank": Q.shape[1], "rule": "frozen", "transport": "keep",
+                          "recovery": True, "zeta": zeta, "alpha": alpha, "alpha_r": alpha_r,
+                          "update_interval": 1000}], lr=1.0)
+    w.grad = X.clone()
+    opt.step()  # makes the state; then set it: this basis, fresh moments, the limiter's memory
+    st = opt.state[w]
+    st["Q"].copy_(Q)
+    st["exp_avg"].zero_()
+    st["exp_avg_sq"].zero_()
+    st["adam_step"] = 0
+    st["residual_norm"].fill_(prev)
+    with torch.no_grad():
+        w.zero_()
+    w.grad = X.clone()
+    opt.step()
+    b1, b2 = opt.param_groups[0]["betas"]
+    direction = -w.detach().double() / (math.sqrt(1 - b2) / (1 - b1))
+    (diag,) = opt.diagnostics().values()
+    return direction, diag["limiter"], st["residual_norm"].item(), diag["residual_norm"]
 
 
 @pytest.mark.parametrize("prev", [0.0, 1e-3, 100.0])
-def test_fused_recovery_matches_naive_residual(prev):
+def test_the_optimizers_recovery_matches_the_naive_residual(prev):
     g = torch.Generator().manual_seed(7)
     X = torch.randn(16, 40, generator=g)
     Q = random_orthonormal(16, 4, seed=8).float()
-    R = Q.T @ X
-    N = torch.randn(4, 40, generator=g)
-    phi, c, s_norm, e_norm = fused(X, Q, N, prev, 1.01)
-    S_ref, c_ref, e_ref = naive(X, Q, N, prev, 1.01)
-    assert c.item() == pytest.approx(c_ref, rel=1e-5)
-    assert s_norm.item() == pytest.approx(S_ref.norm().item(), rel=1e-4)
-    assert e_norm.item() == pytest.approx(e_ref, rel=1e-4)
-    # the optimizer's direction alpha Q N + alpha_r c E Phi, formed without E
     alpha, alpha_r = 0.25, 0.5
-    direction = alpha_r * X * phi + Q @ (alpha * N - alpha_r * R * phi)
-    ref = alpha * Q.double() @ N.double() + alpha_r * S_ref
-    assert torch.allclose(direction.double(), ref, atol=1e-5 * ref.abs().max().item())
+    direction, c, s_norm, e_norm = optimizer_route(X, Q, prev, 1.01, alpha, alpha_r)
+    N = first_adam_direction(Q.T @ X)
+    S_ref, c_ref, e_ref = naive(X, Q, N, prev, 1.01)
+    assert (c_ref < 1) == (prev == 1e-3)  # the limiter acts in one case only
+    assert c == pytest.approx(c_ref, rel=1e-5)
+    assert s_norm == pytest.approx(S_ref.norm().item(), rel=1e-4)
+    assert e_norm == pytest.approx(e_ref, rel=1e-4)
+    # the direction alpha Q N + alpha_r c E Phi, which the optimizer forms without E
+    ref = alpha * Q.double() @ N + alpha_r * S_ref
+    assert torch.allclose(direction, ref, atol=1e-5 * ref.abs().max().item())
 
 
-def test_residual_vanishes_when_the_basis_spans_everything():
-    d = 12
-    Q = random_orthonormal(d, d, seed=9).float()  # r = d
-    X = torch.randn(d, 30)
-    R = Q.T @ X
-    N = torch.randn(d, 30)
-    phi, c, s_norm, e_norm = fused(X, Q, N, 0.0, 1.01)
-    # the recovery part of the fused direction, X Phi - Q R Phi = (I - Q Q^T) X Phi, vanishes
-    rec_part = X * phi - Q @ (R * phi)
-    assert rec_part.norm().item() < 1e-5 * (X * phi).norm().item()
-    # its norm comes from ||X||^2 - ||R||^2 (no extra product), exact up to float32 cancellation:
+def test_residual_vanishes_when_the_basis_spans_the_gradient():
+    d, r = 12, 4
+    Q = random_orthonormal(d, r, seed=9).float()
+    X = Q @ torch.randn(r, 30, generator=torch.Generator().manual_seed(10))  # X = Q Q^T X
+    alpha = 0.25
+    direction, c, s_norm, e_norm = optimizer_route(X, Q, 0.0, 1.01, alpha, 0.5)
+    # the recovery part of the direction, (I - Q Q^T) X Phi, vanishes: only alpha Q N is left
+    ref = alpha * Q.double() @ first_adam_direction(Q.T @ X)
+    assert torch.allclose(direction, ref, atol=1e-5 * ref.abs().max().item())
+    # the norms come from ||X||^2 - ||R||^2 (no extra product), exact up to float32 cancellation:
     # sqrt(eps32) * ||X|| is the documented accuracy
-    assert e_norm.item() < 1e-3 * X.norm().item()
-    assert s_norm.item() < 1e-3 * (X * phi).norm().item()
+    assert e_norm < 1e-3 * X.norm().item()
+    phi = (first_adam_direction(Q.T @ X).norm(dim=0) / (Q.T @ X).double().norm(dim=0)).float()
+    assert s_norm < 1e-3 * (X * phi).norm().item()
 
 
 def test_limiter_only_shrinks_and_caps_growth_at_zeta():

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from ..functional import adam_direction
+from ..functional import adam_direction_
 from ..rules import RuleContext, get_rule
 from ..transport import TRANSPORTS, transport
 from .metrics import principal_angles
@@ -123,7 +123,7 @@ def run(cfg: AckleyConfig) -> dict[str, Any]:
         r = (x.mT @ q)  # k x r = 1 x 1, the low-rank gradient
         if cfg.inner == "adam":
             t_adam += 1
-            n = adam_direction([r], [mt], [vt], t_adam, betas=cfg.betas, eps=cfg.eps)[0]
+            n = adam_direction_([r], [mt], [vt], t_adam, betas=cfg.betas, eps=cfg.eps)[0]
             lr_t = cfg.lr * math.sqrt(1 - b2**t_adam) / (1 - b1**t_adam)
         else:
             n, lr_t = r, cfg.lr

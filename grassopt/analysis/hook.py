@@ -73,6 +73,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..distributed import rank_and_world
 from ..linalg import orient, orthonormality_error
 from .metrics import (captured_share, derivative_spectrum, layer_depth, layer_kind, principal_angles,
                       shares_from_singular_values)
@@ -95,8 +96,7 @@ class Target:
 
 
 def _main_process() -> bool:
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return rank_and_world()[0] == 0
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
@@ -126,7 +126,7 @@ def find_targets(model: nn.Module, optimizer: torch.optim.Optimizer, *, rank: in
         found += [(n, p, int(group["rank"]), group.get("rule"), group.get("update_interval"))
                   for n, p in zip(gnames, group["params"]) if p.dim() == 2]
     if not found and fallback:
-        from ..presets import select_targets
+        from ..targets import select_targets
 
         spec = spec or (getattr(cfg, "targets", None) or "all-linear")
         default_rank = rank or getattr(cfg, "rank", None) or 64

@@ -24,7 +24,7 @@ from typing import Any
 
 from .. import registry
 from ..references import MissingPackageError, reference_versions, require
-from ..engine.cli import key_value
+from ..engine.cli import key_value, run_command
 from ..train.cli import add_run_arguments, config_from_args
 from ..train.loop import TrainConfig, config_differences, train
 from .report import write_report
@@ -42,9 +42,47 @@ def _preset_lr(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"expected PRESET=LR, got {text!r}") from None
 
 
-_CONFIG_KEYS = {"rank", "update_interval", "lr", "weight_decay", "plain_lr", "plain_weight_decay", "clip", "clip_mode",
-                "param_dtype", "bf16", "layerwise", "sketch", "sketch_rank", "lean_activations", "state_dtype",
-                "stochastic_rounding", "checkpoint_activations"}
+#: The bench's own flags, which set no field of a run's config, and why.
+BENCH_FLAGS = {
+    "presets": "names the runs: each one's preset (the config's preset) and its variant keys",
+    "no_refs": "which runs: adds (or not) the reference packages of grassopt's presets",
+    "seeds": "one run per seed (each run's config seed)",
+    "lrs": "a learning rate per preset (each run's config lr)",
+    "sweep": "learning rates to try first", "sweep_lrs": "learning rates to try first, per preset",
+    "sweep_plain_lrs": "plain_lr values to try, per preset", "lrs_from": "one preset's rates for another",
+    "widen": "how far a sweep may grow", "sweep_only": "stop after the sweep",
+    "sweep_seed": "the sweep runs' seed", "sweep_model": "the sweep runs' model", "sweep_steps": "the sweep runs' steps",
+    "sweep_eval_tokens": "the sweep runs' eval_tokens",
+    "out": "the bench's folder (each run's out is a folder under it)",
+    "report_dir": "where the report goes", "no_reuse": "rerun finished runs", "title": "the report's title",
+}
+#: Fields of a run's config the bench sets itself (no run flag of the bench), and why.
+BENCH_FIELDS = {
+    "preset": "a variant's NAME (--presets)",
+    "out": "each run's folder under --out (runs/<variant>-s<seed>, sweep/...)",
+    "resume": "a finished run is reused, any other is started afresh (--no-reuse: always afresh)",
+    "overwrite": "as resume", "checkpoint_every": "each run checkpoints at its end only",
+    "stop_after": "each run runs to its end", "plot": "each run writes its loss.png (the sweep's do not)",
+    "profile_memory": "not measured by the bench", "subspace_quality": "not measured by the bench",
+}
+#: Fields that are not variant keys although they change the numbers, and why.
+NOT_VARIANT_KEYS = {
+    "preset": "the variant's NAME", "seed": "--seeds (every variant runs with every seed)",
+    "options": "a variant's keys that are not config fields are its options",
+    "betas": "ref-soap:betas=(...) stays the reference's own setting, as before --betas existed",
+}
+#: Run control (does not change the numbers) but still a variant key: memory settings worth setting beside each other.
+RUN_CONTROL_VARIANT_KEYS = {"checkpoint_activations"}
+def variant_keys(cls: type = TrainConfig) -> frozenset[str]:
+    """The keys a variant ``NAME:key=value`` sets as config fields (every other key is an option of the
+    preset): every field of the config class ``cls`` that is not run control (but those of
+    :data:`RUN_CONTROL_VARIANT_KEYS`) nor one of :data:`NOT_VARIANT_KEYS`. A new field is a variant key."""
+    return frozenset(f.name for f in dataclasses.fields(cls)
+                     if (f.name not in cls.RUN_CONTROL or f.name in RUN_CONTROL_VARIANT_KEYS)
+                     and f.name not in NOT_VARIANT_KEYS)
+
+
+_CONFIG_KEYS = variant_keys(TrainConfig)
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
@@ -157,11 +195,16 @@ def _available(preset: str) -> bool:
     return _missing(preset) is None
 
 
-def _takes_options(name: str) -> bool:
-    """Whether preset ``name`` takes options of its own (the --opt options shared by the bench's variants
-    apply to those; a plain AdamW takes only eps)."""
+def _shared_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The options shared by the bench's variants (``--opt``) that preset ``name`` gets: all of them for a kind
+    that takes options of its own; ``eps`` only for a plain AdamW; for a reference package of our presets
+    (``ref-galore``, ``ref-apollo``), those it takes (its own variant keys are checked, not filtered)."""
     kind = registry.KINDS[name]
-    return kind.family not in ("preset", "torch") or registry.PRESETS.get(name) is not None
+    if kind.family in ("preset", "torch") and registry.PRESETS.get(name) is None:
+        return {k: v for k, v in options.items() if k == "eps"}
+    if kind.family == "reference" and kind.options is not None:
+        return {k: v for k, v in options.items() if k in kind.options}
+    return dict(options)
 
 
 def preflight(label: str, cfg: TrainConfig) -> None:
@@ -258,19 +301,39 @@ def _command(argv: list[str] | None) -> str:
     return "grassopt bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+@dataclasses.dataclass
+class _Plan:
+    """What one bench runs: its variants (label -> (preset, config fields, options)), in order, their rates
+    and the base config every run starts from."""
+
+    args: argparse.Namespace
+    labels: list[str]
+    variants: dict[str, tuple[str, dict[str, Any], dict[str, Any]]]
+    base: TrainConfig
+    lrs: dict[str, float] = dataclasses.field(default_factory=dict)
+    plain_lrs: dict[str, float | None] = dataclasses.field(default_factory=dict)
+    sweep_rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.args.out)
+
+    def config(self, label: str, **kw: Any) -> TrainConfig:
+        name, fields, options = self.variants[label]
+        base = self.base
+        c = dataclasses.replace(base, preset=name, options={**_shared_options(name, base.options), **options}, **fields)
+        return dataclasses.replace(c, **kw)
+
+
+def _variants(args: argparse.Namespace) -> tuple[list[str], dict[str, tuple[str, dict[str, Any], dict[str, Any]]]]:
+    """The labels and variants to run (with the reference packages unless --no-refs; those whose package is
+    missing skipped, with a line saying so). An unknown preset is a ``ValueError``."""
     labels = list(dict.fromkeys(args.presets))
     known = set(registry.KINDS)
-    try:
-        variants = {label: parse_variant(label) for label in labels}
-    except argparse.ArgumentTypeError as e:
-        print(f"grassopt bench: error: {e}", file=sys.stderr)
-        return 2
+    variants = {label: parse_variant(label) for label in labels}
     for label, (name, _, _) in variants.items():
         if name not in known:
-            print(f"grassopt bench: error: unknown preset {name!r}; choose from {sorted(known)}", file=sys.stderr)
-            return 2
+            raise ValueError(f"unknown preset {name!r}; choose from {sorted(known)}")
     if not args.no_refs:
         for p in REFERENCE_PRESETS:
             if p not in variants and _available(p):
@@ -279,102 +342,109 @@ def main(argv: list[str] | None = None) -> int:
     missing = [label for label in labels if not _available(variants[label][0])]
     for label in missing:
         print(f"[bench] skipping {label}: {_missing(variants[label][0])}", file=sys.stderr)
-    labels = [label for label in labels if label not in missing]
-    out = Path(args.out)
-    base = config_from_args(args, plot=True)
+    return [label for label in labels if label not in missing], variants
 
-    def config_for(label: str, **kw: Any) -> TrainConfig:
-        name, fields, options = variants[label]
-        shared = base.options if _takes_options(name) else {k: v for k, v in base.options.items() if k == "eps"}
-        c = dataclasses.replace(base, preset=name, options={**shared, **options}, **fields)
-        return dataclasses.replace(c, **kw)
 
+def _check(plan: _Plan) -> None:
+    """Refuse (``ValueError``, one line) rates named for presets not in the bench, --sweep-only with nothing to
+    sweep, and any run's settings (:func:`preflight`), before the first run starts (not after the earlier
+    runs took minutes)."""
+    args, labels = plan.args, plan.labels
     sweep_lrs, sweep_plain = dict(args.sweep_lrs), dict(args.sweep_plain_lrs)
     unknown = sorted((set(sweep_lrs) | set(sweep_plain) | set(dict(args.lrs))
                       | {p for pair in args.lrs_from for p in pair}) - set(labels))
     if unknown:
-        print(f"grassopt bench: error: --lrs/--sweep-lrs/--sweep-plain-lrs/--lrs-from name {unknown}, which are not "
-              "among --presets", file=sys.stderr)
-        return 2
+        raise ValueError(f"--lrs/--sweep-lrs/--sweep-plain-lrs/--lrs-from name {unknown}, which are not among "
+                         "--presets")
     if args.sweep_only and not (args.sweep or sweep_lrs or sweep_plain):
-        print("grassopt bench: error: --sweep-only needs rates to sweep: give --sweep, --sweep-lrs or "
-              "--sweep-plain-lrs", file=sys.stderr)
-        return 2
-    lrs = {label: config_for(label).lr for label in labels}
-    lrs.update(dict(args.lrs))
-    plain_lrs = {label: config_for(label).plain_lr for label in labels}  # None: the same as lr
-    # every run's settings are checked before the first one starts (not after the earlier runs took minutes)
-    try:
-        for label in labels:
-            tried = {lrs[label], *sweep_lrs.get(label, args.sweep or [])}
-            for lr in sorted(tried):
-                preflight(label, config_for(label, lr=lr, out=str(out / "runs" / _slug(label))))
-            for plain_lr in sweep_plain.get(label, []):
-                preflight(label, config_for(label, lr=lrs[label], plain_lr=plain_lr,
-                                            out=str(out / "runs" / _slug(label))))
-    except (ValueError, TypeError, MissingPackageError) as e:
-        print(f"grassopt bench: error: {e}", file=sys.stderr)
-        return 2
-    started = time.time()
-    sweep_rows = []
-    sweep_steps = args.sweep_steps or max(1, base.total_steps() // 4)
-    sweep_seed = args.seeds[0] if args.sweep_seed is None else args.sweep_seed
+        raise ValueError("--sweep-only needs rates to sweep: give --sweep, --sweep-lrs or --sweep-plain-lrs")
+    plan.lrs = {label: plan.config(label).lr for label in labels}
+    plan.lrs.update(dict(args.lrs))
+    plan.plain_lrs = {label: plan.config(label).plain_lr for label in labels}  # None: the same as lr
+    for label in labels:
+        folder = str(plan.out / "runs" / _slug(label))
+        for lr in sorted({plan.lrs[label], *sweep_lrs.get(label, args.sweep or [])}):
+            preflight(label, plan.config(label, lr=lr, out=folder))
+        for plain_lr in sweep_plain.get(label, []):
+            preflight(label, plan.config(label, lr=plan.lrs[label], plain_lr=plain_lr, out=folder))
+
+
+def _sweep_all(plan: _Plan) -> None:
+    """The sweeps (--sweep, --sweep-lrs, then --sweep-plain-lrs), each preset then at its best rates; and
+    --lrs-from."""
+    args, base, out = plan.args, plan.base, plan.out
+    sweep_lrs, sweep_plain = dict(args.sweep_lrs), dict(args.sweep_plain_lrs)
+    steps = args.sweep_steps or max(1, base.total_steps() // 4)
+    seed = args.seeds[0] if args.sweep_seed is None else args.sweep_seed
 
     def sweep_run(label: str, lr: float, plain_lr: float | None, folder: str) -> float | None:
-        c = config_for(label, lr=lr, plain_lr=plain_lr, seed=sweep_seed, model=args.sweep_model or base.model,
-                       tokens=None, steps=sweep_steps, eval_every=sweep_steps, plot=False,
-                       eval_tokens=args.sweep_eval_tokens or base.eval_tokens, out=str(out / "sweep" / folder))
+        c = plan.config(label, lr=lr, plain_lr=plain_lr, seed=seed, model=args.sweep_model or base.model,
+                        tokens=None, steps=steps, eval_every=steps, plot=False,
+                        eval_tokens=args.sweep_eval_tokens or base.eval_tokens, out=str(out / "sweep" / folder))
         shown = "" if plain_lr is None else f" plain_lr={plain_lr:g}"
         loss = _run(c, not args.no_reuse, f"sweep {label} lr={lr:g}{shown}")["final_eval_loss"]
-        sweep_rows.append({"preset": label, "lr": lr, "plain_lr": plain_lr, "final_eval_loss": loss})
+        plan.sweep_rows.append({"preset": label, "lr": lr, "plain_lr": plain_lr, "final_eval_loss": loss})
         return loss
 
-    for label in labels:
+    for label in plan.labels:
         grid = sweep_lrs.get(label, args.sweep or [])
         if grid:
             best = sweep(grid, args.widen,
-                         lambda lr: sweep_run(label, lr, plain_lrs[label], f"{_slug(label)}-lr{lr:g}"), label)
+                         lambda lr: sweep_run(label, lr, plan.plain_lrs[label], f"{_slug(label)}-lr{lr:g}"), label)
             if best is not None and label not in dict(args.lrs):
-                lrs[label] = best
+                plan.lrs[label] = best
         if label in sweep_plain:  # at the rate just chosen (or given)
-            lr = lrs[label]
+            lr = plan.lrs[label]
             best = sweep(sweep_plain[label], args.widen,
                          lambda p: sweep_run(label, lr, p, f"{_slug(label)}-lr{lr:g}-plain{p:g}"), label, "plain_lr")
             if best is not None:
-                plain_lrs[label] = best
+                plan.plain_lrs[label] = best
     for label, other in args.lrs_from:
-        lrs[label] = lrs[other]
+        plan.lrs[label] = plan.lrs[other]
         if other in sweep_plain:
-            plain_lrs[label] = plain_lrs[other]
+            plan.plain_lrs[label] = plan.plain_lrs[other]
 
-    def rates(label: str) -> str:
-        return f"lr {lrs[label]:g}" + ("" if plain_lrs[label] is None else f", plain_lr {plain_lrs[label]:g}")
 
-    if args.sweep_only:
-        report_dir = Path(args.report_dir) if args.report_dir else out
-        write_report(report_dir, [], sweep_rows, base, command=_command(argv), wall_time=time.time() - started,
-                     title=args.title, versions=reference_versions(dict.fromkeys(variants[label][0] for label in labels)))
-        for label in labels:
-            print(f"{label}: {rates(label)}")
-        return 0
+def _final_runs(plan: _Plan) -> list[dict[str, Any]]:
+    """Every variant with every seed, at its rates."""
     runs = []
-    for label in labels:
-        for seed in args.seeds:
-            c = config_for(label, lr=lrs[label], plain_lr=plain_lrs[label], seed=seed,
-                           out=str(out / "runs" / f"{_slug(label)}-s{seed}"))
-            shown = "" if plain_lrs[label] is None else f" plain_lr={plain_lrs[label]:g}"
-            s = _run(c, not args.no_reuse, f"{label} seed={seed} lr={lrs[label]:g}{shown}")
-            runs.append({"preset": label, "seed": seed, "lr": lrs[label], "plain_lr": plain_lrs[label], "summary": s,
+    for label in plan.labels:
+        lr, plain_lr = plan.lrs[label], plan.plain_lrs[label]
+        for seed in plan.args.seeds:
+            c = plan.config(label, lr=lr, plain_lr=plain_lr, seed=seed,
+                            out=str(plan.out / "runs" / f"{_slug(label)}-s{seed}"))
+            shown = "" if plain_lr is None else f" plain_lr={plain_lr:g}"
+            s = _run(c, not plan.args.no_reuse, f"{label} seed={seed} lr={lr:g}{shown}")
+            runs.append({"preset": label, "seed": seed, "lr": lr, "plain_lr": plain_lr, "summary": s,
                          "history": _history(c.out)})
-    cmd = _command(argv)
-    report_dir = Path(args.report_dir) if args.report_dir else out
+    return runs
+
+
+def _bench(args: argparse.Namespace, argv: list[str] | None) -> int:
+    labels, variants = _variants(args)
+    plan = _Plan(args, labels, variants, config_from_args(args, plot=True))
+    _check(plan)
+    started = time.time()
+    _sweep_all(plan)
+    report_dir = Path(args.report_dir) if args.report_dir else plan.out
     versions = reference_versions(dict.fromkeys(variants[label][0] for label in labels))
-    table = write_report(report_dir, runs, sweep_rows, base, command=cmd, wall_time=time.time() - started,
-                         title=args.title, versions=versions)
+    runs = [] if args.sweep_only else _final_runs(plan)
+    table = write_report(report_dir, runs, plan.sweep_rows, plan.base, command=_command(argv),
+                         wall_time=time.time() - started, title=args.title, versions=versions)
+    if args.sweep_only:
+        for label in labels:
+            plain = plan.plain_lrs[label]
+            print(f"{label}: lr {plan.lrs[label]:g}" + ("" if plain is None else f", plain_lr {plain:g}"))
+        return 0
     print(table)
     print("\npackages: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     print(f"\nreport: {report_dir / 'report.md'}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    return run_command("grassopt bench", lambda: _bench(args, argv))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,9 @@ def aggregate(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "saved_mb": _mean([(r["summary"].get("saved_activation_bytes") or math.nan) / 2**20 for r in rs]),
             "tokens": rs[0]["summary"]["tokens"],
         })
-    ref = next((r for r in rows if r["preset"] == REFERENCE), None)
+    # the AdamW of the table: adamw-torch itself, else its first variant (e.g. adamw-torch:eps=1e-06)
+    ref = next((r for r in rows if r["preset"] == REFERENCE),
+               next((r for r in rows if r["preset"].startswith(REFERENCE + ":")), None))
     for r in rows:
         if ref is not None:
             r["loss_vs_ref_pct"] = 100 * (r["eval_loss"] / ref["eval_loss"] - 1) if r["eval_loss"] and ref["eval_loss"] else None

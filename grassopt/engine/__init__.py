@@ -12,7 +12,12 @@
   changes nothing when it meets a non-finite loss;
 - :mod:`~grassopt.engine.loop`: the loop (logging, evaluation, checkpoints, Ctrl-C, the last good
   checkpoint on a non-finite loss), the learning-rate schedule;
-- :mod:`~grassopt.engine.progress`: the stop flag and the progress bar.
+- :mod:`~grassopt.engine.progress`: the stop flag and the progress bar;
+- :mod:`~grassopt.engine.session`: a run's setup and wrap-up (validation, threads, device, the folder, the
+  summary, the plot, an interruption, a non-finite loss): :func:`run_session`;
+- :mod:`~grassopt.engine.config`: the config fields every run has, each declared with its flag
+  (:func:`~grassopt.engine.config.setting`); :mod:`~grassopt.engine.cli`: the flags built from them, and the
+  one error handler of the commands.
 
 The engine knows no model, data set or config class: it imports only the library below it.
 """
@@ -22,9 +27,10 @@ from .checkpoint import (CheckpointError, Checkpointer, load_checkpoint, rng_sta
 from .loop import Loop, LoopResult, default_device, dist_info, lr_factor
 from .progress import StopFlag, progress_bar
 from .run import RunFolder, RunFolderError, config_differences
+from .session import Session, run_session
 from .step import NonFiniteLossError, StepResult, TrainStep, call_hooks
 
 __all__ = ["CheckpointError", "Checkpointer", "load_checkpoint", "save_checkpoint", "rng_state", "set_rng_state",
            "Loop", "LoopResult", "default_device", "dist_info", "lr_factor", "StopFlag", "progress_bar",
            "RunFolder", "RunFolderError", "config_differences", "NonFiniteLossError", "StepResult", "TrainStep",
-           "call_hooks"]
+           "call_hooks", "Session", "run_session"]

@@ -1,6 +1,10 @@
 """What a run's config dataclass shares: a JSON form, the settings a resumed run may change, and the
 validation of the settings every run has.
 
+Every field is declared once, with its command-line flag (:func:`setting`: help, choices, parsing, and
+whether it is run control, i.e. may change when a run is resumed); the commands build their flags from
+the fields (:mod:`grassopt.engine.cli`), and ``RUN_CONTROL`` is read from them.
+
 Every value is checked where it enters: :meth:`RunConfig.validate` (which the applications' config
 classes extend) refuses, with one line naming the setting, its command-line flag and what it must
 be, a non-finite or out-of-range number, a count that is not an integer, a device this machine does
@@ -16,9 +20,10 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable
 
-__all__ = ["RunConfig", "RUN_CONTROL", "check_count", "check_number", "check_device", "check_folder", "flag"]
+__all__ = ["RunConfig", "RUN_CONTROL", "check_count", "check_number", "check_device", "check_folder", "flag", "setting",
+           "redeclare", "run_control", "state_dtype_choices"]
 
 
 def flag(name: str) -> str:
@@ -90,9 +95,56 @@ def check_folder(path: Any, name: str, what: str = "folder") -> None:
     if target.exists() and not os.access(target, os.W_OK | os.X_OK):
         raise ValueError(f"{name}={str(path)!r}: {target} is not writable; choose another {flag(name)}")
 
-#: Config fields of every run that may change when it is resumed (they do not affect the numbers).
-RUN_CONTROL = frozenset({"out", "resume", "overwrite", "stop_after", "checkpoint_every", "log_every", "progress",
-                         "threads", "plot"})
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, group: str = "run", run_control: bool = False,
+            choices: Any = None, flag: str | None = None, aliases: tuple[str, ...] = (), parse: Callable | None = None,
+            metavar: str | None = None, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A config field and its command-line flag, declared once (a ``dataclasses.field`` whose metadata the
+    command lines read: :func:`grassopt.engine.cli.add_config_arguments`).
+
+    ``help``: the flag's help (the default is shown beside it); ``group``: the help section (``data``,
+    ``optimizer``, ``memory``, ``run``, ``output``: each command titles them); ``run_control``: the field may
+    change when a run is resumed (it does not change the numbers; :attr:`RunConfig.RUN_CONTROL`); ``choices``:
+    the values allowed (a sequence, or a function returning one when the parser is built); ``flag``: the flag
+    when it is not ``--<name>`` (``--no-<name>`` for a bool that defaults to True); ``aliases``: more flags;
+    ``parse``: reads the flag's text (a ``ValueError`` is the one-line usage error); ``metavar``: as argparse's.
+    """
+    meta = {"help": help, "group": group, "run_control": run_control, "choices": choices, "flag": flag,
+            "aliases": tuple(aliases), "parse": parse, "metavar": metavar}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def redeclare(base: type, name: str, default: Any = dataclasses.MISSING, **changes: Any) -> Any:
+    """Field ``name`` of the config class ``base`` with another default (and/or other metadata: ``help``,
+    ``group``, ...), for an application's config class that redeclares it; the rest of its declaration
+    (its flag, whether it is run control) is kept."""
+    f = next(f for f in dataclasses.fields(base) if f.name == name)
+    meta = {**f.metadata, **changes}
+    if default is dataclasses.MISSING:
+        if f.default_factory is not dataclasses.MISSING:
+            return field(default_factory=f.default_factory, metadata=meta)
+        default = f.default
+    return field(default=default, metadata=meta)
+
+
+def run_control(cls: type) -> frozenset[str]:
+    """The fields of the config class ``cls`` declared ``run_control``: those a resumed run may change."""
+    return frozenset(f.name for f in dataclasses.fields(cls) if f.metadata.get("run_control"))
+
+
+def state_dtype_choices() -> list[str]:
+    """The dtypes the Adam moments of grassopt's presets may be kept in (``--state-dtype``): the one place
+    that reads them from the library."""
+    from ..codecs import CODECS
+    return list(CODECS)
+
+
+class _RunControl:
+    """``cls.RUN_CONTROL``: :func:`run_control` of the class it is read from (so a subclass's own fields count)."""
+
+    def __get__(self, obj: Any, cls: type) -> frozenset[str]:
+        return run_control(cls)
 
 
 @dataclass
@@ -100,40 +152,60 @@ class RunConfig:
     """Base of a run's config dataclass (``TrainConfig``, ``FinetuneConfig``): the settings every run
     has (the optimizer's hyperparameters, ``plain_lr`` and ``plain_weight_decay`` included, and
     schedule, clipping, seed, device, and the run control;
-    an application redeclares a field to give it another default), and their JSON form.
+    an application redeclares a field to give it another default (:func:`redeclare`)), and their JSON form.
+
+    Every field is a :func:`setting`: its flag, help, choices and whether it is run control are declared
+    with it, and ``grassopt train`` / ``finetune`` / ``bench`` build their flags from them.
 
     ``to_dict()`` is the JSON form (``config.json``, and the ``config`` of every checkpoint: tuples
     become lists); ``from_dict(d)`` reads it back, ignoring keys the class no longer has;
-    :data:`RUN_CONTROL` names the fields that may change when a run is resumed (they do not change
+    ``RUN_CONTROL`` names the fields that may change when a run is resumed (they do not change
     the numbers); :meth:`defaults` is the config of a run given no settings.
     """
 
-    RUN_CONTROL: ClassVar[frozenset[str]] = RUN_CONTROL
+    RUN_CONTROL = _RunControl()
 
-    lr: float = 1e-3  # the peak learning rate
-    min_lr_ratio: float = 0.1  # the final one, a fraction of the peak (cosine decay)
-    warmup: int | None = None  # linear warmup steps; default: 10% of the steps
-    weight_decay: float = 0.0
+    lr: float = setting(1e-3, "peak learning rate", group="optimizer")
+    min_lr_ratio: float = setting(0.1, "final learning rate as a fraction of the peak, after the cosine decay",
+                                  group="optimizer")
+    warmup: int | None = setting(None, "linear warmup steps (default: 10%% of the steps)", group="optimizer")
+    weight_decay: float = setting(0.0, "decoupled weight decay", group="optimizer")
     # the rate and decay of the parameters the method does not project or orthogonalize (embedding, head,
     # norms, biases); None: the same as lr / weight_decay. The schedule scales every group alike
-    plain_lr: float | None = None
-    plain_weight_decay: float | None = None
-    betas: tuple[float, float] = (0.9, 0.999)
-    targets: list[str] = field(default_factory=lambda: ["all-linear"])  # the layers a method covers
-    options: dict[str, Any] = field(default_factory=dict)  # the method's own options (alpha, step_size, ...)
-    clip: float = 1.0  # gradient-norm clipping; 0 disables it
-    bf16: bool = False  # bf16 autocast for the forward pass
-    seed: int = 0  # everything random: the initialisation, the data order, the methods' draws
-    device: str | None = None  # None: the accelerator if there is one, else the CPU
-    threads: int | None = None
-    log_every: int = 10
-    checkpoint_every: int = 0  # 0: only at the end and on Ctrl-C
-    out: str = "runs/run"
-    resume: bool = False
-    overwrite: bool = False  # start afresh in a folder that holds another run's checkpoint (replacing it)
-    stop_after: int | None = None  # stop (with a checkpoint) after this many steps of this invocation
-    progress: bool = True
-    plot: bool = True
+    plain_lr: float | None = setting(
+        None, "peak learning rate of the parameters the method does not project or orthogonalize (embedding, head, "
+              "norms, biases); the schedule scales it as --lr (default: the same as --lr)", group="optimizer")
+    plain_weight_decay: float | None = setting(
+        None, "weight decay of those parameters; norms and biases stay undecayed (default: the same as "
+              "--weight-decay)", group="optimizer")
+    betas: tuple[float, float] = setting(
+        (0.9, 0.999), "Adam's (beta1, beta2), e.g. --betas 0.9,0.95 or --betas 0.9 0.95 (ref-soap keeps its "
+                      "authors' (0.95, 0.95) unless --opt betas=... is given)", group="optimizer", metavar="BETA")
+    targets: list[str] = setting(help="modules the method covers (projects, adapts or sketches): 'all-linear', "
+                                      "name substrings or regexes", group="optimizer",
+                                 default_factory=lambda: ["all-linear"])
+    options: dict[str, Any] = setting(
+        help="any other option of the method, e.g. --opt alpha=0.25 --opt step_size=0.3 --opt transport=keep "
+             "--opt recovery=False (repeatable)", group="optimizer", flag="--opt", metavar="KEY=VALUE",
+        default_factory=dict)
+    clip: float = setting(1.0, "gradient-norm clipping, 0 = off", group="optimizer")
+    bf16: bool = setting(False, "bf16 autocast for the forward (and backward) pass")
+    seed: int = setting(0, "seed of everything random: the initialisation, the data order, the methods' draws")
+    device: str | None = setting(None, "device (default: the accelerator if any, else cpu)")
+    threads: int | None = setting(None, "torch CPU threads (default: torch's choice)", run_control=True)
+    log_every: int = setting(10, "metrics line every N steps", run_control=True)
+    checkpoint_every: int = setting(0, "also checkpoint every N steps (0: only at the end and on Ctrl-C)",
+                                    group="output", run_control=True)
+    out: str = setting("runs/run", "output folder", group="output", run_control=True)
+    resume: bool = setting(False, "continue the run in --out from its checkpoint", group="output", run_control=True)
+    overwrite: bool = setting(
+        False, "start afresh even though --out holds another run's checkpoint (the old run is moved to "
+               "--out/previous-<time>/ when the new one starts); without it, such a folder is refused",
+        group="output", run_control=True)
+    stop_after: int | None = setting(None, "stop (with a checkpoint) after N steps of this invocation",
+                                     group="output", run_control=True)
+    progress: bool = setting(True, "no progress bar", run_control=True)
+    plot: bool = setting(True, "do not write the plot of the run's curves", group="output", run_control=True)
 
     def validate(self) -> None:
         """Refuse, with one line naming the setting, what no run can use (see the module doc); the
@@ -189,3 +261,7 @@ class RunConfig:
     @classmethod
     def defaults(cls) -> dict[str, Any]:
         return cls().to_dict()
+
+
+#: Config fields of every run that may change when it is resumed (they do not affect the numbers).
+RUN_CONTROL = RunConfig.RUN_CONTROL

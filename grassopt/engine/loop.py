@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from .. import profiling
+from ..distributed import rank_and_world
 from .checkpoint import CheckpointError, rng_state
 from .progress import StopFlag, progress_bar
 from .run import RunFolder
@@ -49,11 +50,9 @@ def default_device() -> str:
     return "cpu"
 
 
-def dist_info() -> tuple[int, int]:
-    """``(rank, world size)`` of the initialised process group, ``(0, 1)`` without one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+#: ``(rank, world size)`` of the initialised process group, ``(0, 1)`` without one: the one lookup
+#: (:func:`grassopt.distributed.rank_and_world`).
+dist_info = rank_and_world
 
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:

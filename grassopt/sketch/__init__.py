@@ -5,7 +5,7 @@ A sketched linear layer stores only ``x P`` (``tokens x r``) instead of its inpu
 matrix of law ``haar``, ``gaussian`` or ``coordinate`` (docs/algorithms.md#sketches). Layers that read
 the same input (q/k/v, gate/up) share one ``P`` and one stored ``x P``.
 
-Estimator (section 5.1): ``W.grad`` receives the unbiased ``G P P^T``; any optimizer runs on top::
+Estimator (docs/algorithms.md#estimator): ``W.grad`` receives the unbiased ``G P P^T``; any optimizer runs on top::
 
     import grassopt.sketch as gs
     gs.sketch(model, rank=0.125, law="haar", mode="estimator", seed=seed)   # in place; before DDP
@@ -24,7 +24,7 @@ The step counter that seeds ``P`` (with the seed and the layer group) lives in t
 then ``load_state_dict``: the run continues bit-identically. A checkpoint of a sketched model
 loads into a sketched model (``unsketch`` first to save a plain one).
 
-RSO (section 5.2), for ``grassopt train --preset rso``::
+RSO (docs/algorithms.md#rso), for ``grassopt train --preset rso``::
 
     opt = gs.rso(model, rank=0.125, inner_steps=K, lr=lr, weight_decay=wd, mu=0.0,
                  law="haar", seed=seed)                 # sketches the model in place; then wrap in DDP
@@ -46,9 +46,6 @@ state, the AdamW state and the counters; both are plain tensors and values
 Accounting: ``saved_activation_bytes(model, lambda: model(x, y)[1])`` measures the bytes saved
 for the backward pass, per module and in total (``.output`` is the loss, ready for ``backward``).
 """
-
-import sys as _sys
-import types as _types
 
 from .accounting import ActivationReport, saved_activation_bytes
 from .api import attach, current_step, next_step, sketch, sketch_states, sketched_layers, unsketch
@@ -80,14 +77,3 @@ __all__ = [
     "projection",
     "mix_seed",
 ]
-
-
-class _CallableModule(_types.ModuleType):
-    """``grassopt.sketch(model, ...)`` is ``grassopt.sketch.sketch(model, ...)``: the package is
-    callable, so re-exporting it from ``grassopt`` keeps both spellings working."""
-
-    def __call__(self, *args, **kwargs):
-        return sketch(*args, **kwargs)
-
-
-_sys.modules[__name__].__class__ = _CallableModule

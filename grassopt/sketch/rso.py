@@ -58,6 +58,10 @@ class RSO(Optimizer):
             (embeddings, norms, the output layer, biases); None: ``lr`` and ``weight_decay``.
     """
 
+    #: why :class:`grassopt.layerwise.LayerwiseUpdater` refuses RSO: a layer-wise step updates one parameter
+    layerwise_refusal = ("its inner-step counter, decay factor and merge (W <- c W + B P^T after the K-th step, "
+                         "every layer at once) advance once per optimizer step, not once per parameter")
+
     def __init__(self, model: nn.Module, lr: float = 1e-3, inner_steps: int = 200,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0,
                  mu: float = 0.0, inner: str = "adam", plain_lr: float | None = None,

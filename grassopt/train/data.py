@@ -57,6 +57,8 @@ from typing import Any, Union
 import numpy as np
 import torch
 
+from ..engine.checkpoint import file_sha256
+
 __all__ = [
     "EOS_TOKEN",
     "BatchSampler",
@@ -386,14 +388,6 @@ class DamagedCacheError(ValueError):
     what: str = ""  # the damaged file and what is wrong with it
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _short(err: BaseException) -> str:
     text = " ".join(str(err).split()) or type(err).__name__
     return text if len(text) <= 120 else text[:117] + "..."
@@ -423,7 +417,7 @@ def _load_entry(entry: Path, source: str, from_cache: bool) -> TokenizedCorpus:
     digests = meta.get("files")
     if isinstance(digests, dict):
         for name in ("tokenizer.json", "train.npy", "val.npy"):
-            if name in digests and _file_sha256(entry / name) != digests[name]:
+            if name in digests and file_sha256(entry / name) != digests[name]:
                 raise damaged(name, "does not match its SHA-256 in meta.json")
     try:
         tok = _configure(Tokenizer.from_file(str(entry / "tokenizer.json")))
@@ -554,7 +548,7 @@ def prepare(
         tok.save(str(stage / "tokenizer.json"))
         np.save(stage / "train.npy", train_ids)
         np.save(stage / "val.npy", val_ids)
-        meta["files"] = {name: _file_sha256(stage / name) for name in ("tokenizer.json", "train.npy", "val.npy")}
+        meta["files"] = {name: file_sha256(stage / name) for name in ("tokenizer.json", "train.npy", "val.npy")}
         (stage / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
 
         if entry.exists() and (damaged or not _entry_complete(entry)):

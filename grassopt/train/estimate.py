@@ -318,6 +318,34 @@ def _human(b: int, unit: str = "auto") -> str:
     return f"{b / units[unit]:.2f} {unit}" if unit != "B" else f"{b} B"
 
 
+def _sketched(model, targets: Any, mode: str | None, sketch_rank: Any,
+              wsize: int) -> tuple[dict[int, int], set[str], int]:
+    """With an activation ``mode``: the covered weights (RSO: ``id(weight) -> sketch rank``), the
+    short names of the covered layers and the bytes of the sketch matrices ``P``."""
+    covered: dict[int, int] = {}
+    names_covered: set[str] = set()
+    sketch_matrices = 0
+    if mode is None:
+        return covered, names_covered, sketch_matrices
+    if mode not in ("estimator", "rso"):
+        raise ValueError(f"unknown activation mode {mode!r}; choose 'estimator' or 'rso' (or None)")
+    if sketch_rank is None:
+        raise ValueError(f"mode={mode!r} needs a sketch_rank (an int, or a fraction of in_features)")
+    seen_inputs: set[tuple[str, int]] = set()
+    for name, mod in select_targets(model, targets):
+        short = name.split(".")[-1]
+        names_covered.add(short)
+        r = resolve_sketch_rank(sketch_rank, name, mod)
+        key = next((k for k, names, _, _ in _INPUTS if short in names), short)
+        if (f"{_layer_of(name)}.{key}", r) not in seen_inputs:
+            seen_inputs.add((f"{_layer_of(name)}.{key}", r))
+            # P in float32 (grassopt.sketch's master dtype), plus its cast for 16-bit weights
+            sketch_matrices += (4 + (wsize if wsize != 4 else 0)) * mod.in_features * r
+        if mode == "rso":
+            covered[id(mod.weight)] = r
+    return covered, names_covered, sketch_matrices
+
+
 def estimate(config: Any, preset: str = "adamw", rank: int | str | None = None, dtype: str | torch.dtype = "fp32",
              *, batch_size: int = 1, seq_len: int | None = None, mode: str | None = None,
              sketch_rank: int | float | None = None, targets: Any = "all-linear",
@@ -333,8 +361,9 @@ def estimate(config: Any, preset: str = "adamw", rank: int | str | None = None, 
         dtype: the weights' (and gradients', and activations') dtype (``grassopt memory --param-dtype``).
         state_dtype: the optimizer state's dtype, priced by :func:`param_state_bytes`. ``"fp32"``
             (the default): what :class:`grassopt.SubspaceAdamW` allocates by default; ``"int8"``: its
-            8-bit moments (:func:`moment_bytes`; ``Q`` and the other state stay float32); ``"bf16"``:
-            every state element in 2 bytes, the convention of papers' "BF16" tables.
+            8-bit moments (any codec of :data:`grassopt.codecs.CODECS` is priced as it lays its moments
+            out; ``Q`` and the other state stay float32); ``"bf16"`` (a dtype that is no codec's
+            name): every state element in 2 bytes, the convention of papers' "BF16" tables.
         layerwise: layer-wise updates (:mod:`grassopt.layerwise`): the gradients total is the largest
             single gradient, the only one alive at once (with one micro-batch per step).
         checkpoint_activations: activation checkpointing per block (see :func:`activation_bytes`).
@@ -351,31 +380,12 @@ def estimate(config: Any, preset: str = "adamw", rank: int | str | None = None, 
     cfg = load_config(config, vocab_size)
     seq_len = cfg.max_seq_len if seq_len is None else seq_len
     wsize, sdtype = _size(dtype), _state_dtype(state_dtype)
-    if sdtype == torch.int8 and mode == "rso":
-        raise ValueError("state_dtype='int8' is SubspaceAdamW's; RSO (mode='rso') brings its own optimizer, "
+    if isinstance(sdtype, str) and sdtype != "float32" and mode == "rso":
+        raise ValueError(f"state_dtype={sdtype!r} is SubspaceAdamW's; RSO (mode='rso') brings its own optimizer, "
                          "with float32 state")
     model = _meta_model(cfg).to(_dtype(dtype))
     notes: list[str] = []
-    covered: dict[int, int] = {}  # RSO: id(weight) -> sketch rank
-    names_covered: set[str] = set()
-    sketch_matrices = 0
-    if mode is not None:
-        if mode not in ("estimator", "rso"):
-            raise ValueError(f"unknown activation mode {mode!r}; choose 'estimator' or 'rso' (or None)")
-        if sketch_rank is None:
-            raise ValueError(f"mode={mode!r} needs a sketch_rank (an int, or a fraction of in_features)")
-        seen_inputs: set[tuple[str, int]] = set()
-        for name, mod in select_targets(model, targets):
-            short = name.split(".")[-1]
-            names_covered.add(short)
-            r = resolve_sketch_rank(sketch_rank, name, mod)
-            key = next((k for k, names, _, _ in _INPUTS if short in names), short)
-            if (f"{_layer_of(name)}.{key}", r) not in seen_inputs:
-                seen_inputs.add((f"{_layer_of(name)}.{key}", r))
-                # P in float32 (grassopt.sketch's master dtype), plus its cast for 16-bit weights
-                sketch_matrices += (4 + (wsize if wsize != 4 else 0)) * mod.in_features * r
-            if mode == "rso":
-                covered[id(mod.weight)] = r
+    covered, names_covered, sketch_matrices = _sketched(model, targets, mode, sketch_rank, wsize)
     # the optimizer's groups, resolved exactly as training resolves them
     if mode == "rso":
         plain = [(n, p) for n, p in model.named_parameters() if id(p) not in covered]

@@ -15,21 +15,22 @@ writes a checkpoint; a second one aborts at once.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Iterable
+from typing import Any, Iterable
 
 import torch
 from torch import nn
 
 from .. import references, registry
-from ..engine import (CheckpointError, Loop, NonFiniteLossError, RunFolder, TrainStep, call_hooks, default_device,
-                      dist_info, load_checkpoint, lr_factor, save_checkpoint)
+from ..engine import (CheckpointError, LoopResult, TrainStep, call_hooks, default_device, load_checkpoint, lr_factor,
+                      save_checkpoint)
 from ..engine import config_differences as _differences
-from ..engine.config import RUN_CONTROL as BASE_RUN_CONTROL
-from ..engine.config import RunConfig, check_count, check_folder
+from ..engine.session import Session, run_session
+from ..engine.config import RunConfig, check_count, check_folder, redeclare, setting, state_dtype_choices
 from ..presets import PRESETS
-from ..targets import resolve_rank, sketch_rank_spec
+from ..targets import parse_rank, parse_rank_or_fraction, resolve_rank, sketch_rank_spec
 from . import data as data_mod
 from .model import CONFIGS, Llama, config as model_config
 
@@ -40,13 +41,6 @@ __all__ = ["TrainConfig", "train", "build_optimizer", "evaluate", "CheckpointErr
 #: Optimizers the loop knows beside grassopt's presets (grassopt.registry).
 EXTRA_PRESETS = {name: kind.description for name, kind in registry.EXTRA_KINDS.items()}
 
-#: Config fields that may change when a run is resumed (they do not affect the numbers).
-#: ``checkpoint_activations`` gives bit-identical losses and gradients (tests/test_checkpointing.py): a run
-#: may be resumed with it switched on or off, e.g. on a device with less memory.
-#: ``cache_dir`` (where the token cache lives) and ``eval_batch_size`` (how evaluation is batched) do not change the
-#: run either: a changed corpus is caught by the data's fingerprint in the checkpoint, whatever cache holds it.
-RUN_CONTROL = BASE_RUN_CONTROL | {"profile_memory", "checkpoint_activations", "subspace_quality", "cache_dir",
-                                  "eval_batch_size"}
 
 
 @dataclass
@@ -55,37 +49,82 @@ class TrainConfig(RunConfig):
     hyperparameters and schedule (``lr``, ``min_lr_ratio``, ``warmup``, ``weight_decay``, ``plain_lr``,
     ``plain_weight_decay``, ``betas``, ``targets``, ``options``), ``clip``, ``bf16``, ``seed`` (model init and
     data order), ``device``, ``threads`` and the run control (``log_every``, ``checkpoint_every``, ``out``, ``resume``,
-    ``stop_after``, ``progress``, ``plot``) are :class:`grassopt.engine.config.RunConfig`'s."""
+    ``stop_after``, ``progress``, ``plot``) are :class:`grassopt.engine.config.RunConfig`'s.
 
-    RUN_CONTROL: ClassVar[frozenset[str]] = RUN_CONTROL
+    Each field is also a flag of ``grassopt train`` (and ``grassopt bench``): see
+    :func:`grassopt.engine.config.setting`. Run control (``RUN_CONTROL``: may change when a run is resumed)
+    beyond the base's: ``checkpoint_activations`` gives bit-identical losses and gradients
+    (tests/test_checkpointing.py), so a run may be resumed with it switched on or off, e.g. on a device with
+    less memory; ``cache_dir`` (where the token cache lives) and ``eval_batch_size`` (how evaluation is
+    batched) do not change the run either: a changed corpus is caught by the data's fingerprint in the
+    checkpoint, whatever cache holds it; nor do ``profile_memory`` and ``subspace_quality`` (measurements)."""
 
-    out: str = "runs/train"
-    model: str = "tiny"
-    corpus: str | None = None  # None: the SOTU corpus
-    vocab_size: int = 8192
-    seq_len: int = 256
-    batch_size: int = 8  # sequences per micro-batch on each rank
-    grad_accum: int = 1
-    steps: int = 200
-    tokens: int | None = None  # if set, steps = ceil(tokens / tokens per step)
-    preset: str = "subtrack++"
-    rank: int | str | None = None  # None: the preset's default (128; apollo d/4; apollo-mini 1); or "d/N"
-    update_interval: int | None = None  # None: the preset's default (200; ldadam: every step)
-    clip_mode: str = "global"  # "global" (torch's clip_grad_norm_ over all parameters) or "per-parameter"
-    layerwise: bool = False  # step each parameter inside backward (grassopt.layerwise); frees its gradient
-    sketch: str | None = None  # sketch law (haar, gaussian, coordinate): the unbiased estimator; for rso, P's law
-    sketch_rank: float = 0.125  # rank of the sketch: a fraction of each layer's in_features, or an int >= 1
-    lean_activations: bool = False  # RMSNorm and SwiGLU recompute their intermediates in backward (LlamaConfig)
-    checkpoint_activations: bool = False  # each block saves only its input, recomputes the rest in backward
-    subspace_quality: bool = False  # record the next gradients' energy each basis captures (analysis.SubspaceQuality)
-    param_dtype: str = "float32"  # dtype of the parameters themselves ("bfloat16" for pure bf16 training)
-    state_dtype: str = "float32"  # Adam moments of grassopt's presets: "float32" or "int8" (grassopt.functional)
-    stochastic_rounding: bool = False  # round bf16 weight updates stochastically (needs param_dtype bfloat16)
-    eval_every: int = 100
-    eval_batch_size: int = 32
-    eval_tokens: int | None = None  # None: the whole validation split; else its first N predicted tokens
-    profile_memory: bool = False  # count the tensor bytes one training step allocates (grassopt.profiling.TensorPeak)
-    cache_dir: str | None = None
+    out: str = redeclare(RunConfig, "out", "runs/train")
+    plot: bool = redeclare(RunConfig, "plot", help="do not write loss.png")
+    model: str = setting("tiny", "model config", group="data", choices=lambda: sorted(CONFIGS))
+    corpus: str | None = setting(None, "a folder of .txt files or a .jsonl with a 'text' field (default: the SOTU "
+                                       "corpus)", group="data")
+    vocab_size: int = setting(8192, "BPE vocabulary size", group="data")
+    seq_len: int = setting(256, "tokens per sequence", group="data")
+    batch_size: int = setting(8, "sequences per micro-batch on each process", group="data")
+    grad_accum: int = setting(1, "micro-batches per optimizer step", group="data")
+    steps: int = setting(200, "optimizer steps")
+    tokens: int | None = setting(None, "train on this many tokens instead of --steps (steps = ceil(tokens / tokens "
+                                       "per step))")
+    preset: str = setting(
+        "subtrack++", "optimizer preset; adamw-torch is torch.optim.AdamW; ref-* are reference optimizers (ref-muon, "
+                      "ref-adafactor: torch's own; the others need pip install grassopt[bench])",
+        group="optimizer", choices=lambda: sorted(registry.KINDS))
+    rank: int | str | None = setting(
+        None, "subspace rank r: an integer, or 'd/N' for a fraction of each matrix's short side (default: the "
+              "preset's: 128; apollo d/4; apollo-mini 1)", group="optimizer", parse=parse_rank)
+    update_interval: int | None = setting(None, "steps between basis updates T (default: the preset's: 200; "
+                                                "ldadam 1)", group="optimizer")
+    clip_mode: str = setting(
+        "global", "clip the norm of all gradients together (torch's clip_grad_norm_) or of each parameter's "
+                  "gradient separately; --layerwise needs per-parameter", group="optimizer",
+        choices=("global", "per-parameter"))
+    layerwise: bool = setting(
+        False, "step each parameter inside backward as soon as its gradient is complete, then free the gradient "
+               "(grassopt.layerwise): the full set of gradients is never resident. Global-norm clipping needs all "
+               "gradients at once: use --clip-mode per-parameter or --clip 0", group="optimizer")
+    sketch: str | None = setting(
+        None, "store only x P (tokens x r) for the backward pass of the covered linear layers, with a random P of "
+              "this law: W.grad gets the unbiased estimate G P P^T, a fresh P every step, under any preset; with "
+              "--preset rso, the law of its subspaces (haar if not given)", group="memory",
+        choices=("haar", "gaussian", "coordinate"))
+    sketch_rank: float = setting(0.125, "rank r of P: a fraction of each layer's in_features such as 0.125, or an "
+                                        "integer", group="memory", parse=parse_rank_or_fraction)
+    lean_activations: bool = setting(
+        False, "RMSNorm and SwiGLU save only their inputs (and one float per token) for backward and recompute the "
+               "rest: 2d + f fewer floats per token and block, the same forward pass", group="memory")
+    checkpoint_activations: bool = setting(
+        False, "activation checkpointing per decoder block: each block saves only its input for backward and runs "
+               "its forward again when backward reaches it (about one more forward pass of compute); bit-identical "
+               "losses and gradients, so a run may resume with it on or off", group="memory", run_control=True)
+    subspace_quality: bool = setting(
+        False, "record, for every projected matrix, the share of the next gradients' energy its basis captures, "
+               "averaged over each interval between basis updates, and the angles each update turns (analysis.jsonl, "
+               "capture_next.png; one extra Q^T X product per matrix and step)", group="output", run_control=True)
+    param_dtype: str = setting("float32", "dtype of the parameters (optimizer state stays float32)",
+                               choices=("float32", "bfloat16", "float16"))
+    state_dtype: str = setting(
+        "float32", "Adam moments of grassopt's presets (projected and plain groups): float32, or int8 codes with a "
+                   "float32 scale per block of 256 (about 1/4 of the bytes; grassopt.codecs.int8)",
+        group="optimizer", choices=state_dtype_choices)
+    stochastic_rounding: bool = setting(
+        False, "with --param-dtype bfloat16: round each weight update stochastically (unbiased), so that updates "
+               "below half a bf16 ulp are not lost; seeded, resumable, identical on every rank", group="optimizer")
+    eval_every: int = setting(100, "evaluate every N steps (0: only at the end)")
+    eval_batch_size: int = setting(32, "sequences per evaluation batch", run_control=True)
+    eval_tokens: int | None = setting(None, "evaluate on the first N tokens of the validation split (default: all "
+                                            "of it, exactly)")
+    profile_memory: bool = setting(
+        False, "count the tensor bytes the second training step allocates at its worst moment, beyond the weights "
+               "and optimizer state (grassopt.profiling.TensorPeak; slows that one step)", group="output",
+        run_control=True)
+    cache_dir: str | None = setting(None, "tokenizer/token cache (default: $GRASSOPT_CACHE or ~/.cache/grassopt)",
+                                    group="data", run_control=True)
 
     def tokens_per_step(self, world: int = 1) -> int:
         return self.batch_size * self.seq_len * self.grad_accum * world
@@ -127,9 +166,8 @@ class TrainConfig(RunConfig):
             raise ValueError(f"corpus={self.corpus!r} must be a path (a folder of .txt files or a .jsonl file), or "
                              "None for the SOTU corpus (--corpus)")
         check_folder(data_mod.default_cache_root(self.cache_dir), "cache_dir", "cache folder")
-        from ..functional import STATE_DTYPES
-        if self.state_dtype not in STATE_DTYPES:
-            raise ValueError(f"state_dtype={self.state_dtype!r} must be one of {list(STATE_DTYPES)}")
+        if self.state_dtype not in state_dtype_choices():
+            raise ValueError(f"state_dtype={self.state_dtype!r} must be one of {state_dtype_choices()}")
         if self.state_dtype != "float32" and self.preset not in PRESETS:
             raise ValueError(f"state_dtype={self.state_dtype!r} applies to grassopt's presets, not to {self.preset!r} "
                              "(for 8-bit AdamW as a reference use the preset ref-adamw8bit)")
@@ -146,6 +184,9 @@ class TrainConfig(RunConfig):
         forward_only = registry.is_forward_only(self.preset)
         if self.layerwise and forward_only:
             raise ValueError(f"layerwise=True needs a backward pass; preset {self.preset!r} is forward-only")
+        if self.layerwise and self.preset == "rso":
+            from ..sketch.rso import RSO
+            raise ValueError(f"layerwise=True cannot step preset 'rso': {RSO.layerwise_refusal}")
         if self.subspace_quality and (self.layerwise or PRESETS.get(self.preset) is None):
             raise ValueError("subspace_quality=True reads the bases of grassopt's projected presets after backward: "
                              f"use it with a projected preset (not {self.preset!r}) and without layerwise")
@@ -169,6 +210,9 @@ class TrainConfig(RunConfig):
             raise ValueError(f"sketch_rank={r!r} must be a fraction of in_features in (0, 1) or an integer >= 1")
 
 
+
+#: Config fields that may change when a run is resumed (they do not affect the numbers): see TrainConfig.
+RUN_CONTROL = TrainConfig.RUN_CONTROL
 
 
 # ---------------------------------------------------------------------------------------- model and optimizer
@@ -259,28 +303,38 @@ def train(cfg: TrainConfig, dataset: data_mod.TokenizedCorpus | None = None,
     optimizer step, ``step`` steps done; ``record`` is the metrics line of this step or None) and
     ``on_end(model, optimizer, summary)``. Used by ``grassopt analyze``; hooks must not draw from
     the global RNG if the run is to stay bit-identical to a run without them.
+
+    The setup and wrap-up every run shares (validation, threads, device, the run folder, the summary, the
+    plot, Ctrl-C, a non-finite loss) are :func:`grassopt.engine.session.run_session`'s.
     """
     hooks = list(hooks or [])
-    cfg.validate()
     if cfg.subspace_quality:
         from ..analysis.hook import SubspaceQuality
         hooks.append(SubspaceQuality(out=cfg.out, plot=cfg.plot))
-    rank, world = dist_info()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = torch.device(cfg.device or default_device())
-    folder = RunFolder(cfg.out, main_process=rank == 0, device=device, ignore=cfg.RUN_CONTROL,
-                       defaults=cfg.defaults())
-    if cfg.resume:
-        references.prepare_resume(cfg.preset)  # torchao's state tensors must be known to weights_only loading
-    ckpt = folder.open(cfg.resume, cfg.to_dict(), overwrite=cfg.overwrite)
-    with folder:  # the folder stays locked until the run ends, however it ends
-        return _train(cfg, folder, ckpt, dataset, hooks, device, rank, world)
+
+    def prepare() -> None:
+        if cfg.resume:
+            references.prepare_resume(cfg.preset)  # torchao's state tensors must be known to weights_only loading
+
+    return run_session(cfg, lambda session: _train(session, dataset, hooks), prepare=prepare)
 
 
-def _train(cfg: TrainConfig, folder: RunFolder, ckpt: dict[str, Any] | None,
-           dataset: data_mod.TokenizedCorpus | None, hooks: list[Any], device: torch.device, rank: int,
-           world: int) -> dict[str, Any]:
+@dataclass
+class _Run:
+    """What :func:`_build` makes of a config: the data, the model, the optimizer and the step."""
+
+    dataset: data_mod.TokenizedCorpus
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    step: TrainStep
+    sampler: data_mod.BatchSampler
+    sketched: bool
+
+
+def _build(cfg: TrainConfig, session: Session, dataset: data_mod.TokenizedCorpus | None,
+           hooks: list[Any]) -> _Run:
+    """The data, model, optimizer and training step of ``cfg``, each built once, here."""
+    device, rank, world = session.device, session.rank, session.world
     if dataset is None:
         dataset = data_mod.prepare(cfg.corpus, vocab_size=cfg.vocab_size, cache_dir=cfg.cache_dir,
                                    progress=cfg.progress and rank == 0)
@@ -288,7 +342,6 @@ def _train(cfg: TrainConfig, folder: RunFolder, ckpt: dict[str, Any] | None,
     if cfg.layerwise and any(callable(getattr(h, "after_backward", None)) for h in hooks):
         raise ValueError("a hook reads the gradients after backward (after_backward), but with layerwise=True "
                          "each gradient is stepped and freed inside backward; run it without layerwise")
-
     model = build_model(cfg, dataset.vocab_size, device)
     sketched = sketch_model(model, cfg)  # the estimator: W.grad = G P P^T, a fresh P every step
     opt = build_optimizer(model, cfg)  # (rso sketches the model here)
@@ -301,12 +354,17 @@ def _train(cfg: TrainConfig, folder: RunFolder, ckpt: dict[str, Any] | None,
     if cfg.layerwise:
         from ..layerwise import LayerwiseUpdater
         updater = LayerwiseUpdater(opt, ddp_model=ddp_model, clip_norm=cfg.clip if cfg.clip > 0 else None)
-    total, warmup = cfg.total_steps(world), cfg.warmup_steps(world)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup, cfg.min_lr_ratio))
     sampler = data_mod.BatchSampler(dataset.train, cfg.batch_size * world, cfg.seq_len, seed=cfg.seed)
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     step = TrainStep(model, opt, _lm_loss, ddp_model=ddp_model, updater=updater, clip=cfg.clip,
                      clip_mode=cfg.clip_mode, autocast=autocast, sketched=sketched, hooks=hooks)
+    return _Run(dataset, model, opt, step, sampler, sketched)
+
+
+def _train(session: Session, dataset: data_mod.TokenizedCorpus | None, hooks: list[Any]) -> dict[str, Any]:
+    cfg, device, rank, world = session.cfg, session.device, session.rank, session.world
+    run = _build(cfg, session, dataset, hooks)
+    dataset, model, sampler = run.dataset, run.model, run.sampler
 
     def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
         x, y = sampler.next()
@@ -319,52 +377,48 @@ def _train(cfg: TrainConfig, folder: RunFolder, ckpt: dict[str, Any] | None,
         loss, count = evaluate(model, val, cfg.eval_batch_size, cfg.seq_len, device, cfg.bf16, rank, world)
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700)), "eval_tokens": count}
 
-    loop = Loop(folder=folder, model=model, optimizer=opt, scheduler=sched, sampler=sampler, step=step,
-                next_batch=next_batch, grad_accum=cfg.grad_accum, total=total, stop_after=cfg.stop_after,
-                per_step={"tokens_seen": cfg.tokens_per_step(world)},
-                position=lambda c: {"tokens": c["tokens_seen"]}, rate=("tokens_per_s", "tokens_seen"),
-                evaluate=run_eval, log_every=cfg.log_every, eval_every=cfg.eval_every,
-                checkpoint_every=cfg.checkpoint_every, config=cfg.to_dict(), hooks=hooks, world=world,
-                progress=cfg.progress, desc=f"{cfg.preset} {cfg.model}", data=data_fingerprint(dataset))
-    if ckpt is not None:
-        loop.restore(ckpt)
-    folder.start(cfg.to_dict(), loop.history)
-    saved_bytes = None
-    if not step.forward_only:
-        # bytes one training micro-batch saves for backward (exact; on a batch of the training shape,
-        # the sampler's position restored so the run is unchanged)
-        from ..sketch import saved_activation_bytes
-        position = sampler.state_dict()
-        xb, yb = (t[:cfg.batch_size].to(device) for t in sampler.next())
-        sampler.load_state_dict(position)
-        with torch.autocast(**autocast):
-            saved_bytes = saved_activation_bytes(model, lambda: model(xb, yb)[1]).total
-        del xb, yb
+    total = cfg.total_steps(world)
+    loop = session.loop(model=model, optimizer=run.optimizer,
+                        scheduler=session.scheduler(run.optimizer, total, cfg.warmup_steps(world)),
+                        sampler=sampler, step=run.step, next_batch=next_batch, grad_accum=cfg.grad_accum, total=total,
+                        per_step={"tokens_seen": cfg.tokens_per_step(world)},
+                        position=lambda c: {"tokens": c["tokens_seen"]}, rate=("tokens_per_s", "tokens_seen"),
+                        evaluate=run_eval, eval_every=cfg.eval_every, hooks=hooks,
+                        desc=f"{cfg.preset} {cfg.model}", data=data_fingerprint(dataset))
+    saved_bytes = None if run.step.forward_only else _saved_bytes(run, cfg, device)
     loop.profile_step = loop.step + 1 if cfg.profile_memory else None  # the optimizer state exists by then
-    call_hooks(hooks, "on_start", model, opt, cfg)
+    call_hooks(hooks, "on_start", model, run.optimizer, cfg)
     res = loop.run()
-    summary = {"preset": cfg.preset, "model": cfg.model, "seed": cfg.seed, "lr": cfg.lr, "rank": cfg.rank,
-               **res.summary(), "tokens": res.counters["tokens_seen"], **_final_losses(res.history),
-               "tokens_per_s": res.counters["tokens_seen"] / res.train_time if res.train_time else None,
-               "optimizer_state_bytes": optimizer_state_bytes(opt),
-               "parameters": sum(p.numel() for p in model.parameters()),
-               "mean_opt_step_s": None if updater is not None else
-               res.optimizer_time / max(1, res.step - res.start_step),
-               "saved_activation_bytes": saved_bytes, "step_peak_tensor_bytes": res.step_peak_tensor_bytes,
-               "peak_rss_bytes": res.peak_rss_bytes, "rss_before_training_bytes": res.rss_before_training_bytes,
-               "train_peak_rss_bytes": res.train_peak_rss_bytes}
-    call_hooks(hooks, "on_end", model, opt, summary)
-    folder.write_summary(summary)
-    if folder.main_process:
-        if cfg.plot:
-            plot_run(res.history, folder.path / "loss.png", title=f"{cfg.preset} on {cfg.model}")
-        if res.interrupted:
-            print(f"stopped at step {res.step}/{total}; checkpoint written to {folder.checkpointer.path} "
-                  "(continue with --resume)")
-    if res.error is not None:
-        raise NonFiniteLossError(f"{res.error.rstrip('.')}; the last good checkpoint (step {res.step}) and the summary "
-                                 f"are in {folder.path}")
-    return summary
+    summary = _summary(cfg, run, res, saved_bytes)
+    call_hooks(hooks, "on_end", model, run.optimizer, summary)
+    title = f"{cfg.preset} on {cfg.model}"
+    return session.finish(res, summary, lambda history, path: plot_run(history, path, title=title), "loss.png",
+                          notices=sys.stdout)  # the line on an interruption: on stdout, before the summary
+
+
+def _saved_bytes(run: _Run, cfg: TrainConfig, device: torch.device) -> int:
+    """Bytes one training micro-batch saves for backward (exact; on a batch of the training shape, the
+    sampler's position restored so the run is unchanged)."""
+    from ..sketch import saved_activation_bytes
+    model, sampler = run.model, run.sampler
+    position = sampler.state_dict()
+    xb, yb = (t[:cfg.batch_size].to(device) for t in sampler.next())
+    sampler.load_state_dict(position)
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+        return saved_activation_bytes(model, lambda: model(xb, yb)[1]).total
+
+
+def _summary(cfg: TrainConfig, run: _Run, res: LoopResult, saved_bytes: int | None) -> dict[str, Any]:
+    return {"preset": cfg.preset, "model": cfg.model, "seed": cfg.seed, "lr": cfg.lr, "rank": cfg.rank,
+            **res.summary(), "tokens": res.counters["tokens_seen"], **_final_losses(res.history),
+            "tokens_per_s": res.counters["tokens_seen"] / res.train_time if res.train_time else None,
+            "optimizer_state_bytes": optimizer_state_bytes(run.optimizer),
+            "parameters": sum(p.numel() for p in run.model.parameters()),
+            "mean_opt_step_s": None if run.step.updater is not None else
+            res.optimizer_time / max(1, res.step - res.start_step),
+            "saved_activation_bytes": saved_bytes, "step_peak_tensor_bytes": res.step_peak_tensor_bytes,
+            "peak_rss_bytes": res.peak_rss_bytes, "rss_before_training_bytes": res.rss_before_training_bytes,
+            "train_peak_rss_bytes": res.train_peak_rss_bytes}
 
 
 def _final_losses(history: list[dict[str, Any]]) -> dict[str, Any]:

@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="optimizer-state dtype: fp32 (default; what SubspaceAdamW allocates by default), int8 "
                          f"(SubspaceAdamW's 8-bit Adam moments: n one-byte codes plus one float32 scale per "
                          f"{INT8_BLOCK} elements per moment tensor; the basis Q and the other state stay float32), "
+                         "any other moment codec of grassopt.codecs.CODECS as it lays its moments out, "
                          "or bf16/fp16 (every state element in 2 bytes, the papers' convention)")
     ap.add_argument("--layerwise", action="store_true",
                     help="layer-wise updates (grassopt train --layerwise): each gradient is stepped and freed as "

@@ -1,0 +1,35 @@
+"""AdamW of a plain param group, as a function of explicit lists (the maths of ``SubspaceAdamW``'s plain groups)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import functional as F
+from ..codecs import Codec
+
+__all__ = ["plain_adamw_"]
+
+
+def plain_adamw_(params: list[Tensor], grads: list[Tensor], states: list[dict], *, codec: Codec, lr: float,
+                 betas: tuple[float, float], eps: float, weight_decay: float, fused: bool | None,
+                 generators: list[torch.Generator | None], state_generators: list[torch.Generator | None]) -> None:
+    """One AdamW step of each parameter, its state already initialised (``step`` is incremented here).
+
+    float32 parameters and gradients with dense (float32) moments are stepped in one fused call per
+    step count; the others one tensor at a time, a chunk at a time (``generators``: stochastic
+    rounding of a low-precision parameter, or None; ``state_generators``: for a codec that rounds
+    stochastically, or None).
+    """
+    batches: dict[int, list[int]] = {}
+    for j, (p, g, st) in enumerate(zip(params, grads, states)):
+        st["step"] += 1
+        if codec.DENSE and p.dtype == torch.float32 and g.dtype == torch.float32:
+            batches.setdefault(st["step"], []).append(j)
+        else:
+            F.adam_tensor_(p, g, st, st["step"], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                           generator=generators[j], state_generator=state_generators[j], fused=fused, codec=codec)
+    for t, idx in batches.items():
+        ms, vs = zip(*(codec.tensors(states[j]) for j in idx))
+        F.adam_([params[j] for j in idx], [grads[j] for j in idx], list(ms), list(vs), t, lr=lr, betas=betas,
+                eps=eps, weight_decay=weight_decay, fused=fused)
