@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._base import CHUNK, Codec, Layout
+from .bfloat16 import BFloat16
 from .float32 import Float32
 from .int8 import Int8
 
@@ -21,6 +22,7 @@ __all__ = ["CODECS", "CHUNK", "Codec", "Layout", "get_codec", "detect", "MOMENT_
 CODECS: dict[str, Codec] = {
     "float32": Float32(),
     "int8": Int8(),
+    "bfloat16": BFloat16(),
 }
 
 #: Every state key a codec stores (the "moments" of the memory accounting).
