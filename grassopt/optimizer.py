@@ -23,96 +23,38 @@ Rules whose basis is a function of a seed (``gaussian``) store the seed, not ``Q
 A param group is projected when it has a ``rank``; otherwise it is plain AdamW with the same Adam
 convention. Subspace maths and all optimizer state are float32 whatever the parameter's dtype, but
 for the moments, which are stored in the group's ``state_dtype`` codec (``grassopt.codecs``);
-nothing is tied to a device. This class is the shell (groups, state, checks, diagnostics): the
-step's maths are functions in ``grassopt/optim/`` (``_projected.py``, ``_plain.py``), and a
-parameter's state is declared once, by ``grassopt.optim.state.state_spec``. Random rules draw only from generators the optimizer owns, seeded
-from ``(seed, parameter index)``, saved in ``state_dict``.
+nothing is tied to a device. This class is the shell (groups, state, generators, diagnostics): the
+options are declared once in :data:`grassopt.options.OPTIONS` (defaults, checks, which fix the state's
+meaning); the step's maths are functions in ``grassopt/optim/`` (``_projected.py``, ``_plain.py``); a
+parameter's state is declared once, by ``grassopt.optim.state.state_spec``, next to
+``load_state_dict``'s checks.
+
+Randomness: two generators per parameter, both seeded from ``(seed, parameter index)`` (two streams)
+and saved in ``state_dict``: the rules' draws (``rng_state``) and the rounding's (``rounding_rng_state``:
+stochastic rounding of bf16 weights, a codec's stochastic rounding), so rounding never moves a basis.
 """
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Callable, Iterable
-from numbers import Integral, Real
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._dtensor import check_params  # FSDP2 shards: a clear error at construction, not wrong maths later
-from .codecs import CODECS, detect, get_codec
+from .codecs import get_codec
 from .optim import _plain, _projected
 from .optim._projected import mix_seed as _mix_seed
-from .optim.state import init_state, state_spec
-from .rules import all_rule_options, check_options, get_rule, rule_flag
-from .transport import TRANSPORTS
+from .optim.groups import check_params, normalize_params
+from .optim.state import RNG_KEYS, check_state_dict, init_state
+from .options import OPTIONS, SUBSPACE_DEFAULTS, check_group, check_value, complete_group, step_error
+from .rules import get_rule, rule_flag
 
 __all__ = ["SubspaceAdamW", "SUBSPACE_DEFAULTS"]
 
-#: Defaults of a projected group (a group with a ``rank``). The components default to SubTrack++.
-SUBSPACE_DEFAULTS: dict[str, Any] = {
-    "update_interval": 200,
-    "alpha": 0.25,
-    "alpha_r": None,  # None: the same as alpha (Fira's form alpha * (Q N + S))
-    "rule": "track",
-    "transport": "rotate",
-    "recovery": True,
-    "zeta": 1.01,
-    "scaling": None,  # None (the projected update), "channel" or "tensor" (APOLLO's gradient scaling)
-    "error_feedback": False,  # LDAdam's full-size error-feedback buffer
-}
-SCALINGS = (None, "channel", "tensor")
-_PLAIN_KEYS = {"params", "param_names", "lr", "betas", "eps", "weight_decay", "seed", "check_finite",
-               "initial_lr", "name", "state_dtype", "stochastic_rounding"}
-_SUBSPACE_KEYS = {"rank", *SUBSPACE_DEFAULTS}
-_NUMBER = (float, int)  # exact types (not bool) for the fast path of _hyper_error
-_NON_NEGATIVE = {"residual_norm"}  # state keys besides the codecs' own (Codec.NON_NEGATIVE)
-
-
-def _suggest(key: str, known: Iterable[str]) -> str:
-    close = difflib.get_close_matches(key, list(known), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _real_error(v: Any, low: float, strict: bool = False) -> bool:
-    """True unless ``v`` is a finite real number (not a bool, not a tensor) ``>= low`` (``> low``)."""
-    if not isinstance(v, Real) or isinstance(v, bool) or not math.isfinite(v):
-        return True
-    return not (v > low if strict else v >= low)
-
-
-def _hyper_error(group: dict[str, Any]) -> str | None:
-    """The message for a bad ``lr``, ``eps``, ``weight_decay`` or ``betas`` of a group, else None.
-
-    These are the options an LR scheduler (or a user) may change between steps, so the step checks
-    them too: a few Python comparisons per group. ``eps`` must be > 0: it is added to ``sqrt(V)``
-    (GaLore's convention), so ``eps=0`` divides 0 by 0 wherever ``V`` is 0 (a coordinate, or a
-    subspace direction, that has had no gradient yet) and writes NaN into the weights (torch's
-    AdamW does the same with ``eps=0``; a tiny positive eps such as 1e-30 is Adam without eps, to float
-    rounding, wherever that is defined).
-    """
-    lr, eps, wd, betas = group["lr"], group["eps"], group["weight_decay"], group["betas"]
-    if (type(lr) in _NUMBER and type(eps) in _NUMBER and type(wd) in _NUMBER and type(betas) is tuple
-            and len(betas) == 2 and type(betas[0]) in _NUMBER and type(betas[1]) in _NUMBER
-            and 0 <= lr < math.inf and 0 < eps < math.inf and 0 <= wd < math.inf
-            and 0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-        return None  # the common case, cheaply (the step checks every group it steps)
-    if _real_error(lr, 0.0):
-        return f"lr={lr!r} must be >= 0 and finite (a float learning rate such as 1e-3)"
-    if _real_error(eps, 0.0, strict=True):
-        if isinstance(eps, Real) and not isinstance(eps, bool) and eps == 0:
-            return (f"eps={eps!r} must be > 0: eps is added to sqrt(V), so eps=0 divides 0 by 0 wherever V is 0 "
-                    "(a coordinate with no gradient yet) and writes NaN into the weights; use e.g. eps=1e-8 "
-                    "(torch's default) or 1e-6 (ours)")
-        return f"eps={eps!r} must be > 0 and finite (it is added to sqrt(V); e.g. 1e-6, the default)"
-    if _real_error(wd, 0.0):
-        return f"weight_decay={wd!r} must be >= 0 and finite (e.g. 0.0 or 0.1)"
-    if (not isinstance(betas, tuple | list) or len(betas) != 2
-            or any(_real_error(b, 0.0) or b >= 1 for b in betas)):
-        return f"betas={betas!r} must be a pair (beta1, beta2) of numbers in [0, 1), e.g. (0.9, 0.999)"
-    return None
+_D = {k: o.default for k, o in OPTIONS.items()}  # the constructor's defaults: the table's
 
 
 class SubspaceAdamW(Optimizer):
@@ -125,29 +67,28 @@ class SubspaceAdamW(Optimizer):
             to ``sqrt(V)`` and bias correction is folded into the step size; ``eps=1e-6``). ``eps``
             must be > 0: ``eps=0`` would divide 0 by 0 wherever ``V`` is 0 (torch's AdamW writes NaN
             there); 1e-30 is Adam without eps, to rounding, wherever that is defined.
-        seed: seeds the per-parameter generators of random rules (with the parameter's index).
+        seed: seeds the per-parameter generators (with the parameter's index): one for the random
+            rules, one (another stream) for stochastic rounding.
         check_finite: check, before anything is changed, that every gradient is finite, and raise a
             ``FloatingPointError`` naming the offending parameters otherwise. Costs one fused
             norm over the plain groups' gradients per step (projected ones are checked on ``Q^T X``).
-        state_dtype: the moments' format, a name in :data:`grassopt.codecs.CODECS`: ``"float32"`` or
-            ``"int8"`` (block-wise quantized Adam moments, ``n + 4 ceil(n/256)`` bytes per moment of
-            ``n`` elements; see :mod:`grassopt.codecs.int8`). Per group.
+        state_dtype: the moments' format, a name in :data:`grassopt.codecs.CODECS` (``"float32"``,
+            ``"int8"``: block-wise quantized, see :mod:`grassopt.codecs.int8`; ``"bfloat16"``). Per group.
         stochastic_rounding: round the float32 update of a bf16 parameter stochastically (unbiased),
-            from the optimizer's seeded per-parameter generators. Per group.
+            from the optimizer's seeded per-parameter rounding generators. Per group.
         fused: ``None`` uses torch's fused Adam kernel where the device has one (CPU, CUDA, MPS, ...),
             ``False`` forces the ``foreach`` ops (same maths, to float rounding).
+
+    Every option, its default, check and meaning: :data:`grassopt.options.OPTIONS`
+    (docs/algorithms.md#options). Projected-group keys: ``rank`` (required), ``update_interval``,
+    ``alpha``, ``alpha_r``, ``rule`` (``grassopt.rules.RULES``), ``transport``, ``recovery``,
+    ``zeta``, ``scaling``, ``error_feedback``, and the options of the chosen rule (for example
+    ``step_size``, ``step_mode``, ``update_rank`` for ``track``; defaults come from the rule).
 
     Nothing is changed by a refusal: bad options or parameters (at construction, in
     :meth:`add_param_group`, in :meth:`load_state_dict`) and bad gradients or a non-finite ``lr``
     set by a scheduler (at :meth:`step`) raise a one-line ``ValueError`` naming the option or
     parameter and the fix before anything is written.
-
-    Projected-group keys: ``rank`` (required), ``update_interval`` (``T``), ``alpha``, ``alpha_r``,
-    ``rule`` (see ``grassopt.rules.RULES``), ``transport`` (``keep``/``reset``/``rotate``),
-    ``recovery`` (bool), ``zeta`` (limiter), ``scaling`` (``None``/``"channel"``/``"tensor"``:
-    APOLLO's update, the raw gradient scaled by ``||N|| / ||R||``), ``error_feedback`` (bool:
-    LDAdam's full-size error buffer), and the options of the chosen rule (for example
-    ``step_size``, ``step_mode``, ``update_rank`` for ``track``; defaults come from the rule).
     """
 
     # Parameters on the meta device are refused (module.to_empty replaces them, so an optimizer built
@@ -157,19 +98,20 @@ class SubspaceAdamW(Optimizer):
     def __init__(
         self,
         params,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.0,
+        lr: float = _D["lr"],
+        betas: tuple[float, float] = _D["betas"],
+        eps: float = _D["eps"],
+        weight_decay: float = _D["weight_decay"],
         *,
-        seed: int = 0,
-        check_finite: bool = True,
-        state_dtype: str = "float32",
-        stochastic_rounding: bool = False,
-        fused: bool | None = None,
+        seed: int = _D["seed"],
+        check_finite: bool = _D["check_finite"],
+        state_dtype: str = _D["state_dtype"],
+        stochastic_rounding: bool = _D["stochastic_rounding"],
+        fused: bool | None = _D["fused"],
     ):
-        if fused not in (None, True, False):
-            raise ValueError(f"fused={fused!r} must be None (automatic), True or False")
+        msg = check_value("fused", fused)
+        if msg:
+            raise ValueError(msg)
         if isinstance(params, (Tensor, str, dict)) or not isinstance(params, Iterable):
             raise TypeError(f"params must be an iterable of tensors, (name, tensor) pairs or param-group dicts, got "
                             f"{type(params).__name__} (e.g. model.parameters() or grassopt.param_groups(model, ...))")
@@ -178,24 +120,27 @@ class SubspaceAdamW(Optimizer):
                         check_finite=check_finite, state_dtype=state_dtype, stochastic_rounding=stochastic_rounding)
         #: None: torch's fused Adam kernel wherever the device has it; False: foreach ops; True: insist
         self._fused = fused
-        self._generators: dict[Tensor, torch.Generator] = {}
+        self._generators: dict[Tensor, torch.Generator] = {}  # the rules' draws
+        self._rounding_generators: dict[Tensor, torch.Generator] = {}  # stochastic rounding only
         self._seed_generators: dict[str, torch.Generator] = {}  # scratch, reseeded before each use
         self._diag: dict[Tensor, dict[str, Any]] = {}
         #: id(parameter) -> (group index, index in the group, index over all groups): O(1) look-ups
         self._where: dict[int, tuple[int, int, int]] = {}
         super().__init__(params, defaults)
 
-    # ------------------------------------------------------------------ groups and validation
+    # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group, atomically: the group is completed with its defaults and checked whole
-        (options, values, parameters) on a copy, and appended only when every check passed, so a
-        refused group leaves the optimizer (and the caller's dict) as they were."""
+        (options, values, parameters: :mod:`grassopt.options`, :mod:`grassopt.optim.groups`) on a
+        copy, and appended only when every check passed, so a refused group leaves the optimizer (and
+        the caller's dict) as they were."""
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         gi = len(self.param_groups)
-        group = self._complete_group(param_group, gi)
-        self._check_params(group, gi)
-        self._validate_group(group, gi)
+        where = f"param group {gi}"
+        group = complete_group(normalize_params(param_group, where), where, self.defaults)
+        check_params(group, where, self.param_groups, self._shapes_only)
+        check_group(group, where)
         super().add_param_group(group)  # torch's own checks (names in all groups or none) raise before appending
         param_group.clear()  # the group is the caller's dict, as with torch's optimizers
         param_group.update(group)
@@ -204,192 +149,29 @@ class SubspaceAdamW(Optimizer):
         for i, p in enumerate(param_group["params"]):
             self._where[id(p)] = (gi, i, flat + i)
 
-    def _complete_group(self, param_group: dict[str, Any], gi: int) -> dict[str, Any]:
-        """A new dict: ``params`` a list of tensors (names moved to ``param_names``), unknown keys
-        refused, every default filled in. Changes nothing."""
-        where = f"param group {gi}"
-        group = dict(param_group)
-        if "params" not in group:
-            raise ValueError(f"{where} has no 'params': give a list of tensors or (name, tensor) pairs")
-        params = group["params"]
-        if isinstance(params, Tensor):
-            params = [params]
-        elif isinstance(params, (set, frozenset)):
-            raise TypeError(f"{where}: params must be an ordered collection such as a list, not a set "
-                            "(the order of a set changes between runs)")
-        elif isinstance(params, (dict, str)) or not isinstance(params, Iterable):
-            raise TypeError(f"{where}: params must be a list of tensors or (name, tensor) pairs, got "
-                            f"{type(params).__name__} (use model.parameters() or model.named_parameters())")
-        params = list(params)
-        named = [isinstance(p, tuple) for p in params]
-        if any(named):
-            if not all(named) or not all(len(p) == 2 and isinstance(p[0], str) for p in params):
-                raise ValueError(f"{where}: params must be all tensors or all (name, tensor) pairs")
-            group["param_names"] = [n for n, _ in params]
-            params = [p for _, p in params]
-        group["params"] = params
-        projected = group.get("rank") is not None
-        if not projected:
-            group.pop("rank", None)
-        subspace = _SUBSPACE_KEYS | all_rule_options()
-        allowed = _PLAIN_KEYS | (subspace if projected else set())
-        for key in group:
-            if key not in allowed:
-                hint = "; subspace options need a 'rank' in the group" if key in subspace else _suggest(key, allowed)
-                raise ValueError(f"unknown param-group option {key!r}{hint}")
-        for key, value in self.defaults.items():
-            group.setdefault(key, value)
-        if isinstance(group["betas"], list):
-            group["betas"] = tuple(group["betas"])
-        if projected:
-            name = group.get("rule", SUBSPACE_DEFAULTS["rule"])
-            if not isinstance(name, str):
-                raise ValueError(f"{where}: rule={name!r} must be the name of a subspace rule, e.g. 'track'")
-            rule = get_rule(name)
-            for key in all_rule_options() - set(rule.OPTIONS):
-                if key in group:
-                    raise ValueError(
-                        f"option {key!r} is not used by subspace rule {rule.NAME!r} "
-                        f"(its options: {sorted(rule.OPTIONS) or 'none'}); remove it or change the rule")
-            for key, value in {**SUBSPACE_DEFAULTS, **rule.OPTIONS}.items():
-                group.setdefault(key, value)
-        return group
-
-    def _check_params(self, group: dict[str, Any], gi: int) -> None:
-        """The parameters of a new group: dense floating-point leaf tensors with data, each in one
-        group once. Raises before anything changes."""
-        where = f"param group {gi}"
-        params = group["params"]
-        names = group.get("param_names")
-        if names is not None and (not isinstance(names, (list, tuple)) or len(names) != len(params)
-                                  or not all(isinstance(n, str) for n in names)):
-            raise ValueError(f"{where}: param_names must be a list of {len(params)} strings, one per parameter")
-        names = names or [f"parameter {j}" for j in range(len(params))]
-        seen: dict[int, str] = {}
-        for name, p in zip(names, params):
-            if not isinstance(p, Tensor):
-                raise TypeError(f"{where}: {name} is a {type(p).__name__}, not a tensor; pass tensors or "
-                                "(name, tensor) pairs (model.parameters() or model.named_parameters())")
-            if p.is_meta and not self._shapes_only:
-                raise ValueError(f"{where}: {name} is on the meta device (it has no data); materialize the model "
-                                 "(module.to_empty(device=...) then initialize it) before building the optimizer")
-            if p.layout != torch.strided:
-                raise ValueError(f"{where}: {name} has layout {p.layout}; only dense (strided) tensors can be "
-                                 "trained (convert it with .to_dense())")
-            if p.is_complex():
-                raise ValueError(f"{where}: {name} has dtype {p.dtype}; complex parameters are not supported "
-                                 "(train torch.view_as_real of it instead)")
-            if not p.dtype.is_floating_point:
-                raise ValueError(f"{where}: {name} has dtype {p.dtype}; only floating-point tensors can be "
-                                 "trained (leave it out of the optimizer, or make it a float tensor)")
-            if not (p.is_leaf or p.retains_grad):
-                raise ValueError(f"{where}: {name} is not a leaf tensor (it was computed from others); "
-                                 "pass the nn.Parameter it comes from")
-            if id(p) in seen:
-                raise ValueError(f"{where}: {name} is listed twice in the group (also as {seen[id(p)]}); "
-                                 "list each parameter once")
-            seen[id(p)] = name
-        for gj, other in enumerate(self.param_groups):
-            for j, q in enumerate(other["params"]):
-                if id(q) in seen:
-                    as_ = other["param_names"][j] if other.get("param_names") else f"its parameter {j}"
-                    raise ValueError(f"{where}: {seen[id(q)]} is already in param group {gj} ({as_}); "
-                                     "a parameter may belong to one group only")
-        if "rank" in group:
-            check_params(group)  # FSDP2 shards: a clear error now, not wrong maths later
-
-    def _validate_group(self, group: dict[str, Any], gi: int) -> None:
-        """Check a complete group's option values (``ValueError`` with a one-line message naming the
-        option and the fix). Changes nothing: run before a group is added or a state dict loaded."""
-        names = group.get("param_names") or [f"param {j}" for j in range(len(group["params"]))]
-        where = f"param group {gi}"
-
-        def bad(msg: str) -> None:
-            raise ValueError(f"{where}: {msg}")
-
-        msg = _hyper_error(group)
-        if msg:
-            bad(msg)
-        if "initial_lr" in group and _real_error(group["initial_lr"], 0.0):
-            bad(f"initial_lr={group['initial_lr']!r} must be >= 0 and finite (set by LR schedulers from lr)")
-        seed = group["seed"]
-        if not isinstance(seed, Integral) or isinstance(seed, bool):
-            bad(f"seed={seed!r} must be an integer (it seeds the random rules and stochastic rounding), e.g. seed=0")
-        if not isinstance(group["check_finite"], bool):
-            bad(f"check_finite={group['check_finite']!r} must be True or False")
-        if not isinstance(group["state_dtype"], str) or group["state_dtype"] not in CODECS:
-            bad(f"state_dtype={group['state_dtype']!r} must be one of {list(CODECS)}")
-        if not isinstance(group["stochastic_rounding"], bool):
-            bad(f"stochastic_rounding={group['stochastic_rounding']!r} must be True or False")
-        if "rank" not in group:
-            return
-        rule = get_rule(group["rule"])
-        rank = group["rank"]
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            bad(f"rank={rank!r} must be an integer >= 1")
-        T = group["update_interval"]
-        if isinstance(T, bool) or not isinstance(T, int) or T < 1:
-            bad(f"update_interval={T!r} must be an integer >= 1 (steps between basis updates)")
-        if not isinstance(group["transport"], str) or group["transport"] not in TRANSPORTS:
-            bad(f"unknown transport {group['transport']!r}; choose one of {list(TRANSPORTS)}")
-        if _real_error(group["zeta"], 1.0):
-            bad(f"zeta={group['zeta']!r} must be >= 1 and finite (the limiter may only shrink the residual's "
-                "growth; a large zeta such as 1e6 lets it act on explosions only)")
-        if _real_error(group["alpha"], 0.0, strict=True):
-            bad(f"alpha={group['alpha']!r} must be > 0 and finite (the scale of the update, e.g. 0.25)")
-        if group["alpha_r"] is not None and _real_error(group["alpha_r"], 0.0):
-            bad(f"alpha_r={group['alpha_r']!r} must be >= 0 and finite, or None (the same as alpha)")
-        if not isinstance(group["recovery"], bool):
-            bad(f"recovery={group['recovery']!r} must be True or False")
-        if group["scaling"] not in SCALINGS:
-            bad(f"scaling={group['scaling']!r} must be None, 'channel' or 'tensor'")
-        if not isinstance(group["error_feedback"], bool):
-            bad(f"error_feedback={group['error_feedback']!r} must be True or False")
-        if group["scaling"] is not None and group["recovery"]:
-            bad(f"scaling={group['scaling']!r} replaces the projected update by the scaled raw gradient, so there "
-                "is no residual to recover: set recovery=False")
-        if group["scaling"] is not None and group["error_feedback"]:
-            bad(f"scaling={group['scaling']!r} applies the full gradient, so there is no compression error to feed "
-                "back: set error_feedback=False")
-        if not rule_flag(rule, "ORTHONORMAL"):
-            needs = [k for k, on in (("transport='rotate'", group["transport"] == "rotate"),
-                                     ("recovery=True", group["recovery"]),
-                                     ("error_feedback=True", group["error_feedback"])) if on]
-            if needs:
-                bad(f"rule {rule.NAME!r} draws bases without orthonormal columns, but {' and '.join(needs)} "
-                    "assume Q Q^T is a projector; use transport='keep' or 'reset', recovery=False, "
-                    "error_feedback=False (or an orthonormal rule)")
-        try:  # the rule's own options are the rule's to check (grassopt.rules.check_options)
-            check_options(rule, group, rank)
-        except ValueError as e:
-            bad(str(e))
-        for name, p in zip(names, group["params"]):
-            if p.dim() != 2:
-                bad(f"{name} has shape {tuple(p.shape)}: only 2-D weights can be projected; put it in a "
-                    f"group without 'rank' (grassopt.param_groups does this for you)")
-            if rank >= min(p.shape):
-                bad(f"rank={rank} must be < min{tuple(p.shape)}={min(p.shape)} for {name}; lower the rank "
-                    f"or train this matrix in a plain group (grassopt.param_groups falls back with a warning)")
-
     def _param_name(self, gi: int, i: int) -> str:
         names = self.param_groups[gi].get("param_names")
         return names[i] if names else f"parameter {i} of param group {gi}"
 
-    # ------------------------------------------------------------------ randomness
     def _flat_params(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
 
-    def _locate(self, p: Tensor, missing_ok: bool = False) -> tuple[int, int, int] | None:
-        """``(group index, index in the group, index over all groups)`` of a parameter, in O(1)
-        (None for a tensor that is not a parameter here, with ``missing_ok``)."""
+    def _find(self, p: Tensor) -> tuple[int, int, int] | None:
+        """``(group index, index in the group, index over all groups)`` of a parameter, in O(1); None for
+        a tensor that is not a parameter here."""
         where = self._where.get(id(p))
         if where is None or not (where[0] < len(self.param_groups) and where[1] < len(
                 ps := self.param_groups[where[0]]["params"]) and ps[where[1]] is p):  # groups edited in place
             flat = [(gi, i, q) for gi, g in enumerate(self.param_groups) for i, q in enumerate(g["params"])]
             self._where = {id(q): (gi, i, n) for n, (gi, i, q) in enumerate(flat)}
             where = self._where.get(id(p))
-            if where is None and not missing_ok:
-                raise KeyError("the tensor is not a parameter of this optimizer")
+        return where
+
+    def _locate(self, p: Tensor) -> tuple[int, int, int]:
+        """:meth:`_find`, for a tensor that must be a parameter here (``KeyError`` otherwise)."""
+        where = self._find(p)
+        if where is None:
+            raise KeyError("the tensor is not a parameter of this optimizer")
         return where
 
     def _param_index(self, p: Tensor) -> int:
@@ -405,41 +187,53 @@ class SubspaceAdamW(Optimizer):
         return _projected.seeded_basis(get_rule(group["rule"]), group, st["seed"],
                                        torch.empty(min(p.shape), 0, device=p.device), self._seed_generators)
 
-    def _generator(self, p: Tensor) -> torch.Generator:
-        gen = self._generators.get(p)
+    # ------------------------------------------------------------------ randomness
+    def _seeded(self, p: Tensor, table: dict[Tensor, torch.Generator], stream: int) -> torch.Generator:
+        """The generator of ``p`` in ``table``, created on first use from ``(seed, parameter index)``:
+        stream 0 is ``mix_seed(seed, index)`` (the rules'), stream ``s`` ``mix_seed(that, s)``."""
+        gen = table.get(p)
         if gen is None:
             gi, _, index = self._locate(p)
+            seed = _mix_seed(int(self.param_groups[gi]["seed"]), index)
             gen = torch.Generator(device=p.device)
-            gen.manual_seed(_mix_seed(int(self.param_groups[gi]["seed"]), index))
-            self._generators[p] = gen
+            gen.manual_seed(_mix_seed(seed, stream) if stream else seed)
+            table[p] = gen
         return gen
+
+    def _generator(self, p: Tensor) -> torch.Generator:
+        """The generator of the rules' draws (``walk``, ``jump``, ``rsvd``, ...) for ``p``."""
+        return self._seeded(p, self._generators, 0)
+
+    def _rounding_generator(self, p: Tensor) -> torch.Generator:
+        """The generator of ``p``'s stochastic rounding (weights and codec state), apart from the rules'."""
+        return self._seeded(p, self._rounding_generators, 1)
 
     # ------------------------------------------------------------------ state dict
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
         for i, p in enumerate(self._flat_params()):
-            gen = self._generators.get(p)
-            if gen is not None:
-                sd["state"][i] = {**sd["state"].get(i, {}), "rng_state": gen.get_state()}
+            for key, table in zip(RNG_KEYS, (self._generators, self._rounding_generators)):
+                gen = table.get(p)
+                if gen is not None:
+                    sd["state"][i] = {**sd["state"].get(i, {}), key: gen.get_state()}
         return sd
-
-    #: the settings that fix what a projected parameter's state means: a state dict saved with other
-    #: values is refused (the other options are hyper-parameters, loaded from the state dict as torch does)
-    _STRUCTURE = ("rule", "transport", "recovery", "scaling", "error_feedback")
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict; float32 state stays float32 (it is not cast to a bf16 parameter's dtype).
 
-        Everything is checked before anything changes (``ValueError``, one line naming the param
-        group or parameter and what differs): the number of groups and parameters; the settings that
-        fix what the state means (``rank``, ``rule``, ``transport``, ``recovery``, ``scaling``,
-        ``error_feedback``, ``state_dtype``) equal this optimizer's; the saved hyper-parameters valid;
-        every parameter's state complete, of the shapes and dtypes its parameter needs, and finite
-        (moments, ``Q``, block scales, error buffers; ``V`` and the scales non-negative), its step
-        counts integers and its generator state loadable. The hyper-parameters (``lr``, ``betas``,
-        ``alpha``, rule options, ...) are then taken from the state dict, as torch's optimizers do.
+        Everything is checked before anything changes (:func:`grassopt.optim.state.check_state_dict`:
+        ``ValueError``, one line naming the param group or parameter and what differs): the number of
+        groups and parameters; the options that fix what the state means (``changes_state_meaning`` in
+        :data:`grassopt.options.OPTIONS`: ``rank``, ``rule``, ``transport``, ``recovery``, ``scaling``,
+        ``error_feedback``, ``state_dtype``) equal this optimizer's; the saved options valid; every
+        parameter's state complete, of the shapes and dtypes its parameter needs, and finite, its step
+        counts integers and its generator states loadable. The hyper-parameters (``lr``, ``betas``,
+        ``alpha``, rule options, ...) are then taken from the state dict, as torch's optimizers do. A
+        checkpoint without a generator state (e.g. ``rounding_rng_state``, older than it) reseeds that
+        generator from ``(seed, parameter index)``.
         """
-        plan = self._check_state_dict(state_dict)
+        checked = check_state_dict(state_dict, self.param_groups, self.defaults, self._param_name)
+        plan = [(self.param_groups[gi]["params"][i], st, gens) for gi, i, st, gens in checked]
         super().load_state_dict({**state_dict, "state": {}})
         for group in self.param_groups:  # state dicts saved before an option existed get its default
             for key, value in self.defaults.items():
@@ -449,131 +243,18 @@ class SubspaceAdamW(Optimizer):
                     group.setdefault(key, value)
         self.state.clear()
         self._generators.clear()
+        self._rounding_generators.clear()
         self._diag.clear()
-        for p, st, gen in plan:
-            if gen is not None:
-                self._generators[p] = gen
+        for p, st, gens in plan:
+            for key, table in zip(RNG_KEYS, (self._generators, self._rounding_generators)):
+                if key in gens:
+                    table[p] = gens[key]
             self.state[p] = {k: v.detach().to(device=p.device).clone() if isinstance(v, Tensor) else v
-                             for k, v in st.items() if k != "rng_state"}
+                             for k, v in st.items() if k not in RNG_KEYS}
             if "step" in st:  # fields a checkpoint written before they existed lacks (e.g. the int8 code map)
                 fields = get_codec(self.param_groups[self._locate(p)[0]]["state_dtype"]).FIELDS
                 for k, v in fields.items():
                     self.state[p].setdefault(k, v)
-
-    def _check_state_dict(self, state_dict: Any) -> list[tuple[Tensor, dict[str, Any], torch.Generator | None]]:
-        """Check a state dict against this optimizer (see :meth:`load_state_dict`) without changing
-        anything; return ``(parameter, saved state, generator or None)`` for every saved state."""
-        if not isinstance(state_dict, dict):
-            raise ValueError(f"not an optimizer state dict: got {type(state_dict).__name__}")
-        saved, groups = state_dict.get("state"), state_dict.get("param_groups")
-        if not isinstance(saved, dict) or not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
-            raise ValueError("not an optimizer state dict: expected keys 'state' and 'param_groups'")
-        if len(groups) != len(self.param_groups):
-            raise ValueError(f"the saved optimizer has {len(groups)} param groups but this one has "
-                             f"{len(self.param_groups)}; build the optimizer with the same groups before loading")
-        id_map: dict[Any, tuple[int, int]] = {}
-        for gi, (mine, theirs) in enumerate(zip(self.param_groups, groups)):
-            ids = theirs.get("params")
-            if not isinstance(ids, list) or len(ids) != len(mine["params"]):
-                n = len(ids) if isinstance(ids, list) else "no"
-                raise ValueError(f"param group {gi}: the saved optimizer has {n} parameters but this one has "
-                                 f"{len(mine['params'])}; build the optimizer from the same model and groups")
-            for i, k in enumerate(ids):
-                id_map[k] = (gi, i)
-            if ("rank" in mine) != ("rank" in theirs) or mine.get("rank") != theirs.get("rank"):
-                raise ValueError(
-                    f"param group {gi}: the saved optimizer has rank={theirs.get('rank')} but this one "
-                    f"has rank={mine.get('rank')}; build the optimizer with the same groups before loading")
-            defaults = {**self.defaults, **SUBSPACE_DEFAULTS}
-            if theirs.get("state_dtype", "float32") != mine["state_dtype"]:
-                raise ValueError(f"param group {gi}: the saved state has {theirs.get('state_dtype', 'float32')} "
-                                 f"moments but its group has state_dtype={mine['state_dtype']!r}; build the "
-                                 "optimizer with the state_dtype it was saved with")
-            for key in self._STRUCTURE if "rank" in mine else ():
-                if theirs.get(key, defaults[key]) != mine[key]:
-                    raise ValueError(
-                        f"param group {gi}: the saved optimizer has {key}={theirs.get(key, defaults[key])!r} but "
-                        f"this one has {key}={mine[key]!r}; build the optimizer with the preset and settings it "
-                        "was saved with")
-            complete = {**defaults, **theirs, "params": mine["params"], "param_names": mine.get("param_names")}
-            if "rank" in mine:
-                complete = {**get_rule(mine["rule"]).OPTIONS, **complete}
-            else:
-                complete = {k: v for k, v in complete.items() if k not in SUBSPACE_DEFAULTS}
-            try:
-                self._validate_group(complete, gi)
-            except ValueError as e:
-                raise ValueError(f"the saved optimizer state: {e}") from None
-        plan = []
-        for key, st in saved.items():
-            if key not in id_map:
-                raise ValueError(f"the saved state has an entry for parameter {key!r} but the saved param groups "
-                                 f"list only {len(id_map)} parameters; the state dict is corrupt")
-            gi, i = id_map[key]
-            p = self.param_groups[gi]["params"][i]
-            where = f"the saved state of {self._param_name(gi, i)}"
-            if not isinstance(st, dict):
-                raise ValueError(f"{where} is a {type(st).__name__}, not a dict; the state dict is corrupt")
-            plan.append((p, st, self._check_param_state(self.param_groups[gi], p, st, where)))
-        return plan
-
-    def _check_param_state(self, group: dict[str, Any], p: Tensor, st: dict[str, Any],
-                           where: str) -> torch.Generator | None:
-        """Check one parameter's saved state (``where`` names it); return its generator, if saved."""
-        gen = None
-        if "rng_state" in st:
-            v = st["rng_state"]
-            try:
-                if not isinstance(v, Tensor):
-                    raise TypeError
-                gen = torch.Generator(device=p.device)
-                gen.set_state(v.to("cpu", torch.uint8))
-            except (TypeError, RuntimeError, ValueError):
-                raise ValueError(f"{where}: rng_state is not a generator state for {p.device}; the checkpoint is "
-                                 "corrupt or from another device") from None
-        if set(st) <= {"rng_state"}:
-            return gen  # never stepped
-        codec = get_codec(group["state_dtype"])
-        has = detect(st)
-        if has is not None and has != codec.NAME:
-            raise ValueError(f"{where} has {has} moments but its group has state_dtype={group['state_dtype']!r}; "
-                             "build the optimizer with the state_dtype it was saved with")
-        need = state_spec(group, tuple(p.shape))
-        missing = [k for k in need if k not in st and k not in codec.FIELDS]
-        extra = [k for k in st if k not in need and k != "rng_state"]
-        if missing or extra:
-            what = (f"lacks {missing}" if missing else "") + (" and " if missing and extra else "") + \
-                   (f"has unexpected {extra}" if extra else "")
-            raise ValueError(f"{where} {what}; the checkpoint is incomplete or from another optimizer or settings")
-        for k, (dtype, shape) in need.items():
-            if k in st:
-                self._check_state_value(k, st[k], dtype, shape, codec, p, where)
-        if "adam_step" in need and st["adam_step"] > st["step"]:
-            raise ValueError(f"{where}: adam_step={st['adam_step']} exceeds step={st['step']}; the state dict is corrupt")
-        return gen
-
-    @staticmethod
-    def _check_state_value(k: str, v: Any, dtype: Any, shape: tuple | None, codec, p: Tensor, where: str) -> None:
-        """One saved state entry against its :func:`~grassopt.optim.state.state_spec` entry."""
-        if dtype is int:
-            if not isinstance(v, Integral) or isinstance(v, bool) or v < 0:
-                raise ValueError(f"{where}: {k}={v!r} must be an integer >= 0; the state dict is corrupt")
-            return
-        if dtype is str:
-            msg = codec.field_error(k, v)
-            if msg:
-                raise ValueError(f"{where}: {msg}; the checkpoint is from another version or corrupt")
-            return
-        if not isinstance(v, Tensor) or v.dtype != dtype or tuple(v.shape) != shape:
-            got = f"{v.dtype} {tuple(v.shape)}" if isinstance(v, Tensor) else type(v).__name__
-            raise ValueError(f"{where}: {k} is {got} but this optimizer needs {dtype} {shape}; the checkpoint "
-                             f"is of another model or settings (parameter shape {tuple(p.shape)})")
-        if dtype.is_floating_point:
-            non_negative = k in _NON_NEGATIVE or k in codec.NON_NEGATIVE
-            if not (bool(v.isfinite().all()) and (not non_negative or bool((v >= 0).all()))):
-                rule = "finite and >= 0" if non_negative else "finite"
-                raise ValueError(f"{where}: {k} is not {rule} (NaN, inf or a wrong sign: a corrupt checkpoint, "
-                                 "or state saved after a divergence); load an earlier checkpoint")
 
     # ------------------------------------------------------------------ diagnostics
     def diagnostics(self) -> dict[str, dict[str, Any]]:
@@ -647,7 +328,7 @@ class SubspaceAdamW(Optimizer):
         """
         chosen: dict[int, list[int]] = {}
         for p in params:  # O(len(params)): a layer-wise hook steps one parameter without a pass over all
-            where = self._locate(p, missing_ok=True) if p.grad is not None else None
+            where = self._find(p) if p.grad is not None else None
             if where is not None:  # (tensors that are not parameters here are ignored, as by step)
                 chosen.setdefault(where[0], []).append(where[1])
         self._step({gi: sorted(set(idx)) for gi, idx in chosen.items()})
@@ -671,7 +352,7 @@ class SubspaceAdamW(Optimizer):
                 chosen.append((i, p))
             if not chosen:
                 continue
-            msg = _hyper_error(group)  # an LR scheduler (or a user) may have changed them since
+            msg = step_error(group)  # an LR scheduler (or a user) may have changed them since
             if msg:
                 raise ValueError(f"param group {gi}: {msg}; it was set after construction (an LR scheduler?): "
                                  "nothing was updated")
@@ -717,10 +398,10 @@ class SubspaceAdamW(Optimizer):
                 init_state(st, group, p)
         sr = group["stochastic_rounding"]
         _plain.plain_adamw_(
-            params, [p.grad for p in params], states, codec=codec, lr=group["lr"], betas=group["betas"],
+            params, [cast(Tensor, p.grad) for p in params], states, codec=codec, lr=group["lr"], betas=group["betas"],
             eps=group["eps"], weight_decay=group["weight_decay"], fused=self._fused,
-            generators=[self._generator(p) if sr and p.dtype != torch.float32 else None for p in params],
-            state_generators=[self._generator(p) if codec.needs_generator(st) else None
+            generators=[self._rounding_generator(p) if sr and p.dtype != torch.float32 else None for p in params],
+            state_generators=[self._rounding_generator(p) if codec.needs_generator(st) else None
                               for p, st in zip(params, states)])
 
     def _prepare(self, group: dict[str, Any], chosen: list[tuple[int, Tensor]]) -> _projected.Batch:
@@ -738,4 +419,6 @@ class SubspaceAdamW(Optimizer):
         _projected.projected_step_(
             batch, [self.state[p] for p in params], [self._diag.setdefault(p, {}) for p in params], rule=rule,
             group=group, codec=get_codec(group["state_dtype"]), seeds=seeds,
-            generator=lambda j: self._generator(params[j]), cache=self._seed_generators, fused=self._fused)
+            generator=lambda j: self._generator(params[j]),
+            rounding_generator=lambda j: self._rounding_generator(params[j]), cache=self._seed_generators,
+            fused=self._fused)

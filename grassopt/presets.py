@@ -1,7 +1,8 @@
 """Named presets (data, not subclasses) and ``param_groups``: from a model to optimizer groups.
 
-A preset is a dict of component choices for a projected group (docs/algorithms.md#projected-step). Any
-component can be overridden, so each ablation of the papers is a configuration, e.g.
+A preset is a dict of component choices for a projected group (docs/algorithms.md#projected-step):
+options of :data:`grassopt.options.OPTIONS` (and of the rules), the rest taking the table's defaults
+(:data:`grassopt.options.SUBSPACE_DEFAULTS`). Any component can be overridden, so each ablation of the papers is a configuration, e.g.
 ``param_groups(model, "subtrack++", rank=64, transport="keep")`` is SubTrack++ without the
 projection-aware optimizer, and ``recovery=False`` drops recovery scaling.
 
@@ -21,8 +22,8 @@ from typing import Any
 
 from torch import nn
 
-from .optimizer import SUBSPACE_DEFAULTS, SubspaceAdamW
-from .rules import all_rule_options
+from .optimizer import SubspaceAdamW
+from .options import preset_option_names
 from .targets import check_plain_rates, hidden_matrices, resolve_rank
 
 __all__ = ["PRESETS", "DEFAULT_RANKS", "param_groups", "make_optimizer", "resolve_preset", "default_rank"]
@@ -62,11 +63,37 @@ def resolve_preset(preset: str, **overrides: Any) -> dict[str, Any] | None:
         if overrides:
             raise ValueError(f"preset 'adamw' takes no subspace options, got {sorted(overrides)}")
         return None
-    known = set(SUBSPACE_DEFAULTS) | all_rule_options()
+    known = preset_option_names()  # the table's subspace options and the rules' (grassopt.options)
     for key in overrides:
         if key not in known:
             raise ValueError(f"unknown subspace option {key!r}; known: {sorted(known)}")
     return {**base, **overrides}
+
+
+def _check_presets() -> None:
+    """Every preset's keys are options of the table (a typo in ``PRESETS`` fails at import, not in a run)."""
+    known = set(preset_option_names())
+    for name, settings in PRESETS.items():
+        unknown = sorted(set(settings or ()) - known)
+        if unknown:
+            raise ValueError(f"preset {name!r} sets {unknown}, which are not subspace options (grassopt.options)")
+
+
+_check_presets()
+
+
+def _ranks(hidden: list, rank: int | str) -> dict[int, int]:
+    """``id(matrix) -> rank`` of the hidden matrices that can be projected at ``rank``; the others are
+    left to plain AdamW, with a warning (pointing at the caller of :func:`param_groups`)."""
+    rank_of: dict[int, int] = {}
+    for name, w in hidden:
+        r = resolve_rank(rank, w.shape)
+        if r >= min(w.shape):
+            warnings.warn(f"{name}.weight {tuple(w.shape)}: rank {r} >= min(m, n) = {min(w.shape)}; "
+                          "it is trained with plain AdamW instead", stacklevel=3)
+            continue
+        rank_of[id(w)] = r
+    return rank_of
 
 
 def param_groups(
@@ -112,15 +139,7 @@ def param_groups(
     if settings is not None:
         resolve_rank(rank, (1 << 62, 1 << 62))  # validates the spec before looking at the model
     hidden = hidden_matrices(model, targets) if settings is not None or split else []
-    rank_of: dict[int, int] = {}
-    if settings is not None:
-        for name, w in hidden:
-            r = resolve_rank(rank, w.shape)
-            if r >= min(w.shape):
-                warnings.warn(f"{name}.weight {tuple(w.shape)}: rank {r} >= min(m, n) = {min(w.shape)}; "
-                              "it is trained with plain AdamW instead", stacklevel=2)
-                continue
-            rank_of[id(w)] = r
+    rank_of = _ranks(hidden, rank) if settings is not None else {}
     kept_ids = {id(w) for _, w in hidden} if split else set()  # hidden matrices trained with AdamW at lr
     plain_wd = weight_decay if plain_weight_decay is None else plain_weight_decay
     proj: dict[int, list] = {}  # rank -> (name, parameter) pairs
@@ -136,13 +155,13 @@ def param_groups(
             no_decay.append((name, p))
         else:
             decay.append((name, p))
-    common = {} if lr is None else {"lr": lr}
+    common: dict[str, Any] = {} if lr is None else {"lr": lr}
     if state_dtype is not None:
         common["state_dtype"] = state_dtype
     plain = common if plain_lr is None else {**common, "lr": plain_lr}
     groups: list[dict[str, Any]] = []
     for r, params in proj.items():
-        groups.append({"params": params, "rank": r, "weight_decay": weight_decay, **settings, **common})
+        groups.append({"params": params, "rank": r, "weight_decay": weight_decay, **(settings or {}), **common})
     if not proj and settings is not None:
         warnings.warn(f"preset {preset!r}: no parameter matched targets={targets!r}; everything is plain AdamW",
                       stacklevel=2)

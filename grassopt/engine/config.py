@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..options import preset_option_names
+
 __all__ = ["RunConfig", "RUN_CONTROL", "check_count", "check_number", "check_device", "check_folder", "flag", "setting",
            "redeclare", "run_control", "state_dtype_choices"]
 
@@ -186,7 +188,9 @@ class RunConfig:
                                  default_factory=lambda: ["all-linear"])
     options: dict[str, Any] = setting(
         help="any other option of the method, e.g. --opt alpha=0.25 --opt step_size=0.3 --opt transport=keep "
-             "--opt recovery=False (repeatable)", group="optimizer", flag="--opt", metavar="KEY=VALUE",
+             "--opt recovery=False (repeatable; grassopt's projected presets take "
+             f"{', '.join(preset_option_names())}: grassopt.options)", group="optimizer", flag="--opt",
+        metavar="KEY=VALUE",
         default_factory=dict)
     clip: float = setting(1.0, "gradient-norm clipping, 0 = off", group="optimizer")
     bf16: bool = setting(False, "bf16 autocast for the forward (and backward) pass")

@@ -3,7 +3,9 @@ the class in :mod:`grassopt.optimizer` gathers the lists, these do the work), an
 declaration of a parameter's state (:func:`grassopt.optim.state.state_spec`).
 
 - ``state.py``: ``state_spec(group, shape)``, read by initialisation, by ``load_state_dict``'s checks
-  and by the memory accounting (:mod:`grassopt.memory`);
+  (``check_state_dict``, there too) and by the memory accounting (:mod:`grassopt.memory`);
+- ``groups.py``: a new param group's parameters, normalised and checked (the options' checks are
+  :mod:`grassopt.options`');
 - ``_plain.py``: AdamW of the plain groups;
 - ``_projected.py``: the projected step (basis maintenance, Adam in the subspace, the recovery and
   APOLLO scales, the update of the weights, error feedback).

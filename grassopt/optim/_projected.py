@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -54,9 +54,10 @@ class Batch:
         self.chosen, self.params = chosen, params
         self.ks = [max(p.shape) for p in params]
         n = len(params)
-        self.xs: list[Tensor | None] = [None] * n
-        self.qs: list[Tensor | None] = [None] * n
-        self.rts: list[Tensor | None] = [None] * n
+        # None until filled (a matrix's entries are set before they are read): typed as Any for that
+        self.xs: list[Any] = [None] * n
+        self.qs: list[Any] = [None] * n
+        self.rts: list[Any] = [None] * n
 
     def project(self, j: int) -> None:
         """``R_j = (Q_j^T X_j)^T`` (``k x r``)."""
@@ -99,7 +100,7 @@ def prepare(group: dict[str, Any], rule, chosen: list[tuple[int, Tensor]], state
     if group.get("error_feedback", False):
         return batch
     for j, ((_, p), st) in enumerate(zip(chosen, states)):
-        x = batch.xs[j] = orient(p.grad)  # d x k, float32
+        x = batch.xs[j] = orient(cast(Tensor, p.grad))  # d x k, float32 (the step steps parameters with one)
         q = None
         if seeded:  # regenerated, except at a basis update (the old one is not needed)
             if "seed" in st and st["step"] % T:
@@ -124,11 +125,11 @@ def transport_moments_(codec: Codec, kind: str, q_old: Tensor, q_new: Tensor, st
 
 def _error_feedback_(st: dict[str, Any], p: Tensor) -> Tensor:
     """``X = G + E`` formed in the error buffer itself (E is X until the end of the step); returns it oriented."""
-    e = st.get("error")
+    e, g = st.get("error"), cast(Tensor, p.grad)
     if e is None:
-        e = st["error"] = torch.empty_like(p, dtype=torch.float32, memory_format=torch.contiguous_format).copy_(p.grad)
+        e = st["error"] = torch.empty_like(p, dtype=torch.float32, memory_format=torch.contiguous_format).copy_(g)
     else:
-        e.add_(p.grad)
+        e.add_(g)
     return orient(e)
 
 
@@ -217,7 +218,8 @@ def maintain_bases_(batch: Batch, states: list[dict], diags: list[dict], *, rule
 def directions_(batch: Batch, states: list[dict], *, codec: Codec, betas: tuple[float, float], eps: float,
                 scale: float, fused: bool | None, generator: GeneratorOf) -> list[Tensor]:
     """``scale * N`` for every matrix (moments updated in place): dense moments in one fused call per
-    Adam step count, others one matrix at a time, a chunk at a time."""
+    Adam step count, others one matrix at a time, a chunk at a time (``generator``: the rounding
+    generator, for a codec that rounds stochastically)."""
     out = batch.directions()
     if not codec.DENSE:
         for j, st in enumerate(states):
@@ -290,11 +292,12 @@ def _residual_diagnostics(diag: dict, x: Tensor, rt: Tensor) -> None:
     diag.update(residual_norm=e, residual_ratio=e / x2.sqrt().clamp_min(1e-30))
 
 
-def apply_updates_(batch: Batch, states: list[dict], nts: list[Tensor], phis: list[Tensor] | None,
+def apply_updates_(batch: Batch, states: list[dict], nts: list[Tensor], phis: list[Tensor],
                    sizes: list[float], residual_diags: list[dict | None], *, group: dict[str, Any],
                    generator: GeneratorOf) -> None:
     """``W = (W - s D)(1 - lr wd)`` for every matrix (``D``: the back-projected ``N``, plus the recovery
-    term; or APOLLO's scaled gradient), rounded into a low-precision ``W``; then error feedback's
+    term; or APOLLO's scaled gradient), rounded into a low-precision ``W`` (stochastically from
+    ``generator``, the rounding generator, with ``stochastic_rounding``); then error feedback's
     ``E = X - Q R``. ``nts`` already hold ``alpha N - alpha_r c R Phi`` with recovery."""
     scaling, feedback, recovery = group.get("scaling"), group.get("error_feedback", False), group["recovery"]
     alpha = group["alpha"]
@@ -312,8 +315,9 @@ def apply_updates_(batch: Batch, states: list[dict], nts: list[Tensor], phis: li
                 w.mul_(decay)
             w.addcmul_(g, phi, value=-step_size * alpha * decay)
         else:
-            if residual_diags[j] is not None:
-                _residual_diagnostics(residual_diags[j], x, rt)
+            diag = residual_diags[j]
+            if diag is not None:
+                _residual_diagnostics(diag, x, rt)
             if transposed:  # W (m x n) -= step (Q N)^T = Nt Q^T: no full-size temporary
                 w.addmm_(nt, q.mT, beta=decay, alpha=-step_size * decay)
             else:
@@ -334,18 +338,20 @@ def apply_updates_(batch: Batch, states: list[dict], nts: list[Tensor], phis: li
 
 
 def projected_step_(batch: Batch, states: list[dict], diags: list[dict], *, rule, group: dict[str, Any],
-                    codec: Codec, seeds: list[int], generator: GeneratorOf, cache: dict,
-                    fused: bool | None) -> None:
+                    codec: Codec, seeds: list[int], generator: GeneratorOf, rounding_generator: GeneratorOf,
+                    cache: dict, fused: bool | None) -> None:
     """One step for every matrix of a projected group: per-matrix basis maintenance and products;
-    Adam (fused), the recovery norms and the limiter batched over the group."""
+    Adam (fused), the recovery norms and the limiter batched over the group. The rules draw from
+    ``generator``, the stochastic roundings (weights, codec state) from ``rounding_generator``: turning
+    rounding on or off never changes a basis."""
     scaling, recovery = group.get("scaling"), group["recovery"]
     updated, sizes = maintain_bases_(batch, states, diags, rule=rule, group=group, codec=codec, seeds=seeds,
                                      generator=generator, cache=cache)
     alpha = group["alpha"]
     scale = alpha if scaling is None else 1.0  # nts = scale * N
     nts = directions_(batch, states, codec=codec, betas=group["betas"], eps=group["eps"], scale=scale,
-                      fused=fused, generator=generator)
-    phis = None
+                      fused=fused, generator=rounding_generator)
+    phis: list[Tensor] = []  # (none without recovery or scaling)
     if scaling is not None or recovery:
         phis = scales(batch, nts, states, diags, scaling=scaling, zeta=group["zeta"], scale=scale)
     if recovery:  # alpha N - alpha_r c R Phi
@@ -355,4 +361,4 @@ def projected_step_(batch: Batch, states: list[dict], diags: list[dict], *, rule
     orthonormal = rule_flag(rule, "ORTHONORMAL")
     residual_diags = [d if (not recovery and up and orthonormal and scaling is None) else None
                       for d, up in zip(diags, updated)]
-    apply_updates_(batch, states, nts, phis, sizes, residual_diags, group=group, generator=generator)
+    apply_updates_(batch, states, nts, phis, sizes, residual_diags, group=group, generator=rounding_generator)
