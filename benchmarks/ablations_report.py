@@ -328,7 +328,7 @@ def extension(groups, noise, figdir: Path, shadowed=()) -> list[str]:
         bk, bro, bre = by_seed(k), by_seed(ro), by_seed(re)
         seeds = sorted(set(bk) & set(bro) & set(bre))
         pos = [(bro[s] - bk[s]) / (bre[s] - bk[s]) for s in seeds if abs(bre[s] - bk[s]) > noise]
-        diff = lambda a, b: fmt(statistics.fmean(a[s] - b[s] for s in seeds), "+.4f") if seeds else "–"  # noqa: E731
+        diff = lambda a, b: fmt(statistics.fmean(a[s] - b[s] for s in seeds), "+.4f") if seeds else "–"  # noqa: E731, B023  used in this iteration
         L.append(f"| {rule}{' (full)' if q == 'full' else ''} | {cell(k)} | {cell(ro)} | {cell(re)} | {diff(bro, bk)} | "
                  f"{diff(bre, bk)} | {', '.join(f'{p:.2f}' for p in pos) or '–'} |")
     L += ["", f"For a random jump, the singular values of `C = Q_old^T Q_new` have mean square `r/d` = {R_OVER_D:g} on "

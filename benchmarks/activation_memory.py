@@ -110,7 +110,7 @@ def measure(job: dict) -> dict:
         # both hooks slow their step, so only the later steps are timed
         with peak if step == 1 else contextlib.nullcontext():
             if step == 0:
-                rep = gs.saved_activation_bytes(model, lambda: model(x, y)[1])
+                rep = gs.saved_activation_bytes(model, lambda: model(x, y)[1])  # noqa: B023  called right away
                 loss = rep.output
             else:
                 loss = model(x, y)[1]
@@ -298,7 +298,7 @@ def plot(args, mem, loss, path: Path) -> None:
         for i, model_name in enumerate(args.models):
             rows = {r["label"]: r for r in mem if r["model"] == model_name}
             ax.barh([j + i * width for j in range(len(labels))],
-                    [rows[l]["block_mean"] / rows[l]["tokens"] for l in labels], height=width, label=model_name)
+                    [rows[lb]["block_mean"] / rows[lb]["tokens"] for lb in labels], height=width, label=model_name)
         ax.set_yticks([j + width * (len(args.models) - 1) / 2 for j in range(len(labels))], labels, fontsize=8)
         ax.invert_yaxis()
         ax.set_xlabel("saved bytes per token per block")

@@ -138,7 +138,7 @@ def record_nano_gradients(corpus, steps=40):
 def update_norms(kind, preset, weights, grads, T, seed):
     ps = {n: nn.Parameter(w.clone()) for n, w in weights.items()}
     by_rank = {}
-    for n, p in ps.items():
+    for p in ps.values():
         by_rank.setdefault(resolve_rank(default_rank(preset), p.shape), []).append(p)
     if kind == "ours":
         opt = grassopt.SubspaceAdamW([{"params": q, "rank": r, "update_interval": T, **grassopt.PRESETS[preset]}

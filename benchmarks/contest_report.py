@@ -73,8 +73,8 @@ def gather(out: Path) -> dict:
 def front(rows: list[tuple[str, float, float]]) -> set[str]:
     """Names on the Pareto front of (state bytes, loss): no other point is at most as large in both and
     smaller in one."""
-    return {n for n, b, l in rows
-            if not any((b2 <= b and l2 <= l) and (b2 < b or l2 < l) for _, b2, l2 in rows)}
+    return {n for n, b, loss in rows
+            if not any((b2 <= b and l2 <= loss) and (b2 < b or l2 < loss) for _, b2, l2 in rows)}
 
 
 def plot(data: dict, on_front: set[str], dest: Path) -> None:
@@ -153,7 +153,7 @@ def report(data: dict, dest: Path, command: str) -> str:
         rows = common["grid"].get(f"{common['plain_lr']:g}", [])
         best, inner = _interior(rows)
         sweep_ok["adamw"] = inner
-        lines.append(f"| adamw | " + ", ".join(f"{r['lr']:g}: {r['final_eval_loss']:.4f}" for r in
+        lines.append("| adamw | " + ", ".join(f"{r['lr']:g}: {r['final_eval_loss']:.4f}" for r in
                                                sorted(rows, key=lambda r: r["lr"])) + f" | {best:g} | "
                      f"{'yes' if inner else '**no**'} |")
     for name in METHODS:

@@ -107,7 +107,7 @@ def seven_b_section(data: dict) -> list[str]:
         "nothing in per-layer mode (the hooks step after each micro-batch), so its figures are for one micro-batch "
         "per step, like ours (layer-wise updates with accumulation keep every gradient between micro-batches). Without layer-wise updates all "
         f"gradients are alive at once ({fin['weights'] / GIB:.2f} GiB, the third row of the ladder against the second).",
-        f"- **Optimizer states, moments**: int8 codes plus one float32 scale per 256 elements, `n + 4 ceil(n/256)` "
+        "- **Optimizer states, moments**: int8 codes plus one float32 scale per 256 elements, `n + 4 ceil(n/256)` "
         "bytes per moment tensor, for the projected moments (`r x k`) and the plain parameters' (embedding, output "
         "layer, norms). GaLore's `GaLoreAdamW8bit` extends bitsandbytes' `Optimizer2State` with `block_wise=True`, "
         "which (in the versions we read) keeps the same uint8 codes and one float32 absmax per 256 elements; "
@@ -166,7 +166,7 @@ def variants(model: str, rank: int) -> dict[tuple, float]:
                                               ("plain", "projected", "left out")):
         def proj(a, b):
             d, k = min(a, b), max(a, b)
-            return (d * rank if bases else 0) + 2 * k * rank
+            return (d * rank if bases else 0) + 2 * k * rank  # noqa: B023  called in this iteration only
         n = L * (4 * proj(h, h) + 3 * proj(h, i)) + 2 * (2 * L + 1) * h
         for mode in (emb, head):
             n += {"plain": 2 * V * h, "projected": proj(V, h), "left out": 0}[mode]
@@ -192,7 +192,7 @@ def main(argv=None) -> None:
     # implied parameter counts of the paper's full-rank column (2 bf16 moments = 4 bytes per parameter;
     # a value printed with 2 decimals stands for +-0.005)
     implied = []
-    for model, (rank, p_full, _) in PAPER.items():
+    for model, (_, p_full, _) in PAPER.items():
         n = data["ours"][model]["params"]
         lo_gb, hi_gb = (p_full - 0.005) * GB / 4, (p_full + 0.005) * GB / 4
         lo_gib, hi_gib = (p_full - 0.005) * GIB / 4, (p_full + 0.005) * GIB / 4
@@ -229,7 +229,6 @@ def main(argv=None) -> None:
     miss = []  # how far our exact count is from the nearest count the paper's rounding allows
     for model, (_, p_full, _) in PAPER.items():
         n = ours[model]["params"]
-        lo, hi = min((p_full - 0.005) * u / 4 for u in (GB, GIB)), max((p_full + 0.005) * u / 4 for u in (GB, GIB))
         gaps = [abs(n - b) / n for u in (GB, GIB) for b in ((p_full - 0.005) * u / 4, (p_full + 0.005) * u / 4)
                 if not ((p_full - 0.005) * u / 4 <= n <= (p_full + 0.005) * u / 4)]
         if len(gaps) == 4:

@@ -133,7 +133,7 @@ def contestants(rank: int, interval: int, lr: float = 1e-3):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                cls = getattr(__import__(module, fromlist=["AdamW8bit"]), "AdamW8bit")
+                cls = __import__(module, fromlist=["AdamW8bit"]).AdamW8bit
             out.append((label, lambda ps, cls=cls: cls(ps, lr=lr)))
         except ImportError:
             print(f"{module.split('.')[0]} not installed: its row is skipped (pip install -e .[bench])",

@@ -7,10 +7,13 @@ A leaf module: :mod:`grassopt.optimizer` calls :func:`check_params` when a group
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 __all__ = ["ShardedParameterError", "is_dtensor", "check_params"]
 
@@ -19,7 +22,7 @@ class ShardedParameterError(ValueError):
     """A sharded (FSDP2 / DTensor) parameter in a param group that cannot handle it."""
 
 
-def is_dtensor(t: Any) -> bool:
+def is_dtensor(t: Any) -> TypeGuard[DTensor]:
     """True for a ``torch.distributed.tensor.DTensor`` (what ``fully_shard`` makes of parameters)."""
     try:
         from torch.distributed.tensor import DTensor

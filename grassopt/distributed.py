@@ -42,7 +42,7 @@ import datetime
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -51,6 +51,9 @@ from torch import Tensor, nn
 from ._dtensor import ShardedParameterError, _iter_groups, check_params, is_dtensor
 from ._dtensor import group_items as _items
 from .optimizer import SubspaceAdamW
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 __all__ = ["DistInfo", "ShardedParameterError", "FSDPSubspaceAdamW", "backend_for", "init_from_env", "wrap_ddp", "rank_and_world",
            "is_dtensor", "check_params", "assert_in_sync", "checksums"]
@@ -172,7 +175,7 @@ def assert_in_sync(tensors: Iterable[Tensor], group: Any = None, what: str = "pa
 
 
 # ---------------------------------------------------------------------------------------- FSDP2 adapter
-def _placeholder(p: Tensor) -> Tensor:
+def _placeholder(p: DTensor) -> Tensor:
     """A tensor with ``p``'s global shape, dtype and (local) device that owns one element."""
     local = p.to_local()
     return torch.empty_strided(tuple(p.shape), (0,) * p.dim(), dtype=local.dtype, device=local.device)
@@ -205,7 +208,7 @@ class FSDPSubspaceAdamW(SubspaceAdamW):
 
     def __init__(self, params, *args: Any, **kwargs: Any):
         groups = _iter_groups(params)
-        self._sharded: list[tuple[Tensor, Tensor]] = []  # (proxy, DTensor parameter)
+        self._sharded: list[tuple[Tensor, DTensor]] = []  # (proxy, DTensor parameter)
         new_groups = []
         for group in groups:
             group = dict(group)
@@ -238,7 +241,8 @@ class FSDPSubspaceAdamW(SubspaceAdamW):
 
     @torch.no_grad()
     def step_parameters(self, params: Iterable[Tensor]) -> None:
-        plain, sharded = [], []
+        plain: list[Any] = []  # parameters
+        sharded: list[Any] = []  # (proxy, DTensor parameter)
         by_param = {id(p): (proxy, p) for proxy, p in self._sharded}
         by_proxy = {id(proxy): (proxy, p) for proxy, p in self._sharded}
         for p in params:
@@ -248,14 +252,14 @@ class FSDPSubspaceAdamW(SubspaceAdamW):
         for proxy, p in sharded:
             self._step_sharded(proxy, p)
 
-    def _step_sharded(self, proxy: Tensor, p: Tensor) -> None:
+    def _step_sharded(self, proxy: Tensor, p: DTensor) -> None:
         from torch.distributed.tensor import distribute_tensor
 
         if p.grad is None:
             return
         placeholder = proxy.data
         proxy.data = p.full_tensor()
-        proxy.grad = p.grad.full_tensor()
+        proxy.grad = p.grad.full_tensor()  # type: ignore[attr-defined]  # (a DTensor's gradient is a DTensor)
         try:
             super().step_parameters([proxy])
             mine = distribute_tensor(proxy.data, p.device_mesh, p.placements, src_data_rank=None)

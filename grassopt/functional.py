@@ -94,7 +94,7 @@ def _foreach_moments(ms: list[Tensor], vs: list[Tensor], gs: list[Tensor], b1: f
     torch._foreach_addcmul_(vs, gs, gs, value=1 - b2)
     denom = torch._foreach_sqrt(vs)
     torch._foreach_add_(denom, eps)
-    return denom
+    return denom  # type: ignore[return-value]  # (a list at run time: the stubs say tuple)
 
 
 def adam_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
@@ -152,7 +152,7 @@ def adam_direction_(grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: li
     if scale != 1.0:
         torch._foreach_mul_(n, scale)
     if out is None:
-        return n
+        return n  # type: ignore[return-value]  # (as above)
     torch._foreach_copy_(out, n)
     return out
 

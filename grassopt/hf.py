@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -95,8 +95,9 @@ def make_optimizer(model: nn.Module, args: Any | None = None, preset: str = "sub
     patterns = names if isinstance(names, str) else [f"^{re.escape(n)}$" for n in names]
     if preset not in registry.PRESETS:
         raise ValueError(f"unknown preset {preset!r} for grassopt.hf; choose one of {sorted(registry.PRESETS)}")
-    return registry.build(preset, model, rank=rank, update_interval=update_interval, targets=patterns, seed=seed,
-                          options=overrides, **hyper)
+    opt = registry.build(preset, model, rank=rank, update_interval=update_interval, targets=patterns, seed=seed,
+                         options=overrides, **hyper)
+    return cast(SubspaceAdamW, opt)  # (every kind of registry.PRESETS builds one)
 
 
 class SubspaceAdamWFactory:

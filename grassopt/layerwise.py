@@ -291,7 +291,7 @@ class LayerwiseUpdater:
         if self._accumulating:
             raise LayerwiseError("updater.accumulate() is already active (nested accumulate blocks)")
         self._check_attached()
-        sync = self.ddp_model.no_sync() if self.ddp_model is not None else contextlib.nullcontext()
+        sync = self.ddp_model.no_sync() if self.ddp_model is not None else contextlib.nullcontext()  # type: ignore[operator]
         self._accumulating = True
         try:
             with sync:
@@ -400,7 +400,7 @@ class LayerwiseUpdater:
                     if self.clip_norm is not None:
                         grad.mul_(_clip_coef(n, self.clip_norm).to(grad.dtype))
                 if self._native:
-                    self.optimizer.step_parameters([p])
+                    self.optimizer.step_parameters([p])  # type: ignore[attr-defined]  # (_native: it has one)
                 else:
                     self._generic_step(p)
             except FloatingPointError as e:
@@ -434,7 +434,7 @@ class LayerwiseUpdater:
         opt.param_groups = [view]
         step = type(opt).step
         if getattr(step, "hooked", False) and hasattr(step, "__wrapped__"):
-            step = step.__wrapped__  # without torch's step hooks: they run once per step (_run_step_hooks)
+            step = step.__wrapped__  # type: ignore[attr-defined]  # without torch's step hooks: they run once per step (_run_step_hooks)
         try:
             step(opt)
         finally:

@@ -133,15 +133,15 @@ def _decay_groups(params: Iterable[nn.Parameter], weight_decay: float, plain: Pl
     return [g for g in groups if g["params"]]
 
 
-def _vocab_matrices(model: nn.Module) -> list[nn.Parameter]:
+def _vocab_matrices(model: nn.Module) -> list[torch.Tensor]:
     """The embedding tables and the output head (``lm_head``), each once."""
-    out: dict[int, nn.Parameter] = {}
+    out: dict[int, torch.Tensor] = {}
     for m in model.modules():
         if isinstance(m, nn.Embedding):
             out[id(m.weight)] = m.weight
-    head = getattr(model, "lm_head", None)
-    if isinstance(getattr(head, "weight", None), nn.Parameter):
-        out[id(head.weight)] = head.weight
+    head_weight = getattr(getattr(model, "lm_head", None), "weight", None)
+    if isinstance(head_weight, nn.Parameter):
+        out[id(head_weight)] = head_weight
     return [p for p in out.values() if p.requires_grad]
 
 
@@ -187,7 +187,7 @@ class HiddenAndAdamW(torch.optim.Optimizer):
     def _relink(self) -> None:
         self.param_groups = [g for o in self.optimizers for g in o.param_groups]
 
-    @property
+    @property  # type: ignore[override]
     def state(self) -> dict[torch.Tensor, Any]:  # type: ignore[override]
         merged: dict[torch.Tensor, Any] = {}
         for o in self.optimizers:
@@ -281,7 +281,7 @@ class AdafactorAdamW(HiddenAndAdamW):
         if not adafactor_params:
             raise ValueError("ref-adafactor:rest=adamw found no hidden 2-D matrices to give Adafactor")
         adafactor = torch.optim.Adafactor(adafactor_params, lr=lr, weight_decay=weight_decay,
-                                          beta2_decay=beta2_decay, eps=tuple(eps), d=d)
+                                          beta2_decay=beta2_decay, eps=tuple(eps), d=d)  # type: ignore[arg-type]  # (a pair)
         super().__init__(adafactor, _rest_adamw(adamw_params, lr, weight_decay, betas, adamw_eps, plain))
 
     @property

@@ -102,7 +102,8 @@ def _build_adamw_torch(r: Request) -> torch.optim.Optimizer:
     """torch's fused kernel wherever the device has one: its fastest AdamW."""
     groups = _decay_groups(r.model, r.weight_decay, r.plain())
     fused = fused_available([p for g in groups for p in g["params"]]) or None
-    return torch.optim.AdamW(groups, lr=r.lr, betas=r.betas, fused=fused, **({} if r.eps is None else {"eps": r.eps}))
+    eps: dict[str, Any] = {} if r.eps is None else {"eps": r.eps}
+    return torch.optim.AdamW(groups, lr=r.lr, betas=r.betas, fused=fused, **eps)
 
 
 def _build_rso(r: Request) -> torch.optim.Optimizer:

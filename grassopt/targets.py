@@ -97,7 +97,7 @@ def hidden_matrices(model: nn.Module, targets: str | Iterable[str] = "all-linear
     """The hidden matrices of ``model``, with their modules' names: the trainable 2-D weights of the
     linear layers :func:`select_targets` picks. The presets project these (those the rank allows);
     under ``plain_lr`` they keep ``lr`` for every kind, and everything else is plain."""
-    return [(name, m.weight) for name, m in select_targets(model, targets)
+    return [(name, m.weight) for name, m in select_targets(model, targets)  # type: ignore[misc]  # (nn.Parameter)
             if m.weight.requires_grad and m.weight.dim() == 2]
 
 
@@ -218,6 +218,7 @@ def resolve_sketch_rank(rank: int | float | Callable[[str, nn.Linear], int], nam
     (0, 1) (that fraction of ``in_features``, rounded, at least 1) or ``callable(name, linear)``.
     Must satisfy ``1 <= r < in_features``."""
     n = mod.in_features
+    r: int | float
     if callable(rank):
         r = rank(name, mod)
     elif isinstance(rank, float) and 0 < rank < 1:

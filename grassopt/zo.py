@@ -47,7 +47,7 @@ import math
 import warnings
 from collections.abc import Callable, Iterable
 from numbers import Integral, Real
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -63,8 +63,9 @@ NONFINITE = ("raise", "skip")
 
 def _finite(v: Any, low: float, strict: bool = False, high: float = math.inf) -> bool:
     """``v`` a real number (not a bool, not a tensor), finite, ``>= low`` (``> low``) and ``< high``."""
-    return (isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(v)
-            and (v > low if strict else v >= low) and v < high)
+    x = cast(float, v)  # (the type checker's Real has no comparisons)
+    return (isinstance(v, Real) and not isinstance(v, bool) and math.isfinite(x)
+            and (x > low if strict else x >= low) and x < high)
 
 
 def _option_error(key: str, v: Any) -> str | None:
@@ -99,6 +100,23 @@ class ZO(torch.optim.Optimizer):
     """
 
     zeroth_order = True  # training loops check this: step(closure) without backward
+
+    # set in __init__ (declared here: their types are needed before __init__ is checked)
+    model: nn.Module
+    rank: int
+    law: str
+    lazy: int
+    dense: bool
+    seed: int
+    others: str
+    clip: float | None
+    nonfinite: str
+    clipped_steps: int
+    skipped_steps: int
+    _layers: list[nn.Linear]
+    _extra: list[Tensor]
+    _step: int
+    _handles: list[Any]
 
     def __init__(self, model: nn.Module, rank: int = 8, lr: float = 1e-4, eps: float = 1e-3, *,
                  momentum: float = 0.0, law: str = "haar", lazy: int = 50, targets: str | Iterable[str] = "all-linear",
@@ -170,7 +188,7 @@ class ZO(torch.optim.Optimizer):
         return torch.randn(p.shape, generator=self._gen(p.device, step, stream, i), device=p.device)
 
     def _make_hook(self, i: int):
-        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
+        def hook(module: nn.Linear, inputs: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
             if self._active is None:
                 return None
             step, signed_eps = self._active

@@ -47,7 +47,9 @@ class ReferenceStep:
                 self.V = ((C**2) @ var + M2**2).abs()
                 self.M = M2
             elif self.transport == "reset":
-                self.M.zero_(); self.V.zero_(); self.count = 0
+                self.M.zero_()
+                self.V.zero_()
+                self.count = 0
             self.Q = Q_new
         Q = self.Q
         R = Q.T @ X

@@ -655,8 +655,6 @@ def test_zo_resume_keeps_float32_momentum_for_bf16_layers_and_is_bit_identical()
 # folder appears where there was none, and an existing one stays byte for byte as it was.
 import json  # noqa: E402
 import os  # noqa: E402
-import resource  # noqa: E402
-import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import warnings  # noqa: E402

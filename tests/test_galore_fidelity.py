@@ -28,7 +28,7 @@ def test_galore_preset_matches_galore_torch_step_by_step(shape, weight_decay):
     worst = 0.0
     bases_changed = 0
     prev_q = None
-    for t in range(steps):
+    for _ in range(steps):
         # gradients with a drifting dominant subspace, so every refresh really changes the basis
         G = torch.randn(shape, generator=g) + 3 * torch.outer(torch.randn(shape[0], generator=g),
                                                              torch.randn(shape[1], generator=g))

@@ -56,7 +56,7 @@ def _run(vocab, batches, preset, *, layerwise, grad_accum, sched_first=True, cli
             assert all(p.grad is None for p in model.parameters()), "a gradient survived the layer-wise step"
             assert lw.step_count == s + 1
         else:
-            for k, b in enumerate(chunk):
+            for b in chunk:
                 (model(b[:, :-1], b[:, 1:])[1] / grad_accum).backward()
             if clip is not None:
                 clip_grad_norm_per_parameter_(model.parameters(), clip)
@@ -68,7 +68,7 @@ def _run(vocab, batches, preset, *, layerwise, grad_accum, sched_first=True, cli
 
 def _assert_same(a, b, what):
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
-        torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7, msg=lambda m: f"{what}: {name}: {m}")
+        torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7, msg=lambda m: f"{what}: {name}: {m}")  # noqa: B023  called right away
 
 
 @pytest.mark.parametrize("preset", ["subtrack++", "grassjump", "adamw", "adamw-torch"])

@@ -74,7 +74,7 @@ def test_largest_angle_accurate_for_small_and_right_angles():
     Q = random_orthonormal(12, 3, seed=6).float()
     for ang in (1e-3, 0.2, 1.2):
         H = torch.randn(12, 3)
-        Q2, th = linalg.geodesic_step(Q, H, lambda s: torch.full_like(s, ang), update_rank=1)
+        Q2, th = linalg.geodesic_step(Q, H, lambda s: torch.full_like(s, ang), update_rank=1)  # noqa: B023  called right away
         assert linalg.largest_angle(Q, Q2).item() == pytest.approx(ang, rel=2e-3)
     assert linalg.largest_angle(Q, Q).item() < 1e-3
     # orthogonal subspaces: pi/2
@@ -119,8 +119,8 @@ def _textbook_step(Q, H, angles, k):
     U, S, Vh = torch.linalg.svd(H, full_matrices=False)
     U, S, V = U[:, :k], S[:k], Vh[:k].T
     th = angles(S).clamp(0, math.pi / 2)
-    I = torch.eye(Q.shape[1], dtype=torch.float64)
-    return Q @ V @ torch.diag(torch.cos(th)) @ V.T + U @ torch.diag(torch.sin(th)) @ V.T + Q @ (I - V @ V.T), th
+    Id = torch.eye(Q.shape[1], dtype=torch.float64)
+    return Q @ V @ torch.diag(torch.cos(th)) @ V.T + U @ torch.diag(torch.sin(th)) @ V.T + Q @ (Id - V @ V.T), th
 
 
 @pytest.mark.parametrize("k", [1, 2, 5, 12])
@@ -136,9 +136,9 @@ def test_top_singular_pairs_match_float64_svd(k):
 
 def test_top_singular_pair_of_degenerate_zero_and_extreme_matrices_is_finite_and_exact():
     g = torch.Generator().manual_seed(31)
-    O = torch.linalg.qr(torch.randn(40, 6, generator=g))[0]
+    Qo = torch.linalg.qr(torch.randn(40, 6, generator=g))[0]
     cases = {
-        "repeated top value": O * torch.tensor([3.0, 3.0, 1.0, 1.0, 0.5, 0.0]),
+        "repeated top value": Qo * torch.tensor([3.0, 3.0, 1.0, 1.0, 0.5, 0.0]),
         "rank one": torch.randn(40, 1, generator=g) @ torch.randn(1, 6, generator=g),
         "tiny": 1e-30 * torch.randn(40, 6, generator=g),
         "huge": 1e18 * torch.randn(40, 6, generator=g),
@@ -208,7 +208,7 @@ def test_largest_angle_agrees_with_float64_principal_angles():
     g = torch.Generator().manual_seed(39)
     Q = linalg.haar(64, 8, g, "cpu")
     for ang in (1e-4, 1e-2, 0.5, 1.4):
-        Q2, _ = linalg.geodesic_step(Q, torch.randn(64, 8, generator=g), lambda s: ang * s / s[0], update_rank="full")
+        Q2, _ = linalg.geodesic_step(Q, torch.randn(64, 8, generator=g), lambda s: ang * s / s[0], update_rank="full")  # noqa: B023  called right away
         ref = principal_angles(Q, Q2).max().item()
         assert linalg.largest_angle(Q, Q2).item() == pytest.approx(ref, rel=1e-4, abs=1e-6)
     Q3 = linalg.haar(64, 8, g, "cpu")  # an unrelated basis

@@ -103,7 +103,7 @@ def test_sketch_modes_match_grassopt_sketch_measurements():
             opt = gs.rso(model, rank=rank, inner_steps=2, lr=1e-3) if mode == "rso" else None
             if mode == "estimator":
                 gs.sketch(model, rank=rank, mode="estimator", seed=0)
-            rep = gs.saved_activation_bytes(model, lambda: model(idx, tgt)[1])
+            rep = gs.saved_activation_bytes(model, lambda: model(idx, tgt)[1])  # noqa: B023  called right away
             est = estimate(cfg, "adamw", dtype=dtype, batch_size=B, seq_len=T, mode=mode, sketch_rank=rank)
             assert est.totals()["activations"] == rep.total, (dtype, mode, rank)
             assert rep.total < plain
@@ -182,7 +182,7 @@ def test_tensor_peak_counts_allocations_live_at_once():
         a.add_(1.0)                             # in place: nothing new
         c = torch.ones(500, dtype=torch.float64)  # 4000 B: 8000 B live
         del a, b, c                             # freed
-        d = torch.empty(100, dtype=torch.int16)  # 200 B
+        d = torch.empty(100, dtype=torch.int16)  # 200 B, held  # noqa: F841
     assert tp.peak == 8000 and tp.live == 200
     x = torch.randn(32, 256)
     with TensorPeak() as tp:
@@ -206,7 +206,7 @@ def test_checkpointed_activations_match_a_measured_forward(dtype, mode):
         model = Llama(config("nano", vocab_size=VOCAB, checkpoint_activations=ck)).to(dtype)
         if mode:
             gs.sketch(model, rank=8, mode=mode, seed=0)
-        rep = gs.saved_activation_bytes(model, lambda: model(idx, tgt)[1])
+        rep = gs.saved_activation_bytes(model, lambda: model(idx, tgt)[1])  # noqa: B023  called right away
         measured[ck] = rep
         rep.output.backward()
     est = activation_bytes(cfg, B, T, dtype, mode, 8 if mode else None, checkpoint=True)
@@ -236,7 +236,8 @@ def test_layerwise_gradient_term_is_the_largest_gradient_alive(dtype):
         alive = []  # bytes of every gradient alive when each gradient is complete
 
         def seen(p):
-            alive.append(sum(q.grad.untyped_storage().nbytes() for q in params if q.grad is not None))
+            # (a hook of this iteration's model, run by this iteration's backward)
+            alive.append(sum(q.grad.untyped_storage().nbytes() for q in params if q.grad is not None))  # noqa: B023
 
         for p in params:
             p.register_post_accumulate_grad_hook(seen)

@@ -391,7 +391,7 @@ def test_lean_activations_save_exactly_2d_plus_f_floats_per_token_and_block() ->
     saved = {}
     for lean in (False, True):
         model = make(config("nano", vocab_size=256, lean_activations=lean))
-        rep = saved_activation_bytes(model, lambda: model(idx, targets)[1])
+        rep = saved_activation_bytes(model, lambda: model(idx, targets)[1])  # noqa: B023  called right away
         rep.output.backward()
         saved[lean] = rep.total
     d, f, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers

@@ -245,7 +245,7 @@ def test_diagnostics_report_angle_residual_and_limiter():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(30, 40), nn.Tanh(), nn.Linear(40, 6))
     opt = grassopt.make_optimizer(model, "subtrack++", lr=1e-2, rank=4, update_interval=2, step_size=0.3)
-    for i in range(5):
+    for _ in range(5):
         opt.zero_grad()
         model(torch.randn(16, 30)).square().mean().backward()
         opt.step()

@@ -4,14 +4,11 @@ the registry, Hugging Face, `grassopt train`, `grassopt finetune` and `grassopt 
 keeps the ratio, a resume keeps both rates, bad values and one-rate kinds are refused in one line, and
 without them the groups are exactly those of one rate."""
 
-import importlib.util
 import json
-import math
 import os
 
 import pytest
 import torch
-from torch import nn
 
 import grassopt
 from grassopt import references, registry

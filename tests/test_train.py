@@ -47,7 +47,7 @@ def test_resume_two_times_20_equals_40_bit_for_bit(preset, tmp_path, sotu_1k):
 def test_every_preset_lowers_the_loss_on_real_text(preset, tmp_path, sotu_1k):
     s = train(cfg(tmp_path, preset=preset, steps=100, update_interval=20, eval_every=100, log_every=10),
               dataset=sotu_1k)
-    hist = [json.loads(l) for l in open(os.path.join(s_out(tmp_path), "metrics.jsonl"))]
+    hist = [json.loads(line) for line in open(os.path.join(s_out(tmp_path), "metrics.jsonl"))]
     first, last = hist[0]["loss"], hist[-1]["loss"]
     assert last < first - 0.8, (first, last)
     assert s["final_eval_loss"] < 6.0  # ln(1024) = 6.93 at init

@@ -91,7 +91,8 @@ def test_zo_lowers_the_loss_forward_only(dense):
     y = x @ torch.randn(8, 1, generator=g)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 1))
-    loss = lambda: nn.functional.mse_loss(model(x), y)
+    def loss():
+        return nn.functional.mse_loss(model(x), y)
     first = loss().item()
     opt = ZO(model, rank=2, lr=3e-3, eps=1e-3, lazy=20, dense=dense, seed=0)
     for _ in range(300):
@@ -106,7 +107,8 @@ def test_momentum_and_others_perturbed_train_and_restore():
     y = x @ torch.randn(8, 1, generator=g)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 1))
-    loss = lambda: nn.functional.mse_loss(model(x), y)
+    def loss():
+        return nn.functional.mse_loss(model(x), y)
     first = loss().item()
     opt = ZO(model, rank=2, lr=1e-3, eps=1e-3, momentum=0.9, lazy=10, others="perturb", seed=0)
     assert len(opt.param_groups) == 2  # the biases are perturbed full-rank
@@ -133,18 +135,22 @@ def test_bad_arguments_are_named():
 
 def _peak_bytes(model, x, mode, rank):
     """Peak tensor bytes that two steps of `mode` add beyond the weights (grassopt.memory.TensorPeak)."""
-    loss_fn = lambda: model(x).square().mean()
+    def loss_fn():
+        return model(x).square().mean()
     model.zero_grad(set_to_none=True)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3) if mode == "backprop" else \
         ZO(model, rank=rank, lr=1e-3, dense=(mode == "dense"))
     with TensorPeak() as tp:
         if mode == "forward":
             with torch.no_grad():
-                loss_fn(); loss_fn()
+                loss_fn()
+                loss_fn()
         elif mode in ("zo", "dense"):
-            opt.step(loss_fn); opt.step(loss_fn)
+            opt.step(loss_fn)
+            opt.step(loss_fn)
         else:
-            loss_fn().backward(); opt.step()
+            loss_fn().backward()
+            opt.step()
     if mode != "backprop":
         opt.remove_hooks()
     return tp.peak

@@ -112,10 +112,10 @@ def run(cfg: AckleyConfig) -> dict[str, Any]:
     for step in range(cfg.steps):
         x = ackley_grad(w).reshape(2, 1)  # the 2 x 1 "matrix" gradient: d = 2, k = 1
         if q is None:
-            q = rule.init(x, ctx)
+            q = rule.init(x, ctx)  # type: ignore[union-attr]  # (rule is None only when full, and q is set)
         elif not full and step % cfg.update_interval == 0:
             ctx.angle = None
-            q_new = rule.update(q, x, ctx)
+            q_new = rule.update(q, x, ctx)  # type: ignore[union-attr]  # (as above)
             angles.append(math.degrees(float(principal_angles(q, q_new)[0])))
             if transport(cfg.transport, q, q_new, mt, vt):
                 t_adam = 0

@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         records = read_records(path)
     else:
         try:
+            hook: SubspaceQuality | SubspaceAnalyzer
             if args.quality_only:
                 hook = SubspaceQuality(out=out, plot=False)
             else:

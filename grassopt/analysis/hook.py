@@ -68,7 +68,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from torch import Tensor, nn
@@ -144,8 +144,9 @@ def find_targets(model: nn.Module, optimizer: torch.optim.Optimizer, *, rank: in
 def optimizer_basis(optimizer: torch.optim.Optimizer, p: Tensor) -> Tensor | None:
     """The optimizer's current basis of ``p`` (``optimizer.basis(p)`` when it has one, which regenerates a
     seeded rule's basis from its own generator; else ``state["Q"]``), or None before its first step."""
-    if callable(getattr(optimizer, "basis", None)):
-        return optimizer.basis(p)
+    basis = getattr(optimizer, "basis", None)
+    if callable(basis):
+        return basis(p)
     st = optimizer.state.get(p)  # .get: the optimizer's defaultdict must not grow an entry
     return st.get("Q") if st else None
 
@@ -273,8 +274,8 @@ class QualityTracker:
             if iv.n == 0:
                 iv.total, iv.low = share.clone(), share.clone()
             else:
-                iv.total.add_(share)
-                torch.minimum(iv.low, share, out=iv.low)
+                iv.total.add_(share)  # type: ignore[union-attr]  # (set at the first measurement, n == 0)
+                torch.minimum(iv.low, share, out=iv.low)  # type: ignore[arg-type]
             iv.n, iv.last, iv.last_step = iv.n + 1, share, step
 
     def switch(self, t: Target, step: int, angles: Tensor | None) -> dict[str, Any] | None:
@@ -290,14 +291,15 @@ class QualityTracker:
         for t in targets:
             iv = self._open.pop(t.name, None)
             if iv is not None and iv.n:
-                out.append(self._record(t, iv, iv.last_step, None, complete=False))
+                out.append(self._record(t, iv, iv.last_step, None, complete=False))  # type: ignore[arg-type]  # (n > 0)
         return out
 
     @staticmethod
     def _record(t: Target, iv: _Interval, step: int, angles: Tensor | None, complete: bool) -> dict[str, Any]:
         return {"type": "quality", "step": step, "name": t.name, "kind": t.kind, "depth": t.depth, "rule": t.rule,
-                "rank": t.rank, "interval_start": iv.start, "steps": iv.n, "capture_next": float(iv.total) / iv.n,
-                "capture_min": float(iv.low), "capture_last": float(iv.last),
+                "rank": t.rank, "interval_start": iv.start, "steps": iv.n,
+                "capture_next": float(iv.total) / iv.n,  # type: ignore[arg-type]  # (n > 0)
+                "capture_min": float(iv.low), "capture_last": float(iv.last),  # type: ignore[arg-type]  # (n > 0)
                 "angle_max_deg": None if angles is None else math.degrees(float(angles.max())),
                 "angle_mean_deg": None if angles is None else math.degrees(float(angles.mean())),
                 "complete": complete}
@@ -318,7 +320,7 @@ class _RecordingHook:
         self._resume = False
         self._watch = BasisWatch()
         self._tracker = QualityTracker() if quality else None
-        self._file = None
+        self._file: IO[str] | None = None
 
     def on_start(self, model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Any = None) -> None:
         self.projected = find_targets(model, optimizer, fallback=False)

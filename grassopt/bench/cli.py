@@ -25,6 +25,7 @@ from typing import Any
 from .. import registry
 from ..references import MissingPackageError, reference_versions, require
 from ..engine.cli import key_value, run_command
+from ..engine.config import RunConfig
 from ..train.cli import add_run_arguments, config_from_args
 from ..train.loop import TrainConfig, config_differences, train
 from .report import write_report
@@ -73,7 +74,7 @@ NOT_VARIANT_KEYS = {
 }
 #: Run control (does not change the numbers) but still a variant key: memory settings worth setting beside each other.
 RUN_CONTROL_VARIANT_KEYS = {"checkpoint_activations"}
-def variant_keys(cls: type = TrainConfig) -> frozenset[str]:
+def variant_keys(cls: type[RunConfig] = TrainConfig) -> frozenset[str]:
     """The keys a variant ``NAME:key=value`` sets as config fields (every other key is an option of the
     preset): every field of the config class ``cls`` that is not run control (but those of
     :data:`RUN_CONTROL_VARIANT_KEYS`) nor one of :data:`NOT_VARIANT_KEYS`. A new field is a variant key."""
@@ -292,8 +293,8 @@ def sweep(values: list[float], extra: int, score, label: str, what: str = "rate"
         if not grid and extra > 0 and (nxt := widen(losses)) is not None:
             extra -= 1
             grid.append(float(f"{nxt:.3g}"))  # a widened value, to 3 digits (the given ones stay exact)
-            print(f"[bench] {label}: best {what} {best[0]:g} at the edge of the sweep; widening to {grid[-1]:g}",
-                  file=sys.stderr)
+            print(f"[bench] {label}: best {what} {best[0]:g} at the edge of the sweep; widening to {grid[-1]:g}",  # type: ignore[index]
+                  file=sys.stderr)  # (widen() gave a value: something finished finite, so best is set)
     return None if best is None else best[0]
 
 
@@ -331,7 +332,7 @@ def _variants(args: argparse.Namespace) -> tuple[list[str], dict[str, tuple[str,
     labels = list(dict.fromkeys(args.presets))
     known = set(registry.KINDS)
     variants = {label: parse_variant(label) for label in labels}
-    for label, (name, _, _) in variants.items():
+    for name, _, _ in variants.values():
         if name not in known:
             raise ValueError(f"unknown preset {name!r}; choose from {sorted(known)}")
     if not args.no_refs:
@@ -386,17 +387,20 @@ def _sweep_all(plan: _Plan) -> None:
         plan.sweep_rows.append({"preset": label, "lr": lr, "plain_lr": plain_lr, "final_eval_loss": loss})
         return loss
 
+    # (sweep() calls its score function before it returns: the lambdas below see this iteration's label and lr)
     for label in plan.labels:
         grid = sweep_lrs.get(label, args.sweep or [])
         if grid:
             best = sweep(grid, args.widen,
-                         lambda lr: sweep_run(label, lr, plan.plain_lrs[label], f"{_slug(label)}-lr{lr:g}"), label)
+                         lambda lr: sweep_run(label, lr, plan.plain_lrs[label], f"{_slug(label)}-lr{lr:g}"),  # noqa: B023
+                         label)
             if best is not None and label not in dict(args.lrs):
                 plan.lrs[label] = best
         if label in sweep_plain:  # at the rate just chosen (or given)
             lr = plan.lrs[label]
             best = sweep(sweep_plain[label], args.widen,
-                         lambda p: sweep_run(label, lr, p, f"{_slug(label)}-lr{lr:g}-plain{p:g}"), label, "plain_lr")
+                         lambda p: sweep_run(label, lr, p, f"{_slug(label)}-lr{lr:g}-plain{p:g}"),  # noqa: B023
+                         label, "plain_lr")
             if best is not None:
                 plan.plain_lrs[label] = best
     for label, other in args.lrs_from:

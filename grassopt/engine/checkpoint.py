@@ -118,7 +118,7 @@ def save_checkpoint(path: str | os.PathLike, payload: dict[str, Any]) -> None:
         with os.fdopen(fd, "wb") as f:
             writer = _HashingWriter(f)
             try:
-                torch.save(payload, writer)
+                torch.save(payload, writer)  # type: ignore[arg-type]  # (a binary file-like object)
             except RuntimeError:
                 if writer.error is not None:  # torch's writer swallows the OSError of a full disk
                     raise writer.error from None
@@ -180,7 +180,7 @@ def rng_state(device: torch.device | str | None = None) -> dict[str, Any]:
     state: dict[str, Any] = {"cpu": torch.get_rng_state()}
     acc = _accelerator(device)
     if acc is not None:
-        dev = torch.device(device)
+        dev = torch.device(device)  # type: ignore[arg-type]  # (not None: it has an accelerator)
         state[dev.type] = acc.get_rng_state(dev) if dev.type == "cuda" else acc.get_rng_state()
     try:
         import numpy as np
@@ -188,8 +188,9 @@ def rng_state(device: torch.device | str | None = None) -> dict[str, Any]:
         pass
     else:
         name, keys, pos, has_gauss, gauss = np.random.get_state()
-        state["numpy"] = {"name": str(name), "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
-                          "has_gauss": int(has_gauss), "gauss": float(gauss)}
+        # (get_state() gives its legacy tuple form by default)
+        state["numpy"] = {"name": str(name), "keys": torch.from_numpy(keys.astype("int64")),  # type: ignore[attr-defined]
+                          "pos": int(pos), "has_gauss": int(has_gauss), "gauss": float(gauss)}
     version, internal, gauss_next = random.getstate()
     state["python"] = {"version": int(version), "state": torch.tensor(internal, dtype=torch.int64),
                        "gauss_next": gauss_next}
@@ -201,8 +202,8 @@ def set_rng_state(state: dict[str, Any], device: torch.device | str | None = Non
     checkpoints, which saved only some generators, still load)."""
     torch.set_rng_state(state["cpu"])
     acc = _accelerator(device)
-    if acc is not None and torch.device(device).type in state:
-        dev = torch.device(device)
+    if acc is not None and torch.device(device).type in state:  # type: ignore[arg-type]  # (acc: device is set)
+        dev = torch.device(device)  # type: ignore[arg-type]
         if dev.type == "cuda":
             acc.set_rng_state(state[dev.type], dev)
         else:

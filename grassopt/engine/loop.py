@@ -204,7 +204,7 @@ class Loop:
                     error = f"{type(e).__name__}: {e}"
                     break
                 if profiling_now:
-                    step_peak = peak.peak
+                    step_peak = peak.peak  # type: ignore[union-attr]  # (profiling_now: a TensorPeak)
                 self.scheduler.step()
                 self.step += 1
                 dt = time.perf_counter() - t0

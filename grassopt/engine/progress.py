@@ -13,7 +13,7 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.requested = False
-        self._old = None
+        self._old: Any = None
 
     def __enter__(self) -> StopFlag:
         try:

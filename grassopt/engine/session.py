@@ -82,7 +82,7 @@ class Session:
 
 
 def run_session(cfg: Any, body: Callable[[Session], T], *, kind: str | None = None,
-                prepare: Callable[[], None] | None = None) -> T:
+                prepare: Callable[[], object] | None = None) -> T:
     """Set up the run of ``cfg`` (see the module doc), call ``body(session)`` and return what it returns;
     the run folder stays locked until then, however it ends. ``kind`` names the run's checkpoints;
     ``prepare()`` runs before the folder is opened (to fail early, or to make a checkpoint loadable)."""

@@ -118,7 +118,8 @@ class TrainStep:
             return total / len(batches)
 
         t1 = time.perf_counter()
-        loss = self.optimizer.step(closure)
+        # (a forward-only optimizer: its closure and its step return the loss tensor)
+        loss: Tensor = self.optimizer.step(closure)  # type: ignore[arg-type, assignment]
         return loss, None, time.perf_counter() - t1
 
     def _backward(self, batches: Sequence[Any], index: int) -> tuple[Tensor, Tensor | None, float]:
@@ -130,7 +131,7 @@ class TrainStep:
             if self.updater is not None:  # the last backward steps every parameter (and frees its grad)
                 sync = self.updater.accumulate(enabled=not last)
             elif self.ddp_model is not None and not last:
-                sync = self.ddp_model.no_sync()
+                sync = self.ddp_model.no_sync()  # type: ignore[operator]  # (the DDP wrapper's)
             else:
                 sync = contextlib.nullcontext()
             with sync:

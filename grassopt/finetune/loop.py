@@ -250,7 +250,7 @@ def build_model(cfg: FinetuneConfig, num_labels: int) -> tuple[EncoderClassifier
     model = EncoderClassifier(encoder, num_labels, cfg.dropout)
     emb = getattr(encoder, "embeddings", None)  # BERT-like: word, position and type embeddings (+ their norm)
     if emb is None and callable(getattr(encoder, "get_input_embeddings", None)):
-        emb = encoder.get_input_embeddings()
+        emb = encoder.get_input_embeddings()  # type: ignore[operator]  # (a transformers model's)
     if emb is not None and not cfg.train_embeddings:
         emb.requires_grad_(False)
     if cfg.method in ADAPTERS:

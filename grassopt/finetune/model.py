@@ -99,7 +99,7 @@ class EncoderClassifier(nn.Module):
         if num_labels < 2:
             raise ValueError(f"num_labels={num_labels}: a classifier needs at least 2 labels")
         self.encoder = encoder
-        hidden = encoder.config.hidden_size
+        hidden: int = encoder.config.hidden_size  # type: ignore[union-attr, assignment]  # (a transformers model's config)
         self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(hidden, num_labels)
         nn.init.normal_(self.classifier.weight, std=0.02)
@@ -180,8 +180,8 @@ def apply_lora(model: EncoderClassifier, rank: int = 8, alpha: float = 16.0, dro
         targets = list(targets)
         if targets == ["all-linear"]:
             targets = "all-linear"
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none",
-                     use_dora=bool(dora))
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,  # type: ignore[arg-type]  # (alpha: a float too)
+                     target_modules=targets, bias="none", use_dora=bool(dora))
     try:
         model.encoder = get_peft_model(model.encoder, cfg)
     except ValueError as e:
@@ -194,5 +194,5 @@ def merge_lora(model: EncoderClassifier) -> EncoderClassifier:
     encoder becomes a plain model again, with the same outputs."""
     if not is_lora(model):
         raise ValueError("the model has no LoRA adapters to merge")
-    model.encoder = model.encoder.merge_and_unload()
+    model.encoder = model.encoder.merge_and_unload()  # type: ignore[operator]  # (a PeftModel's)
     return model

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -112,7 +112,7 @@ def sketch(model: nn.Module, rank: Rank, *, law: str = "haar", targets: str | It
     return model
 
 
-def _swap(model: nn.Module, replacement: dict[int, nn.Module]) -> None:
+def _swap(model: nn.Module, replacement: Mapping[int, nn.Module]) -> None:
     """Replace child modules by id, at every place they occur (shared modules included)."""
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
@@ -182,4 +182,4 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer):
     """
     if not sketch_states(model):
         raise ValueError("the model has no sketched layers; call grassopt.sketch.sketch(model, ...) first")
-    return optimizer.register_step_post_hook(lambda *_: next_step(model))
+    return optimizer.register_step_post_hook(lambda *_: next_step(model))  # type: ignore[arg-type]  # (return unused)

@@ -75,10 +75,10 @@ class ProjectionGroup:
                            device=device, dtype=master)
             self._key, self._casts, self._xp = key, {master: p}, None
         dtype = master if dtype is None else dtype
-        p = self._casts.get(dtype)
-        if p is None:
-            p = self._casts[dtype] = self._casts[master].to(dtype)
-        return p
+        cached = self._casts.get(dtype)
+        if cached is None:
+            cached = self._casts[dtype] = self._casts[master].to(dtype)
+        return cached
 
     def cached_matrices(self) -> list[Tensor]:
         """The matrices held for the current step (master and casts): resident, not activations."""
@@ -249,7 +249,7 @@ class SketchedLinear(nn.Linear):
         g = self._group_for(x)
         p = g.matrix(w.device, w.dtype, ct)
         xc = cast(x)
-        xp = g.sketch(x, xc, p)
+        xp = g.sketch(x, xc, p)  # type: ignore[arg-type]  # (xc: x is a tensor)
         ctx = torch.autocast(dev, enabled=False) if autocast else contextlib.nullcontext()
         with ctx:
             return SketchedLinearFunction.apply(xc, xp, cast(w), cast(bias), p, cast(b))

@@ -23,7 +23,6 @@ groups are AdamW (``weight_decay`` on tensors with 2 or more dimensions only, as
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -89,7 +88,8 @@ class RSO(Optimizer):
         b_ids = {id(layer.B) for layer in self._layers}
         plain_wd = weight_decay if plain_weight_decay is None else plain_weight_decay
         plain = {} if plain_lr is None else {"lr": plain_lr}
-        decay, no_decay = [], []
+        decay: list[tuple[str, torch.Tensor]] = []
+        no_decay: list[tuple[str, torch.Tensor]] = []
         for name, p in model.named_parameters():
             if p.requires_grad and id(p) not in b_ids:
                 (no_decay if plain_wd > 0 and p.dim() < 2 else decay).append((name, p))

@@ -55,7 +55,7 @@ def load_config(spec: Any, vocab_size: int | None = None):
         if missing:
             raise ValueError(f"{spec if not isinstance(spec, dict) else 'config'}: not a LLaMA-style config, "
                              f"missing {missing}; the calculator models LLaMA-style decoders")
-        kw = {ours: int(d[theirs]) for theirs, ours in _HF_KEYS.items()}
+        kw: dict[str, Any] = {ours: int(d[theirs]) for theirs, ours in _HF_KEYS.items()}
         if d.get("num_key_value_heads") not in (None, d["num_attention_heads"]):
             kw["num_kv_heads"] = int(d["num_key_value_heads"])
         kw["tie_embeddings"] = bool(d.get("tie_word_embeddings", False))
@@ -163,8 +163,9 @@ def activation_bytes(cfg, batch_size: int, seq_len: int, dtype: str | torch.dtyp
     if mode == "rso" and a != 4:  # B is float32 (master); the 16-bit cast of it is saved for backward
         kv = cfg.kv_heads * cfg.head_dim
         outs = {"q_proj": h, "k_proj": kv, "v_proj": kv, "o_proj": h, "gate_proj": i, "up_proj": i, "down_proj": h}
-        fixed = sum(a * m * _sketch_rank(sketch_rank, i if nm == "down_proj" else h)
-                    for nm, m in outs.items() if nm in covered)
+        # (mode is set: sketch_rank and covered were checked and set above)
+        fixed = sum(a * m * _sketch_rank(sketch_rank, i if nm == "down_proj" else h)  # type: ignore[arg-type]
+                    for nm, m in outs.items() if nm in covered)  # type: ignore[operator]
     if checkpoint:
         out = {f"layers.{j}": a * h * N for j in range(cfg.num_layers)}
         out["recompute"] = block * N + fixed
@@ -390,7 +391,7 @@ def estimate(config: Any, preset: str = "adamw", rank: int | str | None = None, 
     if mode == "rso":
         plain = [(n, p) for n, p in model.named_parameters() if id(p) not in covered]
         groups = [{"params": plain}]
-        label_rank = sketch_rank
+        label_rank: int | float | str | None = sketch_rank
     else:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

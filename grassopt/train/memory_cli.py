@@ -31,7 +31,7 @@ def _sketch_rank(text: str) -> int | float:
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is neither an integer nor a fraction") from None
         if not 0 < v < 1:
-            raise argparse.ArgumentTypeError(f"{text}: a fractional sketch rank lies in (0, 1)")
+            raise argparse.ArgumentTypeError(f"{text}: a fractional sketch rank lies in (0, 1)") from None
         return v
 
 
