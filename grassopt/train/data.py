@@ -482,7 +482,6 @@ def prepare(
         )
     source, docs = _load_named_documents(corpus)
     train_idx, val_idx = split_documents(len(docs), val_fraction, split_seed)
-
     settings = {
         "format": FORMAT_VERSION,
         "tokenizer": "byte-level-bpe",
@@ -504,53 +503,10 @@ def prepare(
             damaged = True
             warnings.warn(f"The token cache entry {entry} is damaged ({getattr(err, 'what', err)}); rebuilding "
                           "it from the corpus.", RuntimeWarning, stacklevel=2)
-
+    stage = _stage_folder(root, key)
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=root))
-    except OSError as err:
-        raise ValueError(
-            f"Cannot create the token cache in {root} ({err.strerror or _short(err)}). Choose another "
-            "cache folder (cache_dir, --cache-dir) or set $GRASSOPT_CACHE."
-        ) from None
-    try:
-        train_texts = [docs[i][1] for i in train_idx]
-        val_texts = [docs[i][1] for i in val_idx]
-        t0 = time.perf_counter()
-        tok = _train_tokenizer(train_texts, vocab_size, progress)
-        t_train = time.perf_counter() - t0
-        eos_id = tok.token_to_id(EOS_TOKEN)
-        _configure(tok)
-        t0 = time.perf_counter()
-        train_ids = _encode_stream(tok, train_texts, eos_id, "encode train", progress)
-        val_ids = _encode_stream(tok, val_texts, eos_id, "encode val", progress)
-        t_encode = time.perf_counter() - t0
-
-        meta = {
-            **settings,
-            "source": source,
-            "corpus_sha256": corpus_sha,
-            "vocab_size": tok.get_vocab_size(),
-            "requested_vocab_size": vocab_size,
-            "eos_token": EOS_TOKEN,
-            "eos_id": eos_id,
-            "n_docs": len(docs),
-            "n_train_docs": len(train_idx),
-            "n_val_docs": len(val_idx),
-            "train_tokens": int(len(train_ids)),
-            "val_tokens": int(len(val_ids)),
-            "train_docs": train_idx,
-            "val_docs": val_idx,
-            "doc_names": [name for name, _ in docs],
-            "tokenizer_train_seconds": round(t_train, 3),
-            "encode_seconds": round(t_encode, 3),
-        }
-        tok.save(str(stage / "tokenizer.json"))
-        np.save(stage / "train.npy", train_ids)
-        np.save(stage / "val.npy", val_ids)
-        meta["files"] = {name: file_sha256(stage / name) for name in ("tokenizer.json", "train.npy", "val.npy")}
-        (stage / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
-
+        meta = {**settings, "source": source, "corpus_sha256": corpus_sha, "requested_vocab_size": vocab_size}
+        _build_entry(stage, docs, train_idx, val_idx, meta, progress)
         if entry.exists() and (damaged or not _entry_complete(entry)):
             shutil.rmtree(entry, ignore_errors=True)  # a damaged entry, e.g. files deleted or unreadable
         try:
@@ -563,6 +519,57 @@ def prepare(
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return _load_entry(entry, source, from_cache=False)
+
+
+def _stage_folder(root: Path, key: str) -> Path:
+    """A fresh temporary folder beside the cache entry ``key`` (renamed into place when complete)."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".tmp-{key}-", dir=root))
+    except OSError as err:
+        raise ValueError(
+            f"Cannot create the token cache in {root} ({err.strerror or _short(err)}). Choose another "
+            "cache folder (cache_dir, --cache-dir) or set $GRASSOPT_CACHE."
+        ) from None
+
+
+def _build_entry(stage: Path, docs: list, train_idx: list[int], val_idx: list[int], meta: dict[str, Any],
+                 progress: bool) -> None:
+    """Train the tokenizer on the training documents, encode both splits, and write the entry's files
+    and ``meta.json`` (``meta``: the settings and source, completed here) into ``stage``."""
+    train_texts = [docs[i][1] for i in train_idx]
+    val_texts = [docs[i][1] for i in val_idx]
+    t0 = time.perf_counter()
+    tok = _train_tokenizer(train_texts, meta["requested_vocab_size"], progress)
+    t_train = time.perf_counter() - t0
+    eos_id = tok.token_to_id(EOS_TOKEN)
+    _configure(tok)
+    t0 = time.perf_counter()
+    train_ids = _encode_stream(tok, train_texts, eos_id, "encode train", progress)
+    val_ids = _encode_stream(tok, val_texts, eos_id, "encode val", progress)
+    t_encode = time.perf_counter() - t0
+    requested = meta.pop("requested_vocab_size")
+    meta.update({
+        "vocab_size": tok.get_vocab_size(),
+        "requested_vocab_size": requested,
+        "eos_token": EOS_TOKEN,
+        "eos_id": eos_id,
+        "n_docs": len(docs),
+        "n_train_docs": len(train_idx),
+        "n_val_docs": len(val_idx),
+        "train_tokens": int(len(train_ids)),
+        "val_tokens": int(len(val_ids)),
+        "train_docs": train_idx,
+        "val_docs": val_idx,
+        "doc_names": [name for name, _ in docs],
+        "tokenizer_train_seconds": round(t_train, 3),
+        "encode_seconds": round(t_encode, 3),
+    })
+    tok.save(str(stage / "tokenizer.json"))
+    np.save(stage / "train.npy", train_ids)
+    np.save(stage / "val.npy", val_ids)
+    meta["files"] = {name: file_sha256(stage / name) for name in ("tokenizer.json", "train.npy", "val.npy")}
+    (stage / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
 
 
 # --------------------------------------------------------------------------------------
