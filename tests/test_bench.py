@@ -27,6 +27,27 @@ def test_bench_writes_a_side_by_side_report_and_reuses_finished_runs(tmp_path, s
     assert json.loads((out / "results.json").read_text())["rows"][1]["eval_loss"] == rows["subtrack++"]["eval_loss"]
 
 
+def test_a_bench_folder_copied_elsewhere_reuses_its_finished_runs(tmp_path, sotu_1k, capsys, monkeypatch):
+    import shutil
+
+    first = tmp_path / "a"
+    argv = ["--model", "nano", "--vocab-size", "1024", "--seq-len", "32", "--batch-size", "2", "--steps", "2",
+            "--eval-every", "2", "--threads", "1", "--no-progress", "--presets", "adamw-torch", "--no-refs",
+            "--seeds", "0", "--cache-dir", str(sotu_1k.cache_dir.parent.parent)]
+    assert cli.main([*argv, "--out", str(first)]) == 0
+    summary = (first / "runs" / "adamw-torch-s0" / "summary.json").read_bytes()
+    shutil.copytree(first, tmp_path / "b")  # cp -r runs/a runs/b
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert cli.main([*argv, "--out", "b"]) == 0  # the copy, named by a relative path
+    err = capsys.readouterr().err
+    assert err.count("reusing the finished run") == 1, err
+    assert (tmp_path / "b" / "runs" / "adamw-torch-s0" / "summary.json").read_bytes() == summary  # not rerun
+    # a setting that changes the numbers still reruns the copied run
+    assert cli.main([*argv, "--out", "b", "--lr", "0.002"]) == 0
+    assert "reusing" not in capsys.readouterr().err
+
+
 def test_bench_rejects_unknown_presets(tmp_path, capsys):
     assert cli.main(["--presets", "adamw-torch", "nonsense", "--out", str(tmp_path)]) == 2
     assert "unknown preset 'nonsense'" in capsys.readouterr().err

@@ -68,6 +68,38 @@ def test_a_fresh_run_over_another_runs_checkpoint_needs_overwrite(tmp_path, sotu
     assert train(cfg(out, steps=6, seed=1, resume=True), dataset=sotu_1k)["steps"] == 6  # resuming needs no flag
 
 
+def _overwrite(out, tag):
+    """One --overwrite start in ``out`` (the RunFolder steps a run takes), leaving a run tagged ``tag``."""
+    with RunFolder(out) as folder:
+        assert folder.open(False, {"tag": tag}, overwrite=True) is None
+        folder.start({"tag": tag}, [])
+        (out / "checkpoint.pt").write_text(tag)
+        return folder.previous
+
+
+def test_repeated_overwrites_keep_only_the_latest_previous_folder(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_text("run0")
+    kept = [_overwrite(out, f"run{i}") for i in range(1, 5)]
+    previous = sorted(p.name for p in out.iterdir() if p.name.startswith("previous-"))
+    assert previous == [kept[-1].name]  # one folder, however often the run was overwritten: the latest old run
+    assert (kept[-1] / "checkpoint.pt").read_text() == "run3" and (out / "checkpoint.pt").read_text() == "run4"
+    # a set-aside that fails (the move of the old run) deletes nothing: the earlier old run stays
+    def failing_replace(src, dst):
+        raise OSError(28, "No space left on device")
+
+    (out / "unrelated-previous-notes").mkdir()  # not a previous-* folder: never touched
+    with RunFolder(out) as folder:
+        folder.open(False, {"tag": "run5"}, overwrite=True)
+        monkeypatch.setattr("grassopt.engine.run.os.replace", failing_replace)
+        with pytest.raises(OSError, match="No space"):
+            folder.start({"tag": "run5"}, [])
+        monkeypatch.undo()
+    assert (kept[-1] / "checkpoint.pt").read_text() == "run3"  # still there
+    assert (out / "unrelated-previous-notes").is_dir()
+
+
 class NaNAt:
     """A hook that makes the loss of the ``k``-th training forward pass NaN (an injected fault)."""
 

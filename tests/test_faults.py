@@ -926,10 +926,13 @@ def test_overwrite_keeps_the_old_run_aside(tmp_path, tiny_corpus):
     kept = tree(previous[0])
     assert kept == {k: v for k, v in old.items() if k != ".lock"}  # the whole old run, byte for byte
     assert json.loads((out / "config.json").read_text())["seed"] == 1
-    # and again: a second folder beside the first
+    # and again: the seed-1 run is set aside, and only then is the older previous-* folder deleted (one is kept)
+    seed1 = tree(out)
     train(run_cfg(out, corpus=str(corpus), cache_dir=str(cache), seed=2, overwrite=True))
-    assert len([p for p in out.iterdir() if p.name.startswith("previous-")]) == 2
-    assert tree(previous[0]) == kept
+    now = [p for p in out.iterdir() if p.name.startswith("previous-")]
+    assert len(now) == 1 and now[0] != previous[0] and not previous[0].exists()
+    assert tree(now[0]) == {k: v for k, v in seed1.items() if k != ".lock" and not k.startswith("previous-")}
+    assert json.loads((out / "config.json").read_text())["seed"] == 2
 
 
 def test_a_refused_run_leaves_no_folder_behind(tmp_path, tiny_corpus):

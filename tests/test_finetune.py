@@ -153,6 +153,41 @@ def test_loop_resumes_bit_identically_and_writes_its_files(tiny_task, tmp_path):
     assert 0 <= full["test_acc"] <= 1 and full["test_examples"] == 8
 
 
+def test_a_resume_over_another_task_is_refused_in_one_line_and_the_same_task_resumes(tiny_task, tmp_path):
+    out = tmp_path / "run"
+    kw = dict(method="adamw-torch", lr=1e-4, seq_len=16, batch_size=4, steps=3, eval_every=0, log_every=1,
+              progress=False, plot=False, measure_activations=False, threads=1, out=str(out))
+    assert ft.finetune(ft.FinetuneConfig(**kw, stop_after=1), task=tiny_task)["steps"] == 1
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)["data"]
+    assert saved == ft.task_fingerprint(tiny_task) and saved["train_examples"] == 16
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"}
+
+    def refused(given, message, **change):
+        with pytest.raises(ft.CheckpointError) as e:
+            ft.finetune(ft.FinetuneConfig(**{**kw, **change}, resume=True), task=given)
+        text = str(e.value)
+        assert "\n" not in text and message in text, text
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"} == before
+        return text
+
+    # other per-class counts: a task of 3 paragraphs per era instead of 4 (the same config), refused by its fingerprint
+    fewer = load_task("sotu-era", per_class={"train": 3, "val": 2, "test": 2})
+    text = refused(fewer, "the data changed since")
+    assert "train_examples: checkpoint 16 vs now 12" in text and "task_sha256" in text
+    assert text.endswith("resume with the data it was trained on, or start a new run (--overwrite, or another --out)")
+    # the same sizes, another text: only the digest tells them apart
+    other = copy.deepcopy(tiny_task)
+    other.splits["train"][0] = ("a different paragraph " + other.splits["train"][0][0], other.splits["train"][0][1])
+    assert "train_examples" not in refused(other, "task_sha256: checkpoint")
+    # another task named in the config (the task built from it): refused by the settings check, naming the setting
+    assert "task: checkpoint 'sotu-era' vs now 'sotu-party'" in refused(None, "other settings", task="sotu-party")
+    assert "max_train_per_class: checkpoint None vs now 3" in refused(tiny_task, "other settings",
+                                                                     max_train_per_class=3)
+    # the same task resumes to the end
+    s = ft.finetune(ft.FinetuneConfig(**kw, resume=True), task=copy.deepcopy(tiny_task))
+    assert s["steps"] == 3 and s["finished"]
+
+
 @pytest.mark.parametrize("method,opt", [("zo", {"law": "haar", "lazy": 5}), ("mezo", {})])
 def test_forward_only_methods_learn_count_passes_and_resume(tiny_task, tmp_path, method, opt):
     # the 16 training paragraphs are one batch: every step estimates the slope of the same loss

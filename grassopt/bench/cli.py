@@ -6,7 +6,8 @@ and against wall time as PNGs) sets every preset beside ``torch.optim.AdamW``. A
 learning-rate sweep first picks each preset's best rate on a short horizon; an optional sweep of a
 preset's ``plain_lr`` (the rate of what it does not project) then picks that at the chosen rate.
 Finished runs are reused when the bench is started again with the same settings (``--no-reuse`` to
-redo them).
+redo them); where the runs are (``out``, ``cache_dir``) does not count, so a bench folder moved or copied
+elsewhere keeps its runs.
 """
 
 from __future__ import annotations
@@ -237,13 +238,22 @@ def preflight(label: str, cfg: TrainConfig) -> None:
         raise ValueError(f"variant {label!r} (lr={cfg.lr!r}{plain}): {e}") from None
 
 
+#: Fields that only say where things are (the run's folder, the token cache): a finished run is reused whatever
+#: they were when it ran, so that a bench folder moved or copied (``cp -r runs/a runs/b``), or named by a relative
+#: instead of an absolute --out, still reuses its runs. Safe for ``out``: the run checked is the one in ``cfg.out``.
+LOCATION_FIELDS = ("out", "cache_dir")
+#: Fields a reused run may differ in: the location fields and those that do not change its numbers or files.
+REUSE_IGNORES = ("progress", "threads", "plot", "overwrite", *LOCATION_FIELDS)
+
+
 def _run(cfg: TrainConfig, reuse: bool, label: str) -> dict[str, Any]:
-    """Train ``cfg`` unless a finished run with the same settings is already in ``cfg.out``."""
+    """Train ``cfg`` unless a finished run with the same settings (but :data:`REUSE_IGNORES`) is already in
+    ``cfg.out``."""
     out = Path(cfg.out)
     summary_path, config_path = out / "summary.json", out / "config.json"
     if reuse and summary_path.is_file() and config_path.is_file():
         saved = json.loads(config_path.read_text())
-        same = not config_differences(saved, cfg, ignore=("progress", "threads", "plot", "overwrite"))
+        same = not config_differences(saved, cfg, ignore=REUSE_IGNORES)
         summary = json.loads(summary_path.read_text())
         if same and summary.get("finished"):
             print(f"[bench] {label}: reusing the finished run in {out}", file=sys.stderr)

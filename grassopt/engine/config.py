@@ -204,7 +204,8 @@ class RunConfig:
     resume: bool = setting(False, "continue the run in --out from its checkpoint", group="output", run_control=True)
     overwrite: bool = setting(
         False, "start afresh even though --out holds another run's checkpoint (the old run is moved to "
-               "--out/previous-<time>/ when the new one starts); without it, such a folder is refused",
+               "--out/previous-<time>/ when the new one starts, and an older previous-* folder is then deleted: "
+               "only the latest old run is kept); without it, such a folder is refused",
         group="output", run_control=True)
     stop_after: int | None = setting(None, "stop (with a checkpoint) after N steps of this invocation",
                                      group="output", run_control=True)

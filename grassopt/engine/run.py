@@ -18,7 +18,9 @@ to start a fresh run over the checkpoint of another run unless told to ``overwri
 choice is then ``--resume`` or ``--overwrite``, never a silent loss). With ``overwrite``, the old
 run is kept aside, not deleted: when the new run starts writing (:meth:`RunFolder.start`, so a run
 that fails while it is being set up moves nothing), everything the folder holds but the lock and
-earlier ``previous-*`` folders is moved into ``<out>/previous-<YYYYmmdd-HHMMSS>/``.
+earlier ``previous-*`` folders is moved into ``<out>/previous-<YYYYmmdd-HHMMSS>/``; once that move
+succeeded, older ``previous-*`` folders are deleted, so that at most :data:`KEEP_PREVIOUS` (the latest
+old run) stay however often the folder is overwritten.
 :meth:`RunFolder.close` releases the lock (``with RunFolder(...) as folder:`` does both); a folder
 that the run created and never wrote to is removed again, so a refused run leaves nothing behind.
 A folder that cannot be created (a regular file in its path, no permission) is a
@@ -30,6 +32,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import shutil
 import sys
 import time
 from collections.abc import Iterable
@@ -38,7 +42,11 @@ from typing import Any
 
 from .checkpoint import Checkpointer, CheckpointError
 
-__all__ = ["RunFolder", "RunFolderError", "config_differences", "append_metric", "read_metrics", "write_metrics"]
+__all__ = ["RunFolder", "RunFolderError", "KEEP_PREVIOUS", "config_differences", "append_metric", "read_metrics",
+           "write_metrics"]
+
+#: How many ``previous-*`` folders (old runs set aside by ``--overwrite``) a run folder keeps: the latest.
+KEEP_PREVIOUS = 1
 
 
 class RunFolderError(ValueError):
@@ -228,7 +236,9 @@ class RunFolder:
 
     def keep_aside(self) -> Path | None:
         """Move the old run (everything in the folder but the lock and earlier ``previous-*`` folders) into a
-        new ``previous-<YYYYmmdd-HHMMSS>`` folder inside it; returns that folder (None if there was nothing)."""
+        new ``previous-<YYYYmmdd-HHMMSS>`` folder inside it, then delete the earlier ones beyond
+        :data:`KEEP_PREVIOUS` (:meth:`prune_previous`); returns that folder (None if there was nothing,
+        and then nothing is deleted)."""
         old = [p for p in self.path.iterdir() if p.name != ".lock" and not p.name.startswith("previous-")]
         if not old:
             return None
@@ -240,7 +250,34 @@ class RunFolder:
         for p in sorted(old, key=lambda q: q.name.startswith("checkpoint.pt")):  # the checkpoint last
             os.replace(p, dest / p.name)
         print(f"{self.path}: the previous run (checkpoint, metrics, ...) was moved to {dest}", file=sys.stderr)
+        self.prune_previous(keep=dest)
         return dest
+
+    def prune_previous(self, keep: Path) -> list[Path]:
+        """Delete the ``previous-*`` folders older than the latest :data:`KEEP_PREVIOUS` (``keep``, the
+        one just set aside, always stays); called only once the new set-aside succeeded. A folder that
+        cannot be deleted is left with a warning (the run goes on). Returns what was deleted."""
+        def age(p: Path) -> tuple[str, int]:  # previous-<stamp>[-<n>]: by stamp, then n (newest last)
+            m = re.fullmatch(r"previous-(\d{8}-\d{6})(?:-(\d+))?", p.name)
+            return (m.group(1), int(m.group(2) or 0)) if m else ("", 0)
+
+        others = sorted((p for p in self.path.iterdir()
+                         if p.name.startswith("previous-") and p.is_dir() and not p.is_symlink() and p != keep),
+                        key=age)
+        doomed = others[:max(0, len(others) - (KEEP_PREVIOUS - 1))]
+        removed = []
+        for p in doomed:
+            try:
+                shutil.rmtree(p)
+            except OSError as e:
+                print(f"{self.path}: could not delete the older run {p} ({e.strerror or e}); delete it by hand",
+                      file=sys.stderr)
+            else:
+                removed.append(p)
+        if removed:
+            print(f"{self.path}: deleted {len(removed)} older previous-* folder(s) (only the latest "
+                  f"{KEEP_PREVIOUS} is kept): {', '.join(p.name for p in removed)}", file=sys.stderr)
+        return removed
 
     def history(self, upto: int) -> list[dict[str, Any]]:
         """The metric lines a run resumed at step ``upto`` keeps."""
