@@ -23,7 +23,9 @@ ops do. The kernel's own convention maps onto ours exactly:
 **Moment formats** (a param group's ``state_dtype``). The moments may be stored in another format
 than float32 (``int8``: block-wise quantized, see :mod:`grassopt.codecs.int8`). Each format is a codec
 of :data:`grassopt.codecs.CODECS`; :func:`adam_tensor_` and :func:`direction_tensor_` run this Adam on
-any of them, decoding a chunk of float32 moments at a time and encoding it back.
+any of them, decoding a chunk of float32 moments at a time and encoding it back. A codec that keeps
+a statistic of the whole tensor (``factored``: row and column sums of ``V``) updates its ``V`` first,
+from the whole gradient (``Codec.UPDATES_V``); the chunks then read ``V`` as given.
 
 **Stochastic rounding** (:func:`stochastic_round_`). A bf16 weight cannot take an update smaller
 than half its ulp: rounded to nearest it is lost, and training stalls. Rounding up with
@@ -179,12 +181,18 @@ def adam_tensor_(param: Tensor, grad: Tensor, state: dict, step: int, *, lr: flo
     n = param.numel()
     pf, gf = _flat(param), _flat(grad)
     in_place = param.dtype == torch.float32 and pf.data_ptr() == param.data_ptr() and param.is_contiguous()
+    if codec.UPDATES_V:
+        codec.update_v_(state, grad, betas[1])
     for lo, hi in codec.chunks(n):
         w = pf[lo:hi] if in_place else pf[lo:hi].float()
         g = gf[lo:hi] if gf.dtype == torch.float32 else gf[lo:hi].float()
         m, v = codec.load(state, lo, hi)
-        adam_([w], [g], [m], [v], step, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
-        codec.store(state, m, v, lo, state_generator)
+        if codec.UPDATES_V:
+            _adam_given_v_(w, g, m, v, step, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+            codec.store_m(state, m, lo)
+        else:
+            adam_([w], [g], [m], [v], step, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
+            codec.store(state, m, v, lo, state_generator)
         if not in_place:
             if generator is not None:
                 stochastic_round_(pf[lo:hi], w, generator)
@@ -206,11 +214,33 @@ def direction_tensor_(grad: Tensor, state: dict, step: int, *, betas: tuple[floa
         return adam_direction_([grad], [m], [v], step, betas=betas, eps=eps, scale=scale, fused=fused)[0]
     out = torch.empty(grad.shape, dtype=torch.float32, device=grad.device)
     of, gf = out.view(-1), _flat(grad)
+    if codec.UPDATES_V:
+        codec.update_v_(state, grad, betas[1])
     for lo, hi in codec.chunks(grad.numel()):
         m, v = codec.load(state, lo, hi)
-        of[lo:hi] = adam_direction_([gf[lo:hi]], [m], [v], step, betas=betas, eps=eps, scale=scale, fused=fused)[0]
-        codec.store(state, m, v, lo, generator)
+        if codec.UPDATES_V:
+            g = gf[lo:hi] if gf.dtype == torch.float32 else gf[lo:hi].float()
+            m.lerp_(g, 1 - betas[0])
+            torch.div(m, v.sqrt().add_(eps), out=of[lo:hi])
+            if scale != 1.0:
+                of[lo:hi].mul_(scale)
+            codec.store_m(state, m, lo)
+        else:
+            of[lo:hi] = adam_direction_([gf[lo:hi]], [m], [v], step, betas=betas, eps=eps, scale=scale,
+                                        fused=fused)[0]
+            codec.store(state, m, v, lo, generator)
     return out
+
+
+def _adam_given_v_(w: Tensor, g: Tensor, m: Tensor, v: Tensor, step: int, *, lr: float,
+                   betas: tuple[float, float], eps: float, weight_decay: float) -> None:
+    """:func:`adam_` on one chunk whose ``V`` the codec has already updated (``Codec.UPDATES_V``):
+    ``M = b1 M + (1 - b1) G``, ``W = W - lr_t M / (sqrt(V) + eps)``, then the decay."""
+    b1, b2 = betas
+    m.lerp_(g, 1 - b1)
+    w.addcdiv_(m, v.sqrt().add_(eps), value=-lr * math.sqrt(1 - b2**step) / (1 - b1**step))
+    if weight_decay:
+        w.mul_(1 - lr * weight_decay)
 
 
 # ---------------------------------------------------------------------------- stochastic rounding

@@ -263,12 +263,12 @@ def step_error(group: dict[str, Any]) -> str | None:
             and len(betas) == 2 and type(betas[0]) in _NUMBER and type(betas[1]) in _NUMBER
             and 0 <= lr < math.inf and 0 < eps < math.inf and 0 <= wd < math.inf
             and 0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-        return None  # the common case, cheaply (the step checks every group it steps)
+        return CODECS[group.get("state_dtype", "float32")].group_error(group)  # the common case, cheaply (every group, every step)
     for key in _SCHEDULED:
         msg = check_value(key, group[key])
         if msg:
             return msg
-    return None
+    return CODECS[group.get("state_dtype", "float32")].group_error(group)
 
 
 _NUMBER = (float, int)  # exact types (not bool) for the fast path of step_error
@@ -285,6 +285,9 @@ def check_group(group: dict[str, Any], where: str) -> None:
         msg = opt.message(key, group[key])
         if msg:
             raise ValueError(f"{where}: {msg}")
+    msg = CODECS[group["state_dtype"]].group_error(group) if "state_dtype" in group else None
+    if msg:  # the codec's own cross-option check (e.g. no stored M needs betas[0] == 0)
+        raise ValueError(f"{where}: {msg}")
     if projected:
         msg = _constraint_error(group)
         if msg:

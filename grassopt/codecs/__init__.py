@@ -13,20 +13,25 @@ from typing import Any
 
 from ._base import CHUNK, Codec, Layout
 from .bfloat16 import BFloat16
+from .factored import Factored, FactoredNoM
 from .float32 import Float32
 from .int8 import Int8
+from .no_m import NoM
 
-__all__ = ["CODECS", "CHUNK", "Codec", "Layout", "get_codec", "detect", "MOMENT_KEYS"]
+__all__ = ["CODECS", "CHUNK", "Codec", "Layout", "get_codec", "detect", "fits", "MOMENT_KEYS"]
 
 #: name -> codec: the values a param group's ``state_dtype`` may take.
 CODECS: dict[str, Codec] = {
     "float32": Float32(),
     "int8": Int8(),
     "bfloat16": BFloat16(),
+    "factored": Factored(),
+    "no-m": NoM(),
+    "factored-no-m": FactoredNoM(),
 }
 
 #: Every state key a codec stores (the "moments" of the memory accounting).
-MOMENT_KEYS = frozenset(k for c in CODECS.values() for k in c.layout((1,)))
+MOMENT_KEYS = frozenset(k for c in CODECS.values() for k in c.keys())
 
 
 def get_codec(name: Any) -> Codec:
@@ -39,8 +44,12 @@ def get_codec(name: Any) -> Codec:
 def detect(state: dict) -> str | None:
     """The name of the codec whose layout (keys and dtypes) the moments in ``state`` have, or None."""
     for name, codec in CODECS.items():
-        lay = codec.layout((1,))
-        if all(getattr(state.get(k), "dtype", None) == dt for k, (dt, _) in lay.items()) and \
-                not (MOMENT_KEYS - set(lay)) & set(state):
+        if fits(codec, state):
             return name
     return None
+
+
+def fits(codec: Codec, state: dict) -> bool:
+    """Whether the moments in ``state`` are in ``codec``'s layout (and in no other codec's keys). Two
+    codecs may lay some shapes out alike (``factored`` keeps a 1-D tensor's ``V`` whole, as float32)."""
+    return codec.matches(state) and not (MOMENT_KEYS - codec.keys()) & set(state)

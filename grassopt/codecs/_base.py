@@ -39,10 +39,28 @@ class Codec:
     FIELDS: dict[str, Any] = {}
     #: float32 layout keys whose values are never negative (checked when a checkpoint is loaded)
     NON_NEGATIVE: frozenset[str] = frozenset()
+    #: True when the codec updates its ``V`` itself from the whole gradient (:meth:`update_v_`) before
+    #: the chunked Adam, which then reads ``V`` as given and stores back only ``M`` (:meth:`store_m`):
+    #: a statistic of the whole tensor (e.g. factored row and column sums) cannot be updated a chunk
+    #: at a time. :meth:`load` and :meth:`store` keep their meaning (whole moments: the transport).
+    UPDATES_V = False
 
     def layout(self, shape: tuple[int, ...]) -> Layout:
         """The tensors stored for moments of ``shape``: ``{key: (dtype, shape)}``."""
         raise NotImplementedError
+
+    def keys(self) -> frozenset[str]:
+        """Every state key this codec may store, for moments of any shape."""
+        return frozenset(self.layout((1,)))
+
+    def matches(self, state: dict) -> bool:
+        """Whether the moments in ``state`` have one of this codec's layouts (keys and dtypes)."""
+        lay = self.layout((1,))
+        return all(getattr(state.get(k), "dtype", None) == dt for k, (dt, _) in lay.items())
+
+    def group_error(self, group: dict[str, Any]) -> str | None:
+        """Why a param group's other options (e.g. ``betas``) cannot use this codec, or None."""
+        return None
 
     def fields(self) -> dict[str, Any]:
         """The non-tensor fields written into new state (the settings that wrote it)."""
@@ -75,6 +93,16 @@ class Codec:
 
     def store(self, state: dict, m: Tensor, v: Tensor, lo: int = 0, generator: torch.Generator | None = None) -> None:
         """Encode float32 flat ``m``, ``v`` back into elements ``[lo, lo + m.numel())``."""
+        raise NotImplementedError
+
+    def update_v_(self, state: dict, grad: Tensor, beta2: float) -> None:
+        """``V = b2 V + (1 - b2) G*G`` in the codec's own form, for a :attr:`UPDATES_V` codec (``grad``:
+        the moments' shape, any float dtype)."""
+        raise NotImplementedError
+
+    def store_m(self, state: dict, m: Tensor, lo: int = 0) -> None:
+        """Encode float32 flat ``m`` back into elements ``[lo, lo + m.numel())`` of ``M`` alone (a
+        :attr:`UPDATES_V` codec's step: ``V`` was stored by :meth:`update_v_`)."""
         raise NotImplementedError
 
     def chunks(self, n: int) -> Iterator[tuple[int, int]]:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..codecs import detect, get_codec
+from ..codecs import detect, fits, get_codec
 from ..options import OPTIONS, SUBSPACE_DEFAULTS, check_group
 from ..rules import get_rule, rule_flag
 
@@ -76,7 +76,7 @@ def category(key: str, group: dict[str, Any]) -> str:
     LDAdam's error buffer)."""
     if key == "Q":
         return "bases"
-    return "moments" if key in get_codec(group.get("state_dtype", "float32")).layout((1,)) else "other"
+    return "moments" if key in get_codec(group.get("state_dtype", "float32")).keys() else "other"
 
 
 def spec_bytes(group: dict[str, Any], shape: tuple[int, ...] | torch.Size,
@@ -201,7 +201,7 @@ def check_param_state(group: dict[str, Any], p: Tensor, st: dict[str, Any], wher
         return gens  # never stepped
     codec = get_codec(group["state_dtype"])
     has = detect(st)
-    if has is not None and has != codec.NAME:
+    if has is not None and has != codec.NAME and not fits(codec, st):
         raise ValueError(f"{where} has {has} moments but its group has state_dtype={group['state_dtype']!r}; "
                          "build the optimizer with the state_dtype it was saved with")
     need = state_spec(group, tuple(p.shape))
