@@ -13,25 +13,13 @@ from grassopt.codecs import CODECS
 from grassopt.memory import param_state_bytes, state_breakdown
 from reference import ReferenceStep
 from resume import assert_resumes_bit_identically
+from toy import toy_data, toy_model, toy_train
 
 
-def _model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(16, 48), nn.Tanh(), nn.Linear(48, 40), nn.Tanh(), nn.Linear(40, 4))
 
 
-def _data(n):
-    g = torch.Generator().manual_seed(5)
-    w = torch.randn(16, 4, generator=g)
-    xs = [torch.randn(32, 16, generator=g) for _ in range(n)]
-    return [(x, torch.tanh(x @ w)) for x in xs]
 
 
-def _train(model, opt, data):
-    for x, y in data:
-        opt.zero_grad()
-        nn.functional.mse_loss(model(x), y).backward()
-        opt.step()
 
 
 def test_bf16_is_a_registered_codec():
@@ -90,19 +78,19 @@ def test_projected_step_follows_the_float64_reference_on_the_decoded_moments():
 @pytest.mark.parametrize("preset", ["adamw", "subtrack++", "apollo", "ldadam"])
 def test_bf16_moments_resume_bit_identically(preset, tmp_path):
     def build():
-        model = _model()
+        model = toy_model()
         return model, grassopt.make_optimizer(model, preset, lr=1e-2, rank=4, update_interval=3, seed=3,
                                               state_dtype="bfloat16")
 
-    ckpt = assert_resumes_bit_identically(build, _train, _data(10), 4, tmp_path / "c.pt")
+    ckpt = assert_resumes_bit_identically(build, toy_train, toy_data(10), 4, tmp_path / "c.pt")
     assert all(st["exp_avg"].dtype == torch.bfloat16 for st in ckpt["opt"]["state"].values())
 
 
 @pytest.mark.parametrize("preset", ["adamw", "galore", "subtrack++", "apollo", "ldadam"])
 def test_bf16_state_bytes_by_formula_equal_the_live_bytes(preset):
-    model = _model()
+    model = toy_model()
     opt = grassopt.make_optimizer(model, preset, lr=1e-2, rank=4, update_interval=3, state_dtype="bfloat16")
-    _train(model, opt, _data(4))
+    toy_train(model, opt, toy_data(4))
     want = {"bases": 0, "moments": 0, "other": 0}
     for group in opt.param_groups:
         for p in group["params"]:
@@ -114,9 +102,9 @@ def test_bf16_state_bytes_by_formula_equal_the_live_bytes(preset):
 
 
 def test_bf16_state_trains_and_refuses_float32_state():
-    model = _model()
+    model = toy_model()
     opt = grassopt.make_optimizer(model, "subtrack++", lr=1e-2, rank=4, update_interval=10, state_dtype="bfloat16")
-    data = _data(40)
+    data = toy_data(40)
     losses = []
     for x, y in data:
         opt.zero_grad()

@@ -14,6 +14,7 @@ from grassopt.codecs import CODECS
 from grassopt.memory import param_state_bytes, state_breakdown
 from grassopt.train import memory_cli
 from resume import assert_resumes_bit_identically
+from toy import toy_data, toy_model, toy_train
 
 FORMATS = ["factored", "no-m", "factored-no-m"]
 HAS_M = {"factored": True, "no-m": False, "factored-no-m": False}
@@ -24,27 +25,10 @@ def _betas(fmt, b2=0.99):
     return (0.9 if HAS_M[fmt] else 0.0, b2)
 
 
-def _model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(16, 48), nn.Tanh(), nn.Linear(48, 40), nn.Tanh(), nn.Linear(40, 4))
 
 
-def _data(n):
-    g = torch.Generator().manual_seed(5)
-    w = torch.randn(16, 4, generator=g)
-    xs = [torch.randn(32, 16, generator=g) for _ in range(n)]
-    return [(x, torch.tanh(x @ w)) for x in xs]
 
 
-def _train(model, opt, data):
-    losses = []
-    for x, y in data:
-        opt.zero_grad()
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
 
 
 class Reference:
@@ -167,11 +151,11 @@ def test_projected_step_follows_its_float64_update(fmt, shape):
 @pytest.mark.parametrize("preset", ["adamw", "subtrack++", "apollo", "ldadam"])
 def test_resume_bit_identically(fmt, preset, tmp_path):
     def build():
-        model = _model()
+        model = toy_model()
         return model, grassopt.make_optimizer(model, preset, lr=1e-2, rank=4, update_interval=3, seed=3,
                                               betas=_betas(fmt, 0.999), state_dtype=fmt)
 
-    ckpt = assert_resumes_bit_identically(build, _train, _data(10), 4, tmp_path / "c.pt")
+    ckpt = assert_resumes_bit_identically(build, toy_train, toy_data(10), 4, tmp_path / "c.pt")
     states = ckpt["opt"]["state"].values()
     assert all(("exp_avg" in st) == HAS_M[fmt] for st in states)
     assert any("exp_avg_sq_row" in st for st in states) == FACTORED[fmt]
@@ -180,10 +164,10 @@ def test_resume_bit_identically(fmt, preset, tmp_path):
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("preset", ["adamw", "galore", "subtrack++", "apollo", "ldadam"])
 def test_state_bytes_by_formula_equal_the_live_bytes(fmt, preset):
-    model = _model()
+    model = toy_model()
     opt = grassopt.make_optimizer(model, preset, lr=1e-2, rank=4, update_interval=3, betas=_betas(fmt),
                                   state_dtype=fmt)
-    _train(model, opt, _data(4))
+    toy_train(model, opt, toy_data(4))
     want = {"bases": 0, "moments": 0, "other": 0}
     for group in opt.param_groups:
         for p in group["params"]:
@@ -199,10 +183,10 @@ def test_state_bytes_by_formula_equal_the_live_bytes(fmt, preset):
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("preset", ["adamw", "subtrack++"])
 def test_trains(fmt, preset):
-    model = _model()
+    model = toy_model()
     opt = grassopt.make_optimizer(model, preset, lr=1e-2, rank=4, update_interval=10, betas=_betas(fmt, 0.999),
                                   state_dtype=fmt)
-    losses = _train(model, opt, _data(40))
+    losses = toy_train(model, opt, toy_data(40))
     assert losses[-1] < 0.5 * losses[0]
 
 
@@ -220,10 +204,10 @@ def test_no_m_refuses_a_first_moment(fmt):
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_refuses_another_formats_state(fmt):
-    model = _model()
+    model = toy_model()
     opt = grassopt.make_optimizer(model, "subtrack++", lr=1e-2, rank=4, update_interval=10, betas=_betas(fmt),
                                   state_dtype=fmt)
-    _train(model, opt, _data(2))
+    toy_train(model, opt, toy_data(2))
     other = grassopt.make_optimizer(model, "subtrack++", lr=1e-2, rank=4, update_interval=10)
     with pytest.raises(ValueError, match=f"state_dtype={fmt!r} but this one has state_dtype='float32'|"
                                          f"{fmt} moments but its group has state_dtype='float32'"):

@@ -14,6 +14,7 @@ from grassopt.codecs import int8 as I8
 from grassopt.memory import state_bytes
 from reference import ReferenceStep
 from resume import assert_resumes_bit_identically
+from toy import toy_data, toy_model, toy_train
 
 PROJECTED = [p for p, v in grassopt.PRESETS.items() if v is not None]
 
@@ -183,27 +184,10 @@ def test_stochastic_rounding_of_v_is_unbiased(monkeypatch):
     assert abs(float(d.mean()) - 0.3) < 4 * float(se)
 
 
-def _model():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(16, 48), nn.Tanh(), nn.Linear(48, 40), nn.Tanh(), nn.Linear(40, 4))
 
 
-def _data(n=40):
-    g = torch.Generator().manual_seed(5)
-    w = torch.randn(16, 4, generator=g)
-    xs = [torch.randn(32, 16, generator=g) for _ in range(n)]
-    return [(x, torch.tanh(x @ w)) for x in xs]
 
 
-def _train(model, opt, data):
-    losses = []
-    for x, y in data:
-        opt.zero_grad()
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss))
-    return losses
 
 def test_int8_chunks_in_reused_work_buffers_equal_fresh_tensors_and_a_float64_step(monkeypatch):
     """The chunked int8 step reuses per-thread work buffers; interleaving two tensors, over several
@@ -243,12 +227,12 @@ def test_int8_chunks_in_reused_work_buffers_equal_fresh_tensors_and_a_float64_st
 
 @pytest.mark.parametrize("preset", ["adamw", "galore", "subtrack++", "grassjump"])
 def test_int8_state_trains_like_float32_and_counts_its_bytes_exactly(preset):
-    data = _data()
+    data = toy_data()
     out = {}
     for dtype in ("float32", "int8"):
-        model = _model()
+        model = toy_model()
         opt = grassopt.make_optimizer(model, preset, lr=1e-2, rank=4, update_interval=10, state_dtype=dtype)
-        out[dtype] = _train(model, opt, data)
+        out[dtype] = toy_train(model, opt, data)
     f32, i8 = out["float32"], out["int8"]
     assert i8[-1] < 0.5 * i8[0]  # it learns
     assert abs(sum(i8[-5:]) - sum(f32[-5:])) / sum(f32[-5:]) < 0.1
@@ -271,20 +255,20 @@ def test_int8_state_trains_like_float32_and_counts_its_bytes_exactly(preset):
 
 @pytest.mark.parametrize("preset", ["adamw", "subtrack++", "grasswalk"])
 def test_int8_run_resumes_bit_identically(preset, tmp_path):
-    data = _data(12)
+    data = toy_data(12)
 
     def build():
-        model = _model()
+        model = toy_model()
         return model, grassopt.make_optimizer(model, preset, lr=1e-2, rank=4, update_interval=3, seed=3,
                                               state_dtype="int8")
 
-    assert_resumes_bit_identically(build, _train, data, 5, tmp_path / "c.pt")
+    assert_resumes_bit_identically(build, toy_train, data, 5, tmp_path / "c.pt")
 
 
 def test_loading_float32_state_into_an_int8_optimizer_is_refused():
-    model = _model()
+    model = toy_model()
     opt = grassopt.make_optimizer(model, "galore", lr=1e-2, rank=4)
-    _train(model, opt, _data(2))
+    toy_train(model, opt, toy_data(2))
     other = grassopt.make_optimizer(model, "galore", lr=1e-2, rank=4, state_dtype="int8")
     with pytest.raises(ValueError, match="float32 moments but its group has state_dtype='int8'"):
         other.load_state_dict(opt.state_dict())
@@ -372,10 +356,10 @@ def test_stochastic_rounding_into_fp16_rounds_to_nearest_and_says_so_once(monkey
 
 def test_the_int8_code_map_is_saved_with_the_state_and_read_back_from_it(monkeypatch):
     """A state records the code that wrote it; changing the default later does not change how it reads."""
-    model = _model()
+    model = toy_model()
     monkeypatch.setattr(I8, "V_CODE", "log")
     opt = grassopt.make_optimizer(model, "subtrack++", lr=1e-2, rank=4, update_interval=3, state_dtype="int8")
-    _train(model, opt, _data(4))
+    toy_train(model, opt, toy_data(4))
     sd = opt.state_dict()
     assert {st["int8_code"] for st in sd["state"].values()} == {"log/nearest"}
     monkeypatch.setattr(I8, "V_CODE", "pow4")

@@ -287,14 +287,7 @@ def test_grassopt_train_resume_equals_one_run_bit_for_bit(name, tmp_path):
                            eval_every=5, eval_tokens=128, log_every=2, progress=False, plot=False, threads=1,
                            out=str(tmp_path / out), **kw)
 
-    full = train(cfg("a"), dataset=data)
-    assert train(cfg("b", stop_after=3), dataset=data)["steps"] == 3
-    resumed = train(cfg("b", resume=True), dataset=data)
-    assert resumed["finished"] and resumed["final_eval_loss"] == full["final_eval_loss"]
-    a, b = (torch.load(tmp_path / o / "checkpoint.pt", weights_only=True)["model"] for o in ("a", "b"))
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    assert full["optimizer_state_bytes"] == resumed["optimizer_state_bytes"] > 0
+    assert_train_resumes(cfg, data, tmp_path)
     logged = [json.loads(line) for line in open(tmp_path / "a" / "metrics.jsonl")]
     assert all(isinstance(r["lr"], float) for r in logged if "lr" in r)
 
@@ -438,3 +431,17 @@ def test_torchao_compiled_step_agrees_with_its_eager_step(monkeypatch):
     for a, b in zip(m.parameters(), e.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
         assert (a - b).abs().gt(1e-6).float().mean() < 0.01
+
+
+def assert_train_resumes(cfg, data, tmp_path):
+    """``train(cfg("a"))`` straight through, and ``cfg("b")`` stopped after 3 steps then resumed, end with
+    the same eval loss, the same weights bit for bit and the same state bytes."""
+    full = train(cfg("a"), dataset=data)
+    assert train(cfg("b", stop_after=3), dataset=data)["steps"] == 3
+    resumed = train(cfg("b", resume=True), dataset=data)
+    assert resumed["finished"] and resumed["final_eval_loss"] == full["final_eval_loss"]
+    a, b = (torch.load(tmp_path / o / "checkpoint.pt", weights_only=True)["model"] for o in ("a", "b"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert full["optimizer_state_bytes"] == resumed["optimizer_state_bytes"] > 0
+

@@ -21,7 +21,7 @@ from grassopt.train import cli as train_cli
 from grassopt.train.data import TokenizedCorpus
 from grassopt.train.loop import TrainConfig, build_optimizer, train
 
-from test_references import VOCAB, batch, nano, steps  # the nano Llama and its steps, shared
+from test_references import VOCAB, assert_train_resumes, batch, nano, steps  # the nano Llama and its steps, shared
 
 LR, WD = 1e-2, 0.1
 HIDDEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -283,14 +283,7 @@ def test_grassopt_train_resume_equals_one_run_bit_for_bit(tmp_path):
                            eval_tokens=128, log_every=2, progress=False, plot=False, threads=1,
                            out=str(tmp_path / out), **kw)
 
-    full = train(cfg("a"), dataset=data)
-    assert train(cfg("b", stop_after=3), dataset=data)["steps"] == 3
-    resumed = train(cfg("b", resume=True), dataset=data)
-    assert resumed["finished"] and resumed["final_eval_loss"] == full["final_eval_loss"]
-    a, b = (torch.load(tmp_path / o / "checkpoint.pt", weights_only=True)["model"] for o in ("a", "b"))
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    assert full["optimizer_state_bytes"] == resumed["optimizer_state_bytes"] > 0
+    assert_train_resumes(cfg, data, tmp_path)
 
 
 def test_grassopt_train_refuses_a_bad_rest_in_one_line(tmp_path, monkeypatch, capsys):
