@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..codecs import detect, fits, get_codec
+from ..codecs import MOMENT_KEYS, detect, fits, get_codec
 from ..options import OPTIONS, SUBSPACE_DEFAULTS, check_group
 from ..rules import get_rule, rule_flag
 
@@ -201,7 +201,8 @@ def check_param_state(group: dict[str, Any], p: Tensor, st: dict[str, Any], wher
         return gens  # never stepped
     codec = get_codec(group["state_dtype"])
     has = detect(st)
-    if has is not None and has != codec.NAME and not fits(codec, st):
+    # another codec's layout, unless the state only lacks some of this codec's keys (then: incomplete)
+    if has is not None and has != codec.NAME and not fits(codec, st) and not set(st) & MOMENT_KEYS <= codec.keys():
         raise ValueError(f"{where} has {has} moments but its group has state_dtype={group['state_dtype']!r}; "
                          "build the optimizer with the state_dtype it was saved with")
     need = state_spec(group, tuple(p.shape))
