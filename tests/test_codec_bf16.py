@@ -104,14 +104,7 @@ def test_bf16_state_bytes_by_formula_equal_the_live_bytes(preset):
 def test_bf16_state_trains_and_refuses_float32_state():
     model = toy_model()
     opt = grassopt.make_optimizer(model, "subtrack++", lr=1e-2, rank=4, update_interval=10, state_dtype="bfloat16")
-    data = toy_data(40)
-    losses = []
-    for x, y in data:
-        opt.zero_grad()
-        loss = nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss))
+    losses = toy_train(model, opt, toy_data(40))
     assert losses[-1] < 0.5 * losses[0]
     other = grassopt.make_optimizer(model, "subtrack++", lr=1e-2, rank=4, update_interval=10)
     with pytest.raises(ValueError, match="bfloat16 moments but its group has state_dtype='float32'"):

@@ -6,9 +6,7 @@ AdamW part's eps (ref-muon's too) and bad settings are refused in one line. ``re
 default) and ``ref-muon`` keep their numbers (tests/test_references.py builds them by hand)."""
 
 import io
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -18,10 +16,9 @@ from grassopt.bench.cli import parse_variant
 from grassopt.references import AdafactorAdamW, HiddenAndAdamW, MuonAdamW
 from grassopt.targets import hidden_matrices
 from grassopt.train import cli as train_cli
-from grassopt.train.data import TokenizedCorpus
 from grassopt.train.loop import TrainConfig, build_optimizer, train
 
-from test_references import VOCAB, assert_train_resumes, batch, nano, steps  # the nano Llama and its steps, shared
+from test_references import VOCAB, assert_train_resumes, batch, nano, steps, tiny_corpus  # the nano Llama and its steps, shared
 
 LR, WD = 1e-2, 0.1
 HIDDEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -264,16 +261,6 @@ def test_any_torch_optimizer_can_take_the_hidden_matrices():
 
 
 # ---------------------------------------------------------------------------------------- grassopt train
-def tiny_corpus():
-    rng = np.random.default_rng(0)
-    stream = np.tile(rng.integers(0, VOCAB, 97), 200)
-    noise = rng.random(stream.size) < 0.1
-    stream[noise] = rng.integers(0, VOCAB, noise.sum())
-    stream = stream.astype(np.uint16)
-    return TokenizedCorpus(train=stream[:18000], val=stream[18000:], tokenizer=None, vocab_size=VOCAB, eos_id=0,
-                           meta={}, from_cache=True, cache_dir=Path("."), source="synthetic")
-
-
 def test_grassopt_train_resume_equals_one_run_bit_for_bit(tmp_path):
     data = tiny_corpus()
 
