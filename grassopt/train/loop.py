@@ -39,7 +39,7 @@ __all__ = ["TrainConfig", "train", "build_optimizer", "evaluate", "CheckpointErr
            "config_differences", "lr_factor"]
 
 #: Optimizers the loop knows beside grassopt's presets (grassopt.registry).
-EXTRA_PRESETS = {name: kind.description for name, kind in registry.EXTRA_KINDS.items()}
+EXTRA_PRESETS = {name: entry.description for name, entry in registry.OTHER_ENTRIES.items()}
 
 
 
@@ -74,7 +74,7 @@ class TrainConfig(RunConfig):
     preset: str = setting(
         "subtrack++", "optimizer preset; adamw-torch is torch.optim.AdamW; ref-* are reference optimizers (ref-muon, "
                       "ref-adafactor: torch's own; the others need pip install grassopt[bench])",
-        group="optimizer", choices=lambda: sorted(registry.KINDS))
+        group="optimizer", choices=lambda: sorted(registry.ENTRIES))
     rank: int | str | None = setting(
         None, "subspace rank r: an integer, or 'd/N' for a fraction of each matrix's short side (default: the "
               "preset's: 128; apollo d/4; apollo-mini 1)", group="optimizer", parse=parse_rank)
