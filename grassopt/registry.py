@@ -161,6 +161,57 @@ def _build_ref_apollo(r: Request) -> torch.optim.Optimizer:
                            lr=r.lr, betas=r.betas, weight_decay=r.weight_decay)
 
 
+def _hidden_by_rank(r: Request, ours: str) -> tuple[dict[int, list[nn.Parameter]], list[nn.Parameter]]:
+    """({rank: the hidden matrices at that rank}, every other trainable parameter): the targets and ranks of
+    :func:`grassopt.param_groups` (``r.rank``, else the default rank of our preset ``ours``); a matrix whose
+    short side is not larger than its rank is left with the others (as grassopt leaves it unprojected)."""
+    spec = default_rank(ours) if r.rank is None else r.rank
+    by_rank: dict[int, list[nn.Parameter]] = {}
+    for _, w in hidden_matrices(r.model, r.targets):
+        k = resolve_rank(spec, w.shape)
+        if k < min(w.shape):
+            by_rank.setdefault(k, []).append(w)
+    inside = {id(w) for ws in by_rank.values() for w in ws}
+    return by_rank, [p for p in r.model.parameters() if p.requires_grad and id(p) not in inside]
+
+
+def _build_ref_alice(r: Request) -> torch.optim.Optimizer:
+    """Alice (pytorch-optimizer) on the hidden matrices, at grassopt's ranks and update interval, and
+    ``torch.optim.AdamW`` on everything else (at ``plain_lr``), as one optimizer."""
+    references.require(r.name)
+    from pytorch_optimizer import Alice
+    by_rank, rest = _hidden_by_rank(r, "galore")
+    opts = {"alpha": 0.3, "alpha_c": 0.4, "gamma": 1.01, "leading_basis": 40, **r.options}
+    interval = r.update_interval or SUBSPACE_DEFAULTS["update_interval"]
+    groups = [{"params": ws, "rank": k, "update_interval": interval, **opts,
+               "leading_basis": min(int(opts["leading_basis"]), k)} for k, ws in sorted(by_rank.items())]
+    if not groups:
+        raise ValueError(f"{r.name} found no hidden matrix larger than its rank ({r.rank!r})")
+    alice = Alice(groups, lr=r.lr, weight_decay=r.weight_decay)
+    return references.HiddenAndAdamW(alice, references._rest_adamw(rest, r.lr, r.weight_decay, r.betas, 1e-8,
+                                                                   r.plain()))
+
+
+def _build_ref_galore_adafactor(r: Request) -> torch.optim.Optimizer:
+    """galore-torch's GaLoreAdafactor (GaLore's projection around Adafactor's factored statistics, no first
+    moment, relative steps off so that ``lr`` is the rate) on the hidden matrices, at grassopt's ranks and
+    update interval, and ``torch.optim.AdamW`` on everything else (at ``plain_lr``), as one optimizer."""
+    references.require(r.name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from galore_torch import GaLoreAdafactor
+    by_rank, rest = _hidden_by_rank(r, "galore")
+    interval = r.update_interval or SUBSPACE_DEFAULTS["update_interval"]
+    groups = [{"params": ws, "rank": k, "update_proj_gap": interval, "scale": r.options.get("alpha", 0.25),
+               "proj_type": "std"} for k, ws in sorted(by_rank.items())]
+    if not groups:
+        raise ValueError(f"{r.name} found no hidden matrix larger than its rank ({r.rank!r})")
+    adafactor = GaLoreAdafactor(groups, lr=r.lr, weight_decay=r.weight_decay, relative_step=False,
+                                scale_parameter=False, warmup_init=False)
+    return references.HiddenAndAdamW(adafactor, references._rest_adamw(rest, r.lr, r.weight_decay, r.betas, 1e-8,
+                                                                       r.plain()))
+
+
 RSO_OPTIONS = {"inner_steps", "mu", "inner", "eps"}
 ZO_OPTIONS = {"eps", "momentum", "law", "lazy", "others", "clip", "nonfinite"}
 
@@ -174,6 +225,15 @@ OTHER_ENTRIES: dict[str, Entry] = {
     "ref-apollo": Entry("reference", "APOLLOAdamW from the reference package apollo-torch (optional: pip install "
                                     "grassopt[bench])", _build_ref_apollo, frozenset({"scale", "scale_type"}),
                        " (scale: APOLLO's scale of the update, 1.0 by default; scale_type: channel or tensor)"),
+    "ref-alice": Entry("reference", "Alice from pytorch-optimizer (low-rank Adam-like statistics in a tracked "
+                                   "subspace with full-rank compensation) on the hidden matrices at the rank and update "
+                                   "interval + torch.optim.AdamW on the rest", _build_ref_alice,
+                        frozenset({"alpha", "alpha_c", "gamma", "leading_basis"}),
+                        " (alpha, alpha_c, gamma, leading_basis: Alice's own, the package's defaults)"),
+    "ref-galore-adafactor": Entry("reference", "GaLoreAdafactor from galore-torch (Adafactor inside GaLore's "
+                                              "subspace) on the hidden matrices + torch.optim.AdamW on the rest",
+                                  _build_ref_galore_adafactor, frozenset({"alpha"}),
+                                  " (alpha: GaLore's scale of the update, 0.25 by default)"),
     "zo": Entry("zo", "forward-only training: zeroth-order low-rank (U V^T, Haar V) gradient estimates (grassopt.zo)",
                _build_zo, frozenset(ZO_OPTIONS)),
     "mezo": Entry("zo", "forward-only training with dense Gaussian perturbations (MeZO), the baseline of zo",

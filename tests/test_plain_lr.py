@@ -112,7 +112,7 @@ def test_targets_decide_what_is_hidden():
 
 
 GROUP_PRESETS = ["adamw", "galore", "subtrack++", "apollo", "ldadam", "adamw-torch", "rso", "ref-galore", "ref-apollo",
-               *references.REFERENCES]
+                 "ref-alice", "ref-galore-adafactor", *references.REFERENCES]
 
 
 @pytest.mark.parametrize("name", GROUP_PRESETS)
