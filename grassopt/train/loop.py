@@ -112,6 +112,11 @@ class TrainConfig(RunConfig):
         "float32", "Adam moments of grassopt's presets (projected and plain groups): float32, or int8 codes with a "
                    "float32 scale per block of 256 (about 1/4 of the bytes; grassopt.codecs.int8)",
         group="optimizer", choices=state_dtype_choices)
+    plain_state_dtype: str | None = setting(
+        None, "Adam moments of the plain parameters (embedding, head, norms, biases) of grassopt's presets, in "
+              "place of --state-dtype: e.g. factored (Adafactor's row and column statistics for V) beside int8 "
+              "subspace moments; factored-no-m and no-m need --betas 0,B2", group="optimizer",
+        choices=state_dtype_choices)
     stochastic_rounding: bool = setting(
         False, "with --param-dtype bfloat16: round each weight update stochastically (unbiased), so that updates "
                "below half a bf16 ulp are not lost; seeded, resumable, identical on every rank", group="optimizer")
@@ -168,6 +173,11 @@ class TrainConfig(RunConfig):
         check_folder(data_mod.default_cache_root(self.cache_dir), "cache_dir", "cache folder")
         if self.state_dtype not in state_dtype_choices():
             raise ValueError(f"state_dtype={self.state_dtype!r} must be one of {state_dtype_choices()}")
+        if self.plain_state_dtype is not None and self.plain_state_dtype not in state_dtype_choices():
+            raise ValueError(f"plain_state_dtype={self.plain_state_dtype!r} must be one of {state_dtype_choices()}")
+        if self.plain_state_dtype is not None and self.preset not in PRESETS:
+            raise ValueError(f"plain_state_dtype={self.plain_state_dtype!r} applies to grassopt's presets, not to "
+                             f"{self.preset!r}; leave it unset")
         if self.state_dtype != "float32" and self.preset not in PRESETS:
             raise ValueError(f"state_dtype={self.state_dtype!r} applies to grassopt's presets, not to {self.preset!r} "
                              "(for 8-bit AdamW as a reference use the preset ref-adamw8bit)")
@@ -243,7 +253,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
                           rank=cfg.rank, update_interval=cfg.update_interval, targets=cfg.targets,
                           options=cfg.options, seed=cfg.seed, state_dtype=cfg.state_dtype,
                           stochastic_rounding=cfg.stochastic_rounding, sketch=cfg.sketch, sketch_rank=cfg.sketch_rank,
-                          plain_lr=cfg.plain_lr, plain_weight_decay=cfg.plain_weight_decay)
+                          plain_lr=cfg.plain_lr, plain_weight_decay=cfg.plain_weight_decay,
+                          plain_state_dtype=cfg.plain_state_dtype)
 
 
 #: Bytes of any optimizer's state tensors (:func:`grassopt.registry.state_bytes`).
