@@ -26,6 +26,7 @@ from .. import functional as F
 from .. import recovery as rec
 from ..codecs import Codec
 from ..linalg import is_transposed, largest_angle, orient, reorthonormalize
+from ..qlinear import int8_module
 from ..rules import RuleContext, rule_flag
 from ..transport import transport
 from .state import init_state
@@ -298,7 +299,8 @@ def apply_updates_(batch: Batch, states: list[dict], nts: list[Tensor], phis: li
     """``W = (W - s D)(1 - lr wd)`` for every matrix (``D``: the back-projected ``N``, plus the recovery
     term; or APOLLO's scaled gradient), rounded into a low-precision ``W`` (stochastically from
     ``generator``, the rounding generator, with ``stochastic_rounding``); then error feedback's
-    ``E = X - Q R``. ``nts`` already hold ``alpha N - alpha_r c R Phi`` with recovery."""
+    ``E = X - Q R``. An int8 weight (:func:`grassopt.qlinear.int8_module`) is dequantized, updated in
+    float32 and requantized onto its grid (stochastically with ``stochastic_rounding``). ``nts`` already hold ``alpha N - alpha_r c R Phi`` with recovery."""
     scaling, feedback, recovery = group.get("scaling"), group.get("error_feedback", False), group["recovery"]
     alpha = group["alpha"]
     alpha_r = alpha if group["alpha_r"] is None else group["alpha_r"]
@@ -306,9 +308,10 @@ def apply_updates_(batch: Batch, states: list[dict], nts: list[Tensor], phis: li
     for j, (p, x, q, st, rt, nt, step_size) in enumerate(zip(batch.params, batch.xs, batch.qs, states, batch.rts,
                                                              nts, sizes)):
         transposed = is_transposed(p.shape)
-        w = p if p.dtype == torch.float32 else p.float()
+        q8 = int8_module(p)  # an int8 weight (grassopt.qlinear): its float32 values, requantized below
+        w = q8.read().view(p.shape) if q8 is not None else p if p.dtype == torch.float32 else p.float()
         # the raw gradient in W's layout: p.grad itself when W is float32 and X was not rebuilt
-        g = p.grad if w is p and not feedback else x.mT if transposed else x
+        g = cast(Tensor, p.grad) if w is p and not feedback else x.mT if transposed else x
         if scaling is not None:  # APOLLO: D = alpha c X Phi, nothing back-projected
             phi = phis[j] if scaling == "tensor" else phis[j].unsqueeze(1) if transposed else phis[j].unsqueeze(0)
             if group["weight_decay"]:
@@ -325,7 +328,9 @@ def apply_updates_(batch: Batch, states: list[dict], nts: list[Tensor], phis: li
             if recovery:  # + alpha_r c X Phi, with Phi along the long side
                 phi = phis[j].unsqueeze(1)
                 w.addcmul_(g, phi if transposed else phi.mT, value=-step_size * alpha_r * decay)
-        if w is not p:
+        if q8 is not None:
+            q8.write_(w.view(-1), generator=generator(j) if group["stochastic_rounding"] else None)
+        elif w is not p:
             if group["stochastic_rounding"]:
                 F.stochastic_round_(p, w, generator(j))
             else:
