@@ -27,12 +27,18 @@ import torch
 
 from ..memory import CATEGORIES, DTYPES, INT8_BLOCK, STATE_DTYPES, _dtype, _size, _state_dtype, param_state_bytes
 from ..optimizer import SubspaceAdamW
+from ..qlinear import BLOCK as INT8_WEIGHT_BLOCK
+from ..qlinear import weight_bytes as int8_weight_bytes
 from ..presets import PRESETS, default_rank, param_groups
 from ..targets import resolve_sketch_rank, select_targets
 from .model import CONFIGS, Llama, LlamaConfig, config
 
 __all__ = ["estimate", "activation_bytes", "load_config", "Estimate", "ParamMemory", "fits_line", "NOT_COUNTED",
-           "DTYPES", "STATE_DTYPES", "INT8_BLOCK"]
+           "DTYPES", "PARAM_DTYPES", "STATE_DTYPES", "INT8_BLOCK"]
+
+#: ``--param-dtype``: a dtype of every weight (:data:`DTYPES`), or ``int8``: the weights of the targeted linear
+#: layers as int8 codes with block scales (:mod:`grassopt.qlinear`), everything else (and every product) bf16
+PARAM_DTYPES: dict[str, Any] = {**DTYPES, "int8": "int8"}
 
 
 _HF_KEYS = {"hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
@@ -359,7 +365,9 @@ def estimate(config: Any, preset: str = "adamw", rank: int | str | None = None, 
         config: a config name (``nano`` ... ``7b``), a ``LlamaConfig`` or a ``config.json`` path.
         preset, rank, targets, overrides: as for :func:`grassopt.param_groups` (``rank=None``: the
             preset's default; ``"d/4"``: a fraction of each matrix's short side).
-        dtype: the weights' (and gradients', and activations') dtype (``grassopt memory --param-dtype``).
+        dtype: the weights' (and gradients', and activations') dtype (``grassopt memory --param-dtype``);
+            ``"int8"``: the weights of the ``targets`` linear layers as int8 codes plus a float32 scale per
+            block (:func:`grassopt.qlinear.weight_bytes`), the rest (and gradients, activations) bf16.
         state_dtype: the optimizer state's dtype, priced by :func:`param_state_bytes`. ``"fp32"``
             (the default): what :class:`grassopt.SubspaceAdamW` allocates by default; ``"int8"``: its
             8-bit moments (any codec of :data:`grassopt.codecs.CODECS` is priced as it lays its moments
@@ -380,6 +388,10 @@ def estimate(config: Any, preset: str = "adamw", rank: int | str | None = None, 
     """
     cfg = load_config(config, vocab_size)
     seq_len = cfg.max_seq_len if seq_len is None else seq_len
+    int8 = dtype in ("int8", torch.int8)  # int8 linear weights (grassopt.qlinear), bf16 around them
+    if int8 and mode is not None:
+        raise ValueError(f"dtype='int8' weights and mode={mode!r}: the sketched layers read full-precision weights")
+    dtype = "bf16" if int8 else dtype
     wsize, sdtype = _size(dtype), _state_dtype(state_dtype)
     if isinstance(sdtype, str) and sdtype != "float32" and mode == "rso":
         raise ValueError(f"state_dtype={sdtype!r} is SubspaceAdamW's; RSO (mode='rso') brings its own optimizer, "
@@ -399,6 +411,7 @@ def estimate(config: Any, preset: str = "adamw", rank: int | str | None = None, 
         notes += [str(w.message) for w in caught]
         label_rank = None if PRESETS[preset] is None else (default_rank(preset) if rank is None else rank)
     opt = _ShapesOnly(groups)
+    quantized = {id(mod.weight) for _, mod in select_targets(model, targets)} if int8 else set()
     params: list[ParamMemory] = []
     for name, p in model.named_parameters():
         numel = p.numel()
@@ -410,8 +423,10 @@ def estimate(config: Any, preset: str = "adamw", rank: int | str | None = None, 
             continue
         group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
         sb = param_state_bytes(p.shape, group, sdtype)
+        # an int8 weight: its codes and block scales, and its parameter's one element of the compute dtype
+        weights = int8_weight_bytes(p.shape) + wsize if id(p) in quantized else numel * wsize
         params.append(ParamMemory(name, tuple(p.shape), "projected" if "rank" in group else "plain",
-                                  group.get("rank"), weights=numel * wsize, gradients=numel * wsize,
+                                  group.get("rank"), weights=weights, gradients=numel * wsize,
                                   bases=sb["bases"], moments=sb["moments"], other=sb["other"]))
     acts = activation_bytes(cfg, batch_size, seq_len, dtype, mode, sketch_rank,
                             covered=names_covered if mode else None, checkpoint=checkpoint_activations)
@@ -422,9 +437,13 @@ def estimate(config: Any, preset: str = "adamw", rank: int | str | None = None, 
     if mode == "rso":
         notes.append("rso: the covered weights are frozen inside an outer iteration; B and its Adam state are "
                      "counted on the covered rows, P under 'sketch matrices P'")
+    if int8:
+        notes.append(f"int8 weights: {len(quantized)} linear layers as int8 codes with a float32 scale per "
+                     f"{INT8_WEIGHT_BLOCK} elements (grassopt.qlinear); the other parameters, the gradients and the "
+                     "activations bfloat16")
     label = Path(config).name if isinstance(config, Path) else config if isinstance(config, str) else "config"
     return Estimate(model=label, preset="rso" if mode == "rso" else preset,
-                    rank=label_rank, dtype=str(_dtype(dtype)).replace("torch.", ""),
+                    rank=label_rank, dtype="int8+bfloat16" if int8 else str(_dtype(dtype)).replace("torch.", ""),
                     state_dtype=str(sdtype).replace("torch.", ""), batch_size=batch_size,
                     seq_len=seq_len, mode=mode, sketch_rank=sketch_rank, params=params, activations=acts,
                     sketch_matrices=sketch_matrices, notes=notes, layerwise=layerwise,

@@ -46,7 +46,7 @@ def _budget(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .estimate import DTYPES, INT8_BLOCK, STATE_DTYPES
+    from .estimate import INT8_BLOCK, PARAM_DTYPES, STATE_DTYPES
     from ..presets import DEFAULT_RANK, DEFAULT_RANKS, PRESETS
     from .model import CONFIGS
 
@@ -68,9 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
                          f"short side); default: the preset's ({defaults}; otherwise {DEFAULT_RANK})")
     ap.add_argument("--targets", nargs="+", default=["all-linear"],
                     help="projected (and sketched) linear layers: 'all-linear' or module-name patterns")
-    ap.add_argument("--param-dtype", "--dtype", dest="dtype", default="fp32", choices=sorted(DTYPES),
+    ap.add_argument("--param-dtype", "--dtype", dest="dtype", default="fp32", choices=sorted(PARAM_DTYPES),
                     help="dtype of the weights, and so of the gradients and activations (bf16: 2 bytes each); "
-                         "--dtype is the same option (default fp32)")
+                         "int8: the targeted linear layers' weights as int8 codes plus a float32 scale per 256 "
+                         "(grassopt train --param-dtype int8), the rest bf16; --dtype is the same option "
+                         "(default fp32)")
     ap.add_argument("--state-dtype", default="fp32", choices=sorted(STATE_DTYPES),
                     help="optimizer-state dtype: fp32 (default; what SubspaceAdamW allocates by default), int8 "
                          f"(SubspaceAdamW's 8-bit Adam moments: n one-byte codes plus one float32 scale per "
