@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import bases
 from .codecs import get_codec
 from .optim import _plain, _projected
 from .optim._projected import mix_seed as _mix_seed
@@ -182,8 +183,10 @@ class SubspaceAdamW(Optimizer):
         """The current basis ``Q`` (``d x r``, float32) of a projected parameter; None before its first
         step or for a plain parameter. Rules that keep a seed instead (``gaussian``) regenerate it."""
         st = self.state.get(p, {})
-        if "Q" in st or "seed" not in st:
-            return st.get("Q")
+        if "Q" in st:
+            return bases.load(st)
+        if "seed" not in st:
+            return None
         group = self.param_groups[self._locate(p)[0]]
         return _projected.seeded_basis(get_rule(group["rule"]), group, st["seed"],
                                        torch.empty(min(p.shape), 0, device=p.device), self._seed_generators)

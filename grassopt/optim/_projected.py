@@ -22,6 +22,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
+from .. import bases
 from .. import functional as F
 from .. import recovery as rec
 from ..codecs import Codec
@@ -107,7 +108,7 @@ def prepare(group: dict[str, Any], rule, chosen: list[tuple[int, Tensor]], state
             if "seed" in st and st["step"] % T:
                 q = seeded_basis(rule, group, st["seed"], x, cache)
         else:
-            q = st.get("Q")
+            q = bases.load(st) if "Q" in st else None
         batch.qs[j] = q
         if q is not None:
             batch.project(j)
@@ -142,7 +143,8 @@ def _first_basis_(batch: Batch, j: int, st: dict[str, Any], ctx: RuleContext, *,
         st["seed"] = seed
         q = seeded_basis(rule, group, seed, x, cache)
     else:
-        q = st["Q"] = rule.init(x, ctx).to(torch.float32).contiguous()
+        bases.store(st, rule.init(x, ctx).to(torch.float32), group["basis_dtype"])
+        q = bases.load(st)  # the stored basis, as every later step decodes it
     init_state(st, group, batch.params[j])
     batch.qs[j] = q
     batch.project(j)
@@ -158,7 +160,10 @@ def _update_basis_(batch: Batch, j: int, st: dict[str, Any], ctx: RuleContext, *
         transport_moments_(codec, group["transport"], q, q, st)
         angle = None
     else:
-        q_old = st["Q"]
+        q_old = batch.qs[j] if batch.qs[j] is not None else bases.load(st)
+        if bases.compressed(st) and rule_flag(rule, "ORTHONORMAL"):  # the rule's maths needs orthonormal columns
+            q_old = reorthonormalize(q_old, tol=0.0)
+            batch.rts[j] = None
         if batch.rts[j] is None:
             batch.qs[j] = q_old
             batch.project(j)
@@ -172,7 +177,8 @@ def _update_basis_(batch: Batch, j: int, st: dict[str, Any], ctx: RuleContext, *
             q_new = q_new.contiguous()
             angle = ctx.angle if ctx.angle is not None else largest_angle(q_old, q_new) if orthonormal else None
             transport_moments_(codec, group["transport"], q_old, q_new, st)
-            st["Q"] = q = q_new
+            bases.store(st, q_new, group["basis_dtype"])
+            q = bases.load(st)
         else:
             q, angle = q_old, x.new_zeros(())
     batch.qs[j] = q
@@ -203,7 +209,7 @@ def maintain_bases_(batch: Batch, states: list[dict], diags: list[dict], *, rule
         else:
             basis_update = False
             if batch.rts[j] is None:  # error feedback: X was only formed now
-                batch.qs[j] = st["Q"]
+                batch.qs[j] = bases.load(st)
                 batch.project(j)
         if ctx.svd_fallbacks:
             diag["svd_fallbacks"] = diag.get("svd_fallbacks", 0) + ctx.svd_fallbacks

@@ -46,6 +46,7 @@ def _budget(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..bases import BASIS_DTYPES
     from .estimate import INT8_BLOCK, PARAM_DTYPES, STATE_DTYPES
     from ..presets import DEFAULT_RANK, DEFAULT_RANKS, PRESETS
     from .model import CONFIGS
@@ -79,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                          f"{INT8_BLOCK} elements per moment tensor; the basis Q and the other state stay float32), "
                          "any other moment codec of grassopt.codecs.CODECS as it lays its moments out, "
                          "or bf16/fp16 (every state element in 2 bytes, the papers' convention)")
+    ap.add_argument("--basis-dtype", default="float32", choices=list(BASIS_DTYPES),
+                    help="how the projected presets store their bases Q (the group option basis_dtype, "
+                         "grassopt.bases): float32 (default), bfloat16, or int8 with a float32 scale per column")
     ap.add_argument("--layerwise", action="store_true",
                     help="layer-wise updates (grassopt train --layerwise): each gradient is stepped and freed as "
                          "soon as it is complete, so only the largest single gradient counts (one micro-batch "
@@ -108,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..presets import PRESETS
     from .estimate import NOT_COUNTED, _human, estimate
 
     args = build_parser().parse_args(argv)
@@ -121,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
             results.append(estimate(args.model, preset, args.rank, args.dtype, batch_size=args.batch_size,
                                     seq_len=args.seq_len, mode=mode, sketch_rank=args.sketch_rank if mode else None,
                                     targets=args.targets, state_dtype=args.state_dtype, vocab_size=args.vocab_size,
-                                    layerwise=args.layerwise, checkpoint_activations=args.checkpoint_activations))
+                                    layerwise=args.layerwise, checkpoint_activations=args.checkpoint_activations,
+                                    **({} if args.basis_dtype == "float32" or PRESETS[preset] is None
+                                       else {"basis_dtype": args.basis_dtype})))
             if mode == "rso":  # RSO replaces the optimizer (inner Adam on B, AdamW elsewhere): one row
                 if args.preset != ["adamw"]:
                     print("grassopt memory: --activations rso brings its own optimizer; --preset is ignored",
