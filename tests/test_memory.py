@@ -350,15 +350,16 @@ def test_cli_7b_on_24_gib(capsys):
     assert "RSO (mode='rso') brings its own optimizer" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("param_dtype, compute", [("int8", torch.bfloat16), ("int8-fp32", torch.float32)])
 @pytest.mark.parametrize("preset", ["subtrack++", "apollo-mini", "adamw"])
-def test_int8_weights_estimate_equals_a_live_int8_model(preset, capsys):
+def test_int8_weights_estimate_equals_a_live_int8_model(preset, param_dtype, compute, capsys):
     """--param-dtype int8: the quantized layers' codes, block scales and one-element parameters, the rest bf16;
     gradients bf16; the optimizer's state: byte for byte against a live model after one step."""
     from grassopt.qlinear import Int8Linear, quantize_linears
     cfg = config("nano", vocab_size=VOCAB)
     rank = None if preset in DEFAULT_RANKS else 8
     torch.manual_seed(0)
-    model = quantize_linears(Llama(cfg)).to(torch.bfloat16)
+    model = quantize_linears(Llama(cfg)).to(compute)
     opt = grassopt.make_optimizer(model, preset, lr=1e-3, rank=rank, state_dtype="int8", stochastic_rounding=True)
     idx = torch.randint(0, VOCAB, (1, 8))
     model(idx, idx)[1].backward()
@@ -368,14 +369,16 @@ def test_int8_weights_estimate_equals_a_live_int8_model(preset, capsys):
     assert len(layers) == 7 * cfg.num_layers
     live_w = (sum(p.untyped_storage().nbytes() for p in model.parameters())
               + sum(m.codes.untyped_storage().nbytes() + m.scales.untyped_storage().nbytes() for m in layers))
-    est = estimate(cfg, preset, rank, "int8", state_dtype="int8")
+    est = estimate(cfg, preset, rank, param_dtype, state_dtype="int8")
     t = est.totals()
     assert t["weights"] == live_w and t["gradients"] == grads
     assert {k: t[k] for k in ("bases", "moments", "other")} == state_breakdown(opt)
-    bf16 = estimate(cfg, preset, rank, "bf16", state_dtype="int8").totals()
-    n = sum(m.codes.numel() for m in layers)  # by hand: 2 bytes -> 1 byte + 4 per 256 + the parameter's 2
-    assert bf16["weights"] - t["weights"] == n - 4 * sum(math.ceil(m.codes.numel() / 256) for m in layers) - 2 * len(layers)
-    assert main(["nano", "--vocab-size", str(VOCAB), "--preset", preset, "--param-dtype", "int8", "--state-dtype",
+    a = compute.itemsize
+    full = estimate(cfg, preset, rank, "bf16" if a == 2 else "fp32", state_dtype="int8").totals()
+    n = sum(m.codes.numel() for m in layers)  # by hand: a bytes -> 1 byte + 4 per 256 + the parameter's a
+    blocks = sum(math.ceil(m.codes.numel() / 256) for m in layers)
+    assert full["weights"] - t["weights"] == (a - 1) * n - 4 * blocks - a * len(layers)
+    assert main(["nano", "--vocab-size", str(VOCAB), "--preset", preset, "--param-dtype", param_dtype, "--state-dtype",
                  "int8", "--json"] + (["--rank", "8"] if rank else [])) == 0
     assert json.loads(capsys.readouterr().out)["totals"]["weights"] == live_w
 

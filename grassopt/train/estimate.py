@@ -38,7 +38,8 @@ __all__ = ["estimate", "activation_bytes", "load_config", "Estimate", "ParamMemo
 
 #: ``--param-dtype``: a dtype of every weight (:data:`DTYPES`), or ``int8``: the weights of the targeted linear
 #: layers as int8 codes with block scales (:mod:`grassopt.qlinear`), everything else (and every product) bf16
-PARAM_DTYPES: dict[str, Any] = {**DTYPES, "int8": "int8"}
+#: (``int8-fp32``: float32)
+PARAM_DTYPES: dict[str, Any] = {**DTYPES, "int8": "bf16", "int8-fp32": "fp32"}
 
 
 _HF_KEYS = {"hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
@@ -367,7 +368,8 @@ def estimate(config: Any, preset: str = "adamw", rank: int | str | None = None, 
             preset's default; ``"d/4"``: a fraction of each matrix's short side).
         dtype: the weights' (and gradients', and activations') dtype (``grassopt memory --param-dtype``);
             ``"int8"``: the weights of the ``targets`` linear layers as int8 codes plus a float32 scale per
-            block (:func:`grassopt.qlinear.weight_bytes`), the rest (and gradients, activations) bf16.
+            block (:func:`grassopt.qlinear.weight_bytes`), the rest (and gradients, activations) bf16;
+            ``"int8-fp32"``: the same with float32 around them.
         state_dtype: the optimizer state's dtype, priced by :func:`param_state_bytes`. ``"fp32"``
             (the default): what :class:`grassopt.SubspaceAdamW` allocates by default; ``"int8"``: its
             8-bit moments (any codec of :data:`grassopt.codecs.CODECS` is priced as it lays its moments
@@ -388,10 +390,11 @@ def estimate(config: Any, preset: str = "adamw", rank: int | str | None = None, 
     """
     cfg = load_config(config, vocab_size)
     seq_len = cfg.max_seq_len if seq_len is None else seq_len
-    int8 = dtype in ("int8", torch.int8)  # int8 linear weights (grassopt.qlinear), bf16 around them
+    int8 = dtype in ("int8", "int8-fp32", torch.int8)  # int8 linear weights (grassopt.qlinear), bf16 or fp32 around
     if int8 and mode is not None:
-        raise ValueError(f"dtype='int8' weights and mode={mode!r}: the sketched layers read full-precision weights")
-    dtype = "bf16" if int8 else dtype
+        raise ValueError(f"dtype={dtype!r} weights and mode={mode!r}: the sketched layers read full-precision weights")
+    wlabel = f"int8+{'float32' if dtype == 'int8-fp32' else 'bfloat16'}"
+    dtype = PARAM_DTYPES[dtype] if isinstance(dtype, str) and int8 else "bf16" if int8 else dtype
     wsize, sdtype = _size(dtype), _state_dtype(state_dtype)
     if isinstance(sdtype, str) and sdtype != "float32" and mode == "rso":
         raise ValueError(f"state_dtype={sdtype!r} is SubspaceAdamW's; RSO (mode='rso') brings its own optimizer, "
@@ -440,10 +443,10 @@ def estimate(config: Any, preset: str = "adamw", rank: int | str | None = None, 
     if int8:
         notes.append(f"int8 weights: {len(quantized)} linear layers as int8 codes with a float32 scale per "
                      f"{INT8_WEIGHT_BLOCK} elements (grassopt.qlinear); the other parameters, the gradients and the "
-                     "activations bfloat16")
+                     f"activations {wlabel.partition('+')[2]}")
     label = Path(config).name if isinstance(config, Path) else config if isinstance(config, str) else "config"
     return Estimate(model=label, preset="rso" if mode == "rso" else preset,
-                    rank=label_rank, dtype="int8+bfloat16" if int8 else str(_dtype(dtype)).replace("torch.", ""),
+                    rank=label_rank, dtype=wlabel if int8 else str(_dtype(dtype)).replace("torch.", ""),
                     state_dtype=str(sdtype).replace("torch.", ""), batch_size=batch_size,
                     seq_len=seq_len, mode=mode, sketch_rank=sketch_rank, params=params, activations=acts,
                     sketch_matrices=sketch_matrices, notes=notes, layerwise=layerwise,
