@@ -35,7 +35,10 @@ Use::
     model = grassopt.qlinear.quantize_linears(model)           # the hidden nn.Linear layers, in place
     opt = grassopt.make_optimizer(model, "subtrack++", rank=128, lr=1e-3, stochastic_rounding=True)
 
-Limits: a layer's ``weight`` holds no values, so code that reads ``layer.weight`` directly (weight
+Limits: only an optimizer that knows :func:`int8_module` can train these weights (``SubspaceAdamW``,
+every preset); one of ``torch.optim`` would write into the storage-free parameter, which torch refuses
+("more than one element of the written-to tensor refers to a single memory location"). A layer's
+``weight`` holds no values, so code that reads ``layer.weight`` directly (weight
 tying, ``grassopt.sketch``'s layers, exporting) must read :meth:`Int8Linear.dequantized` instead;
 ``copy.deepcopy`` of a quantized model is not supported (save and load its ``state_dict``).
 """

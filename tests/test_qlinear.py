@@ -183,7 +183,7 @@ def test_a_real_run_learns_and_the_cli_knows_int8(tmp_path, sotu_1k):
     from grassopt.train.loop import TrainConfig, train
     c = config_from_args(parser().parse_args(["--param-dtype", "int8", "--stochastic-rounding"]))
     assert c.param_dtype == "int8" and c.stochastic_rounding
-    cfg = TrainConfig(model="nano", vocab_size=1024, seq_len=64, batch_size=4, steps=40, lr=3e-3, rank=16,
+    cfg = TrainConfig(model="nano", vocab_size=1024, seq_len=64, batch_size=4, steps=40, lr=3e-3, rank=16, eval_tokens=4096,
                       update_interval=7, eval_every=1000, log_every=5, progress=False, plot=False, threads=1,
                       out=str(tmp_path / "run"), param_dtype="int8-fp32", stochastic_rounding=True, layerwise=True,
                       clip_mode="per-parameter", checkpoint_activations=True)
@@ -211,3 +211,21 @@ def test_mistakes_give_one_line_errors(tmp_path):
         with pytest.raises(ValueError, match=msg):
             TrainConfig(**{"param_dtype": "int8", "out": str(tmp_path / "r"), **kw}).validate()
     assert int8_module(q.weight) is q and int8_module(q.bias) is None
+
+
+@pytest.mark.parametrize("param_dtype", ["int8", "int8-fp32"])
+def test_an_int8_training_run_resumes_bit_for_bit(param_dtype, tmp_path, sotu_1k):
+    """grassopt train, stopped after 5 steps and resumed: the same codes, scales and bf16 (or float32) rest as
+    an uninterrupted run (the checkpoint holds the codes and the optimizer's rounding generators)."""
+    from grassopt.train.loop import TrainConfig, train
+    kw = dict(model="nano", vocab_size=1024, seq_len=32, batch_size=2, steps=10, lr=3e-3, rank=8, update_interval=3,
+              eval_every=1000, eval_tokens=256, log_every=1, progress=False, plot=False, threads=1, param_dtype=param_dtype,
+              stochastic_rounding=True, options={"basis_dtype": "int8"}, state_dtype="int8")
+    train(TrainConfig(out=str(tmp_path / "full"), **kw), dataset=sotu_1k)
+    first = train(TrainConfig(out=str(tmp_path / "part"), stop_after=5, **kw), dataset=sotu_1k)
+    assert first["steps"] == 5 and not first["finished"]
+    train(TrainConfig(out=str(tmp_path / "part"), resume=True, **kw), dataset=sotu_1k)
+    a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True)["model"] for d in ("full", "part"))
+    assert a.keys() == b.keys() and "layers.1.self_attn.q_proj.codes" in a
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
