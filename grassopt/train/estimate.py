@@ -354,6 +354,29 @@ def _sketched(model, targets: Any, mode: str | None, sketch_rank: Any,
     return covered, names_covered, sketch_matrices
 
 
+def _param_rows(model, opt: SubspaceAdamW, covered: dict[int, int], quantized: set[int], wsize: int,
+                sdtype: Any) -> list[ParamMemory]:
+    """One :class:`ParamMemory` per parameter of the meta ``model``: an RSO-covered weight (``covered``: its
+    sketch rank), an int8 weight (``quantized``: its codes and block scales and its parameter's one element),
+    or a weight of ``wsize`` bytes an element; the state of its group in ``opt``, priced in ``sdtype``."""
+    params: list[ParamMemory] = []
+    for name, p in model.named_parameters():
+        numel = p.numel()
+        if id(p) in covered:
+            r = covered[id(p)]
+            m = p.shape[0]
+            params.append(ParamMemory(name, tuple(p.shape), "rso", r, weights=numel * wsize + m * r * 4,
+                                      gradients=m * r * 4, bases=0, moments=2 * m * r * 4, other=0))
+            continue
+        group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+        sb = param_state_bytes(p.shape, group, sdtype)
+        weights = int8_weight_bytes(p.shape) + wsize if id(p) in quantized else numel * wsize
+        params.append(ParamMemory(name, tuple(p.shape), "projected" if "rank" in group else "plain",
+                                  group.get("rank"), weights=weights, gradients=numel * wsize,
+                                  bases=sb["bases"], moments=sb["moments"], other=sb["other"]))
+    return params
+
+
 def estimate(config: Any, preset: str = "adamw", rank: int | str | None = None, dtype: str | torch.dtype = "fp32",
              *, batch_size: int = 1, seq_len: int | None = None, mode: str | None = None,
              sketch_rank: int | float | None = None, targets: Any = "all-linear",
@@ -390,11 +413,13 @@ def estimate(config: Any, preset: str = "adamw", rank: int | str | None = None, 
     """
     cfg = load_config(config, vocab_size)
     seq_len = cfg.max_seq_len if seq_len is None else seq_len
-    int8 = dtype in ("int8", "int8-fp32", torch.int8)  # int8 linear weights (grassopt.qlinear), bf16 or fp32 around
+    int8 = dtype in ("int8", "int8-fp32")  # int8 linear weights (grassopt.qlinear), bf16 or fp32 around them
     if int8 and mode is not None:
         raise ValueError(f"dtype={dtype!r} weights and mode={mode!r}: the sketched layers read full-precision weights")
-    wlabel = f"int8+{'float32' if dtype == 'int8-fp32' else 'bfloat16'}"
-    dtype = PARAM_DTYPES[dtype] if isinstance(dtype, str) and int8 else "bf16" if int8 else dtype
+    wlabel = ""
+    if isinstance(dtype, str) and int8:
+        dtype = PARAM_DTYPES[dtype]
+        wlabel = f"int8+{_dtype(dtype)}".replace("torch.", "")
     wsize, sdtype = _size(dtype), _state_dtype(state_dtype)
     if isinstance(sdtype, str) and sdtype != "float32" and mode == "rso":
         raise ValueError(f"state_dtype={sdtype!r} is SubspaceAdamW's; RSO (mode='rso') brings its own optimizer, "
@@ -413,24 +438,8 @@ def estimate(config: Any, preset: str = "adamw", rank: int | str | None = None, 
             groups = param_groups(model, preset, rank, targets=targets, **overrides)
         notes += [str(w.message) for w in caught]
         label_rank = None if PRESETS[preset] is None else (default_rank(preset) if rank is None else rank)
-    opt = _ShapesOnly(groups)
     quantized = {id(mod.weight) for _, mod in select_targets(model, targets)} if int8 else set()
-    params: list[ParamMemory] = []
-    for name, p in model.named_parameters():
-        numel = p.numel()
-        if id(p) in covered:
-            r = covered[id(p)]
-            m = p.shape[0]
-            params.append(ParamMemory(name, tuple(p.shape), "rso", r, weights=numel * wsize + m * r * 4,
-                                      gradients=m * r * 4, bases=0, moments=2 * m * r * 4, other=0))
-            continue
-        group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
-        sb = param_state_bytes(p.shape, group, sdtype)
-        # an int8 weight: its codes and block scales, and its parameter's one element of the compute dtype
-        weights = int8_weight_bytes(p.shape) + wsize if id(p) in quantized else numel * wsize
-        params.append(ParamMemory(name, tuple(p.shape), "projected" if "rank" in group else "plain",
-                                  group.get("rank"), weights=weights, gradients=numel * wsize,
-                                  bases=sb["bases"], moments=sb["moments"], other=sb["other"]))
+    params = _param_rows(model, _ShapesOnly(groups), covered, quantized, wsize, sdtype)
     acts = activation_bytes(cfg, batch_size, seq_len, dtype, mode, sketch_rank,
                             covered=names_covered if mode else None, checkpoint=checkpoint_activations)
     if layerwise:
