@@ -225,6 +225,9 @@ def test_an_int8_training_run_resumes_bit_for_bit(param_dtype, tmp_path, sotu_1k
     first = train(TrainConfig(out=str(tmp_path / "part"), stop_after=5, **kw), dataset=sotu_1k)
     assert first["steps"] == 5 and not first["finished"]
     train(TrainConfig(out=str(tmp_path / "part"), resume=True, **kw), dataset=sotu_1k)
+    ckpt = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)
+    dtypes = {k: v.dtype for st in ckpt["optimizer"]["state"].values() for k, v in st.items() if k in ("Q", "exp_avg")}
+    assert dtypes == {"Q": torch.int8, "exp_avg": torch.int8}  # --opt basis_dtype=int8 and --state-dtype int8 reached it
     a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True)["model"] for d in ("full", "part"))
     assert a.keys() == b.keys() and "layers.1.self_attn.q_proj.codes" in a
     for k in a:
