@@ -232,3 +232,16 @@ def test_an_int8_training_run_resumes_bit_for_bit(param_dtype, tmp_path, sotu_1k
     assert a.keys() == b.keys() and "layers.1.self_attn.q_proj.codes" in a
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("preset", list(grassopt.PRESETS))
+def test_every_preset_trains_int8_weights(preset):
+    """Every preset steps int8 weights (projected and, for adamw or too small a rank, plain), and learns."""
+    data = toy_data(40)
+    model = _int8_toy()
+    codes = [m.codes.clone() for m in model if isinstance(m, Int8Linear)]
+    rank = None if preset in ("apollo", "apollo-mini") else 4
+    opt = grassopt.make_optimizer(model, preset, lr=1e-2, rank=rank, update_interval=10, stochastic_rounding=True)
+    losses = toy_train(model, opt, data)
+    assert sum(losses[-5:]) / 5 < 0.7 * losses[0], (losses[0], losses[-5:])
+    assert all(not torch.equal(c, m.codes) for c, m in zip(codes, (m for m in model if isinstance(m, Int8Linear))))

@@ -306,7 +306,8 @@ def apply_updates_(batch: Batch, states: list[dict], nts: list[Tensor], phis: li
     term; or APOLLO's scaled gradient), rounded into a low-precision ``W`` (stochastically from
     ``generator``, the rounding generator, with ``stochastic_rounding``); then error feedback's
     ``E = X - Q R``. An int8 weight (:func:`grassopt.qlinear.int8_module`) is dequantized, updated in
-    float32 and requantized onto its grid (stochastically with ``stochastic_rounding``). ``nts`` already hold ``alpha N - alpha_r c R Phi`` with recovery."""
+    float32 and requantized onto its grid (stochastically with ``stochastic_rounding``). ``nts`` already
+    hold ``alpha N - alpha_r c R Phi`` with recovery."""
     scaling, feedback, recovery = group.get("scaling"), group.get("error_feedback", False), group["recovery"]
     alpha = group["alpha"]
     alpha_r = alpha if group["alpha_r"] is None else group["alpha_r"]
