@@ -120,8 +120,9 @@ class TrainConfig(RunConfig):
                    "float32 scale per block of 256 (about 1/4 of the bytes; grassopt.codecs.int8)",
         group="optimizer", choices=state_dtype_choices)
     stochastic_rounding: bool = setting(
-        False, "with --param-dtype bfloat16: round each weight update stochastically (unbiased), so that updates "
-               "below half a bf16 ulp are not lost; seeded, resumable, identical on every rank", group="optimizer")
+        False, "with --param-dtype bfloat16 or int8: round each weight update stochastically (unbiased), so that "
+               "updates below half a bf16 ulp or int8 grid step are not lost (else: to nearest); seeded, resumable, "
+               "identical on every rank", group="optimizer")
     eval_every: int = setting(100, "evaluate every N steps (0: only at the end)")
     eval_batch_size: int = setting(32, "sequences per evaluation batch", run_control=True)
     eval_tokens: int | None = setting(None, "evaluate on the first N tokens of the validation split (default: all "
