@@ -5,7 +5,9 @@ group's ``basis_dtype`` (docs/algorithms.md#compressed-bases).
 - ``"bfloat16"``: ``Q`` rounded to nearest bf16 (2 bytes an element; 8 significant bits);
 - ``"int8"``: one int8 code per element and one float32 scale per column, ``Q[:, j] = s_j C[:, j]``,
   ``s_j = max_i |Q_ij| / 127``, rounded to nearest (``d r + 4 r`` bytes). A column of a basis is a unit
-  vector whose entries are of order ``1/sqrt(d)`` with no outliers, so one scale per column suffices.
+  vector whose entries are of order ``1/sqrt(d)`` with no outliers, so one scale per column suffices;
+- ``"int4"``: the same with codes ``-7 ... 7`` (``s_j = max_i |Q_ij| / 7``), two rows packed in a byte
+  (``ceil(d/2) r + 4 r`` bytes).
 
 :func:`layout` is the one declaration of the stored tensors (``grassopt.optim.state.state_spec`` reads
 it, hence the load checks and ``grassopt memory``); :func:`store` writes a float32 basis, :func:`load`
@@ -28,16 +30,19 @@ from torch import Tensor
 __all__ = ["BASIS_DTYPES", "KEYS", "layout", "store", "load", "compressed", "principal_angles"]
 
 #: The formats a projected group's ``basis_dtype`` may name.
-BASIS_DTYPES = ("float32", "bfloat16", "int8")
+BASIS_DTYPES = ("float32", "bfloat16", "int8", "int4")
 #: Every state key a basis may be stored under (the "bases" of the memory accounting).
-KEYS = frozenset({"Q", "Q_scale"})
-_QMAX = 127
+KEYS = frozenset({"Q", "Q_scale", "Q_rows"})
+_QMAX = {"int8": 127, "int4": 7}
 
 
-def layout(basis_dtype: str, d: int, r: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    """``{state key: (dtype, shape)}`` of a ``d x r`` basis stored as ``basis_dtype``."""
+def layout(basis_dtype: str, d: int, r: int) -> dict[str, tuple[Any, tuple[int, ...] | None]]:
+    """``{state key: (dtype, shape)}`` of a ``d x r`` basis stored as ``basis_dtype`` (``(int, None)``: a plain
+    int, int4's number of rows ``d``)."""
     if basis_dtype == "int8":
         return {"Q": (torch.int8, (d, r)), "Q_scale": (torch.float32, (r,))}
+    if basis_dtype == "int4":  # rows 2i (low nibble) and 2i + 1 (high nibble) in one byte, codes + 8
+        return {"Q": (torch.uint8, ((d + 1) // 2, r)), "Q_scale": (torch.float32, (r,)), "Q_rows": (int, None)}
     if basis_dtype == "bfloat16":
         return {"Q": (torch.bfloat16, (d, r))}
     return {"Q": (torch.float32, (d, r))}
@@ -51,10 +56,18 @@ def compressed(st: dict[str, Any]) -> bool:
 
 def store(st: dict[str, Any], q: Tensor, basis_dtype: str) -> None:
     """Write the float32 basis ``q`` into ``st`` as ``basis_dtype`` (new tensors: a basis update replaces them)."""
-    if basis_dtype == "int8":
-        scale = q.abs().amax(dim=0).div_(_QMAX)
-        st["Q"] = (q / scale.clamp_min(torch.finfo(torch.float32).tiny)).round_().clamp_(-_QMAX, _QMAX).to(torch.int8)
+    if basis_dtype in _QMAX:
+        qmax = _QMAX[basis_dtype]
+        scale = q.abs().amax(dim=0).div_(qmax)
+        codes = (q / scale.clamp_min(torch.finfo(torch.float32).tiny)).round_().clamp_(-qmax, qmax)
         st["Q_scale"] = scale
+        if basis_dtype == "int8":
+            st["Q"] = codes.to(torch.int8)
+            return
+        d = q.shape[0]
+        c = torch.nn.functional.pad(codes.add_(8), (0, 0, 0, d % 2), value=8.0).to(torch.uint8)  # 1 ... 15; pad 0
+        st["Q"] = c[0::2].bitwise_or_(c[1::2] << 4)
+        st["Q_rows"] = d
     elif basis_dtype == "bfloat16":
         st["Q"] = q.to(torch.bfloat16).contiguous()
     else:
@@ -66,6 +79,9 @@ def load(st: dict[str, Any]) -> Tensor:
     q = st["Q"]
     if q.dtype == torch.int8:
         return q.to(torch.float32).mul_(st["Q_scale"])
+    if q.dtype == torch.uint8:  # int4: two rows a byte
+        pairs = torch.stack([q & 15, q >> 4], dim=1).reshape(-1, q.shape[1])[:st["Q_rows"]]
+        return pairs.to(torch.float32).sub_(8.0).mul_(st["Q_scale"])
     return q if q.dtype == torch.float32 else q.to(torch.float32)
 
 

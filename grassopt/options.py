@@ -186,8 +186,8 @@ OPTIONS: dict[str, Option] = {
                              mismatch=_MEANING, doc="LDAdam's full-size error-feedback buffer"),
     "basis_dtype": Option("float32", choices=lambda: list(BASIS_DTYPES), scope="subspace", changes_state_meaning=True,
                           error="must be one of {choices}", mismatch=_MEANING,
-                          doc="how Q is stored (grassopt.bases): float32, bfloat16, or int8 with a float32 scale "
-                              "per column; decoded for the step, re-orthonormalised at basis updates"),
+                          doc="how Q is stored (grassopt.bases): float32, bfloat16, or int8 or int4 with a float32 "
+                              "scale per column; decoded for the step, re-orthonormalised at basis updates"),
     # ---------------------------------------------------------------- the constructor only
     "fused": Option(None, choices=lambda: [None, True, False], scope="optimizer",
                     error=lambda v: f"fused={v!r} must be None (automatic), True or False",

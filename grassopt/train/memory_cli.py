@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "or bf16/fp16 (every state element in 2 bytes, the papers' convention)")
     ap.add_argument("--basis-dtype", default="float32", choices=list(BASIS_DTYPES),
                     help="how the projected presets store their bases Q (the group option basis_dtype, "
-                         "grassopt.bases): float32 (default), bfloat16, or int8 with a float32 scale per column")
+                         "grassopt.bases): float32 (default), bfloat16, or int8 or int4 with a float32 scale per "
+                         "column")
     ap.add_argument("--layerwise", action="store_true",
                     help="layer-wise updates (grassopt train --layerwise): each gradient is stepped and freed as "
                          "soon as it is complete, so only the largest single gradient counts (one micro-batch "
