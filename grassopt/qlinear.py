@@ -60,6 +60,7 @@ BLOCK = 256
 #: The largest code: a symmetric grid ``-127 ... 127`` (``-128`` unused, so the grid is symmetric).
 QMAX = 127
 _ATTR = "_grassopt_int8"  # the attribute of a weight parameter naming its Int8Linear
+_CHUNK = 1 << 20  # elements requantized at a time (a multiple of every allowed block)
 
 
 def weight_bytes(shape: tuple[int, ...] | torch.Size, block: int = BLOCK) -> int:
@@ -201,13 +202,16 @@ class Int8Linear(nn.Linear):
     def write_(self, w: Tensor, lo: int = 0, generator: torch.Generator | None = None) -> None:
         """Requantize flat float32 values ``w`` into elements ``[lo, lo + w.numel())`` (block-aligned
         ``lo``; ``w`` ends at a block boundary or at the end): stochastic rounding from ``generator``,
-        to nearest without one."""
+        to nearest without one. Works ``_CHUNK`` elements at a time: the temporaries are a few chunks."""
         hi = lo + w.numel()
         if lo % self.block or (hi % self.block and hi != self.codes.numel()):
             raise ValueError(f"write_ covers [{lo}, {hi}): it must start at a multiple of block={self.block} and "
                              "end at one or at the end of the weight")
-        quantize_(self.codes.view(-1)[lo:hi], self.scales[lo // self.block:math.ceil(hi / self.block)], w,
-                  self.block, generator)
+        flat, codes = w.reshape(-1), self.codes.view(-1)
+        for a in range(lo, hi, _CHUNK):  # (a multiple of every block: chunks stay block-aligned)
+            b = min(a + _CHUNK, hi)
+            quantize_(codes[a:b], self.scales[a // self.block:math.ceil(b / self.block)], flat[a - lo:b - lo],
+                      self.block, generator)
 
     def dequantized(self) -> Tensor:
         """The weight's values (``out x in``, in the compute dtype): a new tensor, not a parameter."""
