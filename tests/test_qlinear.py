@@ -249,3 +249,13 @@ def test_every_preset_trains_int8_weights(preset):
     losses = toy_train(model, opt, data)
     assert sum(losses[-5:]) / 5 < 0.7 * losses[0], (losses[0], losses[-5:])
     assert all(not torch.equal(c, m.codes) for c, m in zip(codes, (m for m in model if isinstance(m, Int8Linear))))
+
+
+def test_write_in_chunks_equals_one_pass():
+    """write_ requantizes 2^20 elements at a time; the codes, scales and random stream are those of one pass."""
+    w = torch.randn(2 * (1 << 20) + 300, generator=torch.Generator().manual_seed(0))
+    m = Int8Linear(w.numel(), 1, bias=False)
+    m.write_(w, generator=torch.Generator().manual_seed(4))
+    codes, scales = torch.empty(w.numel(), dtype=torch.int8), torch.empty(math.ceil(w.numel() / 256))
+    quantize_(codes, scales, w, 256, torch.Generator().manual_seed(4))
+    assert torch.equal(codes, m.codes.view(-1)) and torch.equal(scales, m.scales)
