@@ -40,7 +40,10 @@ every preset); one of ``torch.optim`` would write into the storage-free paramete
 ("more than one element of the written-to tensor refers to a single memory location"). A layer's
 ``weight`` holds no values, so code that reads ``layer.weight`` directly (weight
 tying, ``grassopt.sketch``'s layers, exporting) must read :meth:`Int8Linear.dequantized` instead;
-``copy.deepcopy`` of a quantized model is not supported (save and load its ``state_dict``).
+``copy.deepcopy`` of a quantized model is not supported (save and load its ``state_dict``). Under DDP,
+build ``DistributedDataParallel(model, init_sync=False, broadcast_buffers=False)`` as ``grassopt train``
+does: every rank builds the same codes from the same seed and writes the same updates, and DDP's initial
+broadcast cannot write into the storage-free parameter.
 """
 
 from __future__ import annotations
@@ -64,8 +67,8 @@ _CHUNK = 1 << 20  # elements requantized at a time (a multiple of every allowed 
 
 
 def weight_bytes(shape: tuple[int, ...] | torch.Size, block: int = BLOCK) -> int:
-    """Bytes of an int8 weight of ``shape``: codes, float32 block scales and the parameter's one element
-    (priced as 4 bytes: its dtype is the compute dtype, at most float32)."""
+    """Bytes of an int8 weight of ``shape``: its codes and float32 block scales (its parameter's one element,
+    of the compute dtype, comes on top)."""
     n = math.prod(shape)
     return n + 4 * math.ceil(n / block)
 
