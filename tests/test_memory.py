@@ -437,3 +437,30 @@ def test_cli_7b_with_int8_weights(capsys):
     hidden = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
     assert t["weights"] == hidden + 4 * hidden // 256 + 2 * 224 + 2 * (6_738_415_616 - hidden)
     assert f"{t['total']:,}" in text and t["total"] < 16 * 2**30  # issue 28: subtrack++ at rank 1024 under 16 GiB
+
+
+def test_fsdp_per_rank_bytes_shard_what_fsdp_shards_and_keep_the_projected_state_whole(capsys):
+    """grassopt memory --fsdp: weights, gradients and the plain state split N ways (per parameter, rounded
+    up), the projected matrices' state whole on every rank (FSDPSubspaceAdamW), the same activations, and
+    a gathered transient (the root and two blocks unsharded, or one projected matrix and its gradient)."""
+    est = estimate("7b", "subtrack++", 1024, "bf16", state_dtype="int8", checkpoint_activations=True)
+    whole = est.totals()
+    one = est.per_rank(1)
+    assert {k: one[k] for k in ("weights", "gradients", "bases", "moments", "other", "activations")} == \
+        {k: whole[k] for k in ("weights", "gradients", "bases", "moments", "other", "activations")}
+    assert one["transient"] == 0 and one["total"] == whole["total"]
+    eight = est.per_rank(8)
+    assert eight["weights"] == sum(-(-p.weights // 8) for p in est.params)
+    projected = sum(p.bases + p.moments + p.other for p in est.params if p.kind == "projected")
+    plain = sum(p.bases + p.moments + p.other for p in est.params if p.kind == "plain")
+    assert eight["states"] == projected + sum(-(-(p.moments + p.other) // 8) for p in est.params if p.kind == "plain")
+    assert projected > 0 and eight["states"] < projected + plain / 7
+    block = sum(p.weights for p in est.params if p.name.startswith("layers.0."))
+    root = sum(p.weights for p in est.params if not p.name.startswith("layers."))
+    assert eight["transient"] == root + 2 * block
+    with pytest.raises(ValueError, match="leave out --layerwise"):
+        estimate("tiny", "galore", 8, layerwise=True).per_rank(2)
+    assert main(["13b", "--fsdp", "--preset", "subtrack++", "--rank", "1024", "--param-dtype", "bf16",
+                 "--state-dtype", "int8", "--checkpoint-activations", "--world-size", "4", "8"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("subtrack++")]
+    assert [r[3] for r in rows] == ["4", "8"] and [r[-2:] for r in rows] == [["no", "yes"], ["yes", "yes"]]

@@ -292,6 +292,9 @@ def test_galore_sizes() -> None:
         m7b = Llama(config("7b"))
     assert m60.num_parameters() == pytest.approx(58e6, rel=0.03)  # GaLore's "60M" (58M)
     assert m7b.num_parameters() == pytest.approx(6.74e9, rel=0.01)  # LLaMA-7B
+    with torch.device("meta"):
+        assert Llama(config("13b")).num_parameters() == pytest.approx(13.0e9, rel=0.01)  # LLaMA-13B
+        assert Llama(config("70b")).num_parameters() == pytest.approx(68.98e9, rel=0.01)  # LLaMA-2-70B
     logits, _ = m7b(torch.zeros(1, 4, dtype=torch.long, device="meta"))
     assert logits.shape == (1, 4, 32000) and logits.is_meta
 

@@ -250,6 +250,39 @@ class Estimate:
         t["total"] = t["weights"] + t["gradients"] + t["states"] + t["activations"] + t["sketch_matrices"]
         return t
 
+    def per_rank(self, world_size: int) -> dict[str, int]:
+        """Bytes on each of ``world_size`` ranks of an FSDP2 run of this configuration (``fully_shard`` on every
+        block and at the root, each parameter split by rows): weights, gradients and the plain parameters'
+        state split ``world_size`` ways (rounded up per parameter); the projected matrices' state (bases,
+        moments) whole on every rank, as :class:`grassopt.distributed.FSDPSubspaceAdamW` holds it; the
+        activations of one rank's micro-batch; and ``transient``, what is gathered at the worst moment: the
+        root's parameters and two blocks unsharded (FSDP2's default prefetch), or one projected matrix with its
+        gradient at its step, whichever is larger (an upper bound from the shapes, not a measurement)."""
+        if self.layerwise or self.mode is not None:
+            raise ValueError("FSDP is priced without layer-wise updates and activation-saving layers: leave out "
+                             "--layerwise and --activations")
+        if not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"world_size={world_size!r} must be an integer >= 1")
+
+        def share(p: ParamMemory, k: str) -> int:
+            b = getattr(p, k)
+            return b if k in CATEGORIES and p.kind == "projected" else -(-b // world_size)
+
+        t = {k: sum(share(p, k) for p in self.params) for k in ("weights", "gradients", *CATEGORIES)}
+        t["states"] = t["bases"] + t["moments"] + t["other"]
+        t["activations"] = sum(self.activations.values())
+        unit: dict[str, int] = {}
+        for p in self.params:
+            key = _layer_of(p.name) if _BLOCK.match(p.name) else "root"
+            unit[key] = unit.get(key, 0) + p.weights
+        blocks = [v for k, v in unit.items() if k != "root"]
+        gathered = unit.get("root", 0) + 2 * max(blocks, default=0)
+        one = max((p.weights + p.gradients for p in self.params if p.kind == "projected"), default=0)
+        t["transient"] = 0 if world_size == 1 else max(gathered, one)
+        t["sketch_matrices"] = self.sketch_matrices
+        t["total"] = sum(t[k] for k in ("weights", "gradients", "states", "activations", "transient", "sketch_matrices"))
+        return t
+
     def per_layer(self) -> dict[str, dict[str, int]]:
         out: dict[str, dict[str, int]] = {}
         zero = {k: 0 for k in ("weights", "gradients", *CATEGORIES, "activations")}

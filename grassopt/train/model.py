@@ -97,6 +97,9 @@ _SHAPES: dict[str, tuple[int, int, int, int, int]] = {
 }
 CONFIGS: dict[str, LlamaConfig] = {name: LlamaConfig(*shape) for name, shape in _SHAPES.items()}
 CONFIGS["7b"] = replace(CONFIGS["7b"], max_seq_len=2048)
+# the larger LLaMA shapes, for grassopt memory (13B: LLaMA-1; 70B: LLaMA-2, grouped-query attention, 8 KV heads)
+CONFIGS["13b"] = LlamaConfig(32000, 5120, 13824, 40, 40, max_seq_len=2048)
+CONFIGS["70b"] = LlamaConfig(32000, 8192, 28672, 64, 80, max_seq_len=4096, num_kv_heads=8)
 
 
 def config(name: str, vocab_size: int | None = None, **overrides: Any) -> LlamaConfig:
