@@ -179,11 +179,12 @@ def make_optimizer(model: nn.Module, preset: str = "subtrack++", lr: float = 1e-
                    weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-6, seed: int = 0,
                    state_dtype: str = "float32", stochastic_rounding: bool = False, fused: bool | None = None,
                    check_finite: bool = True, plain_lr: float | None = None, plain_weight_decay: float | None = None,
-                   **overrides: Any) -> SubspaceAdamW:
+                   cls: type[SubspaceAdamW] = SubspaceAdamW, **overrides: Any) -> SubspaceAdamW:
     """``SubspaceAdamW(param_groups(model, preset, ...), lr=lr, ...)`` in one call (``plain_lr``,
-    ``plain_weight_decay``: the plain group's own rate and decay, see :func:`param_groups`)."""
+    ``plain_weight_decay``: the plain group's own rate and decay, see :func:`param_groups`; ``cls``: the
+    optimizer class, e.g. :class:`grassopt.distributed.FSDPSubspaceAdamW` for a model sharded with FSDP2)."""
     groups = param_groups(model, preset, rank, update_interval, targets, weight_decay=weight_decay,
                           plain_lr=plain_lr, plain_weight_decay=plain_weight_decay, **overrides)
-    return SubspaceAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, seed=seed,
+    return cls(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, seed=seed,
                          state_dtype=state_dtype, stochastic_rounding=stochastic_rounding, fused=fused,
                          check_finite=check_finite)

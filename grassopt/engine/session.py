@@ -82,10 +82,13 @@ class Session:
 
 
 def run_session(cfg: Any, body: Callable[[Session], T], *, kind: str | None = None,
-                prepare: Callable[[], object] | None = None) -> T:
+                prepare: Callable[[], object] | None = None, sharded: bool = False,
+                saved_config: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> T:
     """Set up the run of ``cfg`` (see the module doc), call ``body(session)`` and return what it returns;
     the run folder stays locked until then, however it ends. ``kind`` names the run's checkpoints;
-    ``prepare()`` runs before the folder is opened (to fail early, or to make a checkpoint loadable)."""
+    ``prepare()`` runs before the folder is opened (to fail early, or to make a checkpoint loadable);
+    ``sharded``: the run's checkpoints are sharded (FSDP2: :class:`grassopt.engine.sharded.ShardedCheckpointer`);
+    ``saved_config``: :meth:`grassopt.engine.run.RunFolder.open`'s."""
     cfg.validate()
     started = time.perf_counter()
     rank, world = dist_info()
@@ -93,9 +96,9 @@ def run_session(cfg: Any, body: Callable[[Session], T], *, kind: str | None = No
         torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device or default_device())
     folder = RunFolder(cfg.out, main_process=rank == 0, kind=kind, device=device, ignore=cfg.RUN_CONTROL,
-                       defaults=cfg.defaults())
+                       defaults=cfg.defaults(), sharded=sharded)
     if prepare is not None:
         prepare()
-    ckpt = folder.open(cfg.resume, cfg.to_dict(), overwrite=cfg.overwrite)
+    ckpt = folder.open(cfg.resume, cfg.to_dict(), overwrite=cfg.overwrite, saved_config=saved_config)
     with folder:  # the folder stays locked until the run ends, however it ends
         return body(Session(cfg, folder, ckpt, device, rank, world, started))

@@ -1,0 +1,166 @@
+"""``grassopt train --fsdp``: FSDP2 with real processes (2 gloo ranks on the CPU) and sharded checkpoints.
+
+* an FSDP2 run of 2 ranks equals a one-process run (no FSDP) on the same global batches, to a measured bound;
+* stopped and resumed at the same world size, it is bit-identical to the uninterrupted run (model and every
+  optimizer state: bases, moments, generators), also with int8 states, bf16 weights with stochastic
+  rounding and activation checkpointing;
+* resumed by another number of processes (2 -> 1 and 1 -> 2, the same global batch), it continues and ends
+  within the bound of the first point; a per-shard state (int8 block scales) is refused at another size;
+* the run-folder rules hold for the sharded layout: no clobbering, ``--overwrite``, a damaged shard refused
+  with one line naming the file, atomic completion (no temporary folder left), and ``--layerwise`` refused.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).parent))
+import distributed_helpers as H  # noqa: E402
+
+from grassopt.engine.checkpoint import CheckpointError  # noqa: E402
+from grassopt.engine.run import RunFolderError  # noqa: E402
+from grassopt.train.loop import TrainConfig, train  # noqa: E402
+
+pytestmark = [pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable"),
+              pytest.mark.distributed]
+
+WORLD = 2
+STEPS = 6
+#: FSDP2 (2 ranks) against one process, after 6 steps of subtrack++ with two basis updates: the gradients
+#: differ only in the order of float sums (a reduce-scatter of two halves against one batch); measured
+#: max |weight difference| 2e-7 .. 4e-7 (weights of size ~0.02 .. 1), and the bound is 5x that.
+BOUND = 2e-6
+#: the low-bit case: bf16 weights move in steps of a bf16 ulp, so rounding differences show at that scale
+LOW_BIT = dict(param_dtype="bfloat16", stochastic_rounding=True, state_dtype="int8", checkpoint_activations=True)
+
+
+def _cfg(out, **kw) -> TrainConfig:
+    base = dict(model="nano", vocab_size=1024, seq_len=32, batch_size=1, steps=STEPS, lr=3e-3, rank=8,
+                update_interval=2, eval_every=1000, eval_tokens=1000, log_every=1, progress=False, plot=False,
+                threads=1, out=str(out), fsdp=True)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _state(run: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a run's checkpoint, sharded or not, as full tensors (model/..., optimizer/...)."""
+    if (run / "checkpoint.pt").is_file():
+        ck = torch.load(run / "checkpoint.pt", weights_only=True)
+        return {f"model/{k}": v for k, v in ck["model"].items()}
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    dest = run.parent / f"{run.name}-full.pt"
+    dcp_to_torch_save((run / "checkpoint.dcp").resolve(), dest)
+    return torch.load(dest, weights_only=True)
+
+
+def _max_diff(a: dict, b: dict, prefix: str = "model/") -> float:
+    keys = [k for k in a if k.startswith(prefix)]
+    assert keys and set(keys) == {k for k in b if k.startswith(prefix)}
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in keys)
+
+
+def _assert_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _worker(rank: int, world: int, ds, root: str) -> None:
+    root_p = Path(root)
+    train(_cfg(root_p / "w2-full"), dataset=ds)
+    train(_cfg(root_p / "w2-part", stop_after=3), dataset=ds)
+    dist.barrier()
+    if rank == 0:  # the step-3 checkpoint, continued below by 2 ranks and, in the test, by one process
+        shutil.copytree(root_p / "w2-part", root_p / "w2-to-1", symlinks=True)
+    dist.barrier()
+    train(_cfg(root_p / "w2-part", resume=True), dataset=ds)
+    train(_cfg(root_p / "w1-to-2", resume=True), dataset=ds)  # written by one process (batch_size 2)
+    train(_cfg(root_p / "low-full", **LOW_BIT), dataset=ds)
+    train(_cfg(root_p / "low-part", stop_after=4, **LOW_BIT), dataset=ds)
+    dist.barrier()
+    if rank == 0:
+        shutil.copytree(root_p / "low-part", root_p / "low-to-1", symlinks=True)
+    dist.barrier()
+    train(_cfg(root_p / "low-part", resume=True, **LOW_BIT), dataset=ds)
+
+
+def test_fsdp_run_matches_one_process_and_resumes_at_any_world_size(sotu_1k, tmp_path):
+    single = tmp_path / "single"
+    train(_cfg(single, fsdp=False, batch_size=2), dataset=sotu_1k)  # the same global batches, no FSDP
+    train(_cfg(tmp_path / "w1-to-2", batch_size=2, stop_after=3), dataset=sotu_1k)  # FSDP2 in one process
+    H.spawn(_worker, WORLD, sotu_1k, str(tmp_path))
+    train(_cfg(tmp_path / "w2-to-1", batch_size=2, resume=True), dataset=sotu_1k)
+
+    ref, full = _state(single), _state(tmp_path / "w2-full")
+    d_single = _max_diff(full, ref)
+    assert 0 < d_single < BOUND, f"FSDP2 (2 ranks) vs one process: {d_single:.2e}"
+    losses = _losses(tmp_path / "w2-full")
+    assert losses[-1] < losses[0] and len(losses) == STEPS
+    # the same world size: bit for bit, model and optimizer (bases, moments, generators, counts)
+    _assert_equal(full, _state(tmp_path / "w2-part"))
+    assert _losses(tmp_path / "w2-part") == losses
+    # another world size (same global batch): continues, as close to the uninterrupted run as one process is
+    d_2to1 = _max_diff(_state(tmp_path / "w2-to-1"), full)
+    d_1to2 = _max_diff(_state(tmp_path / "w1-to-2"), ref)
+    assert d_2to1 < BOUND and d_1to2 < BOUND, (d_2to1, d_1to2)
+    print(f"max |weight diff|: FSDP2 x2 vs one process {d_single:.1e}; 2->1 resume vs uninterrupted x2 "
+          f"{d_2to1:.1e}; 1->2 resume vs one process {d_1to2:.1e}")
+
+    # int8 states, bf16 weights with stochastic rounding, activation checkpointing: bit-identical resume
+    low = _state(tmp_path / "low-full")
+    assert low["model/layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
+    assert any(k.startswith("optimizer/rank1/") for k in low), "rank 1 wrote no state of its own"
+    _assert_equal(low, _state(tmp_path / "low-part"))
+    # ... whose int8 block scales are per shard: another world size is refused, naming the fix
+    with pytest.raises(CheckpointError, match=r"per shard by 2 processes.*nproc_per_node=2"):
+        train(_cfg(tmp_path / "low-to-1", batch_size=2, resume=True, **LOW_BIT), dataset=sotu_1k)
+
+
+def test_sharded_run_folder_rules(sotu_1k, tmp_path):
+    run = tmp_path / "run"
+    train(_cfg(run, steps=2), dataset=sotu_1k)
+    assert (run / "checkpoint.dcp").is_symlink()
+    assert not list(run.glob(".ckpt-*")), "a temporary file or folder was left behind"
+    shards = sorted(p.name for p in (run / "checkpoint.dcp").iterdir())
+    assert shards == [".metadata", "SHA256SUMS.json", "__0_0.distcp", "meta.pt"], shards
+    # no clobbering, by an FSDP run or by a run of the single-file layout
+    for fsdp in (True, False):
+        with pytest.raises(RunFolderError, match=r"checkpoint\.dcp.*--resume.*--overwrite"):
+            train(_cfg(run, steps=2, fsdp=fsdp), dataset=sotu_1k)
+    # a damaged shard: refused with one line naming the file and the fix
+    shard = (run / "checkpoint.dcp" / "__0_0.distcp").resolve()
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"__0_0\.distcp does not match its digest.*intact copy.*--overwrite") as e:
+        train(_cfg(run, steps=2, resume=True), dataset=sotu_1k)
+    assert "\n" not in str(e.value)
+    # --overwrite: the old run is set aside, the new one completes
+    train(_cfg(run, steps=2, overwrite=True), dataset=sotu_1k)
+    (previous,) = run.glob("previous-*")
+    assert (previous / "checkpoint.dcp").is_symlink() and (run / "checkpoint.dcp").resolve().is_dir()
+    # leftovers of a write killed before the link switched are removed on the next open
+    (run / ".ckpt-step9.tmp").mkdir()
+    (run / "checkpoint-step9.dcp").mkdir()
+    train(_cfg(run, steps=2, resume=True), dataset=sotu_1k)
+    assert not (run / ".ckpt-step9.tmp").exists() and not (run / "checkpoint-step9.dcp").exists()
+
+
+def test_layerwise_and_other_kinds_are_refused_with_fsdp_in_one_line(tmp_path):
+    with pytest.raises(ValueError, match=r"layerwise=True does not run with fsdp=True: FSDP2 reduce-scatters") as e:
+        _cfg(tmp_path / "a", layerwise=True, clip_mode="per-parameter").validate()
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=r"fsdp=True steps grassopt's presets and adamw-torch"):
+        _cfg(tmp_path / "b", preset="rso").validate()
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
