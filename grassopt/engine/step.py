@@ -45,6 +45,11 @@ from ..layerwise import clip_grad_norm_per_parameter_
 __all__ = ["TrainStep", "StepResult", "NonFiniteLossError", "call_hooks"]
 
 
+def _local(t: Tensor) -> Tensor:
+    """This rank's shard of an FSDP2 (DTensor) gradient, or the tensor itself."""
+    return t.to_local() if is_dtensor(t) else t
+
+
 class NonFiniteLossError(FloatingPointError):
     """A training step met a non-finite loss or gradient norm; nothing was updated."""
 
@@ -182,8 +187,7 @@ class TrainStep:
         named = [(n, p.grad) for n, p in self.model.named_parameters() if p.requires_grad and p.grad is not None]
         if not named:
             return
-        finite = torch.stack([torch.isfinite(g.detach().to_local() if is_dtensor(g) else g.detach()).all()
-                              for _, g in named])
+        finite = torch.stack([torch.isfinite(_local(g.detach())).all() for _, g in named])
         ok = finite.all()
         if self.distributed:  # every rank stops at the same step
             flag = ok.to(torch.int32).reshape(1)

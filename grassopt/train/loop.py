@@ -300,7 +300,7 @@ def evaluate(model: nn.Module, tokens, batch_size: int, seq_len: int, device, bf
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
-    autocast = dict(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
+    autocast: dict[str, Any] = dict(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
     try:
         mine, last = 0, None
         for i, (x, y) in enumerate(data_mod.iter_eval_batches(tokens, batch_size, seq_len, device=device)):
