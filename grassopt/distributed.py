@@ -21,19 +21,22 @@ steps each gradient bucket after its all-reduce has completed).
 
 FSDP2 (``torch.distributed.fsdp.fully_shard``) does run on CPU with gloo in torch 2.13, and the
 *plain* param groups of :class:`~grassopt.SubspaceAdamW` (AdamW on embeddings, norms, the output
-layer, and every weight under preset ``"adamw"``) step sharded DTensor parameters correctly. The
+layer, and every weight under preset ``"adamw"``) step sharded DTensor parameters correctly in
+float32 (not with int8 states or stochastic rounding, whose plain tensors meet DTensors). The
 *projected* groups do not: the subspace step (SVD or tracking of the whole gradient, projection,
 recovery scaling with its per-matrix limiter) is written for whole matrices, and on a row-sharded
 DTensor it either fails deep inside DTensor's sharding propagation or would silently compute
 per-shard statistics. :func:`check_params` turns that into a clear error at construction, and
 :class:`FSDPSubspaceAdamW` is the way to use every preset under FSDP2: it all-gathers each projected
 matrix (gradient and weight) at its step, runs the ordinary step on the whole matrix, keeps this
-rank's rows, and holds the low-rank state replicated (the same numbers as DDP)::
+rank's rows, and holds the low-rank state replicated (the same numbers as DDP); its plain groups
+step each rank's shard as a plain tensor, so every state dtype and stochastic rounding work::
 
-    for block in model.layers:
-        fully_shard(block)
-    fully_shard(model)
+    info = grassopt.distributed.init_from_env()
+    grassopt.distributed.shard_model(model.to(info.device), model.layers, info.device)  # fully_shard
     opt = grassopt.distributed.FSDPSubspaceAdamW(grassopt.param_groups(model, "subtrack++", rank=128), lr=1e-3)
+
+``grassopt train --fsdp`` is that, with sharded checkpoints (:mod:`grassopt.engine.sharded`).
 """
 
 from __future__ import annotations
