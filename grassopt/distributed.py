@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import math
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -62,7 +63,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DistInfo", "ShardedParameterError", "FSDPSubspaceAdamW", "backend_for", "init_from_env", "wrap_ddp", "rank_and_world",
            "is_dtensor", "check_params", "assert_in_sync", "checksums", "process_group_of_one", "shard_model",
-           "fsdp_gradient_sync"]
+           "fsdp_gradient_sync", "assign_owners"]
 
 
 @dataclass(frozen=True)
@@ -238,6 +239,38 @@ def _as_dtensor(local: Tensor, p: DTensor) -> DTensor:
     return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
 
 
+def _chunk_sizes(rows: int, world: int) -> list[int]:
+    """The rows of each rank's shard of a matrix sharded by rows (``torch.chunk``'s split, as FSDP2's)."""
+    chunk = -(-rows // world)
+    return [max(0, min(chunk, rows - r * chunk)) for r in range(world)]
+
+
+def _padded(t: Tensor, rows: int) -> Tensor:
+    """``t`` with zero rows appended up to ``rows`` (collectives exchange equal sizes), contiguous."""
+    if t.shape[0] == rows:
+        return t.contiguous()
+    return torch.cat([t, t.new_zeros((rows - t.shape[0], *t.shape[1:]))])
+
+
+def _step_cost(p: Tensor) -> float:
+    """What a projected matrix's step costs, for balancing owners: its basis update, ``m n min(m, n)``
+    (an SVD; the projections, ``m n r``, scale alike for a common rank)."""
+    m, n = p.shape[0], math.prod(p.shape[1:])
+    return float(m) * n * min(m, n)
+
+
+def assign_owners(costs: list[float], world: int) -> list[int]:
+    """An owner rank for each of ``costs``, balancing the ranks' totals: the costliest first, each to the
+    rank with the least so far (the lowest such rank on a tie), so every rank computes the same answer."""
+    load = [0.0] * world
+    out = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda j: (-costs[j], j)):
+        r = min(range(world), key=lambda k: (load[k], k))
+        out[i] = r
+        load[r] += costs[i]
+    return out
+
+
 class FSDPSubspaceAdamW(SubspaceAdamW):
     """:class:`~grassopt.SubspaceAdamW` for models sharded with FSDP2 (``fully_shard``).
 
@@ -267,7 +300,7 @@ class FSDPSubspaceAdamW(SubspaceAdamW):
     every rank before the step. Layer-wise updates are not available with FSDP2.
     """
 
-    def __init__(self, params, *args: Any, **kwargs: Any):
+    def __init__(self, params, *args: Any, owners: bool = False, **kwargs: Any):
         groups = _iter_groups(params)
         self._sharded: list[tuple[Tensor, DTensor]] = []  # projected: (proxy, DTensor parameter)
         self._local: list[tuple[Tensor, DTensor]] = []  # plain: (proxy, DTensor parameter)
@@ -288,6 +321,31 @@ class FSDPSubspaceAdamW(SubspaceAdamW):
         super().__init__(new_groups, *args, **kwargs)
         self._kind = {id(x): (kind, proxy, p) for kind, pairs in (("projected", self._sharded), ("local", self._local))
                       for proxy, p in pairs for x in (proxy, p)}
+        self.owners = bool(owners)
+        self._owner: dict[int, int] = {}  # id(proxy) -> its owner's rank in the mesh's group
+        if self.owners and self._sharded:
+            for _, p in self._sharded:
+                if len(p.placements) != 1 or not p.placements[0].is_shard(0) or \
+                        p.device_mesh is not self._sharded[0][1].device_mesh:
+                    raise ValueError(f"owners=True needs every projected matrix sharded by rows over one 1-D mesh "
+                                     f"(fully_shard's default); got placements {tuple(p.placements)}")
+            world = self._sharded[0][1].device_mesh.size()
+            ranks = assign_owners([_step_cost(p) for _, p in self._sharded], world)
+            self._owner = {id(proxy): r for (proxy, _), r in zip(self._sharded, ranks)}
+
+    def owner(self, p: Tensor) -> int | None:
+        """The rank (in the mesh's group) that steps the projected matrix ``p`` and holds its state with
+        ``owners=True``; None otherwise."""
+        kind = self._kind.get(id(p))
+        return None if kind is None or kind[0] != "projected" else self._owner.get(id(kind[1]))
+
+    def _owns(self, i: int) -> bool:
+        """Whether this rank holds the state of parameter ``i`` (a projected matrix owned elsewhere: no)."""
+        if not self._owner:
+            return True
+        proxy = self._flat_params()[i]
+        owner = self._owner.get(id(proxy))
+        return owner is None or owner == self._sharded[0][1].device_mesh.get_local_rank()
 
     # -------------------------------------------------------------- stepping
     @torch.no_grad()
@@ -312,8 +370,53 @@ class FSDPSubspaceAdamW(SubspaceAdamW):
                 (projected if kind[0] == "projected" else local).append(kind[1:])  # type: ignore[arg-type]
         with self._shards(local) as proxies:
             super().step_parameters(plain + proxies)
+        if self._owner:
+            self._step_owned(projected)
+            return
         for proxy, p in projected:
             self._step_sharded(proxy, p)
+
+    def _step_owned(self, pairs: list[tuple[Tensor, DTensor]]) -> None:
+        """``owners=True``: each matrix's gradient and weight are gathered to its owner (every matrix
+        first), each owner steps its matrices (the ranks at once), then each owner scatters the new rows."""
+        pairs = [(proxy, p) for proxy, p in pairs if p.grad is not None]
+        if not pairs:
+            return
+        mesh = pairs[0][1].device_mesh
+        group = mesh.get_group()
+        me, world = mesh.get_local_rank(), mesh.size()
+        stepped: dict[int, list[Tensor]] = {}
+        gathered = []
+        for proxy, p in pairs:
+            owner = self._owner[id(proxy)]
+            sizes = _chunk_sizes(p.shape[0], world)
+            grad, weight = p.grad.to_local(), p.to_local()  # type: ignore[union-attr]  # (a DTensor's gradient)
+            lists: list[list[Tensor]] = []
+            for t in (grad, weight):
+                mine = _padded(t, sizes[0])
+                parts = [torch.empty_like(mine) for _ in range(world)] if me == owner else None
+                dist.gather(mine, parts, dst=dist.get_global_rank(group, owner), group=group)
+                lists.append(parts or [])
+            if me == owner:
+                gathered.append((proxy, [torch.cat([t[:n] for t, n in zip(parts, sizes)]) for parts in lists], sizes))
+        for proxy, (full_grad, full_weight), sizes in gathered:  # the same step as the replicated one
+            placeholder = proxy.data
+            proxy.data, proxy.grad = full_weight, full_grad
+            try:
+                super().step_parameters([proxy])
+                rows = proxy.data.split(sizes)
+                stepped[id(proxy)] = [_padded(r, sizes[0]) for r in rows]
+            finally:
+                proxy.grad = None
+                proxy.data = placeholder
+        for proxy, p in pairs:
+            owner = self._owner[id(proxy)]
+            local = p.to_local()
+            sizes = _chunk_sizes(p.shape[0], world)
+            out = torch.empty((sizes[0], *local.shape[1:]), dtype=local.dtype, device=local.device)
+            dist.scatter(out, stepped.get(id(proxy)) if me == owner else None, src=dist.get_global_rank(group, owner),
+                         group=group)
+            local.copy_(out[:sizes[me]])
 
     @contextlib.contextmanager
     def _shards(self, pairs: list[tuple[Tensor, DTensor]]) -> Iterator[list[Tensor]]:
@@ -378,8 +481,25 @@ class FSDPSubspaceAdamW(SubspaceAdamW):
         shape = tuple(p.to_local().shape)
         return {k for k, (_, s) in state_spec(group, shape).items() if s is not None and tuple(s) == shape}
 
+    def _owned_elsewhere(self, state: dict[int, Any]) -> dict[int, Any]:
+        """``owners=True``: ``state`` completed with the projected matrices' states of the other owners
+        (a collective)."""
+        if not self._owner or dist.get_world_size() == 1:
+            return state
+        projected = {id(proxy) for proxy, _ in self._sharded}
+        flat = self._flat_params()
+        mine = {i: st for i, st in state.items() if id(flat[int(i)]) in projected}
+        everyone: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+        for theirs in everyone:
+            for i, st in theirs.items():
+                state.setdefault(i, {k: v.to(flat[int(i)].device) if isinstance(v, Tensor) else v
+                                     for k, v in st.items()})
+        return state
+
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
+        sd["state"] = dict(sorted(self._owned_elsewhere(sd["state"]).items()))
         for i, (group, p) in self._local_by_index().items():
             st = sd["state"].get(i)
             if not st:
@@ -410,7 +530,8 @@ class FSDPSubspaceAdamW(SubspaceAdamW):
                                            src_data_rank=None).to_local()
                       if isinstance(v, Tensor) and k not in RNG_KEYS and tuple(v.shape) == tuple(p.shape) else v
                       for k, v in st.items()}
-            state[i] = st
+            if self._owns(int(i)):
+                state[i] = st
         super().load_state_dict({**state_dict, "state": state})
 
     def sharded_state_dict(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -439,6 +560,8 @@ class FSDPSubspaceAdamW(SubspaceAdamW):
                     tensors[f"state/{i}/{k}"] = _as_dtensor(v, found[1])
                 else:
                     tensors[f"rank{rank}/state/{i}/{k}"] = v
+        if self._owner:  # the step counts of the matrices the other ranks own
+            rest = dict(sorted(self._owned_elsewhere(rest).items()))
         return tensors, {"state": rest, "param_groups": sd["param_groups"]}
 
     def sharded_template(self, saved: dict[str, tuple[tuple[int, ...], torch.dtype]],
@@ -458,6 +581,8 @@ class FSDPSubspaceAdamW(SubspaceAdamW):
             parts = key.split("/")
             if parts[0] == "state":
                 i = int(parts[1])
+                if not self._owns(i):  # owners=True: a matrix another rank steps
+                    continue
                 found = local.get(i)
                 if found is not None and tuple(shape) == tuple(found[1].shape):
                     p = found[1]
@@ -482,11 +607,13 @@ class FSDPSubspaceAdamW(SubspaceAdamW):
         """Load what :meth:`sharded_template` was filled with, and ``rest`` (see :meth:`sharded_state_dict`),
         with :meth:`SubspaceAdamW.load_state_dict`'s checks."""
         rank = dist.get_rank() if saved_world == dist.get_world_size() else 0
-        state: dict[int, dict[str, Any]] = {int(i): dict(st) for i, st in rest["state"].items()}
+        state: dict[int, dict[str, Any]] = {int(i): dict(st) for i, st in rest["state"].items() if self._owns(int(i))}
         for key, v in tensors.items():
             parts = key.split("/")
             if parts[0] == "state":
                 i, k = int(parts[1]), parts[2]
+                if not self._owns(i):
+                    continue
                 v = v.to_local() if is_dtensor(v) else v
             else:
                 if int(parts[0][len("rank"):]) != rank:

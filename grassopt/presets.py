@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from torch import nn
@@ -179,7 +179,7 @@ def make_optimizer(model: nn.Module, preset: str = "subtrack++", lr: float = 1e-
                    weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-6, seed: int = 0,
                    state_dtype: str = "float32", stochastic_rounding: bool = False, fused: bool | None = None,
                    check_finite: bool = True, plain_lr: float | None = None, plain_weight_decay: float | None = None,
-                   cls: type[SubspaceAdamW] = SubspaceAdamW, **overrides: Any) -> SubspaceAdamW:
+                   cls: Callable[..., SubspaceAdamW] = SubspaceAdamW, **overrides: Any) -> SubspaceAdamW:
     """``SubspaceAdamW(param_groups(model, preset, ...), lr=lr, ...)`` in one call (``plain_lr``,
     ``plain_weight_decay``: the plain group's own rate and decay, see :func:`param_groups`; ``cls``: the
     optimizer class, e.g. :class:`grassopt.distributed.FSDPSubspaceAdamW` for a model sharded with FSDP2)."""

@@ -22,6 +22,7 @@ that takes param groups; the kinds of :data:`ONE_RATE` refuse them (:func:`check
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Iterable
 from collections.abc import Callable
@@ -93,10 +94,10 @@ class Request:
 
 # ---------------------------------------------------------------------------------------- the builders
 def _build_preset(r: Request) -> torch.optim.Optimizer:
-    cls: type[SubspaceAdamW] = SubspaceAdamW
-    if r.sharded:
+    cls: Callable[..., SubspaceAdamW] = SubspaceAdamW
+    if r.sharded:  # each projected matrix stepped by one owner rank (the replicated step's numbers, bit for bit)
         from .distributed import FSDPSubspaceAdamW
-        cls = FSDPSubspaceAdamW
+        cls = functools.partial(FSDPSubspaceAdamW, owners=True)
     return make_optimizer(r.model, r.name, lr=r.lr, rank=r.rank, update_interval=r.update_interval, targets=r.targets,
                           cls=cls, weight_decay=r.weight_decay, betas=r.betas, eps=1e-6 if r.eps is None else r.eps,
                           seed=r.seed, state_dtype=r.state_dtype, stochastic_rounding=r.stochastic_rounding,
@@ -259,8 +260,8 @@ def build(name: str, model: nn.Module, *, lr: float = 1e-3, betas: tuple[float, 
     """The optimizer ``name`` (a key of :data:`KINDS`) over ``model``'s trainable parameters.
 
     ``sharded``: ``model`` is sharded with FSDP2 (``fully_shard``); the presets are then built as
-    :class:`grassopt.distributed.FSDPSubspaceAdamW` (``adamw-torch`` steps DTensors as it is; the other kinds
-    are refused).
+    :class:`grassopt.distributed.FSDPSubspaceAdamW` with ``owners=True`` (``adamw-torch`` steps DTensors as it
+    is; the other kinds are refused).
 
     ``rank``, ``update_interval`` and ``targets`` are those of :func:`grassopt.param_groups` (``zo``:
     the rank of its perturbations, 8 by default); ``options`` are the kind's own settings (subspace

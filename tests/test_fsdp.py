@@ -7,7 +7,9 @@
 * resumed by another number of processes (2 -> 1 and 1 -> 2, the same global batch), it continues and ends
   within the bound of the first point; a per-shard state (int8 block scales) is refused at another size;
 * the run-folder rules hold for the sharded layout: no clobbering, ``--overwrite``, a damaged shard refused
-  with one line naming the file, atomic completion (no temporary folder left), and ``--layerwise`` refused.
+  with one line naming the file, atomic completion (no temporary folder left), and ``--layerwise`` refused;
+* the owner-sharded projected step (``FSDPSubspaceAdamW(owners=True)``, what ``--fsdp`` uses): each matrix
+  stepped by one rank, which alone holds its low-rank state, equals the replicated step bit for bit.
 """
 
 from __future__ import annotations
@@ -164,3 +166,56 @@ def test_layerwise_and_other_kinds_are_refused_with_fsdp_in_one_line(tmp_path):
     with pytest.raises(ValueError, match=r"fsdp=True steps grassopt's presets and adamw-torch"):
         _cfg(tmp_path / "b", preset="rso").validate()
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def _owners_worker(rank: int, world: int, vocab: int, out: str) -> None:
+    import grassopt
+    from grassopt.distributed import FSDPSubspaceAdamW
+
+    batches = torch.load(Path(out) / "batches.pt")
+    for preset in ("subtrack++", "grassjump", "galore"):
+        runs = {}
+        for owners in (False, True):
+            model = H._fsdp_model(vocab)
+            opt = FSDPSubspaceAdamW(grassopt.param_groups(model, preset, rank=H.RANK, update_interval=2), lr=H.LR,
+                                    seed=0, owners=owners)
+            H.train(model, opt, batches, rank, world)
+            runs[owners] = (H._full(model.state_dict()), opt)
+        (rep, rep_opt), (own, own_opt) = runs[False], runs[True]
+        for k in rep:  # the weights, on every rank, bit for bit
+            assert torch.equal(rep[k], own[k]), (preset, k)
+        projected = [proxy for proxy, _ in own_opt._sharded]
+        mine = [p for p in projected if own_opt.owner(p) == rank]
+        assert set(own_opt.state) & set(projected) == set(mine), "a rank holds the state of a matrix it does not own"
+        held = sum(v.numel() * v.element_size() for p in mine for v in own_opt.state[p].values() if torch.is_tensor(v))
+        total = sum(v.numel() * v.element_size() for p, _ in rep_opt._sharded for v in rep_opt.state[p].values()
+                    if torch.is_tensor(v))
+        assert 0.3 * total < held < 0.7 * total, (preset, held, total)  # owners balanced: about half each
+        print(f"{preset}: rank {rank} holds {held / total:.2f} of the projected state")
+        a, b = rep_opt.state_dict(), own_opt.state_dict()  # (full form: the owners' states gathered)
+        assert a["state"].keys() == b["state"].keys()
+        for i in a["state"]:  # bases, moments, generators, counts: equal to the replicated ones
+            for k, v in a["state"][i].items():
+                w = b["state"][i][k]
+                assert torch.equal(v, w) if torch.is_tensor(v) else v == w, (preset, i, k)
+
+
+def test_owner_sharded_projected_step_equals_the_replicated_step(sotu_1k, tmp_path):
+    batches = []
+    sampler = sotu_1k.sampler(4, H.SEQ_LEN, seed=3)
+    for _ in range(6):
+        x, y = sampler.next()
+        batches.append(torch.cat([x, y[:, -1:]], dim=1))
+    torch.save(torch.stack(batches), tmp_path / "batches.pt")
+    H.spawn(_owners_worker, WORLD, sotu_1k.vocab_size, str(tmp_path))
+
+
+def test_owners_are_balanced_by_cost():
+    from grassopt.distributed import assign_owners
+
+    costs = [8.0, 7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0]
+    owners = assign_owners(costs, 2)
+    loads = [sum(c for c, o in zip(costs, owners) if o == r) for r in range(2)]
+    assert loads == [18.0, 18.0], (owners, loads)
+    assert assign_owners(costs, 3) == assign_owners(list(costs), 3)  # the same answer on every rank
+    assert sorted(set(assign_owners([1.0] * 4, 4))) == [0, 1, 2, 3]
