@@ -29,12 +29,15 @@ DTensor it either fails deep inside DTensor's sharding propagation or would sile
 per-shard statistics. :func:`check_params` turns that into a clear error at construction, and
 :class:`FSDPSubspaceAdamW` is the way to use every preset under FSDP2: it all-gathers each projected
 matrix (gradient and weight) at its step, runs the ordinary step on the whole matrix, keeps this
-rank's rows, and holds the low-rank state replicated (the same numbers as DDP); its plain groups
-step each rank's shard as a plain tensor, so every state dtype and stochastic rounding work::
+rank's rows, and holds the low-rank state replicated (the same numbers as DDP), or, with
+``owners=True``, has one owner rank per matrix step it and hold its state alone (bit-identical, the
+work shared out); its plain groups step each rank's shard as a plain tensor, so every state dtype and
+stochastic rounding work::
 
     info = grassopt.distributed.init_from_env()
     grassopt.distributed.shard_model(model.to(info.device), model.layers, info.device)  # fully_shard
-    opt = grassopt.distributed.FSDPSubspaceAdamW(grassopt.param_groups(model, "subtrack++", rank=128), lr=1e-3)
+    opt = grassopt.distributed.FSDPSubspaceAdamW(grassopt.param_groups(model, "subtrack++", rank=128), lr=1e-3,
+                                                 owners=True)
 
 ``grassopt train --fsdp`` is that, with sharded checkpoints (:mod:`grassopt.engine.sharded`).
 """
@@ -288,6 +291,16 @@ class FSDPSubspaceAdamW(SubspaceAdamW):
     result of DDP up to the order of float sums in the gradient reduction (and, for int8 plain states,
     the blocks of 256 falling within each shard). Per step: two all-gathers per projected matrix and the
     subspace work repeated on every rank; transient memory: one full matrix and its gradient.
+
+    ``owners=True`` shares the projected work out instead: each projected matrix has one owner rank
+    (:func:`assign_owners`: balanced by the cost of a basis update, ``m n min(m, n)``), which alone steps it
+    (basis updates included) and holds its low-rank state and generators. At a step, every matrix's gradient
+    and weight shards are gathered to its owner (``dist.gather``), the owners step their matrices (all ranks
+    at once), and each owner scatters the new rows back to their shards (``dist.scatter``). The numbers are
+    the replicated step's, bit for bit (the same function on the same whole matrices, with the same seeded
+    generators); the projected state and the subspace work per rank shrink to about 1/N. Transient memory:
+    the owned matrices and their gradients, whole (about 1/N of the projected weights, twice). Every rank
+    must call :meth:`step` (and :meth:`state_dict`, which gathers the owners' states) together.
 
     Checkpoints: :meth:`state_dict` gathers everything into full tensors (a collective: call it on every
     rank), so it has the format of a DDP or one-process run and loads into either; :meth:`load_state_dict`
