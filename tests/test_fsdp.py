@@ -146,6 +146,10 @@ def test_sharded_run_folder_rules(sotu_1k, tmp_path):
     for fsdp in (True, False):
         with pytest.raises(RunFolderError, match=r"checkpoint\.dcp.*--resume.*--overwrite"):
             train(_cfg(run, steps=2, fsdp=fsdp), dataset=sotu_1k)
+    # resumed without --fsdp: the layout is named
+    with pytest.raises(CheckpointError, match=r"holds checkpoint\.dcp, the checkpoint of a run with --fsdp; resume it "
+                                              r"with --fsdp"):
+        train(_cfg(run, steps=2, fsdp=False, resume=True), dataset=sotu_1k)
     # a damaged shard: refused with one line naming the file and the fix
     shard = (run / "checkpoint.dcp" / "__0_0.distcp").resolve()
     data = bytearray(shard.read_bytes())

@@ -130,6 +130,12 @@ class RunFolder:
         try:
             self.clean_stale_files()
             if resume:
+                other = None if self.checkpointer.exists() else self.held_checkpoint()
+                if other is not None:  # the other layout: a run with (or without) --fsdp
+                    sharded = other == "checkpoint.dcp"
+                    raise CheckpointError(
+                        f"{self.path} holds {other}, the checkpoint of a run {'with' if sharded else 'without'} "
+                        f"--fsdp; resume it {'with' if sharded else 'without'} --fsdp (the other settings as they were)")
                 ckpt = self.checkpointer.load()
                 self.check_resume(saved_config(ckpt) if saved_config else ckpt["config"], config)
                 return ckpt
