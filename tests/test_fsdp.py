@@ -208,6 +208,25 @@ def _owners_worker(rank: int, world: int, vocab: int, out: str) -> None:
             for k, v in a["state"][i].items():
                 w = b["state"][i][k]
                 assert torch.equal(v, w) if torch.is_tensor(v) else v == w, (preset, i, k)
+    # shards of unequal rows (7 -> 4 + 3, 9 -> 5 + 4, 5 -> 3 + 2): the gather pads them, the scatter trims
+    from grassopt.distributed import shard_model
+
+    final = {}
+    for owners in (False, True):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(*(torch.nn.Linear(a, b, bias=False) for a, b in ((12, 7), (7, 9), (9, 5), (5, 3))))
+        shard_model(net, list(net)[:3], "cpu")
+        opt = FSDPSubspaceAdamW([{"params": [net[i].weight for i in range(3)], "rank": 2, "update_interval": 2},
+                                 {"params": [net[3].weight]}], lr=1e-2, seed=0, owners=owners)
+        assert owners is False or {opt.owner(net[i].weight) for i in range(3)} == {0, 1}
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(5):
+            net(torch.randn(4, 12, generator=gen)).pow(2).sum().backward()
+            opt.step()
+            opt.zero_grad()
+        final[owners] = [p.full_tensor() for p in net.parameters()]
+    assert [tuple(p.to_local().shape) for p in net.parameters()][1:3] == [(5 - rank, 7), (3 - rank, 9)]
+    assert all(torch.equal(a, b) for a, b in zip(final[False], final[True]))
 
 
 def test_owner_sharded_projected_step_equals_the_replicated_step(sotu_1k, tmp_path):
