@@ -248,3 +248,14 @@ def test_owners_are_balanced_by_cost():
     assert loads == [18.0, 18.0], (owners, loads)
     assert assign_owners(costs, 3) == assign_owners(list(costs), 3)  # the same answer on every rank
     assert sorted(set(assign_owners([1.0] * 4, 4))) == [0, 1, 2, 3]
+
+
+@pytest.mark.slow
+def test_a_rank_killed_under_torchrun_restarts_from_the_last_checkpoint():
+    """benchmarks/faults.py's case, real processes end to end (about a minute): ``torchrun --max-restarts=1``
+    of ``grassopt train --fsdp``, rank 1 SIGKILLed mid-run; the restarted job continues from the last
+    checkpoint and ends bit for bit as an uninterrupted run with the same checkpoint steps."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import faults
+
+    assert faults.main(["-k", "rank SIGKILLed under torchrun"]) == 0
