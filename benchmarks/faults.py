@@ -549,23 +549,38 @@ def restart_cases(c: Campaign) -> None:
     def start(out: Path, *extra: str) -> subprocess.Popen:
         return subprocess.Popen([*torchrun, *extra, "-m", "grassopt", *c.train_args(out, "--fsdp", "--checkpoint-every",
                                                                                     "7", steps=steps)],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=c.env, cwd=c.work)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=c.env, cwd=c.work,
+                                start_new_session=True)  # its own process group: stopped whole on a hang
+
+    def finish(job: subprocess.Popen) -> tuple[str, str] | None:
+        """The job's output, or None if it did not end within 5 minutes (then its processes are killed)."""
+        try:
+            return job.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.communicate()
+            return None
 
     def killed_rank() -> tuple[str, str]:
         ref, out = c.folder("fsdp-reference"), c.folder("fsdp-killed-rank")
         r = start(ref)
-        _, rerr = r.communicate()
-        if r.returncode != 0:
-            return "crash (reference)", error_line(rerr)
+        got = finish(r)
+        if got is None or r.returncode != 0:
+            return "crash (reference)", "hung for 5 minutes" if got is None else error_line(got[1])
         a = start(out, "--max-restarts=1")
         wait_for(lambda: lines(out) >= 20, a)
         victim = _worker_of_rank(a.pid, 1)
         if victim is None:
-            a.kill()
+            os.killpg(a.pid, signal.SIGKILL)
+            a.communicate()
             return "crash (campaign)", "no worker of rank 1 found under torchrun"
         os.kill(victim, signal.SIGKILL)
         done = lines(out)
-        said, err = a.communicate()
+        got = finish(a)
+        if got is None:
+            return "hang", (f"rank 1 killed after {done} logged steps; the restarted job did not end within 5 minutes "
+                            f"({lines(out)} metric lines; killed)")
+        said, err = got
         restarted = "restart 1 of this torchrun job" in err
         ok, why = same_sharded_run(out, ref)
         if "Traceback" in said:
