@@ -97,7 +97,7 @@ def make_optimizer(model: nn.Module, args: Any | None = None, preset: str = "sub
         raise ValueError(f"unknown preset {preset!r} for grassopt.hf; choose one of {sorted(registry.PRESETS)}")
     opt = registry.build(preset, model, rank=rank, update_interval=update_interval, targets=patterns, seed=seed,
                          options=overrides, **hyper)
-    return cast(SubspaceAdamW, opt)  # (every kind of registry.PRESETS builds one)
+    return cast(SubspaceAdamW, opt)  # (every preset of grassopt.PRESETS builds one)
 
 
 class SubspaceAdamWFactory:

@@ -108,6 +108,7 @@ def param_groups(
     state_dtype: str | None = None,
     plain_lr: float | None = None,
     plain_weight_decay: float | None = None,
+    plain_state_dtype: str | None = None,
     **overrides: Any,
 ) -> list[dict[str, Any]]:
     """Optimizer param groups for ``model``: the projected group(s) and the plain rest.
@@ -119,8 +120,11 @@ def param_groups(
     plain AdamW group. A matrix whose short side is not larger than ``rank`` cannot be projected: it
     falls back to the plain group with a warning. With ``weight_decay > 0``, parameters with
     fewer than 2 dimensions (norms, biases) get no decay, as in nanoGPT. Parameters are given with
-    their names, so errors and :meth:`SubspaceAdamW.diagnostics` name them. ``state_dtype``
-    (``"float32"`` or ``"int8"``), when given, is set on every group, projected and plain.
+    their names, so errors and :meth:`SubspaceAdamW.diagnostics` name them. ``state_dtype`` (a moment
+    format of :data:`grassopt.codecs.CODECS`: ``"float32"``, ``"int8"``, ``"factored"``, ...), when given,
+    is set on every group, projected and plain; ``plain_state_dtype``, when given, on the plain groups
+    (embedding, head, norms, biases) instead: e.g. int8 subspace moments beside a factored ``V`` for the
+    embedding and head.
 
     ``plain_lr`` and ``plain_weight_decay`` are the learning rate and weight decay of the plain
     parameters, those the method does not project (embedding, head, norms, biases); None (the
@@ -159,6 +163,8 @@ def param_groups(
     if state_dtype is not None:
         common["state_dtype"] = state_dtype
     plain = common if plain_lr is None else {**common, "lr": plain_lr}
+    if plain_state_dtype is not None:
+        plain = {**plain, "state_dtype": plain_state_dtype}
     groups: list[dict[str, Any]] = []
     for r, params in proj.items():
         groups.append({"params": params, "rank": r, "weight_decay": weight_decay, **(settings or {}), **common})
@@ -179,12 +185,15 @@ def make_optimizer(model: nn.Module, preset: str = "subtrack++", lr: float = 1e-
                    weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-6, seed: int = 0,
                    state_dtype: str = "float32", stochastic_rounding: bool = False, fused: bool | None = None,
                    check_finite: bool = True, plain_lr: float | None = None, plain_weight_decay: float | None = None,
-                   cls: Callable[..., SubspaceAdamW] = SubspaceAdamW, **overrides: Any) -> SubspaceAdamW:
+                   plain_state_dtype: str | None = None, cls: Callable[..., SubspaceAdamW] = SubspaceAdamW,
+                   **overrides: Any) -> SubspaceAdamW:
     """``SubspaceAdamW(param_groups(model, preset, ...), lr=lr, ...)`` in one call (``plain_lr``,
-    ``plain_weight_decay``: the plain group's own rate and decay, see :func:`param_groups`; ``cls``: the
-    optimizer class, e.g. :class:`grassopt.distributed.FSDPSubspaceAdamW` for a model sharded with FSDP2)."""
+    ``plain_weight_decay``, ``plain_state_dtype``: the plain group's own rate, decay and moment format, see
+    :func:`param_groups`; ``cls``: the optimizer class, e.g. :class:`grassopt.distributed.FSDPSubspaceAdamW`
+    for a model sharded with FSDP2)."""
     groups = param_groups(model, preset, rank, update_interval, targets, weight_decay=weight_decay,
-                          plain_lr=plain_lr, plain_weight_decay=plain_weight_decay, **overrides)
+                          plain_lr=plain_lr, plain_weight_decay=plain_weight_decay,
+                          plain_state_dtype=plain_state_dtype, **overrides)
     return cls(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, seed=seed,
                          state_dtype=state_dtype, stochastic_rounding=stochastic_rounding, fused=fused,
                          check_finite=check_finite)

@@ -66,6 +66,22 @@ Learning rates and settings, with their source:
   (lr 3e-3 and weight decay 0.01 there; the harness passes its own). The vocabulary side of the
   embedding and head is not preconditioned, as in the paper's runs, whose vocabularies (50k) exceed
   max_precondition_dim; ``--opt precondition_vocab=True`` preconditions it too.
+- ``ref-scale``: SCALE (Glentis, Li, Han, Hong, "A Minimalist Optimizer Design for LLM Pretraining",
+  arXiv 2506.16659), written here from the paper (no package has it): SGD whose update of each matrix
+  is its gradient divided by the RMS of each of its rows (``W`` is ``out x in``: the norm runs over the
+  input side; an embedding table's over the vocabulary side), with first-order momentum (0.9) only on
+  the output head; 1-D parameters train with AdamW at ``plain_lr``, as in the authors' code. The RMS
+  (not the norm) and the sides are read from the authors' public code. ``rest=scale`` (the default) is
+  the paper's method: the embedding and the head are SCALE's too, so the state is the head's momentum
+  and the norms' moments; ``rest=adamw`` gives SCALE the hidden matrices only and AdamW everything else
+  (the contest's treatment). Either way ``plain_lr`` is the rate of everything but the hidden matrices.
+- ``ref-normuon``: NorMuon (Li et al., arXiv 2510.05491) from ``pytorch-optimizer`` on the hidden matrices
+  (momentum 0.95, row-wise second moment 0.95, ``update_scale="match_rms"``: the RMS of its update is 0.2,
+  as Muon's ``match_rms_adamw``, so it shares AdamW's rate) + ``torch.optim.AdamW`` on the rest.
+- ``ref-racs``: RACS (row and column scaled SGD; Gong et al., "Towards Efficient Optimizer Design for LLM via
+  Structured Fisher Approximation with a Low-Rank Extension", arXiv 2502.07752) from ``pytorch-optimizer``
+  with its defaults (beta 0.9, alpha 0.05, norm-growth limit 1.01) on the hidden matrices: ``m + n + 1``
+  numbers of state per matrix; ``torch.optim.AdamW`` on the rest, as in the paper.
 """
 
 from __future__ import annotations
@@ -85,7 +101,7 @@ from torch import nn
 from .targets import PlainRates
 
 __all__ = ["REFERENCES", "Reference", "MissingPackageError", "HiddenAndAdamW", "MuonAdamW",
-           "AdafactorAdamW", "build", "require", "available",
+           "AdafactorAdamW", "SCALE", "build", "require", "available",
            "reference_versions", "prepare_resume", "tensor_bytes", "EXTRA"]
 
 #: The pip extra that installs every reference package.
@@ -412,6 +428,95 @@ def _soap(model, lr, weight_decay, betas, settings, plain=None):
                 eps=s["eps"])
 
 
+# ---------------------------------------------------------------------------------------- SCALE
+class SCALE(torch.optim.Optimizer):
+    """SCALE's update of matrices (arXiv 2506.16659; see the module docstring): for each matrix ``W``
+    with gradient ``G``, ``M = G`` (or, with ``momentum`` > 0 in its group, ``M <- momentum M + (1 -
+    momentum) G``), then ``W <- W (1 - lr wd) - lr M / rms(M)``, where ``rms`` is the root mean square
+    of ``M`` along dimension ``dim`` of the group (1: each row of an ``out x in`` weight; 0: each column,
+    for an embedding table), floored at ``eps``. Only 2-D parameters; a group without momentum holds no
+    state."""
+
+    def __init__(self, params: Any, lr: float = 1e-3, momentum: float = 0.0, dim: int = 1,
+                 weight_decay: float = 0.0, eps: float = 1e-8) -> None:
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"SCALE: momentum={momentum!r} must be in [0, 1)")
+        super().__init__(params, {"lr": lr, "momentum": momentum, "dim": dim, "weight_decay": weight_decay,
+                                  "eps": eps})
+        for group in self.param_groups:
+            if group["dim"] not in (0, 1) or any(p.dim() != 2 for p in group["params"]):
+                raise ValueError("SCALE normalizes matrices along dim 0 or 1: give it 2-D parameters only")
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, beta, wd = group["lr"], group["momentum"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                m = p.grad
+                if beta > 0:
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(p.grad)
+                    m = state["momentum_buffer"].lerp_(p.grad, 1 - beta)
+                rms = m.square().mean(dim=group["dim"], keepdim=True).sqrt_().clamp_min_(group["eps"])
+                if wd:
+                    p.mul_(1 - lr * wd)
+                p.addcdiv_(m, rms, value=-lr)
+        return loss
+
+
+#: ``ref-scale``'s ``rest``: what trains the embedding and the head (SCALE, as the paper; or AdamW)
+SCALE_REST = ("scale", "adamw")
+
+
+def _scale(model, lr, weight_decay, betas, settings, plain=None):
+    s = _settings("ref-scale", settings, momentum=0.9, rest="scale", eps=1e-8, adamw_eps=1e-8)
+    if s["rest"] not in SCALE_REST:
+        raise ValueError(f"ref-scale: rest={s['rest']!r} is not one of {list(SCALE_REST)} (what trains the "
+                         "embedding and the head: SCALE, as the paper, or AdamW as every other method)")
+    hidden, other = _hidden_matrices(model)
+    if not hidden:
+        raise ValueError("ref-scale found no hidden 2-D matrices")
+    groups: list[dict[str, Any]] = [{"params": hidden}]
+    if s["rest"] == "scale":
+        head = getattr(getattr(model, "lm_head", None), "weight", None)
+        vocab = _vocab_matrices(model)
+        own = {} if plain is None else {"lr": plain.lr, "weight_decay": plain.weight_decay}  # plain: not hidden
+        groups += [{"params": [p for p in vocab if p is not head], "dim": 0, **own},
+                   {"params": [p for p in vocab if p is head], "momentum": s["momentum"], **own}]
+        other = [p for p in other if all(p is not v for v in vocab)]
+    scale = SCALE([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay, eps=s["eps"])
+    eps = _adamw_eps("ref-scale", s, settings)
+    return HiddenAndAdamW(scale, _rest_adamw(other, lr, weight_decay, betas, eps, plain))
+
+
+def _normuon(model, lr, weight_decay, betas, settings, plain=None):
+    s = _settings("ref-normuon", settings, momentum=0.95, beta2=0.95, nesterov=True, ns_steps=5,
+                  update_scale="match_rms", adamw_eps=1e-8)
+    eps = _adamw_eps("ref-normuon", s, settings)
+    del s["adamw_eps"]
+    NorMuon = _import("pytorch_optimizer").NorMuon
+    hidden, other = _hidden_matrices(model)
+    normuon = NorMuon([{"params": hidden, "use_muon": True}], lr=lr, weight_decay=weight_decay, **s)
+    return HiddenAndAdamW(normuon, _rest_adamw(other, lr, weight_decay, betas, eps, plain))
+
+
+def _racs(model, lr, weight_decay, betas, settings, plain=None):
+    s = _settings("ref-racs", settings, beta=0.9, alpha=0.05, gamma=1.01, eps=1e-8, adamw_eps=1e-8)
+    eps = _adamw_eps("ref-racs", s, settings)
+    del s["adamw_eps"]
+    RACS = _import("pytorch_optimizer").RACS
+    hidden, other = _hidden_matrices(model)
+    return HiddenAndAdamW(RACS(hidden, lr=lr, weight_decay=weight_decay, **s),
+                          _rest_adamw(other, lr, weight_decay, betas, eps, plain))
+
+
 _BNB = ("bitsandbytes", "bitsandbytes", "0.50")  # 0.50: 8-bit optimizers run on the CPU too
 
 #: name -> Reference(description, build, packages, betas)
@@ -442,12 +547,26 @@ REFERENCES: dict[str, Reference] = {
         "SOAP from pytorch-optimizer (Adam in Shampoo's eigenbasis, refreshed every 10 steps) with the authors' "
         "betas (0.95, 0.95); the vocabulary side of embedding and head is not preconditioned",
         _soap, (("pytorch-optimizer", "pytorch_optimizer", None),), betas=(0.95, 0.95)),
+    "ref-scale": Reference(
+        "SCALE (arXiv 2506.16659, written here from the paper): row-RMS-normalized SGD on every matrix, momentum "
+        "only on the head, AdamW on norms; rest=adamw: on the hidden matrices only, AdamW on the rest",
+        _scale),
+    "ref-normuon": Reference(
+        "NorMuon from pytorch-optimizer (Muon with a row-wise second moment; update RMS 0.2) on the hidden "
+        "matrices + torch.optim.AdamW on embeddings, head and norms",
+        _normuon, (("pytorch-optimizer", "pytorch_optimizer", None),)),
+    "ref-racs": Reference(
+        "RACS from pytorch-optimizer (row and column scaled SGD: m + n + 1 numbers per matrix) on the hidden "
+        "matrices + torch.optim.AdamW on embeddings, head and norms",
+        _racs, (("pytorch-optimizer", "pytorch_optimizer", None),)),
 }
 
 #: the packages of the references whose builders live in grassopt.train.loop
 _OTHER_PACKAGES: dict[str, tuple[tuple[str, str, str | None], ...]] = {
     "ref-galore": (("galore-torch", "galore_torch", None),),
     "ref-apollo": (("apollo-torch", "apollo_torch", None),),
+    "ref-alice": (("pytorch-optimizer", "pytorch_optimizer", None),),
+    "ref-galore-adafactor": (("galore-torch", "galore_torch", None),),
 }
 
 

@@ -1,4 +1,11 @@
-"""Every optimizer kind by name, and the one function that builds any of them for a model.
+"""Every preset by name, and the one function that builds any of them for a model.
+
+The words, used the same way in code, messages and docs: a **preset** is a name that
+``grassopt train --preset`` takes, and :data:`ENTRIES` holds one :class:`Entry` per preset (its family,
+description, builder and options). grassopt's own presets (:data:`grassopt.PRESETS`, family ``subspace``)
+are :class:`grassopt.SubspaceAdamW` configurations; the others build another optimizer. A **variant** is a
+preset with settings (``NAME:key=value``), one row of a ``grassopt bench`` table; a fine-tuning
+**method** (``grassopt finetune --method``) is a preset or an adapter (``lora``, ``dora``).
 
 ``grassopt train --preset NAME``, ``grassopt finetune --method NAME``, ``grassopt bench`` and
 :mod:`grassopt.hf` all build through here, so a name means the same optimizer everywhere:
@@ -11,13 +18,13 @@
 - ``rso``: randomized subspace optimization (:func:`grassopt.sketch.rso`, which sketches the model);
 - ``zo`` and ``mezo``: forward-only steps (:class:`grassopt.zo.ZO`).
 
-:data:`KINDS` says what each name is (``family``, ``description``); :func:`build` makes one;
+:data:`ENTRIES` says what each name is (``family``, ``description``); :func:`build` makes one;
 :func:`state_bytes` counts any one's state the same way.
 
 ``plain_lr`` and ``plain_weight_decay`` give the plain parameters (those the method does not project
 or orthogonalize: embedding, head, norms, biases; everything but the hidden matrices of
-:func:`grassopt.targets.hidden_matrices`) their own rate and decay, the same split for every kind
-that takes param groups; the kinds of :data:`ONE_RATE` refuse them (:func:`check_plain`).
+:func:`grassopt.targets.hidden_matrices`) their own rate and decay, the same split for every preset
+that takes param groups; the presets of :data:`ONE_RATE` refuse them (:func:`check_plain`).
 """
 
 from __future__ import annotations
@@ -38,13 +45,13 @@ from .optimizer import SUBSPACE_DEFAULTS, SubspaceAdamW
 from .presets import PRESETS, default_rank, make_optimizer
 from .targets import PlainRates, check_plain_rates, hidden_matrices, plain_rates, resolve_rank
 
-__all__ = ["Kind", "Request", "KINDS", "EXTRA_KINDS", "PRESETS", "build", "state_bytes", "is_forward_only", "FORWARD_ONLY",
+__all__ = ["Entry", "Request", "ENTRIES", "OTHER_ENTRIES", "PRESETS", "build", "state_bytes", "is_forward_only", "FORWARD_ONLY",
            "ONE_RATE", "check_plain"]
 
 
 @dataclass(frozen=True)
-class Kind:
-    """One optimizer name: its family (``preset``, ``torch``, ``reference``, ``rso``, ``zo``), what it is, how it
+class Entry:
+    """One optimizer name: its family (``subspace``, ``torch``, ``reference``, ``rso``, ``zo``), what it is, how it
     is built (``build(request) -> torch.optim.Optimizer``, a :class:`Request`) and the options it takes
     (``options``; None: its builder checks them itself, e.g. a preset's rule or a reference's settings;
     ``hint``: what else to say when one is refused)."""
@@ -81,6 +88,7 @@ class Request:
     eps: float | None
     plain_lr: float | None
     plain_weight_decay: float | None
+    plain_state_dtype: str | None = None
     sharded: bool = False
 
     @property
@@ -101,7 +109,8 @@ def _build_preset(r: Request) -> torch.optim.Optimizer:
     return make_optimizer(r.model, r.name, lr=r.lr, rank=r.rank, update_interval=r.update_interval, targets=r.targets,
                           cls=cls, weight_decay=r.weight_decay, betas=r.betas, eps=1e-6 if r.eps is None else r.eps,
                           seed=r.seed, state_dtype=r.state_dtype, stochastic_rounding=r.stochastic_rounding,
-                          **r.split, **(r.options if PRESETS[r.name] is not None else {}))
+                          plain_state_dtype=r.plain_state_dtype, **r.split,
+                          **(r.options if PRESETS[r.name] is not None else {}))
 
 
 def _build_adamw_torch(r: Request) -> torch.optim.Optimizer:
@@ -160,44 +169,104 @@ def _build_ref_apollo(r: Request) -> torch.optim.Optimizer:
                            lr=r.lr, betas=r.betas, weight_decay=r.weight_decay)
 
 
+def _hidden_by_rank(r: Request, ours: str) -> tuple[dict[int, list[nn.Parameter]], list[nn.Parameter]]:
+    """({rank: the hidden matrices at that rank}, every other trainable parameter): the targets and ranks of
+    :func:`grassopt.param_groups` (``r.rank``, else the default rank of our preset ``ours``); a matrix whose
+    short side is not larger than its rank is left with the others (as grassopt leaves it unprojected)."""
+    spec = default_rank(ours) if r.rank is None else r.rank
+    by_rank: dict[int, list[nn.Parameter]] = {}
+    for _, w in hidden_matrices(r.model, r.targets):
+        k = resolve_rank(spec, w.shape)
+        if k < min(w.shape):
+            by_rank.setdefault(k, []).append(w)
+    inside = {id(w) for ws in by_rank.values() for w in ws}
+    return by_rank, [p for p in r.model.parameters() if p.requires_grad and id(p) not in inside]
+
+
+def _build_ref_alice(r: Request) -> torch.optim.Optimizer:
+    """Alice (pytorch-optimizer) on the hidden matrices, at grassopt's ranks and update interval, and
+    ``torch.optim.AdamW`` on everything else (at ``plain_lr``), as one optimizer."""
+    references.require(r.name)
+    from pytorch_optimizer import Alice
+    by_rank, rest = _hidden_by_rank(r, "galore")
+    opts = {"alpha": 0.3, "alpha_c": 0.4, "gamma": 1.01, "leading_basis": 40, **r.options}
+    interval = r.update_interval or SUBSPACE_DEFAULTS["update_interval"]
+    groups = [{"params": ws, "rank": k, "update_interval": interval, **opts,
+               "leading_basis": min(int(opts["leading_basis"]), k)} for k, ws in sorted(by_rank.items())]
+    if not groups:
+        raise ValueError(f"{r.name} found no hidden matrix larger than its rank ({r.rank!r})")
+    alice = Alice(groups, lr=r.lr, weight_decay=r.weight_decay)
+    return references.HiddenAndAdamW(alice, references._rest_adamw(rest, r.lr, r.weight_decay, r.betas, 1e-8,
+                                                                   r.plain()))
+
+
+def _build_ref_galore_adafactor(r: Request) -> torch.optim.Optimizer:
+    """galore-torch's GaLoreAdafactor (GaLore's projection around Adafactor's factored statistics, no first
+    moment, relative steps off so that ``lr`` is the rate) on the hidden matrices, at grassopt's ranks and
+    update interval, and ``torch.optim.AdamW`` on everything else (at ``plain_lr``), as one optimizer."""
+    references.require(r.name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from galore_torch import GaLoreAdafactor
+    by_rank, rest = _hidden_by_rank(r, "galore")
+    interval = r.update_interval or SUBSPACE_DEFAULTS["update_interval"]
+    groups = [{"params": ws, "rank": k, "update_proj_gap": interval, "scale": r.options.get("alpha", 0.25),
+               "proj_type": "std"} for k, ws in sorted(by_rank.items())]
+    if not groups:
+        raise ValueError(f"{r.name} found no hidden matrix larger than its rank ({r.rank!r})")
+    adafactor = GaLoreAdafactor(groups, lr=r.lr, weight_decay=r.weight_decay, relative_step=False,
+                                scale_parameter=False, warmup_init=False)
+    return references.HiddenAndAdamW(adafactor, references._rest_adamw(rest, r.lr, r.weight_decay, r.betas, 1e-8,
+                                                                       r.plain()))
+
+
 RSO_OPTIONS = {"inner_steps", "mu", "inner", "eps"}
 ZO_OPTIONS = {"eps", "momentum", "law", "lazy", "others", "clip", "nonfinite"}
 
 #: The names beside grassopt's presets, with one line each (``grassopt train --help`` lists them).
-EXTRA_KINDS: dict[str, Kind] = {
-    "adamw-torch": Kind("torch", "torch.optim.AdamW (full rank, PyTorch's own implementation; fused=True where the "
+OTHER_ENTRIES: dict[str, Entry] = {
+    "adamw-torch": Entry("torch", "torch.optim.AdamW (full rank, PyTorch's own implementation; fused=True where the "
                                  "device has the fused kernel)", _build_adamw_torch),
-    "ref-galore": Kind("reference", "GaLoreAdamW from the reference package galore-torch (optional: pip install "
+    "ref-galore": Entry("reference", "GaLoreAdamW from the reference package galore-torch (optional: pip install "
                                     "grassopt[bench])", _build_ref_galore, frozenset({"alpha"}),
                        " (alpha: GaLore's scale of the update, 0.25 by default)"),
-    "ref-apollo": Kind("reference", "APOLLOAdamW from the reference package apollo-torch (optional: pip install "
+    "ref-apollo": Entry("reference", "APOLLOAdamW from the reference package apollo-torch (optional: pip install "
                                     "grassopt[bench])", _build_ref_apollo, frozenset({"scale", "scale_type"}),
                        " (scale: APOLLO's scale of the update, 1.0 by default; scale_type: channel or tensor)"),
-    "zo": Kind("zo", "forward-only training: zeroth-order low-rank (U V^T, Haar V) gradient estimates (grassopt.zo)",
+    "ref-alice": Entry("reference", "Alice from pytorch-optimizer (low-rank Adam-like statistics in a tracked "
+                                   "subspace with full-rank compensation) on the hidden matrices at the rank and update "
+                                   "interval + torch.optim.AdamW on the rest", _build_ref_alice,
+                        frozenset({"alpha", "alpha_c", "gamma", "leading_basis"}),
+                        " (alpha, alpha_c, gamma, leading_basis: Alice's own, the package's defaults)"),
+    "ref-galore-adafactor": Entry("reference", "GaLoreAdafactor from galore-torch (Adafactor inside GaLore's "
+                                              "subspace) on the hidden matrices + torch.optim.AdamW on the rest",
+                                  _build_ref_galore_adafactor, frozenset({"alpha"}),
+                                  " (alpha: GaLore's scale of the update, 0.25 by default)"),
+    "zo": Entry("zo", "forward-only training: zeroth-order low-rank (U V^T, Haar V) gradient estimates (grassopt.zo)",
                _build_zo, frozenset(ZO_OPTIONS)),
-    "mezo": Kind("zo", "forward-only training with dense Gaussian perturbations (MeZO), the baseline of zo",
+    "mezo": Entry("zo", "forward-only training with dense Gaussian perturbations (MeZO), the baseline of zo",
                  _build_zo, frozenset(ZO_OPTIONS)),
-    "rso": Kind("rso", "randomized subspace optimization (grassopt.sketch.rso): the covered layers train a low-rank "
+    "rso": Entry("rso", "randomized subspace optimization (grassopt.sketch.rso): the covered layers train a low-rank "
                        "B in a random subspace P (resampled every --update-interval steps) and store only x P for "
                        "backward", _build_rso, frozenset(RSO_OPTIONS),
                 " (the rank is sketch_rank, the law is sketch, the outer iteration is update_interval)"),
     # the reference optimizers people pick today (grassopt.references; optional: pip install grassopt[bench]);
     # their settings are checked by grassopt.references
-    **{name: Kind("reference", ref.description, _build_reference) for name, ref in references.REFERENCES.items()},
+    **{name: Entry("reference", ref.description, _build_reference) for name, ref in references.REFERENCES.items()},
 }
 #: Every name: the presets first, then the others.
-KINDS: dict[str, Kind] = {**{name: Kind("preset", f"grassopt preset {name!r}: SubspaceAdamW with "
+ENTRIES: dict[str, Entry] = {**{name: Entry("subspace", f"grassopt preset {name!r}: SubspaceAdamW with "
                                                   f"{PRESETS[name] or 'no projection (plain AdamW)'}", _build_preset)
-                             for name in PRESETS}, **EXTRA_KINDS}
-FORWARD_ONLY = tuple(name for name, kind in KINDS.items() if kind.forward_only)
+                             for name in PRESETS}, **OTHER_ENTRIES}
+FORWARD_ONLY = tuple(name for name, entry in ENTRIES.items() if entry.forward_only)
 
-#: The kinds that take one learning rate (``plain_lr`` / ``plain_weight_decay`` refused), and why.
+#: The presets that take one learning rate (``plain_lr`` / ``plain_weight_decay`` refused), and why.
 ONE_RATE = {name: "its forward-only step moves every parameter it covers along one estimate, at lr (grassopt.zo)"
             for name in FORWARD_ONLY}
 
 
 def is_forward_only(name: str) -> bool:
-    """True for the kinds that step without a backward pass (``zo``, ``mezo``)."""
+    """True for the presets that step without a backward pass (``zo``, ``mezo``)."""
     return name in FORWARD_ONLY
 
 
@@ -208,7 +277,7 @@ def _check_options(name: str, options: dict[str, Any], known: set[str], hint: st
 
 
 def check_plain(name: str, plain_lr: float | None = None, plain_weight_decay: float | None = None) -> None:
-    """Refuse (one line) a bad ``plain_lr`` / ``plain_weight_decay``, or either one for a kind of :data:`ONE_RATE`."""
+    """Refuse (one line) a bad ``plain_lr`` / ``plain_weight_decay``, or either one for a preset of :data:`ONE_RATE`."""
     check_plain_rates(plain_lr, plain_weight_decay)
     given = [k for k, v in (("plain_lr", plain_lr), ("plain_weight_decay", plain_weight_decay)) if v is not None]
     if given and name in ONE_RATE:
@@ -256,58 +325,63 @@ def build(name: str, model: nn.Module, *, lr: float = 1e-3, betas: tuple[float, 
           targets: str | Iterable[str] = "all-linear", options: dict[str, Any] | None = None, seed: int = 0,
           state_dtype: str = "float32", stochastic_rounding: bool = False, sketch: str | None = None,
           sketch_rank: float | int = 0.125, eps: float | None = None, plain_lr: float | None = None,
-          plain_weight_decay: float | None = None, sharded: bool = False) -> torch.optim.Optimizer:
-    """The optimizer ``name`` (a key of :data:`KINDS`) over ``model``'s trainable parameters.
+          plain_weight_decay: float | None = None, plain_state_dtype: str | None = None,
+          sharded: bool = False) -> torch.optim.Optimizer:
+    """The optimizer ``name`` (a key of :data:`ENTRIES`) over ``model``'s trainable parameters.
 
     ``sharded``: ``model`` is sharded with FSDP2 (``fully_shard``); the presets are then built as
     :class:`grassopt.distributed.FSDPSubspaceAdamW` with ``owners=True`` (``adamw-torch`` steps DTensors as it
     is; the other kinds are refused).
 
     ``rank``, ``update_interval`` and ``targets`` are those of :func:`grassopt.param_groups` (``zo``:
-    the rank of its perturbations, 8 by default); ``options`` are the kind's own settings (subspace
+    the rank of its perturbations, 8 by default); ``options`` are the preset's own settings (subspace
     options of a preset, a reference's knobs, RSO's ``inner_steps``/``mu``/``inner``/``eps``, ZO's
     ``eps``/``momentum``/``law``/``lazy``/``others``). ``state_dtype`` and ``stochastic_rounding``
     apply to the presets. ``rso`` sketches ``model`` in place (rank ``sketch_rank``, law
     ``sketch`` or ``haar``); call it before wrapping the model in DDP. ``eps`` (Adam's, added to
-    ``sqrt(V)`` or ``sqrt(V_hat)`` as each kind does) applies to the presets, ``adamw-torch`` and ``rso``;
+    ``sqrt(V)`` or ``sqrt(V_hat)`` as each preset does) applies to the presets, ``adamw-torch`` and ``rso``;
     None keeps each one's default (1e-6 for grassopt's, torch's 1e-8 for ``adamw-torch``).
 
     ``plain_lr`` and ``plain_weight_decay`` (None: the same as ``lr`` / ``weight_decay``) are the rate and
     decay of the parameters that are not hidden matrices (:func:`grassopt.targets.hidden_matrices` of
-    ``targets``: embedding, head, norms, biases), for every kind but the forward-only ones (:data:`ONE_RATE`).
+    ``targets``: embedding, head, norms, biases), for every preset but the forward-only ones (:data:`ONE_RATE`).
     ``rso``'s sketched layers (its ``B``) keep ``lr``; ``ref-muon``'s AdamW part gets ``plain_lr``.
+    ``plain_state_dtype`` (grassopt's presets only) is the moment format of those parameters (None: ``state_dtype``).
     """
-    if name not in KINDS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(KINDS)}")
+    if name not in ENTRIES:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(ENTRIES)}")
     check_plain(name, plain_lr, plain_weight_decay)  # before anything is built (rso sketches the model)
-    kind = KINDS[name]
+    entry = ENTRIES[name]
     r = Request(name, model, lr, betas, weight_decay, rank, update_interval,
                 [targets] if isinstance(targets, str) else list(targets), dict(options or {}), seed, state_dtype,
-                stochastic_rounding, sketch, sketch_rank, eps, plain_lr, plain_weight_decay, sharded)
-    if sharded and kind.family not in ("preset", "torch"):
+                stochastic_rounding, sketch, sketch_rank, eps, plain_lr, plain_weight_decay, plain_state_dtype,
+                sharded)
+    if sharded and entry.family not in ("subspace", "torch"):
         raise ValueError(f"{name!r} does not run on a model sharded with FSDP2; use one of grassopt's presets or "
                          "adamw-torch, or data parallel (DDP) without --fsdp")
-    _check_eps_and_options(kind, r)
-    assert kind.build is not None, name
-    return kind.build(r)
+    _check_eps_and_options(entry, r)
+    assert entry.build is not None, name
+    return entry.build(r)
 
 
-def _check_eps_and_options(kind: Kind, r: Request) -> None:
-    """Refuse (one line) ``eps`` where it does not apply and any option ``kind`` does not take; ``--opt eps=...``
+def _check_eps_and_options(entry: Entry, r: Request) -> None:
+    """Refuse (one line) ``eps`` where it does not apply and any option the preset does not take; ``--opt eps=...``
     of a preset or ``adamw-torch`` becomes ``r.eps``."""
     name, opts = r.name, r.options
-    if r.eps is not None and kind.family not in ("preset", "torch", "rso"):
+    if r.eps is not None and entry.family not in ("subspace", "torch", "rso"):
         raise ValueError(f"eps applies to grassopt's presets, adamw-torch and rso, not to {name!r} "
                          "(set a reference's own settings through options)")
-    if "eps" in opts and kind.family in ("preset", "torch"):  # --opt eps=...: the same setting as eps
+    if r.plain_state_dtype is not None and entry.family != "subspace":
+        raise ValueError(f"plain_state_dtype applies to grassopt's presets, not to {name!r}; leave it unset")
+    if "eps" in opts and entry.family in ("subspace", "torch"):  # --opt eps=...: the same setting as eps
         if r.eps is not None and opts["eps"] != r.eps:
             raise ValueError(f"eps is given twice ({r.eps!r} and the option eps={opts['eps']!r}); give it once")
         r.eps = opts.pop("eps")
-    if opts and (kind.family == "torch" or (kind.family == "preset" and PRESETS[name] is None)):
+    if opts and (entry.family == "torch" or (entry.family == "subspace" and PRESETS[name] is None)):
         raise ValueError(f"preset {name!r} projects nothing (plain AdamW) and takes no options but eps; got "
                          f"{sorted(opts)} (leave them out, or choose a projected preset)")
-    if kind.options is not None:
-        _check_options(name, opts, set(kind.options), kind.hint)
+    if entry.options is not None:
+        _check_options(name, opts, set(entry.options), entry.hint)
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -315,7 +389,7 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
     nested lists and dicts (SOAP's preconditioners), each storage once and whole (bitsandbytes'
     shared quantization maps; galore-torch's bases, slices of a full SVD factor), tensor subclasses
     by their inner tensors (torchao's 8-bit codes, scales and maps), and the reference packages'
-    projector bases (galore-torch, apollo-torch). One counter for every kind."""
+    projector bases (galore-torch, apollo-torch). One counter for every entry."""
     seen: set = set()
     total = references.tensor_bytes(list(opt.state.values()), seen)
     for st in opt.state.values():

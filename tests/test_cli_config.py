@@ -172,16 +172,16 @@ def test_the_reference_packages_of_our_presets_refuse_options_they_do_not_take(n
     from torch import nn
 
     from grassopt.references import available
-    kind = registry.KINDS[name]
-    assert kind.options is not None and kind.build is not None
+    entry = registry.ENTRIES[name]
+    assert entry.options is not None and entry.build is not None
     model = nn.Sequential(nn.Linear(30, 20))
     with pytest.raises(ValueError) as e:
         registry.build(name, model, rank=4, options={"transport": "keep"})
     assert str(e.value).startswith(f"unknown option(s) ['transport'] for preset {name!r}; it takes {takes}")
     if available(name):
-        registry.build(name, model, rank=4, options={k: v for k, v in (("alpha", 0.25),) if k in kind.options})
+        registry.build(name, model, rank=4, options={k: v for k, v in (("alpha", 0.25),) if k in entry.options})
 
 
-def test_every_kind_is_one_entry_with_its_builder():
-    assert all(kind.build is not None for kind in registry.KINDS.values())
-    assert set(registry.KINDS) == set(registry.PRESETS) | set(registry.EXTRA_KINDS)
+def test_every_preset_is_one_entry_with_its_builder():
+    assert all(entry.build is not None for entry in registry.ENTRIES.values())
+    assert set(registry.ENTRIES) == set(registry.PRESETS) | set(registry.OTHER_ENTRIES)

@@ -175,6 +175,8 @@ def test_layerwise_and_other_kinds_are_refused_with_fsdp_in_one_line(tmp_path):
     assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match=r"fsdp=True steps grassopt's presets and adamw-torch"):
         _cfg(tmp_path / "b", preset="rso").validate()
+    with pytest.raises(ValueError, match=r"'factored' moments keep row and column statistics of whole matrices"):
+        _cfg(tmp_path / "c", plain_state_dtype="factored").validate()
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 

@@ -348,3 +348,46 @@ def test_cli_7b_on_24_gib(capsys):
     assert "the memory budget must be > 0 GiB" in capsys.readouterr().err
     assert main(["nano", "--state-dtype", "int8", "--activations", "rso"]) == 2
     assert "RSO (mode='rso') brings its own optimizer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("state_dtype,plain,betas", [("int8", "factored", (0.9, 0.999)),
+                                                     ("float32", "int8", (0.9, 0.999)),
+                                                     ("factored-no-m", "factored-no-m", (0.0, 0.999))])
+def test_plain_state_dtype_is_the_plain_groups_own_format_live_and_estimated(state_dtype, plain, betas):
+    """plain_state_dtype sets the moment format of the plain groups alone (the projected ones keep
+    state_dtype); the estimate prices each group by its own format, byte for byte as the live state, and a
+    run in it learns."""
+    from grassopt.presets import param_groups
+    cfg = config("nano", vocab_size=VOCAB)
+    torch.manual_seed(0)
+    model = Llama(cfg)
+    groups = param_groups(model, "subtrack++", 8, state_dtype=state_dtype, plain_state_dtype=plain)
+    assert {g["state_dtype"] for g in groups if "rank" in g} == {state_dtype}
+    assert {g["state_dtype"] for g in groups if "rank" not in g} == {plain}
+    opt = grassopt.SubspaceAdamW(groups, lr=3e-3, betas=betas)
+    idx = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for _ in range(6):
+        loss = model(idx, idx.roll(-1, 1))[1]
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.3, losses
+    t = estimate(cfg, "subtrack++", 8, state_dtype=state_dtype, plain_state_dtype=plain).totals()
+    assert {k: t[k] for k in ("bases", "moments", "other")} == state_breakdown(opt)
+    head = opt.state[model.lm_head.weight]
+    want = {"factored": {"exp_avg", "exp_avg_sq_row", "exp_avg_sq_col"}, "int8": {"exp_avg", "exp_avg_sq"},
+            "factored-no-m": {"exp_avg_sq_row", "exp_avg_sq_col"}}[plain]
+    assert want <= set(head) and not {"exp_avg", "exp_avg_sq"} - want & set(head)
+
+
+def test_plain_state_dtype_is_refused_where_it_does_not_apply():
+    from grassopt import registry
+    from grassopt.train.loop import TrainConfig
+    with pytest.raises(ValueError, match="plain_state_dtype applies to grassopt's presets, not to 'adamw-torch'"):
+        registry.build("adamw-torch", Llama(config("nano", vocab_size=VOCAB)), plain_state_dtype="int8")
+    with pytest.raises(ValueError, match="plain_state_dtype='int8' applies to grassopt's presets, not to 'ref-muon'"):
+        TrainConfig(preset="ref-muon", plain_state_dtype="int8").validate()
+    with pytest.raises(ValueError, match="plain_state_dtype='int4' must be one of"):
+        TrainConfig(plain_state_dtype="int4").validate()

@@ -1,7 +1,7 @@
 """plain_lr / plain_weight_decay: the parameters a method does not project or orthogonalize (embedding,
-head, norms, biases) get their own rate and decay, the same split for every kind, through the library,
+head, norms, biases) get their own rate and decay, the same split for every preset, through the library,
 the registry, Hugging Face, `grassopt train`, `grassopt finetune` and `grassopt bench`; the schedule
-keeps the ratio, a resume keeps both rates, bad values and one-rate kinds are refused in one line, and
+keeps the ratio, a resume keeps both rates, bad values and one-rate presets are refused in one line, and
 without them the groups are exactly those of one rate."""
 
 import json
@@ -90,7 +90,7 @@ def test_param_groups_and_make_optimizer_give_the_plain_group_its_rate_and_decay
 
 
 def test_hidden_matrices_that_fall_back_to_adamw_keep_lr():
-    """A hidden matrix is the same thing for every kind: one too small for the rank (or under the
+    """A hidden matrix is the same thing for every preset: one too small for the rank (or under the
     unprojected preset adamw) trains with AdamW but keeps lr, as under adamw-torch."""
     model = nano()
     with pytest.warns(UserWarning) as caught:
@@ -111,12 +111,12 @@ def test_targets_decide_what_is_hidden():
     assert rates(opt, model)["layers.0.mlp.up_proj.weight"][0] == PLAIN_LR
 
 
-GROUP_KINDS = ["adamw", "galore", "subtrack++", "apollo", "ldadam", "adamw-torch", "rso", "ref-galore", "ref-apollo",
-               *references.REFERENCES]
+GROUP_PRESETS = ["adamw", "galore", "subtrack++", "apollo", "ldadam", "adamw-torch", "rso", "ref-galore", "ref-apollo",
+                 "ref-alice", "ref-galore-adafactor", *references.REFERENCES]
 
 
-@pytest.mark.parametrize("name", GROUP_KINDS)
-def test_every_kind_with_param_groups_splits_hidden_and_plain_the_same_way(name, monkeypatch):
+@pytest.mark.parametrize("name", GROUP_PRESETS)
+def test_every_preset_with_param_groups_splits_hidden_and_plain_the_same_way(name, monkeypatch):
     if name in MODULES:
         pytest.importorskip(MODULES[name])
     model = nano()
@@ -206,7 +206,7 @@ def test_a_bad_plain_weight_decay_is_refused_and_zero_is_fine(bad):
 
 
 @pytest.mark.parametrize("name", ["zo", "mezo"])
-def test_forward_only_kinds_take_one_rate(name, tmp_path):
+def test_forward_only_presets_take_one_rate(name, tmp_path):
     model = nano()
     with pytest.raises(ValueError, match=rf"^{name} takes one rate: .*; leave plain_lr unset$"):
         registry.build(name, model, plain_lr=PLAIN_LR)

@@ -22,7 +22,9 @@ from grassopt.train.model import Llama, config
 VOCAB = 257  # the smallest BPE vocabulary: 256 bytes + <|endoftext|>
 NAMES = list(REFERENCES)
 MODULES = {"ref-adam-mini": "adam_mini", "ref-adamw8bit": "bitsandbytes", "ref-torchao-adamw8bit": "torchao",
-           "ref-soap": "pytorch_optimizer"}
+           "ref-soap": "pytorch_optimizer", "ref-normuon": "pytorch_optimizer", "ref-racs": "pytorch_optimizer"}
+#: the references built from a package (ref-scale is written here: checked against its formula below)
+PACKAGED = [n for n in NAMES if n != "ref-scale"]
 
 
 def needs(name):
@@ -124,6 +126,16 @@ def by_hand(name, m, lr=3e-3, wd=0.1):
         rest = [p for p in m.parameters() if all(p is not v for v in vocab)]
         return SOAP(decay_groups(rest, wd) + [{"params": vocab, "weight_decay": wd, "max_precondition_dim": 64}],
                     lr=lr, betas=(0.95, 0.95), weight_decay=wd, precondition_frequency=10)
+    if name in ("ref-normuon", "ref-racs"):
+        import pytorch_optimizer
+        hidden = [p for n, p in m.named_parameters() if n.startswith("layers.") and p.dim() == 2]
+        rest = [p for n, p in m.named_parameters() if not (n.startswith("layers.") and p.dim() == 2)]
+        if name == "ref-normuon":
+            first = pytorch_optimizer.NorMuon([{"params": hidden, "use_muon": True}], lr=lr, weight_decay=wd,
+                                              update_scale="match_rms")
+        else:
+            first = pytorch_optimizer.RACS(hidden, lr=lr, weight_decay=wd)
+        return Both(first, torch.optim.AdamW(decay_groups(rest, wd), lr=lr, betas=betas))
     raise AssertionError(name)
 
 
@@ -135,7 +147,7 @@ def clean_bnb_manager():
         bnb.optim.GlobalOptimManager.get_instance().initialize()
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", PACKAGED)
 def test_reference_steps_exactly_like_its_package_built_by_hand_and_lowers_the_loss(name, clean_bnb_manager):
     needs(name)
     ours_model, hand_model = nano(), nano()
@@ -445,3 +457,82 @@ def assert_train_resumes(cfg, data, tmp_path):
         assert torch.equal(a[k], b[k]), k
     assert full["optimizer_state_bytes"] == resumed["optimizer_state_bytes"] > 0
 
+
+
+# --------------------------------------------------------------------- SCALE, against its formula
+@pytest.mark.parametrize("rest", ["scale", "adamw"])
+def test_scale_follows_the_papers_update_in_float64(rest):
+    """Each matrix SCALE holds moves by -lr M / rms(M) after decoupled decay, M the gradient (the head: its
+    momentum, 0.9), rms over the input side (an embedding table: over the vocabulary), recomputed here in
+    float64 from the gradients the run saw; the norms (AdamW) and, with rest=adamw, embedding and head are
+    not SCALE's."""
+    lr, wd = 3e-3, 0.1
+    m = nano()
+    opt = build("ref-scale", m, lr=lr, wd=wd, rest=rest)
+    head, emb = m.lm_head.weight, m.embed_tokens.weight
+    mine = [p for p in m.parameters() if p.dim() == 2 and (rest == "scale" or (p is not head and p is not emb))]
+    momentum = {id(head): torch.zeros_like(head, dtype=torch.float64)}
+    x, y = batch()
+    losses = []
+    for _ in range(3):
+        before = {id(p): p.detach().double().clone() for p in mine}
+        _, loss = m(x, y)
+        loss.backward()
+        grads = {id(p): p.grad.double().clone() for p in mine}
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        for p in mine:
+            g = grads[id(p)]
+            if p is head:
+                g = momentum[id(head)] = 0.9 * momentum[id(head)] + 0.1 * g
+            dim = 0 if p is emb else 1
+            rms = g.pow(2).mean(dim=dim, keepdim=True).sqrt().clamp_min(1e-8)
+            want = before[id(p)] * (1 - lr * wd) - lr * g / rms
+            assert torch.allclose(p.detach().double(), want, rtol=0, atol=1e-6), tuple(p.shape)
+    assert losses[-1] < losses[0] - 0.3, losses
+    held = {id(p) for g in opt.hidden_optimizer.param_groups for p in g["params"]}
+    assert held == {id(p) for p in mine}
+    kept = [p for p in opt.hidden_optimizer.state if opt.hidden_optimizer.state[p]]
+    assert [id(p) for p in kept] == ([id(head)] if rest == "scale" else [])  # the only state SCALE keeps
+
+
+def test_scale_state_is_the_heads_momentum_and_the_norms_moments():
+    m = nano()
+    opt = build("ref-scale", m)
+    steps(m, opt, 2)
+    norms = [p for p in m.parameters() if p.dim() < 2]
+    # the head's momentum, and AdamW's two moments and step count on each norm
+    assert optimizer_state_bytes(opt) == 4 * m.lm_head.weight.numel() + sum(8 * p.numel() + 4 for p in norms)
+
+
+def test_scale_refuses_a_bad_rest():
+    with pytest.raises(ValueError, match="ref-scale: rest='sgd' is not one of"):
+        build("ref-scale", nano(), rest="sgd")
+
+
+# --------------------------------------------------------------------- peers built in the registry
+@pytest.mark.parametrize("name", ["ref-alice", "ref-galore-adafactor"])
+def test_registry_peers_step_exactly_like_their_package_built_by_hand(name):
+    """Alice (pytorch-optimizer) and GaLoreAdafactor (galore-torch) on the hidden matrices at the rank and
+    update interval, torch's AdamW on the rest: equal to the packages built by hand, and the loss falls."""
+    from grassopt import registry
+    ours_model, hand_model = nano(), nano()
+    ours = registry.build(name, ours_model, lr=3e-3, weight_decay=0.1, rank=8, update_interval=2)
+    hidden = [p for n, p in hand_model.named_parameters() if n.startswith("layers.") and p.dim() == 2]
+    rest = [p for n, p in hand_model.named_parameters() if not (n.startswith("layers.") and p.dim() == 2)]
+    if name == "ref-alice":
+        from pytorch_optimizer import Alice
+        first = Alice([{"params": hidden, "rank": 8, "update_interval": 2, "leading_basis": 8}], lr=3e-3,
+                      weight_decay=0.1)
+    else:
+        from galore_torch import GaLoreAdafactor
+        first = GaLoreAdafactor([{"params": hidden, "rank": 8, "update_proj_gap": 2, "scale": 0.25,
+                                  "proj_type": "std"}], lr=3e-3, weight_decay=0.1, relative_step=False,
+                                scale_parameter=False, warmup_init=False)
+    hand = Both(first, torch.optim.AdamW(decay_groups(rest, 0.1), lr=3e-3))
+    losses = steps(ours_model, ours, 5)
+    steps(hand_model, hand, 5)
+    for (n, a), b in zip(ours_model.named_parameters(), hand_model.parameters()):
+        assert torch.equal(a, b), n
+    assert losses[-1] < losses[0] - 0.3, losses

@@ -138,7 +138,7 @@ def parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_run_arguments(ap, with_preset=False)
     g = ap.add_argument_group("benchmark")
-    known = sorted(registry.KINDS)
+    known = sorted(registry.ENTRIES)
     g.add_argument("--presets", nargs="+", default=DEFAULT_PRESETS, metavar="PRESET[:K=V,...]",
                    help=f"presets to compare, each optionally with overrides (e.g. subtrack++:transport=keep,"
                         f"recovery=False or galore:update_interval=50); known presets: {', '.join(known)}")
@@ -198,14 +198,14 @@ def _available(preset: str) -> bool:
 
 
 def _shared_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
-    """The options shared by the bench's variants (``--opt``) that preset ``name`` gets: all of them for a kind
+    """The options shared by the bench's variants (``--opt``) that preset ``name`` gets: all of them for a preset
     that takes options of its own; ``eps`` only for a plain AdamW; for a reference package of our presets
     (``ref-galore``, ``ref-apollo``), those it takes (its own variant keys are checked, not filtered)."""
-    kind = registry.KINDS[name]
-    if kind.family in ("preset", "torch") and registry.PRESETS.get(name) is None:
+    entry = registry.ENTRIES[name]
+    if entry.family in ("subspace", "torch") and registry.PRESETS.get(name) is None:
         return {k: v for k, v in options.items() if k == "eps"}
-    if kind.family == "reference" and kind.options is not None:
-        return {k: v for k, v in options.items() if k in kind.options}
+    if entry.family == "reference" and entry.options is not None:
+        return {k: v for k, v in options.items() if k in entry.options}
     return dict(options)
 
 
@@ -340,7 +340,7 @@ def _variants(args: argparse.Namespace) -> tuple[list[str], dict[str, tuple[str,
     """The labels and variants to run (with the reference packages unless --no-refs; those whose package is
     missing skipped, with a line saying so). An unknown preset is a ``ValueError``."""
     labels = list(dict.fromkeys(args.presets))
-    known = set(registry.KINDS)
+    known = set(registry.ENTRIES)
     variants = {label: parse_variant(label) for label in labels}
     for name, _, _ in variants.values():
         if name not in known:

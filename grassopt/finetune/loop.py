@@ -146,7 +146,7 @@ class FinetuneConfig(RunConfig):
         check_number("lora_dropout", self.lora_dropout, lambda v: 0 <= v < 1, "in [0, 1) (dropout on the LoRA branch)")
         check_number("lora_alpha", self.lora_alpha, lambda v: v > 0, "> 0 and finite (LoRA's scale is alpha / rank)")
         check_task(self.task)
-        registry.check_plain(optimizer_kind(self.method), self.plain_lr, self.plain_weight_decay)  # zo, mezo: one rate
+        registry.check_plain(method_preset(self.method), self.plain_lr, self.plain_weight_decay)  # zo, mezo: one rate
         if self.sketch is not None:
             if self.sketch not in SKETCH_LAWS:
                 raise ValueError(f"sketch={self.sketch!r}: choose one of {SKETCH_LAWS} (or none)")
@@ -263,8 +263,8 @@ def build_model(cfg: FinetuneConfig, num_labels: int) -> tuple[EncoderClassifier
     return model, tokenizer
 
 
-def optimizer_kind(method: str) -> str:
-    """The :mod:`grassopt.registry` kind that trains ``method`` (LoRA's and DoRA's adapters: ``adamw-torch``)."""
+def method_preset(method: str) -> str:
+    """The preset (:mod:`grassopt.registry`) that trains ``method`` (LoRA's and DoRA's adapters: ``adamw-torch``)."""
     return "adamw-torch" if method in ADAPTERS else method
 
 
@@ -274,13 +274,13 @@ def make_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimiz
     projected (the head, biases, norms); with LoRA and DoRA, the adapters' matrices (``lora_A``, ``lora_B``:
     the trainable linear layers within the targets) keep ``lr`` and the rest (the head, DoRA's magnitudes)
     takes the plain rate."""
-    kind = optimizer_kind(cfg.method)
+    preset = method_preset(cfg.method)
     options = dict(cfg.options)
-    if kind in ZEROTH_ORDER:  # a fresh head must train too: perturb it (and biases, norms) full rank
+    if preset in ZEROTH_ORDER:  # a fresh head must train too: perturb it (and biases, norms) full rank
         options.setdefault("others", "perturb")
-    elif PRESETS.get(kind) is None and cfg.options:
+    elif PRESETS.get(preset) is None and cfg.options:
         raise ValueError(f"method {cfg.method!r} takes no subspace options, got {sorted(cfg.options)}")
-    return registry.build(kind, model, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, rank=cfg.rank,
+    return registry.build(preset, model, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, rank=cfg.rank,
                           update_interval=cfg.update_interval, targets=cfg.targets, options=options, seed=cfg.seed,
                           plain_lr=cfg.plain_lr, plain_weight_decay=cfg.plain_weight_decay)
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ..codecs import CODECS
 from ..memory import CATEGORIES, DTYPES, INT8_BLOCK, STATE_DTYPES, _dtype, _size, _state_dtype, param_state_bytes
 from ..optimizer import SubspaceAdamW
 from ..presets import PRESETS, default_rank, param_groups
@@ -390,7 +391,7 @@ def estimate(config: Any, preset: str = "adamw", rank: int | str | None = None, 
     # the optimizer's groups, resolved exactly as training resolves them
     if mode == "rso":
         plain = [(n, p) for n, p in model.named_parameters() if id(p) not in covered]
-        groups = [{"params": plain}]
+        groups: list[dict[str, Any]] = [{"params": plain}]
         label_rank: int | float | str | None = sketch_rank
     else:
         with warnings.catch_warnings(record=True) as caught:
@@ -398,7 +399,12 @@ def estimate(config: Any, preset: str = "adamw", rank: int | str | None = None, 
             groups = param_groups(model, preset, rank, targets=targets, **overrides)
         notes += [str(w.message) for w in caught]
         label_rank = None if PRESETS[preset] is None else (default_rank(preset) if rank is None else rank)
-    opt = _ShapesOnly(groups)
+    own_codec = {id(q): g["state_dtype"] for g in groups if "state_dtype" in g  # plain_state_dtype's groups
+                 for q in (x[1] if isinstance(x, tuple) else x for x in g["params"])}
+    for g in groups:  # a codec without M is priced as it runs: with beta1 = 0
+        if "state_dtype" in g and CODECS[g["state_dtype"]].group_error({**g, "betas": (0.9, 0.999)}):
+            g["betas"] = (0.0, 0.999)
+    opt = _ShapesOnly(groups)  # (fills every group's defaults in)
     params: list[ParamMemory] = []
     for name, p in model.named_parameters():
         numel = p.numel()
@@ -409,7 +415,7 @@ def estimate(config: Any, preset: str = "adamw", rank: int | str | None = None, 
                                       gradients=m * r * 4, bases=0, moments=2 * m * r * 4, other=0))
             continue
         group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
-        sb = param_state_bytes(p.shape, group, sdtype)
+        sb = param_state_bytes(p.shape, group, own_codec.get(id(p), sdtype))
         params.append(ParamMemory(name, tuple(p.shape), "projected" if "rank" in group else "plain",
                                   group.get("rank"), weights=numel * wsize, gradients=numel * wsize,
                                   bases=sb["bases"], moments=sb["moments"], other=sb["other"]))

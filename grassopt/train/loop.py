@@ -39,7 +39,7 @@ __all__ = ["TrainConfig", "train", "build_optimizer", "evaluate", "CheckpointErr
            "config_differences", "lr_factor"]
 
 #: Optimizers the loop knows beside grassopt's presets (grassopt.registry).
-EXTRA_PRESETS = {name: kind.description for name, kind in registry.EXTRA_KINDS.items()}
+EXTRA_PRESETS = {name: entry.description for name, entry in registry.OTHER_ENTRIES.items()}
 
 
 
@@ -74,7 +74,7 @@ class TrainConfig(RunConfig):
     preset: str = setting(
         "subtrack++", "optimizer preset; adamw-torch is torch.optim.AdamW; ref-* are reference optimizers (ref-muon, "
                       "ref-adafactor: torch's own; the others need pip install grassopt[bench])",
-        group="optimizer", choices=lambda: sorted(registry.KINDS))
+        group="optimizer", choices=lambda: sorted(registry.ENTRIES))
     rank: int | str | None = setting(
         None, "subspace rank r: an integer, or 'd/N' for a fraction of each matrix's short side (default: the "
               "preset's: 128; apollo d/4; apollo-mini 1)", group="optimizer", parse=parse_rank)
@@ -118,6 +118,11 @@ class TrainConfig(RunConfig):
         "float32", "Adam moments of grassopt's presets (projected and plain groups): float32, or int8 codes with a "
                    "float32 scale per block of 256 (about 1/4 of the bytes; grassopt.codecs.int8)",
         group="optimizer", choices=state_dtype_choices)
+    plain_state_dtype: str | None = setting(
+        None, "Adam moments of the plain parameters (embedding, head, norms, biases) of grassopt's presets, in "
+              "place of --state-dtype: e.g. factored (Adafactor's row and column statistics for V) beside int8 "
+              "subspace moments; factored-no-m and no-m need --betas 0,B2", group="optimizer",
+        choices=state_dtype_choices)
     stochastic_rounding: bool = setting(
         False, "with --param-dtype bfloat16: round each weight update stochastically (unbiased), so that updates "
                "below half a bf16 ulp are not lost; seeded, resumable, identical on every rank", group="optimizer")
@@ -174,6 +179,11 @@ class TrainConfig(RunConfig):
         check_folder(data_mod.default_cache_root(self.cache_dir), "cache_dir", "cache folder")
         if self.state_dtype not in state_dtype_choices():
             raise ValueError(f"state_dtype={self.state_dtype!r} must be one of {state_dtype_choices()}")
+        if self.plain_state_dtype is not None and self.plain_state_dtype not in state_dtype_choices():
+            raise ValueError(f"plain_state_dtype={self.plain_state_dtype!r} must be one of {state_dtype_choices()}")
+        if self.plain_state_dtype is not None and self.preset not in PRESETS:
+            raise ValueError(f"plain_state_dtype={self.plain_state_dtype!r} applies to grassopt's presets, not to "
+                             f"{self.preset!r}; leave it unset")
         if self.state_dtype != "float32" and self.preset not in PRESETS:
             raise ValueError(f"state_dtype={self.state_dtype!r} applies to grassopt's presets, not to {self.preset!r} "
                              "(for 8-bit AdamW as a reference use the preset ref-adamw8bit)")
@@ -228,6 +238,12 @@ class TrainConfig(RunConfig):
                 "block's whole backward and frees the unsharded ones itself, while grassopt.layerwise steps each "
                 "gradient from a hook as it completes (DDP's buckets); drop --layerwise (FSDP2 already keeps only "
                 "sharded gradients) or --fsdp")
+        plain = self.plain_state_dtype or self.state_dtype
+        if plain.startswith("factored"):
+            raise ValueError(
+                f"fsdp=True steps the plain parameters (embedding, head, norms) on each rank's shard, and the "
+                f"{plain!r} moments keep row and column statistics of whole matrices; use --plain-state-dtype "
+                "float32, bfloat16, int8 or no-m with --fsdp")
         if self.sketch is not None:
             raise ValueError(f"sketch={self.sketch!r} replaces the covered layers, which fsdp=True does not shard; "
                              "run the estimator without --fsdp")
@@ -269,7 +285,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
                           rank=cfg.rank, update_interval=cfg.update_interval, targets=cfg.targets,
                           options=cfg.options, seed=cfg.seed, state_dtype=cfg.state_dtype,
                           stochastic_rounding=cfg.stochastic_rounding, sketch=cfg.sketch, sketch_rank=cfg.sketch_rank,
-                          plain_lr=cfg.plain_lr, plain_weight_decay=cfg.plain_weight_decay, sharded=cfg.fsdp)
+                          plain_lr=cfg.plain_lr, plain_weight_decay=cfg.plain_weight_decay,
+                          plain_state_dtype=cfg.plain_state_dtype, sharded=cfg.fsdp)
 
 
 #: Bytes of any optimizer's state tensors (:func:`grassopt.registry.state_bytes`).

@@ -47,6 +47,7 @@ def _budget(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     from .estimate import DTYPES, INT8_BLOCK, STATE_DTYPES
+    from ..codecs import CODECS
     from ..presets import DEFAULT_RANK, DEFAULT_RANKS, PRESETS
     from .model import CONFIGS
 
@@ -77,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                          f"{INT8_BLOCK} elements per moment tensor; the basis Q and the other state stay float32), "
                          "any other moment codec of grassopt.codecs.CODECS as it lays its moments out, "
                          "or bf16/fp16 (every state element in 2 bytes, the papers' convention)")
+    ap.add_argument("--plain-state-dtype", default=None, choices=sorted(CODECS),
+                    help="moment format of the plain parameters (embedding, head, norms, biases) in place of "
+                         "--state-dtype (default: the same), e.g. factored beside int8 subspace moments")
     ap.add_argument("--layerwise", action="store_true",
                     help="layer-wise updates (grassopt train --layerwise): each gradient is stepped and freed as "
                          "soon as it is complete, so only the largest single gradient counts (one micro-batch "
@@ -119,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
             results.append(estimate(args.model, preset, args.rank, args.dtype, batch_size=args.batch_size,
                                     seq_len=args.seq_len, mode=mode, sketch_rank=args.sketch_rank if mode else None,
                                     targets=args.targets, state_dtype=args.state_dtype, vocab_size=args.vocab_size,
-                                    layerwise=args.layerwise, checkpoint_activations=args.checkpoint_activations))
+                                    layerwise=args.layerwise, checkpoint_activations=args.checkpoint_activations,
+                                    **({} if args.plain_state_dtype is None else
+                                       {"plain_state_dtype": args.plain_state_dtype})))
             if mode == "rso":  # RSO replaces the optimizer (inner Adam on B, AdamW elsewhere): one row
                 if args.preset != ["adamw"]:
                     print("grassopt memory: --activations rso brings its own optimizer; --preset is ignored",
