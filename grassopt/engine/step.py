@@ -160,11 +160,11 @@ class TrainStep:
         grad_norm = None
         if self.clip > 0 and self.clip_mode == "global":
             grad_norm = nn.utils.clip_grad_norm_(self.params, self.clip)
-            if is_dtensor(grad_norm):  # FSDP2: the norm of sharded gradients, the same on every rank
-                grad_norm = grad_norm.full_tensor()
         elif self.clip > 0:
             norms = clip_grad_norm_per_parameter_(self.params, self.clip)
             grad_norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else None
+        if grad_norm is not None and is_dtensor(grad_norm):  # FSDP2: the norm of sharded gradients, on every rank
+            grad_norm = grad_norm.full_tensor()
         if grad_norm is not None:
             self._check_finite(grad_norm, "gradient norm", index)
         elif not self._optimizer_checks_gradients():
