@@ -35,7 +35,7 @@ pytestmark = [pytest.mark.skipif(not dist.is_available(), reason="torch.distribu
 
 WORLD = 2
 STEPS = 6
-#: FSDP2 (2 ranks) against one process, after 6 steps of subtrack++ with three basis updates: the gradients
+#: FSDP2 (2 ranks) against one process, after 6 steps of subtrack++ (a basis update every 2 steps): the gradients
 #: differ only in the order of float sums (a reduce-scatter of two halves against one batch); measured
 #: max |weight difference| 5.9e-7 (weights of size ~0.02 .. 1); the bound is about 3x that. A resume at
 #: another world size measured 1.2e-7 (2 -> 1) and 6e-8 (1 -> 2) against the uninterrupted run.
