@@ -594,6 +594,33 @@ def restart_cases(c: Campaign) -> None:
               "--checkpoint-every 7; SIGKILL to rank 1 after 20 steps", killed_rank)
 
 
+def sharded_full_disk(c: Campaign) -> None:
+    c.group = "restarts"
+
+    def full_disk() -> tuple[str, str]:
+        out = c.folder("fsdp-full-disk")
+        first = c.run(c.train_args(out, "--fsdp", "--stop-after", "2", steps=4))
+        if first.rc != 0:
+            return "crash (setup)", error_line(first.err)
+        before = os.readlink(out / "checkpoint.dcp")
+        p = c.run(c.train_args(out, "--fsdp", "--resume", steps=4), limit_bytes=300_000)
+        kept, ok = os.readlink(out / "checkpoint.dcp"), False
+        left = sorted(q.name for q in out.glob(".ckpt-*"))
+        again = c.run(c.train_args(out, "--fsdp", "--resume", steps=4))
+        if again.rc == 0:
+            ok = os.readlink(out / "checkpoint.dcp") == "checkpoint-step4.dcp"
+        errors = [ln for ln in p.err.splitlines() if " error: " in ln]
+        happened = (f"exit {p.rc}: {show(error_line(p.err))}; the link still -> {kept}; temporary files left: "
+                    f"{left or 'none'}; with the limit lifted, --resume: exit {again.rc}")
+        if "Traceback" in p.err:
+            return "crash (traceback)", happened
+        clear = p.rc == 2 and len(errors) == 1 and "checkpoint" in errors[0] and kept == before and not left
+        return ("refused clearly" if clear and ok else "unclear" if ok else "lost data"), happened
+    c.outcome("the sharded checkpoint of an --fsdp run cannot be written (file-size limit)",
+              "grassopt train $BASE --fsdp --steps 4 --stop-after 2; then --resume under RLIMIT_FSIZE 300 kB; then "
+              "--resume without it", full_disk)
+
+
 def resume_cases(c: Campaign) -> None:
     c.group = "resume and checkpoints"
     full, part = c.folder("six-steps"), c.folder("three-of-six")
@@ -1154,7 +1181,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         prepare(c)
-        for part in (run_folder_cases, signal_cases, restart_cases, resume_cases, divergence_cases, cache_cases, cli_input_cases,
+        for part in (run_folder_cases, signal_cases, restart_cases, sharded_full_disk, resume_cases, divergence_cases, cache_cases, cli_input_cases,
                      application_cases, library_cases):
             part(c)
     finally:

@@ -18,7 +18,8 @@ folders are deleted after that. A crash leaves the previous link and its folder 
 (``.ckpt-*.tmp``, unlinked ``checkpoint-*.dcp``) are removed when the folder is next opened
 (:meth:`grassopt.engine.run.RunFolder.clean_stale_files`).
 
-Loading verifies every file against ``SHA256SUMS.json`` (rank 0 reads them; every rank gets the verdict)
+Loading verifies every file against ``SHA256SUMS.json`` (rank 0 reads them; every rank gets the verdict,
+as every rank gets any rank's failure to write)
 and refuses a damaged or missing shard with one line naming the file. A run resumed by another number of
 processes re-shards the model and the AdamW state (DCP reads the pieces each new shard needs); the
 random states of rank ``r`` go to rank ``r`` (rank 0's to ranks the old run did not have).
@@ -70,14 +71,27 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _agree(error: str | None) -> None:
-    """Rank 0's verdict (an error message, or None) on every rank: raise it everywhere as a CheckpointError."""
+    """Every rank's verdict (an error message, or None) on every rank: the first error (by rank) is raised
+    everywhere as a CheckpointError, so all ranks go on, or stop, together."""
     _, world = rank_and_world()
     if world > 1:
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
+        verdicts: list[str | None] = [None] * world
+        dist.all_gather_object(verdicts, error)
+        error = next((v for v in verdicts if v is not None), None)
     if error is not None:
         raise CheckpointError(error)
+
+
+def _cause(e: BaseException) -> BaseException:
+    """The error of the first failing rank inside DCP's ``CheckpointException`` (an ``OSError`` of a full
+    disk, ...), or ``e``."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = failures[min(failures)]
+        first = first[0] if isinstance(first, tuple) else first
+        if isinstance(first, BaseException):
+            return first
+    return e
 
 
 # ---------------------------------------------------------------------------------------- optimizer state
@@ -179,11 +193,17 @@ class ShardedCheckpointer(Checkpointer):
             except OSError as e:
                 error = self._write_error(e)
         _agree(error)
+        from torch.distributed.checkpoint.api import CheckpointException
         try:
             dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True))
-        except Exception as e:  # noqa: BLE001 - DCP wraps a rank's OSError in its own exception
-            error = self._write_error(e)
-        _agree(error)
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - (DCP's is a BaseException)
+            error = self._write_error(_cause(e))
+        try:
+            _agree(error)
+        except CheckpointError:
+            if rank == 0:  # every rank is past dcp.save: nothing writes into it any more
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if rank == 0:
             try:
                 self._complete(tmp, meta, step)
@@ -196,7 +216,7 @@ class ShardedCheckpointer(Checkpointer):
 
     def _write_error(self, e: BaseException) -> str:
         had = self.exists()
-        what = getattr(e, "strerror", None) or str(e).splitlines()[0][:200] or type(e).__name__
+        what = getattr(e, "strerror", None) or (str(e).splitlines() or [""])[0][:200] or type(e).__name__
         kept = ("the previous checkpoint is intact: free space (or raise the limit), then continue with --resume"
                 if had else "no checkpoint was written: free space (or raise the limit) and run again")
         return f"could not write the sharded checkpoint in {self.folder} ({what}); {kept}"
