@@ -53,13 +53,36 @@ METHODS: dict[str, tuple[str, list[float]]] = {
     "ref-muon": ("ref-muon:adamw_eps=1e-06", [3e-3, 1e-2, 3e-2]),
 }
 OURS = ("subtrack++", "grassjump", "galore", "fira", "grasswalk", "subtrack++ int8", "apollo-mini")
+#: Stage 4, the memory frontier (benchmarks/frontier.md): the other points of the state-bytes axis, the peers
+#: (each from its package or, SCALE, written from its paper) and grassopt's lean configurations (the plain
+#: parameters' own moment format), swept like stage 2 at the same plain_lr; Adafactor and SCALE as their
+#: papers (on every parameter: their own state for embedding and head).
+FRONTIER: dict[str, tuple[str, list[float]]] = {
+    "subtrack++ int8, plain factored": ("subtrack++:state_dtype=int8,plain_state_dtype=factored", [3e-3, 1e-2, 3e-2]),
+    "subtrack++ factored, no M": ("subtrack++:state_dtype=factored-no-m,plain_state_dtype=factored-no-m,"
+                                  "betas=(0.0,0.999)", [3e-3, 1e-2, 3e-2]),
+    "grassjump int8": ("grassjump:state_dtype=int8", [3e-3, 1e-2, 3e-2]),
+    "ref-adafactor (all)": ("ref-adafactor", [3e-2, 9e-2, 0.27]),
+    "ref-scale": ("ref-scale", [1e-3, 3e-3, 1e-2]),
+    "ref-scale (hidden)": ("ref-scale:rest=adamw,adamw_eps=1e-06", [1e-3, 3e-3, 1e-2]),
+    "ref-normuon": ("ref-normuon:adamw_eps=1e-06", [3e-3, 1e-2, 3e-2]),
+    "ref-racs": ("ref-racs:adamw_eps=1e-06", [1e-2, 3e-2, 1e-1]),
+    "ref-alice": ("ref-alice", [3e-3, 1e-2, 3e-2]),
+    "ref-galore-adafactor": ("ref-galore-adafactor", [3e-3, 1e-2, 3e-2]),
+    "ref-adam-mini": ("ref-adam-mini:eps=1e-06", [1e-3, 2e-3, 4e-3]),
+    "ref-adamw8bit": ("ref-adamw8bit:eps=1e-06", [1e-3, 2e-3, 4e-3]),
+}
 ADAMW_HIDDEN = [1e-3, 2e-3, 4e-3]
 ADAMW_PLAIN = [1e-2, 3e-2, 1e-1]
 
 
-def _bench(args: argparse.Namespace, extra: list[str]) -> list[str]:
-    common = ["--model", args.model, "--steps", str(args.steps), "--batch-size", "8", "--seq-len", "256",
-              "--rank", "64", "--update-interval", str(args.update_interval), "--eval-every", str(args.steps // 2),
+def _bench(args: argparse.Namespace, extra: list[str], steps: int | None = None, eval_every: int | None = None) -> list[str]:
+    """``grassopt bench`` at the contest's settings, runs of ``steps`` (default: a final's, ``args.steps``)
+    evaluated every ``eval_every`` steps (default: half of them)."""
+    steps = args.steps if steps is None else steps
+    eval_every = steps // 2 if eval_every is None else eval_every
+    common = ["--model", args.model, "--steps", str(steps), "--batch-size", "8", "--seq-len", "256",
+              "--rank", "64", "--update-interval", str(args.update_interval), "--eval-every", str(eval_every),
               "--sweep-steps", str(args.steps // 4), "--threads", "1", "--no-refs", "--no-progress",
               "--widen", "2", "--sweep-seed", "0", "--out", str(args.out)]
     return ["grassopt", "bench", *common, *extra]
@@ -170,6 +193,58 @@ def stage3(args: argparse.Namespace) -> None:
     _run_all([_final(args, n, *swept[n], plain, 2) for n in ["adamw", *ours]], args.jobs)
 
 
+def stage4(args: argparse.Namespace) -> None:
+    """The frontier: each FRONTIER method's hidden rate swept as in stage 2 (seed 0, a quarter of a final),
+    then, for AdamW, every contest method and every FRONTIER method, seed 1 at its chosen rate over the same
+    horizon and evaluation steps (so that seed 0 is its sweep run at that rate, with the same settings)."""
+    plain = _common(args)["plain_lr"]
+    chosen = {n: v for n, v in FRONTIER.items() if n in args.frontier}
+    _run_all([(f"4-{_slug(name)}", _bench(args, [
+        "--presets", variant, "--plain-lr", f"{plain:g}", "--sweep-lrs", f"{variant}=" + ",".join(f"{x:g}" for x in grid),
+        "--sweep-only", "--report-dir", str(Path(args.out) / "reports" / f"4-{_slug(name)}")]))
+        for name, (variant, grid) in chosen.items()], args.jobs)
+    rates = _rates(args)
+    for name, (variant, _) in chosen.items():
+        rows = _sweep_rows(args, f"4-{_slug(name)}")
+        if rows:
+            rates[name] = (variant, _best(rows)["lr"])
+    quarter = args.steps // 4
+    _run_all([(f"4s1-{_slug(name)}", _bench(args, [
+        "--presets", variant, "--lrs", f"{variant}={lr:g}", "--plain-lr", f"{plain:g}", "--seeds", "1",
+        "--report-dir", str(Path(args.out) / "reports" / f"4s1-{_slug(name)}")], steps=quarter, eval_every=quarter))
+        for name, (variant, lr) in rates.items()], args.jobs)
+
+
+def frontier_points(out: Path) -> dict[str, dict]:
+    """{method: {"variant", "lr", "losses": {seed: final eval loss}, "state_bytes"}} of stage 4 (seed 0 from
+    the sweeps of stages 1, 2 and 4 at the chosen rate, seed 1 from its own run)."""
+    res: dict[str, dict] = {}
+    names = {_slug(n): n for n in ["adamw", *METHODS, *FRONTIER]}
+    for path in sorted((out / "reports").glob("4s1-*/results.json")):
+        name = names.get(path.parent.name[4:], path.parent.name[4:])
+        data = json.loads(path.read_text())
+        for run in data["runs"]:
+            s = run["summary"]
+            if not s.get("finished"):
+                continue
+            cfg = json.loads((out / "runs" / f"{_slug(run['preset'])}-s{run['seed']}" / "config.json").read_text())
+            seed0 = _seed0(out, cfg)
+            res[name] = {"variant": run["preset"], "lr": s["lr"], "state_bytes": s["optimizer_state_bytes"],
+                         "losses": {1: s["final_eval_loss"], **({0: seed0} if seed0 is not None else {})}}
+    return res
+
+
+def _seed0(out: Path, cfg: dict) -> float | None:
+    """The final eval loss of the finished sweep run (seed 0) with ``cfg``'s settings but the seed."""
+    for summary in (out / "sweep").glob("*/summary.json"):
+        saved = json.loads((summary.parent / "config.json").read_text())
+        keys = set(cfg) - {"seed", "out", "cache_dir", "progress", "threads", "plot", "overwrite"}  # (bench's reuse)
+        if saved.get("seed") == 0 and all(saved.get(k) == cfg.get(k) for k in keys):
+            s = json.loads(summary.read_text())
+            return s["final_eval_loss"] if s.get("finished") else None
+    return None
+
+
 def collect(out: Path) -> dict[str, dict[int, float]]:
     """{method: {seed: final eval loss}} of the finished finals under ``out``."""
     res: dict[str, dict[int, float]] = {}
@@ -199,8 +274,10 @@ def prune(out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", type=int, choices=(1, 2, 3), action="append",
-                    help="run only these stages (default: all, then the report)")
+    ap.add_argument("--stage", type=int, choices=(1, 2, 3, 4), action="append",
+                    help="run only these stages (default: 1 to 3, then the report; 4 is the frontier's)")
+    ap.add_argument("--frontier", nargs="+", default=list(FRONTIER), choices=list(FRONTIER),
+                    help="the methods of stage 4 beside the contest's")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
                     help="the methods of stages 2 and 3 (AdamW always)")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time (each on one thread)")
@@ -223,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
             stage2(args)
         if 3 in stages:
             stage3(args)
+        if 4 in stages:
+            stage4(args)
     finally:
         prune(Path(ROOT / args.out))
         print(f"[contest] {(time.time() - t) / 60:.1f} min", flush=True)

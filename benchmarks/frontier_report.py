@@ -132,8 +132,54 @@ def plot(rows: list[dict], front: set[str], runs: list[dict], path: Path) -> Non
     plt.close(fig)
 
 
-def report(src: Path, dest: Path) -> str:
-    res = json.loads((src / "results.json").read_text())
+def from_contest(out: Path) -> dict:
+    """The frontier over the contest's stage 4 (benchmarks/contest.py --stage 4) in the shape of a bench's
+    results.json: one row per method (seeds 0 and 1 over a quarter of a final's horizon, at the rate its
+    stage-1, 2 or 4 sweep chose, with the plain parameters at the contest's common plain_lr), its sweep."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from contest import FRONTIER, METHODS, frontier_points
+
+    points = frontier_points(out)
+    if not points:
+        raise SystemExit(f"no stage-4 runs under {out}: run bash benchmarks/contest.sh --stage 4 first")
+    common = json.loads((out / "common.json").read_text())
+    names = {"adamw": "adamw", **{n: n for n in [*METHODS, *FRONTIER]}}
+    sweep = [{**r, "preset": "adamw"} for r in common["grid"][f"{common['plain_lr']:g}"]]
+    for name in names:
+        path = out / "reports" / f"{'4' if name in FRONTIER else '2'}-{_slug(name)}" / "results.json"
+        if name != "adamw" and path.is_file():
+            sweep += [{**row, "preset": name} for row in json.loads(path.read_text())["sweep"]]
+    adamw = points.get("adamw")
+    rows = []
+    for name, pt in points.items():
+        losses = [pt["losses"][k] for k in sorted(pt["losses"])]
+        summary = json.loads((out / "runs" / f"{_slug(pt['variant'])}-s1" / "summary.json").read_text())
+        base = json.loads((out / "runs" / f"{_slug(adamw['variant'])}-s1" / "summary.json").read_text()) \
+            if adamw else None
+        rows.append({"preset": name, "variant": pt["variant"], "lr": pt["lr"], "seeds": sorted(pt["losses"]),
+                     "eval_losses": losses, "eval_loss": sum(losses) / len(losses), "tokens": summary["tokens"],
+                     "state_mb": pt["state_bytes"] / 2**20,
+                     "state_ratio": pt["state_bytes"] / adamw["state_bytes"] if adamw else None,
+                     "tokens_ratio": summary["tokens_per_s"] / base["tokens_per_s"] if base else None})
+    cfg = json.loads((out / "runs" / f"{_slug(rows[0]['variant'])}-s1" / "config.json").read_text())
+    return {"rows": rows, "sweep": sweep, "config": cfg, "runs": [], "versions": {},
+            "command": f"bash benchmarks/contest.sh --stage 4 && python benchmarks/frontier_report.py --contest {out}",
+            "run_dir": lambda r: out / "runs" / f"{_slug(r['variant'])}-s1",
+            "intro": (f"The contest's protocol ([`contest.md`](contest.md)) at a quarter of its horizon: `{cfg['model']}` on "
+                      f"SOTU, {cfg['steps']} steps of {cfg['batch_size']} x {cfg['seq_len']} tokens, fp32, rank "
+                      f"{cfg['rank']} (apollo-mini: 1), basis updates every {cfg['update_interval']} steps, seeds 0 and 1. "
+                      f"Every method trains the parameters it does not project or orthogonalize (embedding, head, "
+                      f"norms) at the same rate, plain_lr {common['plain_lr']:g} (AdamW's own best, from its 2-D grid); "
+                      "each keeps its own state for them (AdamW's two moments, or a lean format, or, for Adafactor and "
+                      "SCALE as their papers, their own update), since that state is the axis of this table. Each "
+                      "method's hidden-matrix rate is the best of its own sweep (seed 0, the same horizon), interior. "
+                      "Optimizer state: every tensor in the optimizer's state, one counter for all "
+                      "(`grassopt.registry.state_bytes`). Made by [`benchmarks/contest.py`](contest.py) (stage 4) and "
+                      "[`benchmarks/frontier_report.py`](frontier_report.py).")}
+
+
+def report(src: Path, dest: Path, res: dict | None = None) -> str:
+    res = res if res is not None else json.loads((src / "results.json").read_text())
     rows = [r for r in res["rows"] if r["eval_loss"] is not None and math.isfinite(r["eval_loss"])]
     sweep = sweep_check(res["sweep"])
     front = pareto(rows)
@@ -141,7 +187,7 @@ def report(src: Path, dest: Path) -> str:
     plot(rows, front, res["runs"], dest / "frontier.png")
     cfg = res["config"]
     L = ["# The memory frontier: grassopt against the optimizers people pick today", "",
-         f"Model `{cfg['model']}` on SOTU, {rows[0]['tokens']:,} training tokens per run ({cfg['batch_size']} x "
+         res.get("intro") or f"Model `{cfg['model']}` on SOTU, {rows[0]['tokens']:,} training tokens per run ({cfg['batch_size']} x "
          f"{cfg['seq_len']} tokens per step), fp32, seeds {sorted({s for r in rows for s in r['seeds']})}, rank "
          f"{cfg['rank']} for the projected presets (apollo-mini: 1), basis update every {cfg['update_interval']} steps; "
          "warmup then cosine decay. Each method at the best rate of its own sweep (below), widened until that best "
@@ -173,7 +219,7 @@ def report(src: Path, dest: Path) -> str:
           "| method | " + " | ".join(PARTS) + " | total | = the run's |", "|---|" + "---|" * (len(PARTS) + 2)]
     parts = {}
     for r in sorted(rows, key=lambda r: r["state_mb"]):
-        run_dir = src / "runs" / f"{_slug(r['preset'])}-s{min(r['seeds'])}"
+        run_dir = res["run_dir"](r) if "run_dir" in res else src / "runs" / f"{_slug(r['preset'])}-s{min(r['seeds'])}"
         parts[r["preset"]] = b = state_by_part(run_dir)
         total = sum(b.values()) / 2**20
         same = "yes" if abs(total - r["state_mb"]) < 0.01 else f"**no** ({r['state_mb']:.2f})"
@@ -189,9 +235,15 @@ def report(src: Path, dest: Path) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", help="the output folder of benchmarks/frontier.sh (e.g. runs/frontier)")
+    ap.add_argument("runs", nargs="?", help="the output folder of benchmarks/frontier.sh (e.g. runs/frontier)")
+    ap.add_argument("--contest", help="instead: the contest's folder (benchmarks/contest), its stage 4")
     ap.add_argument("--dest", default="benchmarks", help="where frontier.md, frontier.png and frontier.json go")
     args = ap.parse_args(argv)
+    if args.contest:
+        print(report(Path(args.contest), Path(args.dest), from_contest(Path(args.contest))))
+        return 0
+    if not args.runs:
+        ap.error("give the runs folder of benchmarks/frontier.sh, or --contest FOLDER")
     src = Path(args.runs)
     if not (src / "results.json").is_file():
         print(f"no {src / 'results.json'}: run benchmarks/frontier.sh first", file=sys.stderr)

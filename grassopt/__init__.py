@@ -6,6 +6,7 @@ Quick start::
     opt = grassopt.SubspaceAdamW(grassopt.param_groups(model, preset="subtrack++", rank=128), lr=1e-3)
 """
 
+from . import bases, qlinear
 from .memory import expected_state_elements, state_breakdown, state_bytes
 from .optimizer import SUBSPACE_DEFAULTS, SubspaceAdamW
 from .presets import PRESETS, make_optimizer, param_groups, resolve_preset
@@ -28,4 +29,6 @@ __all__ = [
     "state_bytes",
     "state_breakdown",
     "expected_state_elements",
+    "qlinear",
+    "bases",
 ]

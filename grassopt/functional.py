@@ -45,6 +45,7 @@ import torch
 from torch import Tensor
 
 from .codecs import CODECS, Codec
+from .qlinear import int8_module
 
 __all__ = [
     "STATE_DTYPES",
@@ -173,18 +174,21 @@ def adam_tensor_(param: Tensor, grad: Tensor, state: dict, step: int, *, lr: flo
 
     The work runs in float32, ``grassopt.codecs.CHUNK`` elements at a time: a low-precision
     parameter is upcast one chunk at a time and written back by rounding to nearest, or
-    stochastically (:func:`stochastic_round_`) when a ``generator`` is given; the moments are
+    stochastically (:func:`stochastic_round_`) when a ``generator`` is given (an int8 weight of
+    :mod:`grassopt.qlinear` is dequantized and requantized onto its grid the same way); the moments are
     decoded and encoded back one chunk at a time (``state_generator``: for a codec that rounds
     stochastically). Transient memory is a few float32 chunks.
     """
     codec = CODECS["float32"] if codec is None else codec
     n = param.numel()
-    pf, gf = _flat(param), _flat(grad)
-    in_place = param.dtype == torch.float32 and pf.data_ptr() == param.data_ptr() and param.is_contiguous()
+    q8 = int8_module(param)  # an int8 weight: read and requantized a chunk at a time (grassopt.qlinear)
+    pf, gf = (param if q8 is not None else _flat(param)), _flat(grad)
+    in_place = (q8 is None and param.dtype == torch.float32 and pf.data_ptr() == param.data_ptr()
+                and param.is_contiguous())
     if codec.UPDATES_V:
         codec.update_v_(state, grad, betas[1])
     for lo, hi in codec.chunks(n):
-        w = pf[lo:hi] if in_place else pf[lo:hi].float()
+        w = q8.read(lo, hi) if q8 is not None else pf[lo:hi] if in_place else pf[lo:hi].float()
         g = gf[lo:hi] if gf.dtype == torch.float32 else gf[lo:hi].float()
         m, v = codec.load(state, lo, hi)
         if codec.UPDATES_V:
@@ -193,12 +197,14 @@ def adam_tensor_(param: Tensor, grad: Tensor, state: dict, step: int, *, lr: flo
         else:
             adam_([w], [g], [m], [v], step, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=fused)
             codec.store(state, m, v, lo, state_generator)
-        if not in_place:
+        if q8 is not None:
+            q8.write_(w, lo, generator)
+        elif not in_place:
             if generator is not None:
                 stochastic_round_(pf[lo:hi], w, generator)
             else:
                 pf[lo:hi].copy_(w)
-    if not in_place and not param.is_contiguous():
+    if q8 is None and not in_place and not param.is_contiguous():
         param.copy_(pf.view_as(param))
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import bases
 from .codecs import CODECS, MOMENT_KEYS
 from .codecs.int8 import BLOCK as INT8_BLOCK
 from .optim.state import spec_bytes
@@ -44,7 +45,7 @@ __all__ = [
     "peak_rss_since_reset",
 ]
 
-_BASIS_KEYS = {"Q"}
+_BASIS_KEYS = bases.KEYS
 CATEGORIES = ("bases", "moments", "other")
 
 #: dtype names accepted by :func:`estimate` and ``grassopt memory``.

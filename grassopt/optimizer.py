@@ -44,11 +44,13 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import bases
 from .codecs import get_codec
 from .optim import _plain, _projected
 from .optim._projected import mix_seed as _mix_seed
 from .optim.groups import check_params, normalize_params
 from .optim.state import RNG_KEYS, check_state_dict, init_state
+from .qlinear import int8_module
 from .options import OPTIONS, SUBSPACE_DEFAULTS, check_group, check_value, complete_group, step_error
 from .rules import get_rule, rule_flag
 
@@ -181,8 +183,10 @@ class SubspaceAdamW(Optimizer):
         """The current basis ``Q`` (``d x r``, float32) of a projected parameter; None before its first
         step or for a plain parameter. Rules that keep a seed instead (``gaussian``) regenerate it."""
         st = self.state.get(p, {})
-        if "Q" in st or "seed" not in st:
-            return st.get("Q")
+        if "Q" in st:
+            return bases.load(st)
+        if "seed" not in st:
+            return None
         group = self.param_groups[self._locate(p)[0]]
         return _projected.seeded_basis(get_rule(group["rule"]), group, st["seed"],
                                        torch.empty(min(p.shape), 0, device=p.device), self._seed_generators)
@@ -400,7 +404,8 @@ class SubspaceAdamW(Optimizer):
         _plain.plain_adamw_(
             params, [cast(Tensor, p.grad) for p in params], states, codec=codec, lr=group["lr"], betas=group["betas"],
             eps=group["eps"], weight_decay=group["weight_decay"], fused=self._fused,
-            generators=[self._rounding_generator(p) if sr and p.dtype != torch.float32 else None for p in params],
+            generators=[self._rounding_generator(p) if sr and (p.dtype != torch.float32 or int8_module(p) is not None)
+                        else None for p in params],
             state_generators=[self._rounding_generator(p) if codec.needs_generator(st) else None
                               for p, st in zip(params, states)])
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from numbers import Integral, Real
 from typing import Any
 
+from .bases import BASIS_DTYPES
 from .codecs import CODECS
 from .rules import RULES, all_rule_options, check_options, get_rule, rule_flag
 from .transport import TRANSPORTS
@@ -145,7 +146,8 @@ OPTIONS: dict[str, Option] = {
                                    "build the optimizer with the state_dtype it was saved with",
                           doc="the moments' format, a codec of grassopt.codecs.CODECS"),
     "stochastic_rounding": Option(False, _bool, error=_BOOL,
-                                  doc="round the float32 update of a low-precision (bf16) weight stochastically"),
+                                  doc="round the float32 update of a low-precision weight (bf16, or int8 of "
+                                      "grassopt.qlinear) stochastically; else to nearest"),
     "initial_lr": Option(UNSET, lambda v: _real(v, 0.0), doc="set by LR schedulers from lr",
                          error="must be >= 0 and finite (set by LR schedulers from lr)"),
     "name": Option(UNSET, doc="a label of the group (kept, not read)"),
@@ -182,6 +184,10 @@ OPTIONS: dict[str, Option] = {
                       doc="APOLLO's update: the raw gradient scaled per channel or per tensor (None: projected)"),
     "error_feedback": Option(False, _bool, scope="subspace", changes_state_meaning=True, error=_BOOL,
                              mismatch=_MEANING, doc="LDAdam's full-size error-feedback buffer"),
+    "basis_dtype": Option("float32", choices=lambda: list(BASIS_DTYPES), scope="subspace", changes_state_meaning=True,
+                          error="must be one of {choices}", mismatch=_MEANING,
+                          doc="how Q is stored (grassopt.bases): float32, bfloat16, or int8 or int4 with a float32 "
+                              "scale per column; decoded for the step, re-orthonormalised at basis updates"),
     # ---------------------------------------------------------------- the constructor only
     "fused": Option(None, choices=lambda: [None, True, False], scope="optimizer",
                     error=lambda v: f"fused={v!r} must be None (automatic), True or False",

@@ -377,6 +377,8 @@ def _check_eps_and_options(entry: Entry, r: Request) -> None:
         if r.eps is not None and opts["eps"] != r.eps:
             raise ValueError(f"eps is given twice ({r.eps!r} and the option eps={opts['eps']!r}); give it once")
         r.eps = opts.pop("eps")
+    if "betas" in opts and entry.family == "subspace":  # a bench variant's betas=(...): every group's betas
+        r.betas = tuple(opts.pop("betas"))
     if opts and (entry.family == "torch" or (entry.family == "subspace" and PRESETS[name] is None)):
         raise ValueError(f"preset {name!r} projects nothing (plain AdamW) and takes no options but eps; got "
                          f"{sorted(opts)} (leave them out, or choose a projected preset)")

@@ -266,3 +266,23 @@ def ddp_low_bit_worker(rank: int, world: int, out: str, vocab: int) -> None:
         train(model, opt, batches, rank, world, ddp=ddp)
         assert_in_sync(model.parameters(), what=f"{preset} bf16 parameters")
         save_params(model, Path(out) / f"lowbit-{preset}-rank{rank}.pt")
+
+
+def ddp_int8_weights_worker(rank: int, world: int, out: str, vocab: int) -> None:
+    """int8 weights (grassopt.qlinear) with stochastic rounding under DDP, ordinary and layer-wise: built from
+    the same seed on every rank and never broadcast (init_sync=False, broadcast_buffers=False, as `grassopt
+    train` does), 6 steps; this rank's state_dict saved (codes and scales included)."""
+    import grassopt
+    from grassopt.layerwise import LayerwiseUpdater
+    from grassopt.qlinear import quantize_linears
+
+    batches = torch.load(Path(out) / "batches.pt")
+    for mode in ("plain", "layerwise"):
+        model = quantize_linears(build_model(vocab)).to(torch.bfloat16)
+        ddp = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=mode == "layerwise",
+                                                        init_sync=False, broadcast_buffers=False)
+        opt = grassopt.make_optimizer(model, "subtrack++", lr=LR, rank=RANK, seed=0, update_interval=UPDATE_INTERVAL,
+                                      state_dtype="int8", basis_dtype="int8", stochastic_rounding=True)
+        lw = LayerwiseUpdater(opt, ddp_model=ddp) if mode == "layerwise" else None
+        train(model, opt, batches, rank, world, ddp=ddp, layerwise=lw)
+        save_params(model, Path(out) / f"int8w-{mode}-rank{rank}.pt")

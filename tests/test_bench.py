@@ -72,6 +72,14 @@ def test_variants_parse_into_config_fields_and_subspace_options():
     assert fields == {"update_interval": 50, "lr": 0.01}
     assert options == {"transport": "keep", "recovery": False}
     assert cli.parse_variant("galore") == ("galore", {}, {})
+    # a bracketed value keeps its commas, and a preset's betas option is every group's betas
+    name, fields, options = cli.parse_variant("subtrack++:state_dtype=factored-no-m,betas=(0.0,0.999),rank=8")
+    assert fields == {"state_dtype": "factored-no-m", "rank": 8} and options == {"betas": (0.0, 0.999)}
+    from grassopt import registry
+    from grassopt.train.model import Llama, config
+    opt = registry.build(name, Llama(config("nano", vocab_size=257)), rank=8, state_dtype="factored-no-m",
+                         plain_state_dtype="factored-no-m", options=options)
+    assert {tuple(g["betas"]) for g in opt.param_groups} == {(0.0, 0.999)}
 
 
 def test_sweep_per_preset_rates_borrowed_and_a_report_beside_shared_runs(tmp_path, sotu_1k, capsys):

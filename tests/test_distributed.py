@@ -109,6 +109,23 @@ def test_ddp_ranks_stay_bit_identical_with_stochastic_rounding_and_int8_states(s
         assert _max_diff(r0, init) > 1e-3, f"{preset}: the bf16 weights did not move"
 
 
+@pytest.mark.distributed
+def test_ddp_ranks_stay_bit_identical_with_int8_weights(sotu_1k, tmp_path):
+    """int8 weights, stochastic rounding, int8 states and bases, 2 ranks: identical codes and scales on both,
+    without any broadcast of them; ordinary and layer-wise DDP step the same."""
+    from grassopt.qlinear import quantize_linears
+    torch.save(_batches(sotu_1k, 6, seed=3), tmp_path / "batches.pt")
+    init = quantize_linears(H.build_model(sotu_1k.vocab_size)).state_dict()
+    H.spawn(H.ddp_int8_weights_worker, WORLD, str(tmp_path), sotu_1k.vocab_size)
+    runs = {(m, r): _load(tmp_path / f"int8w-{m}-rank{r}.pt") for m in ("plain", "layerwise") for r in range(WORLD)}
+    for (mode, r), sd in runs.items():
+        assert sd.keys() == runs["plain", 0].keys() and "layers.0.mlp.up_proj.codes" in sd
+        for k in sd:
+            assert torch.equal(sd[k], runs["plain", 0][k]), f"{mode} rank {r}: {k} differs"
+    moved = sum(int((runs["plain", 0][k] != init[k]).sum()) for k in init if k.endswith(".codes"))
+    assert moved > 1000, moved
+
+
 FSDP_PRESETS = ["adamw", "subtrack++", "grassjump"]
 
 

@@ -178,6 +178,8 @@ def test_layerwise_and_other_kinds_are_refused_with_fsdp_in_one_line(tmp_path):
         _cfg(tmp_path / "b", preset="rso").validate()
     with pytest.raises(ValueError, match=r"'factored' moments keep row and column statistics of whole matrices"):
         _cfg(tmp_path / "c", plain_state_dtype="factored").validate()
+    with pytest.raises(ValueError, match=r"param_dtype='int8' keeps int8 codes in grassopt.qlinear layers"):
+        _cfg(tmp_path / "d", param_dtype="int8", stochastic_rounding=True).validate()
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 

@@ -391,3 +391,49 @@ def test_plain_state_dtype_is_refused_where_it_does_not_apply():
         TrainConfig(preset="ref-muon", plain_state_dtype="int8").validate()
     with pytest.raises(ValueError, match="plain_state_dtype='int4' must be one of"):
         TrainConfig(plain_state_dtype="int4").validate()
+
+
+@pytest.mark.parametrize("param_dtype, compute", [("int8", torch.bfloat16), ("int8-fp32", torch.float32)])
+@pytest.mark.parametrize("preset", ["subtrack++", "apollo-mini", "adamw"])
+def test_int8_weights_estimate_equals_a_live_int8_model(preset, param_dtype, compute, capsys):
+    """--param-dtype int8: the quantized layers' codes, block scales and one-element parameters, the rest bf16;
+    gradients bf16; the optimizer's state: byte for byte against a live model after one step."""
+    from grassopt.qlinear import Int8Linear, quantize_linears
+    cfg = config("nano", vocab_size=VOCAB)
+    rank = None if preset in DEFAULT_RANKS else 8
+    torch.manual_seed(0)
+    model = quantize_linears(Llama(cfg)).to(compute)
+    opt = grassopt.make_optimizer(model, preset, lr=1e-3, rank=rank, state_dtype="int8", stochastic_rounding=True)
+    idx = torch.randint(0, VOCAB, (1, 8))
+    model(idx, idx)[1].backward()
+    grads = sum(p.grad.untyped_storage().nbytes() for p in model.parameters())
+    opt.step()
+    layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    assert len(layers) == 7 * cfg.num_layers
+    live_w = (sum(p.untyped_storage().nbytes() for p in model.parameters())
+              + sum(m.codes.untyped_storage().nbytes() + m.scales.untyped_storage().nbytes() for m in layers))
+    est = estimate(cfg, preset, rank, param_dtype, state_dtype="int8")
+    t = est.totals()
+    assert t["weights"] == live_w and t["gradients"] == grads
+    assert {k: t[k] for k in ("bases", "moments", "other")} == state_breakdown(opt)
+    a = compute.itemsize
+    full = estimate(cfg, preset, rank, "bf16" if a == 2 else "fp32", state_dtype="int8").totals()
+    n = sum(m.codes.numel() for m in layers)  # by hand: a bytes -> 1 byte + 4 per 256 + the parameter's a
+    blocks = sum(math.ceil(m.codes.numel() / 256) for m in layers)
+    assert full["weights"] - t["weights"] == (a - 1) * n - 4 * blocks - a * len(layers)
+    assert main(["nano", "--vocab-size", str(VOCAB), "--preset", preset, "--param-dtype", param_dtype, "--state-dtype",
+                 "int8", "--json"] + (["--rank", "8"] if rank else [])) == 0
+    assert json.loads(capsys.readouterr().out)["totals"]["weights"] == live_w
+
+
+def test_cli_7b_with_int8_weights(capsys):
+    argv = ["7b", "--preset", "subtrack++", "--rank", "1024", "--state-dtype", "int8", "--param-dtype", "int8",
+            "--layerwise", "--checkpoint-activations", "--batch-size", "1", "--seq-len", "2048"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "weights int8+bfloat16" in text and "224 linear layers as int8 codes" in text
+    t = estimate("7b", "subtrack++", 1024, "int8", batch_size=1, seq_len=2048, state_dtype="int8", layerwise=True,
+                 checkpoint_activations=True).totals()
+    hidden = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
+    assert t["weights"] == hidden + 4 * hidden // 256 + 2 * 224 + 2 * (6_738_415_616 - hidden)
+    assert f"{t['total']:,}" in text and t["total"] < 16 * 2**30  # issue 28: subtrack++ at rank 1024 under 16 GiB

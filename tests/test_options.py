@@ -48,7 +48,7 @@ def test_every_key_of_a_completed_group_is_declared(preset):
 
 
 ALTERNATIVES = {"state_dtype": "int8", "rank": 3, "rule": "svd", "transport": "keep", "recovery": False,
-                "scaling": "channel", "error_feedback": True}
+                "scaling": "channel", "error_feedback": True, "basis_dtype": "int8"}
 
 
 def test_every_option_that_fixes_the_states_meaning_is_checked_on_load():

@@ -73,6 +73,7 @@ from typing import IO, Any
 import torch
 from torch import Tensor, nn
 
+from .. import bases
 from ..distributed import rank_and_world
 from ..linalg import orient, orthonormality_error
 from .metrics import (captured_share, derivative_spectrum, layer_depth, layer_kind, principal_angles,
@@ -148,7 +149,7 @@ def optimizer_basis(optimizer: torch.optim.Optimizer, p: Tensor) -> Tensor | Non
     if callable(basis):
         return basis(p)
     st = optimizer.state.get(p)  # .get: the optimizer's defaultdict must not grow an entry
-    return st.get("Q") if st else None
+    return bases.load(st) if st and "Q" in st else None
 
 
 def span_basis(q: Tensor) -> Tensor:

@@ -87,16 +87,28 @@ def variant_keys(cls: type[RunConfig] = TrainConfig) -> frozenset[str]:
 _CONFIG_KEYS = variant_keys(TrainConfig)
 
 
+def _split_top(text: str) -> list[str]:
+    """``text`` split at the commas outside brackets."""
+    items, depth, start = [], 0, 0
+    for i, c in enumerate(text):
+        depth += (c in "([{") - (c in ")]}")
+        if c == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    return items + [text[start:]]
+
+
 def parse_variant(text: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """``NAME[:key=value,key=value]`` -> (preset, TrainConfig overrides, subspace options).
 
     Lets one bench compare ablations, e.g. ``subtrack++:transport=keep`` or
-    ``subtrack++:recovery=False,update_interval=50``.
+    ``subtrack++:recovery=False,update_interval=50``; a value in brackets may hold commas
+    (``betas=(0.0,0.999)``).
     """
     name, _, rest = text.partition(":")
     fields: dict[str, Any] = {}
     options: dict[str, Any] = {}
-    for item in filter(None, (x.strip() for x in rest.split(","))):
+    for item in filter(None, (x.strip() for x in _split_top(rest))):
         key, value = key_value(item)
         (fields if key in _CONFIG_KEYS else options)[key] = value
     return name, fields, options

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from .. import functional as F
 from ..codecs import Codec
+from ..qlinear import int8_module
 
 __all__ = ["plain_adamw_"]
 
@@ -18,13 +19,13 @@ def plain_adamw_(params: list[Tensor], grads: list[Tensor], states: list[dict], 
 
     float32 parameters and gradients with dense (float32) moments are stepped in one fused call per
     step count; the others one tensor at a time, a chunk at a time (``generators``: stochastic
-    rounding of a low-precision parameter, or None; ``state_generators``: for a codec that rounds
+    rounding of a low-precision parameter (bf16, or an int8 weight of ``grassopt.qlinear``), or None; ``state_generators``: for a codec that rounds
     stochastically, or None).
     """
     batches: dict[int, list[int]] = {}
     for j, (p, g, st) in enumerate(zip(params, grads, states)):
         st["step"] += 1
-        if codec.DENSE and p.dtype == torch.float32 and g.dtype == torch.float32:
+        if codec.DENSE and p.dtype == torch.float32 and g.dtype == torch.float32 and int8_module(p) is None:
             batches.setdefault(st["step"], []).append(j)
         else:
             F.adam_tensor_(p, g, st, st["step"], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,

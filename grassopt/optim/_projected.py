@@ -22,10 +22,12 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
+from .. import bases
 from .. import functional as F
 from .. import recovery as rec
 from ..codecs import Codec
 from ..linalg import is_transposed, largest_angle, orient, reorthonormalize
+from ..qlinear import int8_module
 from ..rules import RuleContext, rule_flag
 from ..transport import transport
 from .state import init_state
@@ -106,7 +108,7 @@ def prepare(group: dict[str, Any], rule, chosen: list[tuple[int, Tensor]], state
             if "seed" in st and st["step"] % T:
                 q = seeded_basis(rule, group, st["seed"], x, cache)
         else:
-            q = st.get("Q")
+            q = bases.load(st) if "Q" in st else None
         batch.qs[j] = q
         if q is not None:
             batch.project(j)
@@ -141,7 +143,8 @@ def _first_basis_(batch: Batch, j: int, st: dict[str, Any], ctx: RuleContext, *,
         st["seed"] = seed
         q = seeded_basis(rule, group, seed, x, cache)
     else:
-        q = st["Q"] = rule.init(x, ctx).to(torch.float32).contiguous()
+        bases.store(st, rule.init(x, ctx).to(torch.float32), group["basis_dtype"])
+        q = bases.load(st)  # the stored basis, as every later step decodes it
     init_state(st, group, batch.params[j])
     batch.qs[j] = q
     batch.project(j)
@@ -157,7 +160,10 @@ def _update_basis_(batch: Batch, j: int, st: dict[str, Any], ctx: RuleContext, *
         transport_moments_(codec, group["transport"], q, q, st)
         angle = None
     else:
-        q_old = st["Q"]
+        q_old = batch.qs[j] if batch.qs[j] is not None else bases.load(st)
+        if bases.compressed(st) and rule_flag(rule, "ORTHONORMAL"):  # the rule's maths needs orthonormal columns
+            q_old = reorthonormalize(q_old, tol=0.0)
+            batch.rts[j] = None
         if batch.rts[j] is None:
             batch.qs[j] = q_old
             batch.project(j)
@@ -171,7 +177,8 @@ def _update_basis_(batch: Batch, j: int, st: dict[str, Any], ctx: RuleContext, *
             q_new = q_new.contiguous()
             angle = ctx.angle if ctx.angle is not None else largest_angle(q_old, q_new) if orthonormal else None
             transport_moments_(codec, group["transport"], q_old, q_new, st)
-            st["Q"] = q = q_new
+            bases.store(st, q_new, group["basis_dtype"])
+            q = bases.load(st)
         else:
             q, angle = q_old, x.new_zeros(())
     batch.qs[j] = q
@@ -202,7 +209,7 @@ def maintain_bases_(batch: Batch, states: list[dict], diags: list[dict], *, rule
         else:
             basis_update = False
             if batch.rts[j] is None:  # error feedback: X was only formed now
-                batch.qs[j] = st["Q"]
+                batch.qs[j] = bases.load(st)
                 batch.project(j)
         if ctx.svd_fallbacks:
             diag["svd_fallbacks"] = diag.get("svd_fallbacks", 0) + ctx.svd_fallbacks
@@ -298,7 +305,9 @@ def apply_updates_(batch: Batch, states: list[dict], nts: list[Tensor], phis: li
     """``W = (W - s D)(1 - lr wd)`` for every matrix (``D``: the back-projected ``N``, plus the recovery
     term; or APOLLO's scaled gradient), rounded into a low-precision ``W`` (stochastically from
     ``generator``, the rounding generator, with ``stochastic_rounding``); then error feedback's
-    ``E = X - Q R``. ``nts`` already hold ``alpha N - alpha_r c R Phi`` with recovery."""
+    ``E = X - Q R``. An int8 weight (:func:`grassopt.qlinear.int8_module`) is dequantized, updated in
+    float32 and requantized onto its grid (stochastically with ``stochastic_rounding``). ``nts`` already
+    hold ``alpha N - alpha_r c R Phi`` with recovery."""
     scaling, feedback, recovery = group.get("scaling"), group.get("error_feedback", False), group["recovery"]
     alpha = group["alpha"]
     alpha_r = alpha if group["alpha_r"] is None else group["alpha_r"]
@@ -306,9 +315,10 @@ def apply_updates_(batch: Batch, states: list[dict], nts: list[Tensor], phis: li
     for j, (p, x, q, st, rt, nt, step_size) in enumerate(zip(batch.params, batch.xs, batch.qs, states, batch.rts,
                                                              nts, sizes)):
         transposed = is_transposed(p.shape)
-        w = p if p.dtype == torch.float32 else p.float()
+        q8 = int8_module(p)  # an int8 weight (grassopt.qlinear): its float32 values, requantized below
+        w = q8.read().view(p.shape) if q8 is not None else p if p.dtype == torch.float32 else p.float()
         # the raw gradient in W's layout: p.grad itself when W is float32 and X was not rebuilt
-        g = p.grad if w is p and not feedback else x.mT if transposed else x
+        g = cast(Tensor, p.grad) if w is p and not feedback else x.mT if transposed else x
         if scaling is not None:  # APOLLO: D = alpha c X Phi, nothing back-projected
             phi = phis[j] if scaling == "tensor" else phis[j].unsqueeze(1) if transposed else phis[j].unsqueeze(0)
             if group["weight_decay"]:
@@ -325,7 +335,9 @@ def apply_updates_(batch: Batch, states: list[dict], nts: list[Tensor], phis: li
             if recovery:  # + alpha_r c X Phi, with Phi along the long side
                 phi = phis[j].unsqueeze(1)
                 w.addcmul_(g, phi if transposed else phi.mT, value=-step_size * alpha_r * decay)
-        if w is not p:
+        if q8 is not None:
+            q8.write_(w.view(-1), generator=generator(j) if group["stochastic_rounding"] else None)
+        elif w is not p:
             if group["stochastic_rounding"]:
                 F.stochastic_round_(p, w, generator(j))
             else:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import bases
 from ..codecs import MOMENT_KEYS, detect, fits, get_codec
 from ..options import OPTIONS, SUBSPACE_DEFAULTS, check_group
 from ..rules import get_rule, rule_flag
@@ -26,7 +27,7 @@ __all__ = ["state_spec", "spec_bytes", "category", "moment_shape", "init_state",
 #: rules' draws (``rng_state``) and the rounding's (``rounding_rng_state``: stochastic rounding of a
 #: low-precision weight, a codec's stochastic rounding), two streams of ``(seed, parameter index)``.
 RNG_KEYS = ("rng_state", "rounding_rng_state")
-_NON_NEGATIVE = {"residual_norm"}  # state keys besides the codecs' own (Codec.NON_NEGATIVE)
+_NON_NEGATIVE = {"residual_norm", "Q_scale"}  # state keys besides the codecs' own (Codec.NON_NEGATIVE)
 
 #: a spec entry: ``(torch dtype, shape)`` for a tensor, ``(int, None)`` for a count or seed,
 #: ``(str, None)`` for a codec's checkpoint field
@@ -46,7 +47,8 @@ def state_spec(group: dict[str, Any], shape: tuple[int, ...] | torch.Size) -> Sp
     group: every option present, as the optimizer holds it), once it has been stepped.
 
     Plain: ``step`` and the moments of the parameter's shape. Projected ``m x n`` at rank ``r``
-    (``d = min``, ``k = max``): ``step``, ``adam_step``; the basis ``Q`` (``d x r``) or, for a rule
+    (``d = min``, ``k = max``): ``step``, ``adam_step``; the basis ``Q`` (``d x r``, stored as the group's
+    ``basis_dtype`` lays it out, :func:`grassopt.bases.layout`) or, for a rule
     that regenerates it, its ``seed``; the moments (``k x r``); ``residual_norm`` (the limiter's
     previous norm) with recovery or APOLLO's scaling; ``error`` (``m x n``) with error feedback. The
     moments are stored as the group's ``state_dtype`` codec lays them out (with its fields).
@@ -61,7 +63,7 @@ def state_spec(group: dict[str, Any], shape: tuple[int, ...] | torch.Size) -> Sp
         if rule_flag(get_rule(group["rule"]), "FROM_SEED"):
             spec["seed"] = (int, None)
         else:
-            spec["Q"] = (f32, (min(shape), rank))
+            spec.update(bases.layout(group.get("basis_dtype", "float32"), min(shape), rank))
         if group["recovery"] or group["scaling"] is not None:
             spec["residual_norm"] = (f32, ())
         if group["error_feedback"]:
@@ -74,7 +76,7 @@ def state_spec(group: dict[str, Any], shape: tuple[int, ...] | torch.Size) -> Sp
 def category(key: str, group: dict[str, Any]) -> str:
     """``bases`` (``Q``), ``moments`` (what the codec stores) or ``other`` (the limiter's norm,
     LDAdam's error buffer)."""
-    if key == "Q":
+    if key in bases.KEYS:
         return "bases"
     return "moments" if key in get_codec(group.get("state_dtype", "float32")).keys() else "other"
 

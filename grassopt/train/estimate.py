@@ -28,12 +28,19 @@ import torch
 from ..codecs import CODECS
 from ..memory import CATEGORIES, DTYPES, INT8_BLOCK, STATE_DTYPES, _dtype, _size, _state_dtype, param_state_bytes
 from ..optimizer import SubspaceAdamW
+from ..qlinear import BLOCK as INT8_WEIGHT_BLOCK
+from ..qlinear import weight_bytes as int8_weight_bytes
 from ..presets import PRESETS, default_rank, param_groups
 from ..targets import resolve_sketch_rank, select_targets
 from .model import CONFIGS, Llama, LlamaConfig, config
 
 __all__ = ["estimate", "activation_bytes", "load_config", "Estimate", "ParamMemory", "fits_line", "NOT_COUNTED",
-           "DTYPES", "STATE_DTYPES", "INT8_BLOCK"]
+           "DTYPES", "PARAM_DTYPES", "STATE_DTYPES", "INT8_BLOCK"]
+
+#: ``--param-dtype``: a dtype of every weight (:data:`DTYPES`), or ``int8``: the weights of the targeted linear
+#: layers as int8 codes with block scales (:mod:`grassopt.qlinear`), everything else (and every product) bf16
+#: (``int8-fp32``: float32)
+PARAM_DTYPES: dict[str, Any] = {**DTYPES, "int8": "bf16", "int8-fp32": "fp32"}
 
 
 _HF_KEYS = {"hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
@@ -348,6 +355,30 @@ def _sketched(model, targets: Any, mode: str | None, sketch_rank: Any,
     return covered, names_covered, sketch_matrices
 
 
+def _param_rows(model, opt: SubspaceAdamW, covered: dict[int, int], quantized: set[int], wsize: int,
+                sdtype: Any, own_codec: dict[int, str]) -> list[ParamMemory]:
+    """One :class:`ParamMemory` per parameter of the meta ``model``: an RSO-covered weight (``covered``: its
+    sketch rank), an int8 weight (``quantized``: its codes and block scales and its parameter's one element),
+    or a weight of ``wsize`` bytes an element; the state of its group in ``opt``, priced in ``sdtype`` (or in its
+    group's own codec, ``own_codec``: plain_state_dtype)."""
+    params: list[ParamMemory] = []
+    for name, p in model.named_parameters():
+        numel = p.numel()
+        if id(p) in covered:
+            r = covered[id(p)]
+            m = p.shape[0]
+            params.append(ParamMemory(name, tuple(p.shape), "rso", r, weights=numel * wsize + m * r * 4,
+                                      gradients=m * r * 4, bases=0, moments=2 * m * r * 4, other=0))
+            continue
+        group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+        sb = param_state_bytes(p.shape, group, own_codec.get(id(p), sdtype))
+        weights = int8_weight_bytes(p.shape) + wsize if id(p) in quantized else numel * wsize
+        params.append(ParamMemory(name, tuple(p.shape), "projected" if "rank" in group else "plain",
+                                  group.get("rank"), weights=weights, gradients=numel * wsize,
+                                  bases=sb["bases"], moments=sb["moments"], other=sb["other"]))
+    return params
+
+
 def estimate(config: Any, preset: str = "adamw", rank: int | str | None = None, dtype: str | torch.dtype = "fp32",
              *, batch_size: int = 1, seq_len: int | None = None, mode: str | None = None,
              sketch_rank: int | float | None = None, targets: Any = "all-linear",
@@ -360,7 +391,10 @@ def estimate(config: Any, preset: str = "adamw", rank: int | str | None = None, 
         config: a config name (``nano`` ... ``7b``), a ``LlamaConfig`` or a ``config.json`` path.
         preset, rank, targets, overrides: as for :func:`grassopt.param_groups` (``rank=None``: the
             preset's default; ``"d/4"``: a fraction of each matrix's short side).
-        dtype: the weights' (and gradients', and activations') dtype (``grassopt memory --param-dtype``).
+        dtype: the weights' (and gradients', and activations') dtype (``grassopt memory --param-dtype``);
+            ``"int8"``: the weights of the ``targets`` linear layers as int8 codes plus a float32 scale per
+            block (:func:`grassopt.qlinear.weight_bytes`), the rest (and gradients, activations) bf16;
+            ``"int8-fp32"``: the same with float32 around them.
         state_dtype: the optimizer state's dtype, priced by :func:`param_state_bytes`. ``"fp32"``
             (the default): what :class:`grassopt.SubspaceAdamW` allocates by default; ``"int8"``: its
             8-bit moments (any codec of :data:`grassopt.codecs.CODECS` is priced as it lays its moments
@@ -381,6 +415,13 @@ def estimate(config: Any, preset: str = "adamw", rank: int | str | None = None, 
     """
     cfg = load_config(config, vocab_size)
     seq_len = cfg.max_seq_len if seq_len is None else seq_len
+    int8 = dtype in ("int8", "int8-fp32")  # int8 linear weights (grassopt.qlinear), bf16 or fp32 around them
+    if int8 and mode is not None:
+        raise ValueError(f"dtype={dtype!r} weights and mode={mode!r}: the sketched layers read full-precision weights")
+    wlabel = ""
+    if isinstance(dtype, str) and int8:
+        dtype = PARAM_DTYPES[dtype]
+        wlabel = f"int8+{_dtype(dtype)}".replace("torch.", "")
     wsize, sdtype = _size(dtype), _state_dtype(state_dtype)
     if isinstance(sdtype, str) and sdtype != "float32" and mode == "rso":
         raise ValueError(f"state_dtype={sdtype!r} is SubspaceAdamW's; RSO (mode='rso') brings its own optimizer, "
@@ -404,21 +445,8 @@ def estimate(config: Any, preset: str = "adamw", rank: int | str | None = None, 
     for g in groups:  # a codec without M is priced as it runs: with beta1 = 0
         if "state_dtype" in g and CODECS[g["state_dtype"]].group_error({**g, "betas": (0.9, 0.999)}):
             g["betas"] = (0.0, 0.999)
-    opt = _ShapesOnly(groups)  # (fills every group's defaults in)
-    params: list[ParamMemory] = []
-    for name, p in model.named_parameters():
-        numel = p.numel()
-        if id(p) in covered:
-            r = covered[id(p)]
-            m = p.shape[0]
-            params.append(ParamMemory(name, tuple(p.shape), "rso", r, weights=numel * wsize + m * r * 4,
-                                      gradients=m * r * 4, bases=0, moments=2 * m * r * 4, other=0))
-            continue
-        group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
-        sb = param_state_bytes(p.shape, group, own_codec.get(id(p), sdtype))
-        params.append(ParamMemory(name, tuple(p.shape), "projected" if "rank" in group else "plain",
-                                  group.get("rank"), weights=numel * wsize, gradients=numel * wsize,
-                                  bases=sb["bases"], moments=sb["moments"], other=sb["other"]))
+    quantized = {id(mod.weight) for _, mod in select_targets(model, targets)} if int8 else set()
+    params = _param_rows(model, _ShapesOnly(groups), covered, quantized, wsize, sdtype, own_codec)
     acts = activation_bytes(cfg, batch_size, seq_len, dtype, mode, sketch_rank,
                             covered=names_covered if mode else None, checkpoint=checkpoint_activations)
     if layerwise:
@@ -428,9 +456,13 @@ def estimate(config: Any, preset: str = "adamw", rank: int | str | None = None, 
     if mode == "rso":
         notes.append("rso: the covered weights are frozen inside an outer iteration; B and its Adam state are "
                      "counted on the covered rows, P under 'sketch matrices P'")
+    if int8:
+        notes.append(f"int8 weights: {len(quantized)} linear layers as int8 codes with a float32 scale per "
+                     f"{INT8_WEIGHT_BLOCK} elements (grassopt.qlinear); the other parameters, the gradients and the "
+                     f"activations {wlabel.partition('+')[2]}")
     label = Path(config).name if isinstance(config, Path) else config if isinstance(config, str) else "config"
     return Estimate(model=label, preset="rso" if mode == "rso" else preset,
-                    rank=label_rank, dtype=str(_dtype(dtype)).replace("torch.", ""),
+                    rank=label_rank, dtype=wlabel if int8 else str(_dtype(dtype)).replace("torch.", ""),
                     state_dtype=str(sdtype).replace("torch.", ""), batch_size=batch_size,
                     seq_len=seq_len, mode=mode, sketch_rank=sketch_rank, params=params, activations=acts,
                     sketch_matrices=sketch_matrices, notes=notes, layerwise=layerwise,

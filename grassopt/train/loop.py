@@ -40,6 +40,10 @@ __all__ = ["TrainConfig", "train", "build_optimizer", "evaluate", "CheckpointErr
 
 #: Optimizers the loop knows beside grassopt's presets (grassopt.registry).
 EXTRA_PRESETS = {name: entry.description for name, entry in registry.OTHER_ENTRIES.items()}
+#: --param-dtype: a torch dtype of every parameter, or int8 linear weights (grassopt.qlinear) with the other parameters
+#: and the products in bfloat16 (int8: the memory configuration) or float32 (int8-fp32: the int8 weights' effect alone)
+PARAM_DTYPES = ("float32", "bfloat16", "float16", "int8", "int8-fp32")
+INT8_COMPUTE = {"int8": torch.bfloat16, "int8-fp32": torch.float32}
 
 
 
@@ -112,8 +116,11 @@ class TrainConfig(RunConfig):
                "ranks, a projected matrix is gathered at its step (grassopt.distributed.FSDPSubspaceAdamW); "
                "checkpoints are sharded (torch.distributed.checkpoint: checkpoint.dcp/, every rank writes its "
                "shards) and resume at this or another number of processes")
-    param_dtype: str = setting("float32", "dtype of the parameters (optimizer state stays float32)",
-                               choices=("float32", "bfloat16", "float16"))
+    param_dtype: str = setting(
+        "float32", "dtype of the parameters (optimizer state stays float32); int8: the weights of the projected "
+                   "linear layers (--targets) as int8 codes with a float32 scale per block of 256 (grassopt.qlinear), "
+                   "the other parameters and the products in bfloat16 (int8-fp32: in float32); add "
+                   "--stochastic-rounding (else their updates are rounded to nearest)", choices=PARAM_DTYPES)
     state_dtype: str = setting(
         "float32", "Adam moments of grassopt's presets (projected and plain groups): float32, or int8 codes with a "
                    "float32 scale per block of 256 (about 1/4 of the bytes; grassopt.codecs.int8)",
@@ -124,8 +131,9 @@ class TrainConfig(RunConfig):
               "subspace moments; factored-no-m and no-m need --betas 0,B2", group="optimizer",
         choices=state_dtype_choices)
     stochastic_rounding: bool = setting(
-        False, "with --param-dtype bfloat16: round each weight update stochastically (unbiased), so that updates "
-               "below half a bf16 ulp are not lost; seeded, resumable, identical on every rank", group="optimizer")
+        False, "with --param-dtype bfloat16 or int8: round each weight update stochastically (unbiased), so that "
+               "updates below half a bf16 ulp or int8 grid step are not lost (else: to nearest); seeded, resumable, "
+               "identical on every rank", group="optimizer")
     eval_every: int = setting(100, "evaluate every N steps (0: only at the end)")
     eval_batch_size: int = setting(32, "sequences per evaluation batch", run_control=True)
     eval_tokens: int | None = setting(None, "evaluate on the first N tokens of the validation split (default: all "
@@ -171,8 +179,8 @@ class TrainConfig(RunConfig):
                                                  not isinstance(self.update_interval, int) or self.update_interval < 1):
             raise ValueError(f"update_interval={self.update_interval!r} must be an integer >= 1 (steps between "
                              "basis updates), or None for the preset's default")
-        if self.param_dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"param_dtype={self.param_dtype!r} must be float32, bfloat16 or float16")
+        if self.param_dtype not in PARAM_DTYPES:
+            raise ValueError(f"param_dtype={self.param_dtype!r} must be one of {list(PARAM_DTYPES)} (--param-dtype)")
         if self.corpus is not None and not isinstance(self.corpus, (str, Path)):
             raise ValueError(f"corpus={self.corpus!r} must be a path (a folder of .txt files or a .jsonl file), or "
                              "None for the SOTU corpus (--corpus)")
@@ -187,9 +195,11 @@ class TrainConfig(RunConfig):
         if self.state_dtype != "float32" and self.preset not in PRESETS:
             raise ValueError(f"state_dtype={self.state_dtype!r} applies to grassopt's presets, not to {self.preset!r} "
                              "(for 8-bit AdamW as a reference use the preset ref-adamw8bit)")
-        if self.stochastic_rounding and (self.param_dtype != "bfloat16" or self.preset not in PRESETS):
-            raise ValueError("stochastic_rounding=True rounds the updates of bfloat16 weights of grassopt's presets: "
-                             "use it with param_dtype='bfloat16' (--param-dtype bfloat16) and a grassopt preset")
+        if self.stochastic_rounding and (self.param_dtype not in ("bfloat16", *INT8_COMPUTE) or self.preset not in PRESETS):
+            raise ValueError("stochastic_rounding=True rounds the updates of bfloat16 or int8 weights of grassopt's "
+                             "presets: use it with param_dtype='bfloat16', 'int8' or 'int8-fp32' (--param-dtype) and a grassopt "
+                             "preset")
+        self._check_int8()
         if self.clip_mode not in ("global", "per-parameter"):
             raise ValueError(f"clip_mode={self.clip_mode!r} must be 'global' or 'per-parameter'")
         references.require(self.preset)  # a missing optional package: one line naming it and the extra
@@ -250,6 +260,26 @@ class TrainConfig(RunConfig):
         if self.subspace_quality:
             raise ValueError("subspace_quality=True reads whole gradients after backward, which fsdp=True shards; "
                              "measure it without --fsdp")
+        if self.param_dtype in INT8_COMPUTE:
+            raise ValueError(f"param_dtype={self.param_dtype!r} keeps int8 codes in grassopt.qlinear layers, which "
+                             "fsdp=True does not shard; use --param-dtype bfloat16 (with --stochastic-rounding) with "
+                             "--fsdp, or int8 weights with DDP")
+
+    def _check_int8(self) -> None:
+        """int8 weights are written by grassopt's optimizers alone, and read only through their codes."""
+        if self.param_dtype not in INT8_COMPUTE:
+            return
+        dt = self.param_dtype
+        if self.preset not in PRESETS:
+            raise ValueError(f"param_dtype={dt!r} weights are updated by grassopt's presets (SubspaceAdamW writes "
+                             f"them back onto the int8 grid); {self.preset!r} cannot: choose a preset such as "
+                             "'adamw' or 'subtrack++', or --param-dtype bfloat16")
+        if self.sketch is not None:
+            raise ValueError(f"param_dtype={dt!r} and sketch: the sketched layers read full-precision weights; drop "
+                             "--sketch or use --param-dtype bfloat16")
+        if self.bf16 and dt == "int8":
+            raise ValueError("param_dtype='int8' already computes in bfloat16; drop --bf16 (autocast), or use "
+                             "param_dtype='int8-fp32' with it")
 
 
 #: Config fields that may change when a run is resumed (they do not affect the numbers): see TrainConfig.
@@ -258,11 +288,17 @@ RUN_CONTROL = TrainConfig.RUN_CONTROL
 
 # ---------------------------------------------------------------------------------------- model and optimizer
 def build_model(cfg: TrainConfig, vocab_size: int, device: torch.device | str = "cpu") -> Llama:
-    """The LLaMA of ``cfg.model`` (seeded by ``cfg.seed``) on ``device``, in ``cfg.param_dtype``."""
+    """The LLaMA of ``cfg.model`` (seeded by ``cfg.seed``) on ``device``, in ``cfg.param_dtype`` (``int8``: the
+    linear layers of ``cfg.targets`` quantized from their float32 initialisation, the rest bfloat16; ``int8-fp32``:
+    the rest float32)."""
     torch.manual_seed(cfg.seed)
     model = Llama(model_config(cfg.model, vocab_size=vocab_size, max_seq_len=max(cfg.seq_len, 1024),
                                lean_activations=cfg.lean_activations,
                                checkpoint_activations=cfg.checkpoint_activations))
+    if cfg.param_dtype in INT8_COMPUTE:
+        from ..qlinear import quantize_linears
+        quantize_linears(model, cfg.targets)
+        return model.to(device=device, dtype=INT8_COMPUTE[cfg.param_dtype])
     return model.to(device=device, dtype=getattr(torch, cfg.param_dtype))
 
 
@@ -423,7 +459,11 @@ def _build(cfg: TrainConfig, session: Session, dataset: data_mod.TokenizedCorpus
         raise ValueError(f"preset {cfg.preset!r} (forward-only) does not support data parallelism; run one process")
     ddp_model = None
     if world > 1 and not cfg.fsdp:  # after sketching: DDP sees the final parameters (B for rso)
-        ddp_model = nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=cfg.layerwise)
+        # int8 weights (grassopt.qlinear) are not broadcast: their parameters hold no values, and every rank
+        # builds the same codes from the same seed and writes the same updates (seeded rounding generators)
+        int8 = cfg.param_dtype in INT8_COMPUTE
+        ddp_model = nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=cfg.layerwise,
+                                                        init_sync=not int8, broadcast_buffers=not int8)
     updater = None
     if cfg.layerwise:
         from ..layerwise import LayerwiseUpdater

@@ -46,8 +46,9 @@ def _budget(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .estimate import DTYPES, INT8_BLOCK, STATE_DTYPES
+    from ..bases import BASIS_DTYPES
     from ..codecs import CODECS
+    from .estimate import INT8_BLOCK, PARAM_DTYPES, STATE_DTYPES
     from ..presets import DEFAULT_RANK, DEFAULT_RANKS, PRESETS
     from .model import CONFIGS
 
@@ -69,9 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
                          f"short side); default: the preset's ({defaults}; otherwise {DEFAULT_RANK})")
     ap.add_argument("--targets", nargs="+", default=["all-linear"],
                     help="projected (and sketched) linear layers: 'all-linear' or module-name patterns")
-    ap.add_argument("--param-dtype", "--dtype", dest="dtype", default="fp32", choices=sorted(DTYPES),
+    ap.add_argument("--param-dtype", "--dtype", dest="dtype", default="fp32", choices=sorted(PARAM_DTYPES),
                     help="dtype of the weights, and so of the gradients and activations (bf16: 2 bytes each); "
-                         "--dtype is the same option (default fp32)")
+                         "int8: the targeted linear layers' weights as int8 codes plus a float32 scale per 256 "
+                         "(grassopt train --param-dtype int8), the rest bf16; --dtype is the same option "
+                         "(default fp32)")
     ap.add_argument("--state-dtype", default="fp32", choices=sorted(STATE_DTYPES),
                     help="optimizer-state dtype: fp32 (default; what SubspaceAdamW allocates by default), int8 "
                          f"(SubspaceAdamW's 8-bit Adam moments: n one-byte codes plus one float32 scale per "
@@ -81,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--plain-state-dtype", default=None, choices=sorted(CODECS),
                     help="moment format of the plain parameters (embedding, head, norms, biases) in place of "
                          "--state-dtype (default: the same), e.g. factored beside int8 subspace moments")
+    ap.add_argument("--basis-dtype", default="float32", choices=list(BASIS_DTYPES),
+                    help="how the projected presets store their bases Q (the group option basis_dtype, "
+                         "grassopt.bases): float32 (default), bfloat16, or int8 or int4 with a float32 scale per "
+                         "column")
     ap.add_argument("--layerwise", action="store_true",
                     help="layer-wise updates (grassopt train --layerwise): each gradient is stepped and freed as "
                          "soon as it is complete, so only the largest single gradient counts (one micro-batch "
@@ -110,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ..presets import PRESETS
     from .estimate import NOT_COUNTED, _human, estimate
 
     args = build_parser().parse_args(argv)
@@ -125,7 +133,9 @@ def main(argv: list[str] | None = None) -> int:
                                     targets=args.targets, state_dtype=args.state_dtype, vocab_size=args.vocab_size,
                                     layerwise=args.layerwise, checkpoint_activations=args.checkpoint_activations,
                                     **({} if args.plain_state_dtype is None else
-                                       {"plain_state_dtype": args.plain_state_dtype})))
+                                       {"plain_state_dtype": args.plain_state_dtype}),
+                                    **({} if args.basis_dtype == "float32" or PRESETS[preset] is None
+                                       else {"basis_dtype": args.basis_dtype})))
             if mode == "rso":  # RSO replaces the optimizer (inner Adam on B, AdamW elsewhere): one row
                 if args.preset != ["adamw"]:
                     print("grassopt memory: --activations rso brings its own optimizer; --preset is ignored",
