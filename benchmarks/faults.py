@@ -501,6 +501,126 @@ def signal_cases(c: Campaign) -> None:
               " SIGKILL while a .ckpt-*.tmp exists; --resume", killed_writer)
 
 
+def sharded_state(run: Path) -> tuple[int, dict[str, torch.Tensor]]:
+    """The step and every tensor (model/..., optimizer/...) of an ``--fsdp`` run's sharded checkpoint, whole."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    target = (run / "checkpoint.dcp").resolve()
+    dest = run.parent / f"{run.name}-whole.pt"
+    dcp_to_torch_save(target, dest)
+    return int(torch.load(target / "meta.pt", weights_only=True)["step"]), torch.load(dest, weights_only=True)
+
+
+def same_sharded_run(a: Path, b: Path) -> tuple[bool, str]:
+    """:func:`same_run` for two ``--fsdp`` runs (sharded checkpoints)."""
+    (sa, ta), (sb, tb) = sharded_state(a), sharded_state(b)
+    if sa != sb:
+        return False, f"step {sa} vs {sb}"
+    if ta.keys() != tb.keys() or not all(torch.equal(ta[k], tb[k]) for k in ta):
+        return False, "weights or optimizer state differ"
+    la = [json.loads(s).get("loss") for s in (a / "metrics.jsonl").read_text().splitlines()]
+    lb = [json.loads(s).get("loss") for s in (b / "metrics.jsonl").read_text().splitlines()]
+    if la != lb:
+        return False, f"logged losses differ ({len(la)} vs {len(lb)} lines)"
+    return True, (f"step {sa}: weights, optimizer state ({len(ta)} tensors) and {len(la)} logged losses equal bit "
+                  "for bit")
+
+
+def _worker_of_rank(agent: int, rank: int) -> int | None:
+    """The pid of the worker process of ``rank`` among the children of the ``torchrun`` process ``agent``."""
+    try:
+        children = Path(f"/proc/{agent}/task/{agent}/children").read_text().split()
+    except OSError:
+        return None
+    for pid in children:
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env:
+            return int(pid)
+    return None
+
+
+def restart_cases(c: Campaign) -> None:
+    c.group = "restarts"
+    steps = LONG // 2
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+    def start(out: Path, *extra: str) -> subprocess.Popen:
+        return subprocess.Popen([*torchrun, *extra, "-m", "grassopt", *c.train_args(out, "--fsdp", "--checkpoint-every",
+                                                                                    "7", steps=steps)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=c.env, cwd=c.work,
+                                start_new_session=True)  # its own process group: stopped whole on a hang
+
+    def finish(job: subprocess.Popen) -> tuple[str, str] | None:
+        """The job's output, or None if it did not end within 5 minutes (then its processes are killed)."""
+        try:
+            return job.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.communicate()
+            return None
+
+    def killed_rank() -> tuple[str, str]:
+        ref, out = c.folder("fsdp-reference"), c.folder("fsdp-killed-rank")
+        r = start(ref)
+        got = finish(r)
+        if got is None or r.returncode != 0:
+            return "crash (reference)", "hung for 5 minutes" if got is None else error_line(got[1])
+        a = start(out, "--max-restarts=1")
+        wait_for(lambda: lines(out) >= 20, a)
+        victim = _worker_of_rank(a.pid, 1)
+        if victim is None:
+            os.killpg(a.pid, signal.SIGKILL)
+            a.communicate()
+            return "crash (campaign)", "no worker of rank 1 found under torchrun"
+        os.kill(victim, signal.SIGKILL)
+        done = lines(out)
+        got = finish(a)
+        if got is None:
+            return "hang", (f"rank 1 killed after {done} logged steps; the restarted job did not end within 5 minutes "
+                            f"({lines(out)} metric lines; killed)")
+        said, err = got
+        restarted = "restart 1 of this torchrun job" in err
+        ok, why = same_sharded_run(out, ref)
+        if "Traceback" in said:
+            return "crash (traceback)", error_line(said)
+        return ("recovered" if a.returncode == 0 and restarted and ok else "lost data",
+                f"rank 1 killed after {done} logged steps; torchrun restarted the job "
+                f"({'it continued from the last checkpoint' if restarted else 'NOT from the checkpoint'}): exit "
+                f"{a.returncode}; against an uninterrupted run with the same checkpoints: {why}")
+    c.outcome("a rank SIGKILLed under torchrun --max-restarts (FSDP2)",
+              f"torchrun --nproc_per_node=2 --max-restarts=1 -m grassopt train $BASE --fsdp --steps {steps} "
+              "--checkpoint-every 7; SIGKILL to rank 1 after 20 steps", killed_rank)
+
+
+def sharded_full_disk(c: Campaign) -> None:
+    c.group = "restarts"
+
+    def full_disk() -> tuple[str, str]:
+        out = c.folder("fsdp-full-disk")
+        first = c.run(c.train_args(out, "--fsdp", "--stop-after", "2", steps=4))
+        if first.rc != 0:
+            return "crash (setup)", error_line(first.err)
+        before = os.readlink(out / "checkpoint.dcp")
+        p = c.run(c.train_args(out, "--fsdp", "--resume", steps=4), limit_bytes=300_000)
+        kept, ok = os.readlink(out / "checkpoint.dcp"), False
+        left = sorted(q.name for q in out.glob(".ckpt-*"))
+        again = c.run(c.train_args(out, "--fsdp", "--resume", steps=4))
+        if again.rc == 0:
+            ok = os.readlink(out / "checkpoint.dcp") == "checkpoint-step4.dcp"
+        errors = [ln for ln in p.err.splitlines() if " error: " in ln]
+        happened = (f"exit {p.rc}: {show(error_line(p.err))}; the link still -> {kept}; temporary files left: "
+                    f"{left or 'none'}; with the limit lifted, --resume: exit {again.rc}")
+        if "Traceback" in p.err:
+            return "crash (traceback)", happened
+        clear = p.rc == 2 and len(errors) == 1 and "checkpoint" in errors[0] and kept == before and not left
+        return ("refused clearly" if clear and ok else "unclear" if ok else "lost data"), happened
+    c.outcome("the sharded checkpoint of an --fsdp run cannot be written (file-size limit)",
+              "grassopt train $BASE --fsdp --steps 4 --stop-after 2; then --resume under RLIMIT_FSIZE 300 kB; then "
+              "--resume without it", full_disk)
+
+
 def resume_cases(c: Campaign) -> None:
     c.group = "resume and checkpoints"
     full, part = c.folder("six-steps"), c.folder("three-of-six")
@@ -1061,7 +1181,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         prepare(c)
-        for part in (run_folder_cases, signal_cases, resume_cases, divergence_cases, cache_cases, cli_input_cases,
+        for part in (run_folder_cases, signal_cases, restart_cases, sharded_full_disk, resume_cases, divergence_cases, cache_cases, cli_input_cases,
                      application_cases, library_cases):
             part(c)
     finally:

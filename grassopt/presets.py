@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from torch import nn
@@ -185,13 +185,15 @@ def make_optimizer(model: nn.Module, preset: str = "subtrack++", lr: float = 1e-
                    weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-6, seed: int = 0,
                    state_dtype: str = "float32", stochastic_rounding: bool = False, fused: bool | None = None,
                    check_finite: bool = True, plain_lr: float | None = None, plain_weight_decay: float | None = None,
-                   plain_state_dtype: str | None = None, **overrides: Any) -> SubspaceAdamW:
+                   plain_state_dtype: str | None = None, cls: Callable[..., SubspaceAdamW] = SubspaceAdamW,
+                   **overrides: Any) -> SubspaceAdamW:
     """``SubspaceAdamW(param_groups(model, preset, ...), lr=lr, ...)`` in one call (``plain_lr``,
     ``plain_weight_decay``, ``plain_state_dtype``: the plain group's own rate, decay and moment format, see
-    :func:`param_groups`)."""
+    :func:`param_groups`; ``cls``: the optimizer class, e.g. :class:`grassopt.distributed.FSDPSubspaceAdamW`
+    for a model sharded with FSDP2)."""
     groups = param_groups(model, preset, rank, update_interval, targets, weight_decay=weight_decay,
                           plain_lr=plain_lr, plain_weight_decay=plain_weight_decay,
                           plain_state_dtype=plain_state_dtype, **overrides)
-    return SubspaceAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, seed=seed,
+    return cls(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, seed=seed,
                          state_dtype=state_dtype, stochastic_rounding=stochastic_rounding, fused=fused,
                          check_finite=check_finite)

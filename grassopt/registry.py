@@ -29,6 +29,7 @@ that takes param groups; the presets of :data:`ONE_RATE` refuse them (:func:`che
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Iterable
 from collections.abc import Callable
@@ -40,7 +41,7 @@ from torch import nn
 
 from . import references
 from .functional import fused_available
-from .optimizer import SUBSPACE_DEFAULTS
+from .optimizer import SUBSPACE_DEFAULTS, SubspaceAdamW
 from .presets import PRESETS, default_rank, make_optimizer
 from .targets import PlainRates, check_plain_rates, hidden_matrices, plain_rates, resolve_rank
 
@@ -88,6 +89,7 @@ class Request:
     plain_lr: float | None
     plain_weight_decay: float | None
     plain_state_dtype: str | None = None
+    sharded: bool = False
 
     @property
     def split(self) -> dict[str, Any]:
@@ -100,10 +102,15 @@ class Request:
 
 # ---------------------------------------------------------------------------------------- the builders
 def _build_preset(r: Request) -> torch.optim.Optimizer:
+    cls: Callable[..., SubspaceAdamW] = SubspaceAdamW
+    if r.sharded:  # each projected matrix stepped by one owner rank (the replicated step's numbers, bit for bit)
+        from .distributed import FSDPSubspaceAdamW
+        cls = functools.partial(FSDPSubspaceAdamW, owners=True)
     return make_optimizer(r.model, r.name, lr=r.lr, rank=r.rank, update_interval=r.update_interval, targets=r.targets,
-                          weight_decay=r.weight_decay, betas=r.betas, eps=1e-6 if r.eps is None else r.eps,
+                          cls=cls, weight_decay=r.weight_decay, betas=r.betas, eps=1e-6 if r.eps is None else r.eps,
                           seed=r.seed, state_dtype=r.state_dtype, stochastic_rounding=r.stochastic_rounding,
-                          plain_state_dtype=r.plain_state_dtype, **r.split, **(r.options if PRESETS[r.name] is not None else {}))
+                          plain_state_dtype=r.plain_state_dtype, **r.split,
+                          **(r.options if PRESETS[r.name] is not None else {}))
 
 
 def _build_adamw_torch(r: Request) -> torch.optim.Optimizer:
@@ -318,8 +325,13 @@ def build(name: str, model: nn.Module, *, lr: float = 1e-3, betas: tuple[float, 
           targets: str | Iterable[str] = "all-linear", options: dict[str, Any] | None = None, seed: int = 0,
           state_dtype: str = "float32", stochastic_rounding: bool = False, sketch: str | None = None,
           sketch_rank: float | int = 0.125, eps: float | None = None, plain_lr: float | None = None,
-          plain_weight_decay: float | None = None, plain_state_dtype: str | None = None) -> torch.optim.Optimizer:
+          plain_weight_decay: float | None = None, plain_state_dtype: str | None = None,
+          sharded: bool = False) -> torch.optim.Optimizer:
     """The optimizer ``name`` (a key of :data:`ENTRIES`) over ``model``'s trainable parameters.
+
+    ``sharded``: ``model`` is sharded with FSDP2 (``fully_shard``); the presets are then built as
+    :class:`grassopt.distributed.FSDPSubspaceAdamW` with ``owners=True`` (``adamw-torch`` steps DTensors as it
+    is; the other kinds are refused).
 
     ``rank``, ``update_interval`` and ``targets`` are those of :func:`grassopt.param_groups` (``zo``:
     the rank of its perturbations, 8 by default); ``options`` are the preset's own settings (subspace
@@ -342,7 +354,11 @@ def build(name: str, model: nn.Module, *, lr: float = 1e-3, betas: tuple[float, 
     entry = ENTRIES[name]
     r = Request(name, model, lr, betas, weight_decay, rank, update_interval,
                 [targets] if isinstance(targets, str) else list(targets), dict(options or {}), seed, state_dtype,
-                stochastic_rounding, sketch, sketch_rank, eps, plain_lr, plain_weight_decay, plain_state_dtype)
+                stochastic_rounding, sketch, sketch_rank, eps, plain_lr, plain_weight_decay, plain_state_dtype,
+                sharded)
+    if sharded and entry.family not in ("subspace", "torch"):
+        raise ValueError(f"{name!r} does not run on a model sharded with FSDP2; use one of grassopt's presets or "
+                         "adamw-torch, or data parallel (DDP) without --fsdp")
     _check_eps_and_options(entry, r)
     assert entry.build is not None, name
     return entry.build(r)

@@ -241,6 +241,19 @@ class Checkpointer:
     def exists(self) -> bool:
         return self.path.is_file()
 
+    def model_state(self, model: torch.nn.Module) -> dict[str, Any]:
+        """What a checkpoint holds of ``model`` (its ``state_dict``; the sharded checkpointer's: the shards)."""
+        return model.state_dict()
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> Any:
+        return optimizer.state_dict()
+
+    def load_model(self, model: torch.nn.Module, ckpt: dict[str, Any]) -> None:
+        model.load_state_dict(ckpt["model"])
+
+    def load_optimizer(self, optimizer: torch.optim.Optimizer, ckpt: dict[str, Any]) -> None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+
     def save(self, state: dict[str, Any], rng: dict[str, Any] | None = None) -> None:
         """Write ``state`` (model, optimizer, ... and counters) with the format, kind and random states
         (``rng``: states captured earlier with :func:`rng_state`; default: the current ones). Only the

@@ -155,8 +155,8 @@ class Loop:
             raise CheckpointError(f"the data changed since {self.folder.checkpointer.path} was written "
                                   f"({'; '.join(diffs)}); resume with the data it was trained on, or start a new run "
                                   "(--overwrite, or another --out)")
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.folder.checkpointer.load_model(self.model, ckpt)
+        self.folder.checkpointer.load_optimizer(self.optimizer, ckpt)
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.sampler.load_state_dict(ckpt["sampler"])
         self.folder.checkpointer.restore_rng(ckpt)
@@ -167,9 +167,10 @@ class Loop:
     def checkpoint(self, before: dict[str, Any] | None = None) -> None:
         """Save the run as it stands; ``before``: the sampler and random states of the start of a step
         that changed nothing (see the module doc)."""
-        self.folder.checkpointer.save({
-            "config": self.config, "step": self.step, "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        ck = self.folder.checkpointer
+        ck.save({
+            "config": self.config, "step": self.step, "model": ck.model_state(self.model),
+            "optimizer": ck.optimizer_state(self.optimizer), "scheduler": self.scheduler.state_dict(),
             "sampler": before["sampler"] if before else self.sampler.state_dict(), "train_time": self.train_time,
             **({"data": self.data} if self.data is not None else {}), **self.counters},
             rng=before["rng"] if before else None)

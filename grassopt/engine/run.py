@@ -36,7 +36,7 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -95,13 +95,19 @@ class RunFolder:
     """
 
     def __init__(self, path: str | os.PathLike, *, main_process: bool = True, kind: str | None = None,
-                 device: Any = None, ignore: Iterable[str] = (), defaults: dict[str, Any] | None = None):
+                 device: Any = None, ignore: Iterable[str] = (), defaults: dict[str, Any] | None = None,
+                 sharded: bool = False):
         self.path = Path(path)
         self.main_process = main_process
         self.ignore = frozenset(ignore)
         self.defaults = dict(defaults or {})
-        self.checkpointer = Checkpointer(self.path / "checkpoint.pt", kind=kind, device=device,
-                                         main_process=main_process)
+        self.checkpointer: Checkpointer
+        if sharded:  # FSDP2: torch.distributed.checkpoint, every rank writing its shards
+            from .sharded import ShardedCheckpointer
+            self.checkpointer = ShardedCheckpointer(self.path, kind=kind, device=device, main_process=main_process)
+        else:
+            self.checkpointer = Checkpointer(self.path / "checkpoint.pt", kind=kind, device=device,
+                                             main_process=main_process)
         self._lock: Any = None
         self._created: Path | None = None  # the topmost folder acquire() created (removed again if left empty)
         self._replace = False  # overwrite: move the old run aside when this one starts writing
@@ -112,22 +118,32 @@ class RunFolder:
         return self.path / "metrics.jsonl"
 
     # -------------------------------------------------------------- starting and resuming
-    def open(self, resume: bool, config: dict[str, Any], overwrite: bool = False) -> dict[str, Any] | None:
+    def open(self, resume: bool, config: dict[str, Any], overwrite: bool = False,
+             saved_config: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> dict[str, Any] | None:
         """Start using the folder (see the module doc): lock it, clean stale temporary files, then with
         ``resume`` load the checkpoint and check that ``config`` matches the one it was written with
-        (returns the checkpoint); without, refuse a folder that holds a checkpoint unless ``overwrite``
-        (returns None). On an error the lock is released again."""
+        (``saved_config(checkpoint)``, when given, is that config as this run reads it, e.g. a per-process
+        setting of a run resumed by another number of processes; returns the checkpoint); without, refuse
+        a folder that holds a checkpoint unless ``overwrite`` (returns None). On an error the lock is
+        released again."""
         self.acquire()
         try:
             self.clean_stale_files()
             if resume:
+                other = None if self.checkpointer.exists() else self.held_checkpoint()
+                if other is not None:  # the other layout: a run with (or without) --fsdp
+                    sharded = other == "checkpoint.dcp"
+                    raise CheckpointError(
+                        f"{self.path} holds {other}, the checkpoint of a run {'with' if sharded else 'without'} "
+                        f"--fsdp; resume it {'with' if sharded else 'without'} --fsdp (the other settings as they were)")
                 ckpt = self.checkpointer.load()
-                self.check_resume(ckpt["config"], config)
+                self.check_resume(saved_config(ckpt) if saved_config else ckpt["config"], config)
                 return ckpt
-            if self.checkpointer.exists() and self.main_process:
+            held = self.held_checkpoint()
+            if held is not None and self.main_process:
                 if not overwrite:
                     raise RunFolderError(
-                        f"{self.path} holds the checkpoint of another run ({self.checkpointer.path.name}); continue "
+                        f"{self.path} holds the checkpoint of another run ({held}); continue "
                         "it with --resume, start over with --overwrite (the old run is then moved to "
                         f"{self.path}/previous-<time>/), or choose another --out folder")
                 self._replace = True
@@ -135,6 +151,16 @@ class RunFolder:
         except BaseException:
             self.close()
             raise
+
+    def held_checkpoint(self) -> str | None:
+        """The name of the checkpoint the folder holds, of either layout (``checkpoint.pt``, or an FSDP2 run's
+        ``checkpoint.dcp``), or None: a run of one layout never starts over the other's."""
+        if self.checkpointer.exists():
+            return self.checkpointer.path.name
+        for name in ("checkpoint.pt", "checkpoint.dcp"):
+            if (self.path / name).is_file() or (self.path / name).is_symlink():
+                return name
+        return None
 
     def acquire(self) -> None:
         """Take the folder's exclusive lock (main process only; a no-op where ``fcntl`` is missing)."""
@@ -206,10 +232,14 @@ class RunFolder:
         safe while holding the lock: nobody else is writing then. Returns what was removed."""
         if not self.main_process or not self.path.is_dir():
             return []
-        stale = sorted(self.path.glob(".ckpt-*.tmp"))
+        from .sharded import stale_paths
+        stale = sorted([*self.path.glob(".ckpt-*.tmp"), *stale_paths(self.path)])
         for p in stale:
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
+            if p.is_dir() and not p.is_symlink():  # a sharded checkpoint's folder
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
         return stale
 
     def check_resume(self, saved: dict[str, Any], config: dict[str, Any]) -> None:
@@ -247,7 +277,7 @@ class RunFolder:
         while dest.exists():
             dest, n = self.path / f"previous-{stamp}-{n}", n + 1
         dest.mkdir()
-        for p in sorted(old, key=lambda q: q.name.startswith("checkpoint.pt")):  # the checkpoint last
+        for p in sorted(old, key=lambda q: q.name.startswith(("checkpoint.pt", "checkpoint.dcp"))):  # the checkpoint last
             os.replace(p, dest / p.name)
         print(f"{self.path}: the previous run (checkpoint, metrics, ...) was moved to {dest}", file=sys.stderr)
         self.prune_previous(keep=dest)

@@ -8,10 +8,17 @@ in everything the config says: run control, schedule, the checkpoint to continue
 Wrap-up (:meth:`Session.finish`): the summary written, the plot drawn, a line on an interruption,
 and a non-finite loss raised as :class:`~grassopt.engine.step.NonFiniteLossError` once the last good
 checkpoint and the summary are on disk. The folder is released however the run ends.
+
+Restarts: a process that ``torchrun --max-restarts`` started again (``TORCHELASTIC_RESTART_COUNT`` > 0) in a
+folder holding a checkpoint continues from it, as with ``resume`` (the same command line restarts the
+job, and the config check still applies), so a rank killed mid-run costs only the steps since the last
+checkpoint: the run ends as an uninterrupted one with the same checkpoint steps would.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -25,7 +32,7 @@ from .loop import Loop, LoopResult, default_device, dist_info, lr_factor
 from .run import RunFolder
 from .step import NonFiniteLossError
 
-__all__ = ["Session", "run_session"]
+__all__ = ["Session", "run_session", "torchrun_restart"]
 
 T = TypeVar("T")
 
@@ -81,11 +88,23 @@ class Session:
         return summary
 
 
+def torchrun_restart() -> int:
+    """How often ``torchrun`` (``--max-restarts``) has restarted this job's processes (0: the first start, or
+    no ``torchrun``)."""
+    try:
+        return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    except ValueError:
+        return 0
+
+
 def run_session(cfg: Any, body: Callable[[Session], T], *, kind: str | None = None,
-                prepare: Callable[[], object] | None = None) -> T:
+                prepare: Callable[[], object] | None = None, sharded: bool = False,
+                saved_config: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> T:
     """Set up the run of ``cfg`` (see the module doc), call ``body(session)`` and return what it returns;
     the run folder stays locked until then, however it ends. ``kind`` names the run's checkpoints;
-    ``prepare()`` runs before the folder is opened (to fail early, or to make a checkpoint loadable)."""
+    ``prepare()`` runs before the folder is opened (to fail early, or to make a checkpoint loadable);
+    ``sharded``: the run's checkpoints are sharded (FSDP2: :class:`grassopt.engine.sharded.ShardedCheckpointer`);
+    ``saved_config``: :meth:`grassopt.engine.run.RunFolder.open`'s."""
     cfg.validate()
     started = time.perf_counter()
     rank, world = dist_info()
@@ -93,9 +112,15 @@ def run_session(cfg: Any, body: Callable[[Session], T], *, kind: str | None = No
         torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device or default_device())
     folder = RunFolder(cfg.out, main_process=rank == 0, kind=kind, device=device, ignore=cfg.RUN_CONTROL,
-                       defaults=cfg.defaults())
+                       defaults=cfg.defaults(), sharded=sharded)
+    restart = torchrun_restart()
+    if restart and not cfg.resume and folder.held_checkpoint() is not None:  # this job's own checkpoint
+        cfg = dataclasses.replace(cfg, resume=True, overwrite=False)
+        if rank == 0:
+            print(f"{cfg.out}: restart {restart} of this torchrun job: continuing from the folder's last checkpoint",
+                  file=sys.stderr)
     if prepare is not None:
         prepare()
-    ckpt = folder.open(cfg.resume, cfg.to_dict(), overwrite=cfg.overwrite)
+    ckpt = folder.open(cfg.resume, cfg.to_dict(), overwrite=cfg.overwrite, saved_config=saved_config)
     with folder:  # the folder stays locked until the run ends, however it ends
         return body(Session(cfg, folder, ckpt, device, rank, world, started))

@@ -38,9 +38,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._dtensor import is_dtensor
+from ..distributed import fsdp_gradient_sync
 from ..layerwise import clip_grad_norm_per_parameter_
 
 __all__ = ["TrainStep", "StepResult", "NonFiniteLossError", "call_hooks"]
+
+
+def _local(t: Tensor) -> Tensor:
+    """This rank's shard of an FSDP2 (DTensor) gradient, or the tensor itself."""
+    return t.to_local() if is_dtensor(t) else t
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -80,13 +87,18 @@ class TrainStep:
         autocast: keyword arguments of ``torch.autocast`` for the forward passes.
         sketched: the model carries sketched layers of the estimator (advance them after each step).
         hooks: objects whose ``after_backward(index, model, optimizer)`` runs before clipping.
+        fsdp: ``model`` is sharded with FSDP2 (``fully_shard``): the micro-batches of a step but the last skip
+            the gradients' reduce-scatter, and the gradients are checked on every rank before the step (all
+            ranks then stop at the same step).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable[[nn.Module, Any], Tensor],
                  *, ddp_model: nn.Module | None = None, updater: Any = None, clip: float = 0.0,
                  clip_mode: str = "global", autocast: dict[str, Any] | None = None, sketched: bool = False,
-                 hooks: Sequence[Any] = ()):
+                 hooks: Sequence[Any] = (), fsdp: bool = False):
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.fsdp = fsdp
+        self.distributed = ddp_model is not None or fsdp  # a check's verdict is agreed by every rank
         self.ddp_model = ddp_model
         self.updater = updater
         self.clip, self.clip_mode = clip, clip_mode
@@ -132,6 +144,8 @@ class TrainStep:
                 sync = self.updater.accumulate(enabled=not last)
             elif self.ddp_model is not None and not last:
                 sync = self.ddp_model.no_sync()  # type: ignore[operator]  # (the DDP wrapper's)
+            elif self.fsdp and not last:
+                sync = fsdp_gradient_sync(self.model, False)
             else:
                 sync = contextlib.nullcontext()
             with sync:
@@ -149,6 +163,8 @@ class TrainStep:
         elif self.clip > 0:
             norms = clip_grad_norm_per_parameter_(self.params, self.clip)
             grad_norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else None
+        if grad_norm is not None and is_dtensor(grad_norm):  # FSDP2: the norm of sharded gradients, on every rank
+            grad_norm = grad_norm.full_tensor()
         if grad_norm is not None:
             self._check_finite(grad_norm, "gradient norm", index)
         elif not self._optimizer_checks_gradients():
@@ -161,6 +177,8 @@ class TrainStep:
         """Whether the optimizer refuses a non-finite gradient itself, before changing anything (grassopt's
         :class:`~grassopt.SubspaceAdamW` with ``check_finite`` on in every group)."""
         from ..optimizer import SubspaceAdamW
+        if self.fsdp:  # each rank sees its shards: the check here makes every rank agree
+            return False
         return isinstance(self.optimizer, SubspaceAdamW) and all(
             g.get("check_finite") is True for g in self.optimizer.param_groups)
 
@@ -169,9 +187,9 @@ class TrainStep:
         named = [(n, p.grad) for n, p in self.model.named_parameters() if p.requires_grad and p.grad is not None]
         if not named:
             return
-        finite = torch.stack([torch.isfinite(g.detach()).all() for _, g in named])
+        finite = torch.stack([torch.isfinite(_local(g.detach())).all() for _, g in named])
         ok = finite.all()
-        if self.ddp_model is not None:  # every rank stops at the same step
+        if self.distributed:  # every rank stops at the same step
             flag = ok.to(torch.int32).reshape(1)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
             ok = flag[0] > 0
@@ -185,7 +203,7 @@ class TrainStep:
     def _check_finite(self, value: Tensor, what: str, index: int) -> None:
         """Raise :class:`NonFiniteLossError` (gradients released) if ``value`` is not finite on any rank."""
         ok = torch.isfinite(value.detach()).all()
-        if self.ddp_model is not None:  # every rank stops at the same step
+        if self.distributed:  # every rank stops at the same step
             flag = ok.to(torch.int32).reshape(1)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
             ok = flag[0] > 0

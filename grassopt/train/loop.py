@@ -23,7 +23,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from .. import references, registry
+from .. import distributed, references, registry
 from ..engine import (CheckpointError, LoopResult, TrainStep, call_hooks, default_device, load_checkpoint, lr_factor,
                       save_checkpoint)
 from ..engine import config_differences as _differences
@@ -110,6 +110,12 @@ class TrainConfig(RunConfig):
         False, "record, for every projected matrix, the share of the next gradients' energy its basis captures, "
                "averaged over each interval between basis updates, and the angles each update turns (analysis.jsonl, "
                "capture_next.png; one extra Q^T X product per matrix and step)", group="output", run_control=True)
+    fsdp: bool = setting(
+        False, "shard the model with FSDP2 (torch's fully_shard: each decoder block, then the rest) over the "
+               "processes of torchrun (or one process): weights, gradients and AdamW state are split across the "
+               "ranks, a projected matrix is gathered at its step (grassopt.distributed.FSDPSubspaceAdamW); "
+               "checkpoints are sharded (torch.distributed.checkpoint: checkpoint.dcp/, every rank writes its "
+               "shards) and resume at this or another number of processes")
     param_dtype: str = setting(
         "float32", "dtype of the parameters (optimizer state stays float32); int8: the weights of the projected "
                    "linear layers (--targets) as int8 codes with a float32 scale per block of 256 (grassopt.qlinear), "
@@ -218,6 +224,8 @@ class TrainConfig(RunConfig):
                 "layerwise=True cannot clip by the global gradient norm: each parameter is stepped and its "
                 "gradient freed during backward, before the later gradients exist. Use clip_mode='per-parameter' "
                 "(--clip-mode per-parameter) or clip=0 (--clip 0)")
+        if self.fsdp:
+            self._validate_fsdp()
         if self.sketch is not None:
             from ..sketch.laws import check_law
             check_law(self.sketch)
@@ -229,6 +237,33 @@ class TrainConfig(RunConfig):
                 not (0 < r < 1 or (1 <= r < math.inf and float(r).is_integer()))):
             raise ValueError(f"sketch_rank={r!r} must be a fraction of in_features in (0, 1) or an integer >= 1")
 
+
+    def _validate_fsdp(self) -> None:
+        if self.preset not in PRESETS and self.preset != "adamw-torch":
+            raise ValueError(f"fsdp=True steps grassopt's presets and adamw-torch on a sharded model; {self.preset!r} "
+                             "does not run on one (run it without --fsdp, with DDP under torchrun)")
+        if self.layerwise:
+            raise ValueError(
+                "layerwise=True does not run with fsdp=True: FSDP2 reduce-scatters a block's gradients after that "
+                "block's whole backward and frees the unsharded ones itself, while grassopt.layerwise steps each "
+                "gradient from a hook as it completes (DDP's buckets); drop --layerwise (FSDP2 already keeps only "
+                "sharded gradients) or --fsdp")
+        plain = self.plain_state_dtype or self.state_dtype
+        if plain.startswith("factored"):
+            raise ValueError(
+                f"fsdp=True steps the plain parameters (embedding, head, norms) on each rank's shard, and the "
+                f"{plain!r} moments keep row and column statistics of whole matrices; use --plain-state-dtype "
+                "float32, bfloat16, int8 or no-m with --fsdp")
+        if self.sketch is not None:
+            raise ValueError(f"sketch={self.sketch!r} replaces the covered layers, which fsdp=True does not shard; "
+                             "run the estimator without --fsdp")
+        if self.subspace_quality:
+            raise ValueError("subspace_quality=True reads whole gradients after backward, which fsdp=True shards; "
+                             "measure it without --fsdp")
+        if self.param_dtype in INT8_COMPUTE:
+            raise ValueError(f"param_dtype={self.param_dtype!r} keeps int8 codes in grassopt.qlinear layers, which "
+                             "fsdp=True does not shard; use --param-dtype bfloat16 (with --stochastic-rounding) with "
+                             "--fsdp, or int8 weights with DDP")
 
     def _check_int8(self) -> None:
         """int8 weights are written by grassopt's optimizers alone, and read only through their codes."""
@@ -280,13 +315,14 @@ def sketch_model(model: nn.Module, cfg: TrainConfig) -> bool:
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """The optimizer named by ``cfg.preset`` for ``model`` (:func:`grassopt.registry.build`; for ``rso``,
-    this also sketches ``model``)."""
+    this also sketches ``model``; with ``cfg.fsdp``, ``model`` is sharded and the presets are
+    :class:`grassopt.distributed.FSDPSubspaceAdamW`)."""
     return registry.build(cfg.preset, model, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
                           rank=cfg.rank, update_interval=cfg.update_interval, targets=cfg.targets,
                           options=cfg.options, seed=cfg.seed, state_dtype=cfg.state_dtype,
                           stochastic_rounding=cfg.stochastic_rounding, sketch=cfg.sketch, sketch_rank=cfg.sketch_rank,
                           plain_lr=cfg.plain_lr, plain_weight_decay=cfg.plain_weight_decay,
-                          plain_state_dtype=cfg.plain_state_dtype)
+                          plain_state_dtype=cfg.plain_state_dtype, sharded=cfg.fsdp)
 
 
 #: Bytes of any optimizer's state tensors (:func:`grassopt.registry.state_bytes`).
@@ -309,20 +345,32 @@ def data_fingerprint(dataset: data_mod.TokenizedCorpus) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------- evaluation
 @torch.no_grad()
 def evaluate(model: nn.Module, tokens, batch_size: int, seq_len: int, device, bf16: bool = False,
-             rank: int = 0, world: int = 1) -> tuple[float, int]:
-    """Exact mean token loss over the whole token stream (every predicted token counted once)."""
+             rank: int = 0, world: int = 1, lockstep: bool = False) -> tuple[float, int]:
+    """Exact mean token loss over the whole token stream (every predicted token counted once), the batches
+    shared out over ``world`` ranks. ``lockstep`` (FSDP2, whose forward passes are collectives): every rank
+    runs the same number of forward passes (one with fewer batches repeats its last, uncounted)."""
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.float64, device=device)
+    autocast: dict[str, Any] = dict(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
     try:
+        mine, last = 0, None
         for i, (x, y) in enumerate(data_mod.iter_eval_batches(tokens, batch_size, seq_len, device=device)):
             if i % world != rank:
                 continue
-            with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            with torch.autocast(**autocast):
                 _, loss = model(x, y, reduction="sum")
             total += loss.double()
             count += y.numel()
+            mine, last = mine + 1, (x, y)
+        n = data_mod.num_eval_batches(len(tokens), batch_size, seq_len)
+        if lockstep and n and last is None:
+            last = next(data_mod.iter_eval_batches(tokens, batch_size, seq_len, device=device))
+        if lockstep and last is not None:
+            for _ in range(-(-n // world) - mine):
+                with torch.autocast(**autocast):
+                    model(*last, reduction="sum")
         if world > 1:
             torch.distributed.all_reduce(total)
             torch.distributed.all_reduce(count)
@@ -359,7 +407,24 @@ def train(cfg: TrainConfig, dataset: data_mod.TokenizedCorpus | None = None,
         if cfg.resume:
             references.prepare_resume(cfg.preset)  # torchao's state tensors must be known to weights_only loading
 
-    return run_session(cfg, lambda session: _train(session, dataset, hooks), prepare=prepare)
+    if not cfg.fsdp:
+        return run_session(cfg, lambda session: _train(session, dataset, hooks), prepare=prepare)
+    cfg.validate()  # (before the device names a backend)
+    with distributed.process_group_of_one(cfg.device or default_device()):  # FSDP2 in one process too
+        return run_session(cfg, lambda session: _train(session, dataset, hooks), prepare=prepare, sharded=True,
+                           saved_config=_per_process_batch)
+
+
+def _per_process_batch(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """The saved config as a run resumed by another number of processes reads it: ``batch_size`` (sequences
+    per process) may change with the world size if the global batch (``batch_size`` x processes) stays the
+    same; the run then draws exactly the batches it would have drawn."""
+    saved, world = dict(ckpt["config"]), distributed.rank_and_world()[1]
+    saved_world = int(ckpt.get("world_size", world))
+    batch = saved.get("batch_size")
+    if saved_world != world and isinstance(batch, int) and (batch * saved_world) % world == 0:
+        saved["batch_size"] = batch * saved_world // world
+    return saved
 
 
 @dataclass
@@ -387,11 +452,13 @@ def _build(cfg: TrainConfig, session: Session, dataset: data_mod.TokenizedCorpus
                          "each gradient is stepped and freed inside backward; run it without layerwise")
     model = build_model(cfg, dataset.vocab_size, device)
     sketched = sketch_model(model, cfg)  # the estimator: W.grad = G P P^T, a fresh P every step
+    if cfg.fsdp:
+        distributed.shard_model(model, model.layers, device)
     opt = build_optimizer(model, cfg)  # (rso sketches the model here)
     if getattr(opt, "zeroth_order", False) and world > 1:
         raise ValueError(f"preset {cfg.preset!r} (forward-only) does not support data parallelism; run one process")
     ddp_model = None
-    if world > 1:  # after sketching: DDP sees the final parameters (B for rso)
+    if world > 1 and not cfg.fsdp:  # after sketching: DDP sees the final parameters (B for rso)
         # int8 weights (grassopt.qlinear) are not broadcast: their parameters hold no values, and every rank
         # builds the same codes from the same seed and writes the same updates (seeded rounding generators)
         int8 = cfg.param_dtype in INT8_COMPUTE
@@ -404,7 +471,7 @@ def _build(cfg: TrainConfig, session: Session, dataset: data_mod.TokenizedCorpus
     sampler = data_mod.BatchSampler(dataset.train, cfg.batch_size * world, cfg.seq_len, seed=cfg.seed)
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     step = TrainStep(model, opt, _lm_loss, ddp_model=ddp_model, updater=updater, clip=cfg.clip,
-                     clip_mode=cfg.clip_mode, autocast=autocast, sketched=sketched, hooks=hooks)
+                     clip_mode=cfg.clip_mode, autocast=autocast, sketched=sketched, hooks=hooks, fsdp=cfg.fsdp)
     return _Run(dataset, model, opt, step, sampler, sketched)
 
 
@@ -421,10 +488,14 @@ def _train(session: Session, dataset: data_mod.TokenizedCorpus | None, hooks: li
 
     def run_eval() -> dict[str, Any]:
         val = dataset.val if cfg.eval_tokens is None else dataset.val[:cfg.eval_tokens + 1]
-        loss, count = evaluate(model, val, cfg.eval_batch_size, cfg.seq_len, device, cfg.bf16, rank, world)
+        loss, count = evaluate(model, val, cfg.eval_batch_size, cfg.seq_len, device, cfg.bf16, rank, world,
+                               lockstep=cfg.fsdp)
         return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 700)), "eval_tokens": count}
 
     total = cfg.total_steps(world)
+    saved_world = (session.checkpoint or {}).get("world_size", world)
+    if saved_world != world:  # a sharded run resumed by another number of processes: the sampler goes on
+        session.checkpoint["sampler"]["batch_size"] = sampler.batch_size  # type: ignore[index]  # (its global batch)
     loop = session.loop(model=model, optimizer=run.optimizer,
                         scheduler=session.scheduler(run.optimizer, total, cfg.warmup_steps(world)),
                         sampler=sampler, step=run.step, next_batch=next_batch, grad_accum=cfg.grad_accum, total=total,
