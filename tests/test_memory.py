@@ -449,7 +449,7 @@ def test_fsdp_per_rank_bytes_shard_what_fsdp_shards_and_keep_the_projected_state
     assert {k: one[k] for k in ("weights", "gradients", "bases", "moments", "other", "activations")} == \
         {k: whole[k] for k in ("weights", "gradients", "bases", "moments", "other", "activations")}
     assert one["transient"] == 0 and one["total"] == whole["total"]
-    eight = est.per_rank(8)
+    eight = est.per_rank(8, owners=False)
     assert eight["weights"] == sum(-(-p.weights // 8) for p in est.params)
     projected = sum(p.bases + p.moments + p.other for p in est.params if p.kind == "projected")
     plain = sum(p.bases + p.moments + p.other for p in est.params if p.kind == "plain")
@@ -458,9 +458,17 @@ def test_fsdp_per_rank_bytes_shard_what_fsdp_shards_and_keep_the_projected_state
     block = sum(p.weights for p in est.params if p.name.startswith("layers.0."))
     root = sum(p.weights for p in est.params if not p.name.startswith("layers."))
     assert eight["transient"] == root + 2 * block
+    # with owners (grassopt train --fsdp): each projected matrix's state on one rank, balanced by the cost of
+    # its basis update; the fullest rank holds about 1/8 of it, and gathers its owned matrices whole
+    owned = est.per_rank(8)
+    plain_share = eight["states"] - projected
+    assert projected / 8 <= owned["states"] - plain_share <= projected / 8 * 1.3
+    proj = [p for p in est.params if p.kind == "projected"]
+    assert owned["transient"] >= sum(p.weights + p.gradients for p in proj) / 8
+    assert owned["weights"] == eight["weights"] and owned["gradients"] == eight["gradients"]
     with pytest.raises(ValueError, match="leave out --layerwise"):
         estimate("tiny", "galore", 8, layerwise=True).per_rank(2)
     assert main(["13b", "--fsdp", "--preset", "subtrack++", "--rank", "1024", "--param-dtype", "bf16",
-                 "--state-dtype", "int8", "--checkpoint-activations", "--world-size", "4", "8"]) == 0
+                 "--state-dtype", "int8", "--checkpoint-activations", "--world-size", "4", "8", "--replicated"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("subtrack++")]
     assert [r[3] for r in rows] == ["4", "8"] and [r[-2:] for r in rows] == [["no", "yes"], ["yes", "yes"]]

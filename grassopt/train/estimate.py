@@ -250,23 +250,34 @@ class Estimate:
         t["total"] = t["weights"] + t["gradients"] + t["states"] + t["activations"] + t["sketch_matrices"]
         return t
 
-    def per_rank(self, world_size: int) -> dict[str, int]:
-        """Bytes on each of ``world_size`` ranks of an FSDP2 run of this configuration (``fully_shard`` on every
-        block and at the root, each parameter split by rows): weights, gradients and the plain parameters'
-        state split ``world_size`` ways (rounded up per parameter); the projected matrices' state (bases,
-        moments) whole on every rank, as :class:`grassopt.distributed.FSDPSubspaceAdamW` holds it; the
-        activations of one rank's micro-batch; and ``transient``, what is gathered at the worst moment: the
-        root's parameters and two blocks unsharded (FSDP2's default prefetch), or one projected matrix with its
-        gradient at its step, whichever is larger (an upper bound from the shapes, not a measurement)."""
+    def per_rank(self, world_size: int, owners: bool = True) -> dict[str, int]:
+        """Bytes on the fullest of ``world_size`` ranks of an FSDP2 run of this configuration (``grassopt train
+        --fsdp``: ``fully_shard`` on every block and at the root, each parameter split by rows): weights,
+        gradients and the plain parameters' state split ``world_size`` ways (rounded up per parameter); the
+        projected matrices' state (bases, moments) held by each matrix's owner rank
+        (:func:`grassopt.distributed.assign_owners`, ``FSDPSubspaceAdamW(owners=True)``), or, with
+        ``owners=False``, whole on every rank; the activations of one rank's micro-batch; and ``transient``,
+        what is gathered at the worst moment: the root's parameters and two blocks unsharded (FSDP2's default
+        prefetch), or the matrices a rank steps, whole, with their gradients (its owned ones; without owners,
+        the largest one), whichever is larger (an upper bound from the shapes, not a measurement)."""
         if self.layerwise or self.mode is not None:
             raise ValueError("FSDP is priced without layer-wise updates and activation-saving layers: leave out "
                              "--layerwise and --activations")
         if not isinstance(world_size, int) or world_size < 1:
             raise ValueError(f"world_size={world_size!r} must be an integer >= 1")
 
+        from ..distributed import assign_owners
+        projected = [p for p in self.params if p.kind == "projected"]
+        owner = dict(zip((p.name for p in projected), assign_owners(
+            [float(p.shape[0] * p.shape[1] * min(p.shape)) for p in projected], world_size if owners else 1)))
+        mine = [{p.name for p in projected if owner[p.name] == r} for r in range(world_size if owners else 1)]
+        busiest = max(mine, key=lambda names: sum(p.bases + p.moments + p.other for p in projected if p.name in names))
+
         def share(p: ParamMemory, k: str) -> int:
             b = getattr(p, k)
-            return b if k in CATEGORIES and p.kind == "projected" else -(-b // world_size)
+            if k in CATEGORIES and p.kind == "projected":
+                return b if p.name in busiest else 0
+            return -(-b // world_size)
 
         t = {k: sum(share(p, k) for p in self.params) for k in ("weights", "gradients", *CATEGORIES)}
         t["states"] = t["bases"] + t["moments"] + t["other"]
@@ -277,8 +288,9 @@ class Estimate:
             unit[key] = unit.get(key, 0) + p.weights
         blocks = [v for k, v in unit.items() if k != "root"]
         gathered = unit.get("root", 0) + 2 * max(blocks, default=0)
-        one = max((p.weights + p.gradients for p in self.params if p.kind == "projected"), default=0)
-        t["transient"] = 0 if world_size == 1 else max(gathered, one)
+        stepped = (max(sum(p.weights + p.gradients for p in projected if p.name in names) for names in mine) if owners
+                   else max((p.weights + p.gradients for p in projected), default=0))
+        t["transient"] = 0 if world_size == 1 else max(gathered, stepped)
         t["sketch_matrices"] = self.sketch_matrices
         t["total"] = sum(t[k] for k in ("weights", "gradients", "states", "activations", "transient", "sketch_matrices"))
         return t

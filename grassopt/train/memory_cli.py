@@ -45,7 +45,7 @@ def _budget(text: str) -> float:
     return v
 
 
-def _fsdp_table(results: list, world_sizes: list[int], unit: str) -> int:
+def _fsdp_table(results: list, world_sizes: list[int], unit: str, owners: bool = True) -> int:
     """``grassopt memory --fsdp``: per preset and world size, the bytes on each rank, and whether they fit
     on devices of 24 and 80 GiB."""
     from .estimate import _human
@@ -53,8 +53,9 @@ def _fsdp_table(results: list, world_sizes: list[int], unit: str) -> int:
     first = results[0]
     print(f"{first.model}, FSDP2, weights {first.dtype}, states {first.state_dtype}, batch {first.batch_size} x "
           f"{first.seq_len} tokens per rank" + (", activation checkpointing" if first.checkpoint_activations else ""))
-    print("bytes on each rank; the projected matrices' state is whole on every rank (FSDPSubspaceAdamW); "
-          "transient: what FSDP2 or the projected step gathers at the worst moment (an upper bound)")
+    print("bytes on the fullest rank; the projected matrices' state " + ("on each one's owner rank (grassopt train "
+          "--fsdp)" if owners else "whole on every rank (--replicated)") + "; transient: what FSDP2 or the projected "
+          "step gathers at the worst moment (an upper bound)")
     print()
     w = max(len(f"{r.preset} (rank {r.rank})") for r in results)
     print(f"{'preset':<{w}}  {'ranks':>5}  " + "  ".join(f"{c:>12}" for c in cols) + f"  {'24 GiB':>6}  {'80 GiB':>6}")
@@ -62,7 +63,7 @@ def _fsdp_table(results: list, world_sizes: list[int], unit: str) -> int:
         for r in results:
             label = r.preset if r.rank is None else f"{r.preset} (rank {r.rank})"
             for n in world_sizes:
-                t = r.per_rank(n)
+                t = r.per_rank(n, owners=owners)
                 print(f"{label:<{w}}  {n:>5}  " + "  ".join(f"{_human(t[c], unit):>12}" for c in cols)
                       + "".join(f"  {'yes' if t['total'] <= g * 2**30 else 'no':>6}" for g in (24, 80)))
     except ValueError as e:
@@ -137,9 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
                          "layer's in_features (default 0.125)")
     ap.add_argument("--fsdp", action="store_true",
                     help="the bytes on each rank of an FSDP2 run (grassopt train --fsdp): weights, gradients and the "
-                         "plain state sharded, the projected state whole on every rank, plus what FSDP gathers")
+                         "plain state sharded, each projected matrix's state on its owner rank, plus what FSDP gathers")
     ap.add_argument("--world-size", type=int, nargs="+", default=[1, 2, 4, 8], metavar="N",
                     help="with --fsdp: the numbers of ranks to price (default 1 2 4 8)")
+    ap.add_argument("--replicated", action="store_true",
+                    help="with --fsdp: every rank holds and steps every projected matrix (FSDPSubspaceAdamW's "
+                         "owners=False) instead of its owner alone")
     ap.add_argument("--per-layer", action="store_true", help="also print the breakdown per layer")
     ap.add_argument("--unit", default="auto", choices=["auto", "B", "KiB", "MiB", "GiB", "KB", "MB", "GB"],
                     help="unit of the human-readable columns (default: auto, binary units)")
@@ -177,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     budget = round(args.budget * 2**30)
     if args.fsdp:
-        return _fsdp_table(results, args.world_size, args.unit)
+        return _fsdp_table(results, args.world_size, args.unit, owners=not args.replicated)
     if args.json:
         out = [{**r.to_dict(per_layer=args.per_layer), "budget_bytes": budget,
                 "fits": r.totals()["total"] <= budget} for r in results]
