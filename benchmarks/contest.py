@@ -62,6 +62,7 @@ FRONTIER: dict[str, tuple[str, list[float]]] = {
     "subtrack++ factored, no M": ("subtrack++:state_dtype=factored-no-m,plain_state_dtype=factored-no-m,"
                                   "betas=(0.0,0.999)", [3e-3, 1e-2, 3e-2]),
     "grassjump int8": ("grassjump:state_dtype=int8", [3e-3, 1e-2, 3e-2]),
+    "subtrack++ int4": ("subtrack++:state_dtype=int4", [3e-3, 1e-2, 3e-2]),
     "ref-adafactor (all)": ("ref-adafactor", [3e-2, 9e-2, 0.27]),
     "ref-scale": ("ref-scale", [1e-3, 3e-3, 1e-2]),
     "ref-scale (hidden)": ("ref-scale:rest=adamw,adamw_eps=1e-06", [1e-3, 3e-3, 1e-2]),

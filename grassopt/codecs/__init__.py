@@ -15,6 +15,7 @@ from ._base import CHUNK, Codec, Layout
 from .bfloat16 import BFloat16
 from .factored import Factored, FactoredNoM
 from .float32 import Float32
+from .int4 import Int4
 from .int8 import Int8
 from .no_m import NoM
 
@@ -28,6 +29,7 @@ CODECS: dict[str, Codec] = {
     "factored": Factored(),
     "no-m": NoM(),
     "factored-no-m": FactoredNoM(),
+    "int4": Int4(),
 }
 
 #: Every state key a codec stores (the "moments" of the memory accounting).
