@@ -159,12 +159,8 @@ def param_groups(
             no_decay.append((name, p))
         else:
             decay.append((name, p))
-    common: dict[str, Any] = {} if lr is None else {"lr": lr}
-    if state_dtype is not None:
-        common["state_dtype"] = state_dtype
-    plain = common if plain_lr is None else {**common, "lr": plain_lr}
-    if plain_state_dtype is not None:
-        plain = {**plain, "state_dtype": plain_state_dtype}
+    common = {k: v for k, v in (("lr", lr), ("state_dtype", state_dtype)) if v is not None}
+    plain = {**common, **{k: v for k, v in (("lr", plain_lr), ("state_dtype", plain_state_dtype)) if v is not None}}
     groups: list[dict[str, Any]] = []
     for r, params in proj.items():
         groups.append({"params": params, "rank": r, "weight_decay": weight_decay, **(settings or {}), **common})

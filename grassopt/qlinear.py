@@ -173,7 +173,7 @@ class Int8Linear(nn.Linear):
                              f"optimizer's chunks are aligned to it), e.g. {BLOCK}")
         self.in_features, self.out_features, self.block = in_features, out_features, block
         dtype = torch.get_default_dtype() if dtype is None else dtype
-        device = torch.device("cpu") if device is None else torch.device(device)
+        device = torch.get_default_device() if device is None else torch.device(device)  # as nn.Linear
         shape = (out_features, in_features)
         n = out_features * in_features
         self.register_buffer("codes", torch.zeros(shape, dtype=torch.int8, device=device))

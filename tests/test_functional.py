@@ -272,8 +272,8 @@ def test_loading_float32_state_into_an_int8_optimizer_is_refused():
     other = grassopt.make_optimizer(model, "galore", lr=1e-2, rank=4, state_dtype="int8")
     with pytest.raises(ValueError, match="float32 moments but its group has state_dtype='int8'"):
         other.load_state_dict(opt.state_dict())
-    with pytest.raises(ValueError, match="state_dtype='int4' must be one of"):
-        SubspaceAdamW(model.parameters(), state_dtype="int4")
+    with pytest.raises(ValueError, match="state_dtype='int3' must be one of"):
+        SubspaceAdamW(model.parameters(), state_dtype="int3")
 
 
 # ------------------------------------------------------------------------- stochastic rounding

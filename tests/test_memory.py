@@ -295,8 +295,8 @@ def test_int8_state_bytes_per_moment_tensor():
     fp32 = estimate(cfg, "subtrack++", r, "bf16").totals()
     assert t["bases"] == fp32["bases"] and t["other"] == fp32["other"] and t["moments"] < fp32["moments"] / 3.9
     assert param_state_bytes((64, 172), {"params": []}, "int8")["moments"] == 2 * (64 * 172 + 4 * 43)
-    with pytest.raises(ValueError, match="unknown state dtype 'int4'"):
-        estimate(cfg, "adamw", state_dtype="int4")
+    with pytest.raises(ValueError, match="unknown state dtype 'int3'"):
+        estimate(cfg, "adamw", state_dtype="int3")
 
 
 @pytest.mark.parametrize("preset", list(grassopt.PRESETS))
@@ -341,8 +341,8 @@ def test_cli_7b_on_24_gib(capsys):
     assert main(["7b", "--preset", "adamw", "galore", "--rank", "1024", "--layerwise", "--budget", "80"]) == 0
     assert "fits 80 GiB" in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        main(["nano", "--state-dtype", "int4"])
-    assert "invalid choice: 'int4'" in capsys.readouterr().err
+        main(["nano", "--state-dtype", "int3"])
+    assert "invalid choice: 'int3'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["nano", "--budget", "-1"])
     assert "the memory budget must be > 0 GiB" in capsys.readouterr().err
@@ -389,8 +389,8 @@ def test_plain_state_dtype_is_refused_where_it_does_not_apply():
         registry.build("adamw-torch", Llama(config("nano", vocab_size=VOCAB)), plain_state_dtype="int8")
     with pytest.raises(ValueError, match="plain_state_dtype='int8' applies to grassopt's presets, not to 'ref-muon'"):
         TrainConfig(preset="ref-muon", plain_state_dtype="int8").validate()
-    with pytest.raises(ValueError, match="plain_state_dtype='int4' must be one of"):
-        TrainConfig(plain_state_dtype="int4").validate()
+    with pytest.raises(ValueError, match="plain_state_dtype='int3' must be one of"):
+        TrainConfig(plain_state_dtype="int3").validate()
 
 
 @pytest.mark.parametrize("param_dtype, compute", [("int8", torch.bfloat16), ("int8-fp32", torch.float32)])

@@ -424,6 +424,16 @@ def _param_rows(model, opt: SubspaceAdamW, covered: dict[int, int], quantized: s
     return params
 
 
+def _own_codecs(groups: list[dict[str, Any]]) -> dict[int, str]:
+    """{id(parameter): codec} of the groups that name their own ``state_dtype`` (``plain_state_dtype``); a
+    codec without ``M`` is priced as it runs, so its group gets ``betas[0] = 0`` (in place)."""
+    for g in groups:
+        if "state_dtype" in g and CODECS[g["state_dtype"]].group_error({**g, "betas": (0.9, 0.999)}):
+            g["betas"] = (0.0, 0.999)
+    return {id(q): g["state_dtype"] for g in groups if "state_dtype" in g
+            for q in (x[1] if isinstance(x, tuple) else x for x in g["params"])}
+
+
 def estimate(config: Any, preset: str = "adamw", rank: int | str | None = None, dtype: str | torch.dtype = "fp32",
              *, batch_size: int = 1, seq_len: int | None = None, mode: str | None = None,
              sketch_rank: int | float | None = None, targets: Any = "all-linear",
@@ -485,11 +495,7 @@ def estimate(config: Any, preset: str = "adamw", rank: int | str | None = None, 
             groups = param_groups(model, preset, rank, targets=targets, **overrides)
         notes += [str(w.message) for w in caught]
         label_rank = None if PRESETS[preset] is None else (default_rank(preset) if rank is None else rank)
-    own_codec = {id(q): g["state_dtype"] for g in groups if "state_dtype" in g  # plain_state_dtype's groups
-                 for q in (x[1] if isinstance(x, tuple) else x for x in g["params"])}
-    for g in groups:  # a codec without M is priced as it runs: with beta1 = 0
-        if "state_dtype" in g and CODECS[g["state_dtype"]].group_error({**g, "betas": (0.9, 0.999)}):
-            g["betas"] = (0.0, 0.999)
+    own_codec = _own_codecs(groups)
     quantized = {id(mod.weight) for _, mod in select_targets(model, targets)} if int8 else set()
     params = _param_rows(model, _ShapesOnly(groups), covered, quantized, wsize, sdtype, own_codec)
     acts = activation_bytes(cfg, batch_size, seq_len, dtype, mode, sketch_rank,
