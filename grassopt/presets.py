@@ -185,7 +185,7 @@ def make_optimizer(model: nn.Module, preset: str = "subtrack++", lr: float = 1e-
                    weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-6, seed: int = 0,
                    state_dtype: str = "float32", stochastic_rounding: bool = False, fused: bool | None = None,
                    check_finite: bool = True, plain_lr: float | None = None, plain_weight_decay: float | None = None,
-                   plain_state_dtype: str | None = None, **overrides: Any) -> SubspaceAdamW:
+                   plain_state_dtype: str | None = None, compile: bool = False, **overrides: Any) -> SubspaceAdamW:
     """``SubspaceAdamW(param_groups(model, preset, ...), lr=lr, ...)`` in one call (``plain_lr``,
     ``plain_weight_decay``, ``plain_state_dtype``: the plain group's own rate, decay and moment format, see
     :func:`param_groups`)."""
@@ -194,4 +194,4 @@ def make_optimizer(model: nn.Module, preset: str = "subtrack++", lr: float = 1e-
                           plain_state_dtype=plain_state_dtype, **overrides)
     return SubspaceAdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, seed=seed,
                          state_dtype=state_dtype, stochastic_rounding=stochastic_rounding, fused=fused,
-                         check_finite=check_finite)
+                         check_finite=check_finite, compile=compile)
