@@ -63,10 +63,11 @@ def unavailable(device: torch.device) -> str | None:
 
 # ------------------------------------------------------------------------------------- the kernels
 def _moments(g: Tensor, m: Tensor, v: Tensor, hp: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Adam's moments and ``N = M / (sqrt(V) + eps)``; ``hp[:3] = (b1, b2, eps)``."""
-    b1, b2 = hp[0], hp[1]
-    m = m + (1 - b1) * (g - m)
-    v = v * b2 + (1 - b2) * (g * g)
+    """Adam's moments and ``N = M / (sqrt(V) + eps)``; ``hp[:3] = (1 - b1, b2, eps)``, ``hp[-1] = 1 - b2`` (as the
+    eager step rounds them: ``M`` is bit for bit torch's fused kernel's, ``V`` within an ulp: the kernel fuses
+    a multiply-add)."""
+    m = torch.lerp(m, g, hp[0])
+    v = v * hp[1] + hp[-1] * g * g
     return m, v, m / (v.sqrt() + hp[2])
 
 
@@ -102,7 +103,7 @@ def _write_(p: Tensor, w: Tensor, noise: Tensor | None) -> None:
 def plain_int8_(p: Tensor, g: Tensor, mc: Tensor, ms: Tensor, vc: Tensor, vs: Tensor, hp: Tensor,
                 noise: Tensor | None) -> None:
     """One AdamW step of a parameter with int8 moments, all ``(n / BLOCK, BLOCK)`` views;
-    ``hp = (b1, b2, eps, lr sqrt(1 - b2^t) / (1 - b1^t), 1 - lr wd)``."""
+    ``hp = (1 - b1, b2, eps, lr sqrt(1 - b2^t) / (1 - b1^t), 1 - lr wd, 1 - b2)``."""
     m, v = _decode_int8(mc, ms, vc, vs)
     m, v, n = _moments(g.float(), m, v, hp)
     _write_(p, (p.float() - hp[3] * n) * hp[4], noise)
@@ -118,7 +119,7 @@ def plain_dense_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, hp: Tensor, noise: 
 
 
 def direction_int8(rt: Tensor, mc: Tensor, ms: Tensor, vc: Tensor, vs: Tensor, hp: Tensor) -> Tensor:
-    """``scale * N`` of a projected matrix with int8 moments (moments updated); ``hp = (b1, b2, eps, scale)``."""
+    """``scale * N`` of a projected matrix with int8 moments (moments updated); ``hp = (1 - b1, b2, eps, scale, 1 - b2)``."""
     m, v = _decode_int8(mc, ms, vc, vs)
     m, v, n = _moments(rt, m, v, hp)
     _encode_int8_(mc, ms, vc, vs, m, v)
@@ -212,7 +213,7 @@ def adam_tensor_(kernels: Kernels, p: Tensor, g: Tensor, st: dict, step: int, *,
     if (generator is not None and p.dtype != torch.bfloat16) or not kernels.usable(p.device):
         return False
     b1, b2 = betas
-    hp = torch.tensor([b1, b2, eps, lr * math.sqrt(1 - b2**step) / (1 - b1**step), 1 - lr * weight_decay],
+    hp = torch.tensor([1 - b1, b2, eps, lr * math.sqrt(1 - b2**step) / (1 - b1**step), 1 - lr * weight_decay, 1 - b2],
                       dtype=torch.float32, device=p.device)
     noise = None if generator is None else torch.randint(0, 1 << 16, (n,), dtype=torch.int32, device=p.device,
                                                          generator=generator)
@@ -230,7 +231,7 @@ def direction_(kernels: Kernels, rt: Tensor, st: dict, *, betas: tuple[float, fl
     """``scale * N`` of a projected matrix with int8 moments, compiled; None when it cannot be."""
     if not (_int8_ready(codec, st, rt.numel()) and rt.is_contiguous() and kernels.usable(rt.device)):
         return None
-    hp = torch.tensor([betas[0], betas[1], eps, scale], dtype=torch.float32, device=rt.device)
+    hp = torch.tensor([1 - betas[0], betas[1], eps, scale, 1 - betas[1]], dtype=torch.float32, device=rt.device)
     ok, out = kernels.run(direction_int8, rt.view(-1, BLOCK), st["exp_avg"].view(-1, BLOCK), st["exp_avg_scale"],
                           st["exp_avg_sq"].view(-1, BLOCK), st["exp_avg_sq_scale"], hp)
     return out.view(rt.shape) if ok else None
