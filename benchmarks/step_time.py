@@ -272,7 +272,7 @@ def compiled_lines(by: dict, floor: float, fused: float | None) -> list[str]:
         eager = by.get(label[:-len(c)]) if label.endswith(c) else None
         if eager is not None:
             warm, saved = row["first_s"] - eager["first_s"], eager["median_ms"] - row["median_ms"]
-            pays = f"{1e3 * warm / saved:.0f}" if saved > 0 else "never"
+            pays = "0" if warm <= 0 else f"{1e3 * warm / saved:.0f}" if saved > 0 else "never"
             lines.append(f"| {label} | {warm:.1f} | {saved:.1f} | {pays} |")
     return lines
 
