@@ -123,15 +123,16 @@ def test_without_a_compiler_one_warning_and_the_eager_step(monkeypatch):
     assert all(torch.equal(a, b) for e, c in zip(eager, compiled) for a, b in zip(e, c))
 
 
-def test_a_compiler_failure_warns_once_and_runs_the_eager_step(monkeypatch):
+@pytest.mark.parametrize("case", CASES[:2], ids=["int8", "int8-bf16-sr"])
+def test_a_compiler_failure_warns_once_and_runs_the_eager_step(monkeypatch, case):
     def broken(gm, inputs):
         raise RuntimeError("inductor crashed\nsecond line")
 
     monkeypatch.setattr(_compiled, "BACKEND", broken)
     torch._dynamo.reset()
-    eager = _run(False, 3, state_dtype="int8")
+    eager = _run(False, 3, **case)
     with pytest.warns(RuntimeWarning) as caught:
-        compiled = _run(True, 3, state_dtype="int8")
+        compiled = _run(True, 3, **case)  # bit for bit: the rounding generator is rewound after the failure
     messages = [str(w.message) for w in caught if "compile=True" in str(w.message)]
     assert len(messages) == 1 and messages[0].startswith("compile=True: torch.compile failed (")
     assert "\n" not in messages[0] and messages[0].endswith("; running the eager step")

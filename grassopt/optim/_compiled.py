@@ -33,7 +33,7 @@ import os
 import shutil
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -201,6 +201,11 @@ def _int8_ready(codec: Any, st: dict, n: int) -> bool:
     return codec.NAME == "int8" and st.get("int8_code") == "pow4/nearest" and n % BLOCK == 0
 
 
+def _plain(*ts: Tensor) -> bool:
+    """Contiguous tensors that are not a subclass (an FSDP DTensor steps eagerly)."""
+    return all((type(t) is Tensor or type(t) is torch.nn.Parameter) and t.is_contiguous() for t in ts)
+
+
 def adam_tensor_(kernels: Kernels, p: Tensor, g: Tensor, st: dict, step: int, *, lr: float,
                  betas: tuple[float, float], eps: float, weight_decay: float, codec: Any,
                  generator: torch.Generator | None) -> bool:
@@ -208,28 +213,31 @@ def adam_tensor_(kernels: Kernels, p: Tensor, g: Tensor, st: dict, step: int, *,
     the caller runs the eager step. ``generator``: stochastic rounding of a bf16 ``p``."""
     n = p.numel()
     dense = codec.DENSE and p.dtype != torch.float32
-    if not (dense or _int8_ready(codec, st, n)) or not (p.is_contiguous() and g.is_contiguous()):
+    if not (dense or _int8_ready(codec, st, n)) or not _plain(p, g):
         return False
     if (generator is not None and p.dtype != torch.bfloat16) or not kernels.usable(p.device):
+        return False
+    blocks = (-1,) if dense else (-1, BLOCK)
+    moments = ([t.view(-1) for t in codec.tensors(st)] if dense else
+               [st["exp_avg"].view(blocks), st["exp_avg_scale"], st["exp_avg_sq"].view(blocks), st["exp_avg_sq_scale"]])
+    if not _plain(*moments):
         return False
     b1, b2 = betas
     hp = torch.tensor([1 - b1, b2, eps, lr * math.sqrt(1 - b2**step) / (1 - b1**step), 1 - lr * weight_decay, 1 - b2],
                       dtype=torch.float32, device=p.device)
+    saved = None if generator is None else generator.get_state()
     noise = None if generator is None else torch.randint(0, 1 << 16, (n,), dtype=torch.int32, device=p.device,
-                                                         generator=generator)
-    if dense:
-        m, v = codec.tensors(st)
-        return kernels.run(plain_dense_, p.view(-1), g.view(-1), m.view(-1), v.view(-1), hp, noise)[0]
-    blocks = (-1, BLOCK)
-    return kernels.run(plain_int8_, p.view(blocks), g.view(blocks), st["exp_avg"].view(blocks), st["exp_avg_scale"],
-                       st["exp_avg_sq"].view(blocks), st["exp_avg_sq_scale"], hp,
-                       None if noise is None else noise.view(blocks))[0]
+                                                         generator=generator).view(blocks)
+    ok = kernels.run(plain_dense_ if dense else plain_int8_, p.view(blocks), g.view(blocks), *moments, hp, noise)[0]
+    if not ok and saved is not None:  # the eager step draws the same bits again
+        cast(torch.Generator, generator).set_state(saved)
+    return ok
 
 
 def direction_(kernels: Kernels, rt: Tensor, st: dict, *, betas: tuple[float, float], eps: float, scale: float,
                codec: Any) -> Tensor | None:
     """``scale * N`` of a projected matrix with int8 moments, compiled; None when it cannot be."""
-    if not (_int8_ready(codec, st, rt.numel()) and rt.is_contiguous() and kernels.usable(rt.device)):
+    if not (_int8_ready(codec, st, rt.numel()) and _plain(rt) and kernels.usable(rt.device)):
         return None
     hp = torch.tensor([1 - betas[0], betas[1], eps, scale, 1 - betas[1]], dtype=torch.float32, device=rt.device)
     ok, out = kernels.run(direction_int8, rt.view(-1, BLOCK), st["exp_avg"].view(-1, BLOCK), st["exp_avg_scale"],
