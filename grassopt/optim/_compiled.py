@@ -40,8 +40,8 @@ from torch import Tensor
 
 from ..codecs.int8 import BLOCK
 
-__all__ = ["Kernels", "unavailable", "plain_int8_", "plain_dense_", "plain_many_", "direction_int8", "direction_many",
-           "recovery_scales", "ready", "adam_tensors_", "directions_"]
+__all__ = ["Kernels", "unavailable", "plain_int8_", "plain_dense_", "direction_int8", "recovery_scales", "adam_tensor_",
+           "direction_"]
 
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -206,68 +206,40 @@ def _plain(*ts: Tensor) -> bool:
     return all((type(t) is Tensor or type(t) is torch.nn.Parameter) and t.is_contiguous() for t in ts)
 
 
-def _moments_of(codec: Any, st: dict) -> list[Tensor]:
-    """The state's moment tensors as the kernels take them (flat float32, or int8 blocks and their scales)."""
-    if codec.DENSE:
-        return [t.view(-1) for t in codec.tensors(st)]
-    b = (-1, BLOCK)
-    return [st["exp_avg"].view(b), st["exp_avg_scale"], st["exp_avg_sq"].view(b), st["exp_avg_sq_scale"]]
-
-
-def ready(kernels: Kernels, p: Tensor, g: Tensor, st: dict, codec: Any, generator: torch.Generator | None) -> bool:
-    """Whether :func:`adam_tensors_` can step ``p`` (a float32 ``p`` with float32 moments is torch's fused
-    kernel's; ``generator``: stochastic rounding, of bf16 only)."""
-    if not (codec.DENSE and p.dtype != torch.float32 or _int8_ready(codec, st, p.numel())) or not _plain(p, g):
+def adam_tensor_(kernels: Kernels, p: Tensor, g: Tensor, st: dict, step: int, *, lr: float,
+                 betas: tuple[float, float], eps: float, weight_decay: float, codec: Any,
+                 generator: torch.Generator | None) -> bool:
+    """:func:`grassopt.functional.adam_tensor_` compiled, when it can be (True); False: nothing done,
+    the caller runs the eager step. ``generator``: stochastic rounding of a bf16 ``p``."""
+    n = p.numel()
+    dense = codec.DENSE and p.dtype != torch.float32
+    if not (dense or _int8_ready(codec, st, n)) or not _plain(p, g):
         return False
-    if generator is not None and p.dtype != torch.bfloat16:
+    if (generator is not None and p.dtype != torch.bfloat16) or not kernels.usable(p.device):
         return False
-    return _plain(*_moments_of(codec, st)) and kernels.usable(p.device)
-
-
-def plain_many_(ps: list[Tensor], gs: list[Tensor], moments: list[list[Tensor]], hp: Tensor,
-                noises: list[Tensor | None], dense: bool) -> None:
-    """:func:`plain_int8_` (or :func:`plain_dense_`) over a group's tensors: one compiled call."""
-    step: Callable[..., None] = plain_dense_ if dense else plain_int8_
-    for p, g, mom, noise in zip(ps, gs, moments, noises):
-        step(p, g, *mom, hp, noise)
-
-
-def adam_tensors_(kernels: Kernels, ps: list[Tensor], gs: list[Tensor], states: list[dict], step: int, *, lr: float,
-                  betas: tuple[float, float], eps: float, weight_decay: float, codec: Any,
-                  generators: list[torch.Generator | None]) -> bool:
-    """:func:`grassopt.functional.adam_tensor_` of tensors that share the step count ``step``, each
-    :func:`ready`, in one compiled call (True); False: nothing done, the caller runs the eager step.
-    ``generators``: stochastic rounding of a bf16 parameter, or None."""
-    blocks = (-1,) if codec.DENSE else (-1, BLOCK)
+    blocks = (-1,) if dense else (-1, BLOCK)
+    moments = ([t.view(-1) for t in codec.tensors(st)] if dense else
+               [st["exp_avg"].view(blocks), st["exp_avg_scale"], st["exp_avg_sq"].view(blocks), st["exp_avg_sq_scale"]])
+    if not _plain(*moments):
+        return False
     b1, b2 = betas
     hp = torch.tensor([1 - b1, b2, eps, lr * math.sqrt(1 - b2**step) / (1 - b1**step), 1 - lr * weight_decay, 1 - b2],
-                      dtype=torch.float32, device=ps[0].device)
-    saved = [None if gen is None else gen.get_state() for gen in generators]
-    noises = [None if gen is None else torch.randint(0, 1 << 16, (p.numel(),), dtype=torch.int32, device=p.device,
-                                                     generator=gen).view(blocks) for p, gen in zip(ps, generators)]
-    ok = kernels.run(plain_many_, [p.view(blocks) for p in ps], [g.view(blocks) for g in gs],
-                     [_moments_of(codec, st) for st in states], hp, noises, codec.DENSE)[0]
-    if not ok:  # the eager step draws the same bits again
-        for gen, state in zip(generators, saved):
-            if gen is not None:
-                gen.set_state(cast(Tensor, state))
+                      dtype=torch.float32, device=p.device)
+    saved = None if generator is None else generator.get_state()
+    noise = None if generator is None else torch.randint(0, 1 << 16, (n,), dtype=torch.int32, device=p.device,
+                                                         generator=generator).view(blocks)
+    ok = kernels.run(plain_dense_ if dense else plain_int8_, p.view(blocks), g.view(blocks), *moments, hp, noise)[0]
+    if not ok and saved is not None:  # the eager step draws the same bits again
+        cast(torch.Generator, generator).set_state(saved)
     return ok
 
 
-def direction_many(rts: list[Tensor], moments: list[list[Tensor]], hp: Tensor) -> list[Tensor]:
-    """:func:`direction_int8` over a group's matrices: one compiled call."""
-    one: Callable[..., Tensor] = direction_int8
-    return [one(rt, *mom, hp) for rt, mom in zip(rts, moments)]
-
-
-def directions_(kernels: Kernels, rts: list[Tensor], states: list[dict], *, betas: tuple[float, float], eps: float,
-                scale: float, codec: Any) -> dict[int, Tensor]:
-    """``scale * N`` of the projected matrices with int8 moments that the kernels can run (``{index: N}``,
-    in one compiled call); the others (and all of them, when it cannot run) are left to the eager step."""
-    idx = [j for j, (rt, st) in enumerate(zip(rts, states)) if _int8_ready(codec, st, rt.numel()) and _plain(rt)]
-    if not idx or not kernels.usable(rts[idx[0]].device):
-        return {}
-    hp = torch.tensor([1 - betas[0], betas[1], eps, scale, 1 - betas[1]], dtype=torch.float32, device=rts[idx[0]].device)
-    ok, out = kernels.run(direction_many, [rts[j].view(-1, BLOCK) for j in idx],
-                          [_moments_of(codec, states[j]) for j in idx], hp)
-    return {j: n.view(rts[j].shape) for j, n in zip(idx, out)} if ok else {}
+def direction_(kernels: Kernels, rt: Tensor, st: dict, *, betas: tuple[float, float], eps: float, scale: float,
+               codec: Any) -> Tensor | None:
+    """``scale * N`` of a projected matrix with int8 moments, compiled; None when it cannot be."""
+    if not (_int8_ready(codec, st, rt.numel()) and _plain(rt) and kernels.usable(rt.device)):
+        return None
+    hp = torch.tensor([1 - betas[0], betas[1], eps, scale, 1 - betas[1]], dtype=torch.float32, device=rt.device)
+    ok, out = kernels.run(direction_int8, rt.view(-1, BLOCK), st["exp_avg"].view(-1, BLOCK), st["exp_avg_scale"],
+                          st["exp_avg_sq"].view(-1, BLOCK), st["exp_avg_sq_scale"], hp)
+    return out.view(rt.shape) if ok else None

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import cast
-
 import torch
 from torch import Tensor
 
@@ -28,36 +26,16 @@ def plain_adamw_(params: list[Tensor], grads: list[Tensor], states: list[dict], 
     (:func:`grassopt.optim._compiled.adam_tensor_`).
     """
     batches: dict[int, list[int]] = {}
-    compiled: dict[int, list[int]] = {}
     for j, (p, g, st) in enumerate(zip(params, grads, states)):
         st["step"] += 1
         if codec.DENSE and p.dtype == torch.float32 and g.dtype == torch.float32 and int8_module(p) is None:
             batches.setdefault(st["step"], []).append(j)
-        elif kernels is not None and int8_module(p) is None and _compiled.ready(kernels, p, g, st, codec, generators[j]):
-            compiled.setdefault(st["step"], []).append(j)
-        else:
-            _eager_tensor_(j, params, grads, states, codec=codec, lr=lr, betas=betas, eps=eps,
-                           weight_decay=weight_decay, fused=fused, generators=generators,
-                           state_generators=state_generators)
-    for t, idx in compiled.items():
-        if not _compiled.adam_tensors_(cast(_compiled.Kernels, kernels), [params[j] for j in idx],
-                                       [grads[j] for j in idx], [states[j] for j in idx], t, lr=lr, betas=betas,
-                                       eps=eps, weight_decay=weight_decay, codec=codec,
-                                       generators=[generators[j] for j in idx]):
-            for j in idx:
-                _eager_tensor_(j, params, grads, states, codec=codec, lr=lr, betas=betas, eps=eps,
-                               weight_decay=weight_decay, fused=fused, generators=generators,
-                               state_generators=state_generators)
+        elif kernels is None or not _compiled.adam_tensor_(
+                kernels, p, g, st, st["step"], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, codec=codec,
+                generator=generators[j]):
+            F.adam_tensor_(p, g, st, st["step"], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                           generator=generators[j], state_generator=state_generators[j], fused=fused, codec=codec)
     for t, idx in batches.items():
         ms, vs = zip(*(codec.tensors(states[j]) for j in idx))
         F.adam_([params[j] for j in idx], [grads[j] for j in idx], list(ms), list(vs), t, lr=lr, betas=betas,
                 eps=eps, weight_decay=weight_decay, fused=fused)
-
-
-def _eager_tensor_(j: int, params: list[Tensor], grads: list[Tensor], states: list[dict], *, codec: Codec, lr: float,
-                   betas: tuple[float, float], eps: float, weight_decay: float, fused: bool | None,
-                   generators: list[torch.Generator | None], state_generators: list[torch.Generator | None]) -> None:
-    """The eager step of tensor ``j`` (one at a time, a chunk at a time)."""
-    st = states[j]
-    F.adam_tensor_(params[j], grads[j], st, st["step"], lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                   generator=generators[j], state_generator=state_generators[j], fused=fused, codec=codec)

@@ -231,11 +231,11 @@ def directions_(batch: Batch, states: list[dict], *, codec: Codec, betas: tuple[
     generator, for a codec that rounds stochastically; ``kernels``: compiled where they can be)."""
     out = batch.directions()
     if not codec.DENSE:
-        done = {} if kernels is None else _compiled.directions_(kernels, batch.rts, states, betas=betas, eps=eps,
-                                                                scale=scale, codec=codec)
         for j, st in enumerate(states):
-            if j in done:
-                out[j] = done[j]
+            nt = None if kernels is None else _compiled.direction_(kernels, batch.rts[j], st, betas=betas, eps=eps,
+                                                                   scale=scale, codec=codec)
+            if nt is not None:
+                out[j] = nt
                 continue
             gen = generator(j) if codec.needs_generator(st) else None
             out[j].copy_(F.direction_tensor_(batch.rts[j], st, st["adam_step"], betas=betas, eps=eps, scale=scale,
