@@ -191,6 +191,8 @@ def test_compile_is_one_field_a_flag_of_train_and_bench_run_control_and_only_for
     for ap in (train_cli.parser(), bench_cli.parser()):
         assert train_cli.config_from_args(ap.parse_args(["--compile"])).compile is True
     assert "compile" in TrainConfig.RUN_CONTROL  # within 1e-6 per step of the eager step: a resume may switch it
+    assert bench_cli.parse_variant("subtrack++:state_dtype=int8,compile=True")[1] == {"state_dtype": "int8",
+                                                                                      "compile": True}
     with pytest.raises(ValueError, match=r"^compile=True must be True or False, and True applies to grassopt's "
                                          r"presets \(SubspaceAdamW\), not to 'adamw-torch' \(--compile\)$"):
         TrainConfig(preset="adamw-torch", compile=True).validate()
