@@ -11,7 +11,10 @@ slow phase of the shared machine hits them all alike; ratios are computed within
 - ``galore-torch``'s ``GaLoreAdamW`` and ``apollo-torch``'s ``APOLLOAdamW`` (if installed);
 - every grassopt preset (``adamw`` is the plain group on the same tensors);
 - int8 moments: ``adamw`` and ``galore`` with ``state_dtype="int8"``, beside ``bitsandbytes``' and
-  ``torchao``'s ``AdamW8bit`` (if installed).
+  ``torchao``'s ``AdamW8bit`` (if installed);
+- each grassopt row followed by the same optimizer with ``compile=True`` (``grassopt.optim._compiled``;
+  ``--no-compile`` leaves them out). Its first step compiles the kernels: the report gives that warm-up
+  (first step minus the eager row's first step) and the steps it takes to pay for itself.
 
 Reported: the median at non-update steps, the mean at basis-update steps (the first step, which
 builds the first basis, is left out), their ratios to the floor, and the state bytes (from
@@ -24,7 +27,7 @@ ranks 512 and 1024: the seconds of one ``update`` of each rule (``svd``, ``rsvd`
 the floor step at that shape, and the update interval ``T`` at which updates cost 5% of the
 optimizer's time (``T = 20 * update / floor``).
 
-    python benchmarks/step_time.py [--steps 300] [--interval 50] [--rank 128] [--no-shapes]
+    python benchmarks/step_time.py [--steps 300] [--interval 50] [--rank 128] [--no-shapes] [--no-compile]
 """
 
 from __future__ import annotations
@@ -92,8 +95,9 @@ class Floor:
                 p.addmm_(q, rt.mT, alpha=-1e-3)
 
 
-def contestants(rank: int, interval: int, lr: float = 1e-3):
-    """(label, factory) pairs; each factory takes a parameter list and returns an optimizer.
+def contestants(rank: int, interval: int, lr: float = 1e-3, compiled: bool = True):
+    """(label, factory) pairs; each factory takes a parameter list and returns an optimizer. With
+    ``compiled``, each grassopt row is followed by the same optimizer with ``compile=True``.
 
     Presets with a default rank of their own use it (``apollo``: ``d/4``, which is 128 on these
     matrices; ``apollo-mini``: 1); ``ldadam`` updates its basis every step whatever ``interval``.
@@ -118,17 +122,23 @@ def contestants(rank: int, interval: int, lr: float = 1e-3):
         return [{"params": q, "rank": r, "update_interval": interval, "alpha": 0.25, **settings}
                 for r, q in by_rank.items()]
 
+    def ours(label, factory):  # grassopt's row, and its compiled row beside it (compile=True)
+        out.append((label, factory))
+        if compiled:
+            out.append((f"{label}, compile=True", lambda ps: factory(ps, compile=True)))
+
     for preset, settings in grassopt.PRESETS.items():
         if settings is None:
-            out.append(("adamw", lambda ps: grassopt.SubspaceAdamW(ps, lr=lr)))
+            ours("adamw", lambda ps, **kw: grassopt.SubspaceAdamW(ps, lr=lr, **kw))
             # the same without the finite check (one read pass over the gradients)
-            out.append(("adamw, check_finite=False", lambda ps: grassopt.SubspaceAdamW(ps, lr=lr, check_finite=False)))
+            ours("adamw, check_finite=False", lambda ps, **kw: grassopt.SubspaceAdamW(ps, lr=lr, check_finite=False,
+                                                                                      **kw))
         else:
-            out.append((preset, lambda ps, p=preset, s=settings: grassopt.SubspaceAdamW(groups(ps, p, s), lr=lr)))
+            ours(preset, lambda ps, p=preset, s=settings, **kw: grassopt.SubspaceAdamW(groups(ps, p, s), lr=lr, **kw))
     # int8 moments (state_dtype="int8") beside the 8-bit AdamW of bitsandbytes and torchao
-    out.append(("adamw, state_dtype=int8", lambda ps: grassopt.SubspaceAdamW(ps, lr=lr, state_dtype="int8")))
-    out.append(("galore, state_dtype=int8", lambda ps: grassopt.SubspaceAdamW(
-        groups(ps, "galore", {**grassopt.PRESETS["galore"], "state_dtype": "int8"}), lr=lr)))
+    ours("adamw, state_dtype=int8", lambda ps, **kw: grassopt.SubspaceAdamW(ps, lr=lr, state_dtype="int8", **kw))
+    ours("galore, state_dtype=int8", lambda ps, **kw: grassopt.SubspaceAdamW(
+        groups(ps, "galore", {**grassopt.PRESETS["galore"], "state_dtype": "int8"}), lr=lr, **kw))
     for label, module in (("bitsandbytes AdamW8bit", "bitsandbytes.optim"), ("torchao AdamW8bit", "torchao.optim")):
         try:
             with warnings.catch_warnings():
@@ -157,7 +167,7 @@ def contestants(rank: int, interval: int, lr: float = 1e-3):
 
 def run_steps(args, grads) -> tuple[list[dict], dict]:
     runs = []
-    for label, factory in contestants(args.rank, args.interval):
+    for label, factory in contestants(args.rank, args.interval, compiled=args.compile):
         if args.only and label not in args.only and label != "floor":
             continue
         ps = make_params()
@@ -179,7 +189,7 @@ def run_steps(args, grads) -> tuple[list[dict], dict]:
         every = run["label"] == "ldadam"
         updates = list(range(1, len(t))) if every else list(range(args.interval, len(t), args.interval))
         plain = [t[i] for i in range(1, len(t)) if i not in set(updates)] or [t[i] for i in updates]
-        rows.append({"label": run["label"], "median_ms": 1e3 * statistics.median(plain),
+        rows.append({"label": run["label"], "first_s": t[0], "median_ms": 1e3 * statistics.median(plain),
                      "update_ms": 1e3 * statistics.fmean(t[i] for i in updates) if updates else None,
                      "state_bytes": optimizer_state_bytes(run["opt"]) if run["label"] != "floor" else 0})
     return rows, {r["label"]: r for r in runs}
@@ -244,6 +254,29 @@ def basis_updates(repeats: int) -> list[dict]:
     return out
 
 
+def compiled_lines(by: dict, floor: float, fused: float | None) -> list[str]:
+    """The compiled rows against issue 29's targets, and each one's warm-up and payback."""
+    c = ", compile=True"
+    lines = ["", "Compiled (`compile=True`) targets (issue 29): "]
+    checks = [(f"galore{c}", "floor", 1.05)] + [(f"{p}{c}", "floor", 1.15) for p in
+                                                 ("subtrack++", "fira", "grasswalk", "grassjump")]
+    checks += [(f"adamw, state_dtype=int8{c}", FUSED, 2.5), (f"galore, state_dtype=int8{c}", f"galore{c}", 1.2)]
+    for label, base, target in checks:
+        if label in by and base in by:
+            ratio = by[label]["median_ms"] / by[base]["median_ms"]
+            lines.append(f"- `{label}` / `{base}` = {ratio:.3f} (target <= {target}): "
+                         f"{'met' if ratio <= target else 'missed'}")
+    lines += ["", "| compiled row | warm-up (s): first step above the eager row's | ms saved per step | "
+                  "steps to pay for the warm-up |", "|---|---:|---:|---:|"]
+    for label, row in by.items():
+        eager = by.get(label[:-len(c)]) if label.endswith(c) else None
+        if eager is not None:
+            warm, saved = row["first_s"] - eager["first_s"], eager["median_ms"] - row["median_ms"]
+            pays = "0" if warm <= 0 else f"{1e3 * warm / saved:.0f}" if saved > 0 else "never"
+            lines.append(f"| {label} | {warm:.1f} | {saved:.1f} | {pays} |")
+    return lines
+
+
 def write_report(rows, profiles, updates, args, out: Path) -> None:
     by = {r["label"]: r for r in rows}
     floor = by["floor"]["median_ms"]
@@ -302,6 +335,7 @@ def write_report(rows, profiles, updates, args, out: Path) -> None:
                 lines.append(f"- `{label}` basis update {own:.0f} ms above its normal step, `galore`'s (SVD) "
                              f"{svd_own:.0f} ms: ratio {own / svd_own:.3f} (target <= 0.2): "
                              f"{'met' if own <= 0.2 * svd_own else 'missed'}")
+    lines += compiled_lines(by, floor, fused)
     for label, table in profiles.items():
         lines += ["", f"### Where `{label}`'s time goes (torch.profiler, self CPU ms per non-update step)", "",
                   "| operator | ms per step | calls per step |", "|---|---:|---:|"]
@@ -362,9 +396,12 @@ def main(argv=None) -> None:
     ap.add_argument("--rank", type=int, default=128)
     ap.add_argument("--grad-sets", type=int, default=4)
     ap.add_argument("--only", nargs="*", help="labels to run (default: all; the floor always runs)")
-    ap.add_argument("--profile", nargs="*", default=["fira", "subtrack++", "adamw"],
+    ap.add_argument("--profile", nargs="*", default=["fira", "subtrack++", "adamw", "fira, compile=True",
+                                                     "adamw, state_dtype=int8", "adamw, state_dtype=int8, compile=True"],
                     help="presets whose non-update steps are profiled")
     ap.add_argument("--no-shapes", action="store_true", help="skip the 1B/7B basis-update part")
+    ap.add_argument("--no-compile", dest="compile", action="store_false",
+                    help="no compile=True rows (by default each grassopt row is followed by its compiled row)")
     ap.add_argument("--shape-repeats", type=int, default=3)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent))
     args = ap.parse_args(argv)

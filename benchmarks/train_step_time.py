@@ -6,8 +6,10 @@ model (same initialisation) in this one process, and the presets take turns step
 SOTU batches (round robin): forward, backward, global-norm clipping, optimizer step, zero_grad.
 A slow phase of the machine hits them all alike, and the ratios to `torch.optim.AdamW(fused=True)`
 (the `adamw-torch` preset: torch's fused kernel, its fastest AdamW on this CPU) are taken within this run. Basis updates happen every `--update-interval` steps, as in training.
+Each grassopt preset is followed by its compiled variant (`:compile=True`, `--compile`; `--no-compile` leaves
+them out); the first step, which compiles, is left out of the means like every first step.
 
-    python benchmarks/train_step_time.py [--steps 60] [--update-interval 20] [--rank 64]
+    python benchmarks/train_step_time.py [--steps 60] [--update-interval 20] [--rank 64] [--no-compile]
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from grassopt import PRESETS
 from grassopt.bench.cli import parse_variant
 from grassopt.train import data as data_mod
 from grassopt.references import reference_versions
@@ -44,11 +47,13 @@ def main(argv=None) -> int:
     ap.add_argument("--rank", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--no-compile", dest="compile", action="store_false",
+                    help="no compiled rows (by default each grassopt preset is followed by its :compile=True variant)")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent))
     args = ap.parse_args(argv)
     ds = data_mod.prepare(None, vocab_size=8192, progress=False)
     contestants = []
-    for label in args.presets:
+    for label in with_compiled(args.presets) if args.compile else args.presets:
         name, fields, options = parse_variant(label)
         cfg = TrainConfig(**{"model": args.model, "preset": name, "rank": args.rank, "lr": 1e-3,
                              "update_interval": args.update_interval, **fields}, options=options)
@@ -106,6 +111,16 @@ def main(argv=None) -> int:
     plot(rows, out / "train_step_time.png")
     print("\n".join(lines))
     return 0
+
+
+def with_compiled(labels: list[str]) -> list[str]:
+    """Each grassopt preset's variant followed by the same with ``compile=True``."""
+    out = []
+    for label in labels:
+        out.append(label)
+        if label.partition(":")[0] in PRESETS and "compile=" not in label:
+            out.append(f"{label}{',' if ':' in label else ':'}compile=True")
+    return out
 
 
 def plot(rows: list[dict], path: Path) -> None:

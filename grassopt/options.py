@@ -192,6 +192,10 @@ OPTIONS: dict[str, Option] = {
     "fused": Option(None, choices=lambda: [None, True, False], scope="optimizer",
                     error=lambda v: f"fused={v!r} must be None (automatic), True or False",
                     doc="None: torch's fused Adam kernel where the device has one; False: foreach ops"),
+    "compile": Option(False, _bool, scope="optimizer",
+                      error=lambda v: f"compile={v!r} must be True or False",
+                      doc="True: the step's elementwise work as torch.compile (inductor) kernels "
+                          "(grassopt.optim._compiled); the eager step where compile is unavailable"),
 }
 
 #: Keys of a param group that are not options: its parameters and their names.

@@ -182,7 +182,7 @@ def make_optimizer(model: nn.Module, preset: str = "subtrack++", lr: float = 1e-
                    state_dtype: str = "float32", stochastic_rounding: bool = False, fused: bool | None = None,
                    check_finite: bool = True, plain_lr: float | None = None, plain_weight_decay: float | None = None,
                    plain_state_dtype: str | None = None, cls: Callable[..., SubspaceAdamW] = SubspaceAdamW,
-                   **overrides: Any) -> SubspaceAdamW:
+                   compile: bool = False, **overrides: Any) -> SubspaceAdamW:
     """``SubspaceAdamW(param_groups(model, preset, ...), lr=lr, ...)`` in one call (``plain_lr``,
     ``plain_weight_decay``, ``plain_state_dtype``: the plain group's own rate, decay and moment format, see
     :func:`param_groups`; ``cls``: the optimizer class, e.g. :class:`grassopt.distributed.FSDPSubspaceAdamW`
@@ -192,4 +192,4 @@ def make_optimizer(model: nn.Module, preset: str = "subtrack++", lr: float = 1e-
                           plain_state_dtype=plain_state_dtype, **overrides)
     return cls(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, seed=seed,
                          state_dtype=state_dtype, stochastic_rounding=stochastic_rounding, fused=fused,
-                         check_finite=check_finite)
+                         check_finite=check_finite, compile=compile)

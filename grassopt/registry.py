@@ -90,6 +90,7 @@ class Request:
     plain_weight_decay: float | None
     plain_state_dtype: str | None = None
     sharded: bool = False
+    compile: bool = False
 
     @property
     def split(self) -> dict[str, Any]:
@@ -109,7 +110,7 @@ def _build_preset(r: Request) -> torch.optim.Optimizer:
     return make_optimizer(r.model, r.name, lr=r.lr, rank=r.rank, update_interval=r.update_interval, targets=r.targets,
                           cls=cls, weight_decay=r.weight_decay, betas=r.betas, eps=1e-6 if r.eps is None else r.eps,
                           seed=r.seed, state_dtype=r.state_dtype, stochastic_rounding=r.stochastic_rounding,
-                          plain_state_dtype=r.plain_state_dtype, **r.split,
+                          plain_state_dtype=r.plain_state_dtype, compile=r.compile, **r.split,
                           **(r.options if PRESETS[r.name] is not None else {}))
 
 
@@ -326,7 +327,7 @@ def build(name: str, model: nn.Module, *, lr: float = 1e-3, betas: tuple[float, 
           state_dtype: str = "float32", stochastic_rounding: bool = False, sketch: str | None = None,
           sketch_rank: float | int = 0.125, eps: float | None = None, plain_lr: float | None = None,
           plain_weight_decay: float | None = None, plain_state_dtype: str | None = None,
-          sharded: bool = False) -> torch.optim.Optimizer:
+          sharded: bool = False, compile: bool = False) -> torch.optim.Optimizer:
     """The optimizer ``name`` (a key of :data:`ENTRIES`) over ``model``'s trainable parameters.
 
     ``sharded``: ``model`` is sharded with FSDP2 (``fully_shard``); the presets are then built as
@@ -347,6 +348,7 @@ def build(name: str, model: nn.Module, *, lr: float = 1e-3, betas: tuple[float, 
     ``targets``: embedding, head, norms, biases), for every preset but the forward-only ones (:data:`ONE_RATE`).
     ``rso``'s sketched layers (its ``B``) keep ``lr``; ``ref-muon``'s AdamW part gets ``plain_lr``.
     ``plain_state_dtype`` (grassopt's presets only) is the moment format of those parameters (None: ``state_dtype``).
+    ``compile`` (grassopt's presets only): ``SubspaceAdamW(compile=True)``, the compiled step.
     """
     if name not in ENTRIES:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(ENTRIES)}")
@@ -355,7 +357,7 @@ def build(name: str, model: nn.Module, *, lr: float = 1e-3, betas: tuple[float, 
     r = Request(name, model, lr, betas, weight_decay, rank, update_interval,
                 [targets] if isinstance(targets, str) else list(targets), dict(options or {}), seed, state_dtype,
                 stochastic_rounding, sketch, sketch_rank, eps, plain_lr, plain_weight_decay, plain_state_dtype,
-                sharded)
+                sharded, compile)
     if sharded and entry.family not in ("subspace", "torch"):
         raise ValueError(f"{name!r} does not run on a model sharded with FSDP2; use one of grassopt's presets or "
                          "adamw-torch, or data parallel (DDP) without --fsdp")
@@ -373,6 +375,8 @@ def _check_eps_and_options(entry: Entry, r: Request) -> None:
                          "(set a reference's own settings through options)")
     if r.plain_state_dtype is not None and entry.family != "subspace":
         raise ValueError(f"plain_state_dtype applies to grassopt's presets, not to {name!r}; leave it unset")
+    if r.compile and entry.family != "subspace":
+        raise ValueError(f"compile=True applies to grassopt's presets (SubspaceAdamW), not to {name!r}; leave it off")
     if "eps" in opts and entry.family in ("subspace", "torch"):  # --opt eps=...: the same setting as eps
         if r.eps is not None and opts["eps"] != r.eps:
             raise ValueError(f"eps is given twice ({r.eps!r} and the option eps={opts['eps']!r}); give it once")

@@ -69,7 +69,7 @@ def test_run_control_is_a_flag_on_each_field():
     base = {"out", "resume", "overwrite", "stop_after", "checkpoint_every", "log_every", "progress", "threads", "plot"}
     assert RunConfig.RUN_CONTROL == base
     assert TrainConfig.RUN_CONTROL == base | {"profile_memory", "checkpoint_activations", "subspace_quality",
-                                              "cache_dir", "eval_batch_size"}
+                                              "cache_dir", "eval_batch_size", "compile"}
     assert FinetuneConfig.RUN_CONTROL == base | {"eval_batch_size", "measure_activations"}
     for cls in (TrainConfig, FinetuneConfig):
         assert cls.RUN_CONTROL == {f.name for f in dataclasses.fields(cls) if f.metadata["run_control"]}
@@ -185,3 +185,14 @@ def test_the_reference_packages_of_our_presets_refuse_options_they_do_not_take(n
 def test_every_preset_is_one_entry_with_its_builder():
     assert all(entry.build is not None for entry in registry.ENTRIES.values())
     assert set(registry.ENTRIES) == set(registry.PRESETS) | set(registry.OTHER_ENTRIES)
+
+
+def test_compile_is_one_field_a_flag_of_train_and_bench_run_control_and_only_for_our_presets():
+    for ap in (train_cli.parser(), bench_cli.parser()):
+        assert train_cli.config_from_args(ap.parse_args(["--compile"])).compile is True
+    assert "compile" in TrainConfig.RUN_CONTROL  # within 1e-6 per step of the eager step: a resume may switch it
+    assert bench_cli.parse_variant("subtrack++:state_dtype=int8,compile=True")[1] == {"state_dtype": "int8",
+                                                                                      "compile": True}
+    with pytest.raises(ValueError, match=r"^compile=True must be True or False, and True applies to grassopt's "
+                                         r"presets \(SubspaceAdamW\), not to 'adamw-torch' \(--compile\)$"):
+        TrainConfig(preset="adamw-torch", compile=True).validate()

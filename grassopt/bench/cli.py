@@ -73,8 +73,9 @@ NOT_VARIANT_KEYS = {
     "options": "a variant's keys that are not config fields are its options",
     "betas": "ref-soap:betas=(...) stays the reference's own setting, as before --betas existed",
 }
-#: Run control (does not change the numbers) but still a variant key: memory settings worth setting beside each other.
-RUN_CONTROL_VARIANT_KEYS = {"checkpoint_activations"}
+#: Run control (does not change the numbers) but still a variant key: memory and speed settings worth setting beside
+#: each other (``subtrack++:compile=True`` beside ``subtrack++``).
+RUN_CONTROL_VARIANT_KEYS = {"checkpoint_activations", "compile"}
 def variant_keys(cls: type[RunConfig] = TrainConfig) -> frozenset[str]:
     """The keys a variant ``NAME:key=value`` sets as config fields (every other key is an option of the
     preset): every field of the config class ``cls`` that is not run control (but those of

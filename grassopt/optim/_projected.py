@@ -30,6 +30,7 @@ from ..linalg import is_transposed, largest_angle, orient, reorthonormalize
 from ..qlinear import int8_module
 from ..rules import RuleContext, rule_flag
 from ..transport import transport
+from . import _compiled
 from .state import init_state
 
 __all__ = ["Batch", "mix_seed", "seeded_basis", "prepare", "projected_step_", "maintain_bases_", "directions_",
@@ -223,13 +224,19 @@ def maintain_bases_(batch: Batch, states: list[dict], diags: list[dict], *, rule
 
 
 def directions_(batch: Batch, states: list[dict], *, codec: Codec, betas: tuple[float, float], eps: float,
-                scale: float, fused: bool | None, generator: GeneratorOf) -> list[Tensor]:
+                scale: float, fused: bool | None, generator: GeneratorOf,
+                kernels: _compiled.Kernels | None = None) -> list[Tensor]:
     """``scale * N`` for every matrix (moments updated in place): dense moments in one fused call per
     Adam step count, others one matrix at a time, a chunk at a time (``generator``: the rounding
-    generator, for a codec that rounds stochastically)."""
+    generator, for a codec that rounds stochastically; ``kernels``: compiled where they can be)."""
     out = batch.directions()
     if not codec.DENSE:
         for j, st in enumerate(states):
+            nt = None if kernels is None else _compiled.direction_(kernels, batch.rts[j], st, betas=betas, eps=eps,
+                                                                   scale=scale, codec=codec)
+            if nt is not None:
+                out[j] = nt
+                continue
             gen = generator(j) if codec.needs_generator(st) else None
             out[j].copy_(F.direction_tensor_(batch.rts[j], st, st["adam_step"], betas=betas, eps=eps, scale=scale,
                                              generator=gen, fused=fused, codec=codec))
@@ -245,12 +252,12 @@ def directions_(batch: Batch, states: list[dict], *, codec: Codec, betas: tuple[
 
 
 def scales(batch: Batch, nts: list[Tensor], states: list[dict], diags: list[dict], *, scaling: str | None,
-           zeta: float, scale: float) -> list[Tensor]:
+           zeta: float, scale: float, kernels: _compiled.Kernels | None = None) -> list[Tensor]:
     """The recovery (or APOLLO) scales ``c Phi`` of every matrix, with the limiter folded in.
 
     ``nts`` hold ``scale * N``. ``||X_j||^2`` (recovery and channel scaling) is the only pass over
     the gradients besides the two products; the per-slice arithmetic and the limiter run once
-    over the group's concatenated slice vectors.
+    over the group's concatenated slice vectors (one compiled kernel with ``kernels``).
     """
     xs, rts = batch.xs, batch.rts
     n = len(rts)
@@ -262,6 +269,11 @@ def scales(batch: Batch, nts: list[Tensor], states: list[dict], diags: list[dict
         r_norm = torch.cat([torch.linalg.vector_norm(rt, dim=1) for rt in rts])
         n_norm = torch.cat([torch.linalg.vector_norm(nt, dim=1) for nt in nts])
         x_col2 = torch.cat([rec.col_sq(x) for x in xs])
+        if kernels is not None and kernels.usable(r_norm.device):
+            done = _compiled_scales(kernels, batch, r_norm, n_norm, x_col2, states, diags, scaling=scaling,
+                                    zeta=zeta, scale=scale)
+            if done is not None:
+                return list(done.split(sizes))
         phi = n_norm.div_(r_norm.add(rec.PHI_EPS))
         if scale != 1.0:
             phi.div_(scale)
@@ -290,6 +302,24 @@ def scales(batch: Batch, nts: list[Tensor], states: list[dict], diags: list[dict
     if scaling == "tensor":
         return [phi * ci for phi, ci in zip(phis, cs)]
     return list(phi.mul_(c[seg]).split(sizes))  # the limiter folded into Phi
+
+
+def _compiled_scales(kernels: _compiled.Kernels, batch: Batch, r_norm: Tensor, n_norm: Tensor, x_col2: Tensor,
+                     states: list[dict], diags: list[dict], *, scaling: str | None, zeta: float,
+                     scale: float) -> Tensor | None:
+    """:func:`scales`' arithmetic and limiter as one compiled kernel (:func:`grassopt.optim._compiled.recovery_scales`):
+    the concatenated ``c Phi``, or None when it could not run (nothing changed then)."""
+    prev = [s["residual_norm"] for s in states]
+    hp = torch.tensor([scale, zeta, rec.PHI_EPS], dtype=torch.float32, device=r_norm.device)
+    ok, out = kernels.run(_compiled.recovery_scales, r_norm, n_norm, x_col2, batch.segments(r_norm.device),
+                          torch.stack(prev), hp, len(prev), scaling == "channel")
+    if not ok:
+        return None
+    phi, c, kept, e, ratio = out
+    torch._foreach_copy_(prev, list(kept.unbind()))
+    for d, ei, ri, ci in zip(diags, e.unbind(), ratio.unbind(), c.unbind()):
+        d.update(limiter=ci) if scaling is not None else d.update(residual_norm=ei, residual_ratio=ri, limiter=ci)
+    return phi
 
 
 def _residual_diagnostics(diag: dict, x: Tensor, rt: Tensor) -> None:
@@ -351,21 +381,22 @@ def apply_updates_(batch: Batch, states: list[dict], nts: list[Tensor], phis: li
 
 def projected_step_(batch: Batch, states: list[dict], diags: list[dict], *, rule, group: dict[str, Any],
                     codec: Codec, seeds: list[int], generator: GeneratorOf, rounding_generator: GeneratorOf,
-                    cache: dict, fused: bool | None) -> None:
+                    cache: dict, fused: bool | None, kernels: _compiled.Kernels | None = None) -> None:
     """One step for every matrix of a projected group: per-matrix basis maintenance and products;
     Adam (fused), the recovery norms and the limiter batched over the group. The rules draw from
     ``generator``, the stochastic roundings (weights, codec state) from ``rounding_generator``: turning
-    rounding on or off never changes a basis."""
+    rounding on or off never changes a basis. ``kernels`` (``compile=True``): the compiled kernels of
+    :mod:`grassopt.optim._compiled` where they apply."""
     scaling, recovery = group.get("scaling"), group["recovery"]
     updated, sizes = maintain_bases_(batch, states, diags, rule=rule, group=group, codec=codec, seeds=seeds,
                                      generator=generator, cache=cache)
     alpha = group["alpha"]
     scale = alpha if scaling is None else 1.0  # nts = scale * N
     nts = directions_(batch, states, codec=codec, betas=group["betas"], eps=group["eps"], scale=scale,
-                      fused=fused, generator=rounding_generator)
+                      fused=fused, generator=rounding_generator, kernels=kernels)
     phis: list[Tensor] = []  # (none without recovery or scaling)
     if scaling is not None or recovery:
-        phis = scales(batch, nts, states, diags, scaling=scaling, zeta=group["zeta"], scale=scale)
+        phis = scales(batch, nts, states, diags, scaling=scaling, zeta=group["zeta"], scale=scale, kernels=kernels)
     if recovery:  # alpha N - alpha_r c R Phi
         alpha_r = alpha if group["alpha_r"] is None else group["alpha_r"]
         for nt, rt, phi in zip(nts, batch.rts, phis):

@@ -134,6 +134,11 @@ class TrainConfig(RunConfig):
         False, "with --param-dtype bfloat16 or int8: round each weight update stochastically (unbiased), so that "
                "updates below half a bf16 ulp or int8 grid step are not lost (else: to nearest); seeded, resumable, "
                "identical on every rank", group="optimizer")
+    compile: bool = setting(
+        False, "run the optimizer step's elementwise work (int8 moments, Adam, the update, stochastic rounding, the "
+               "recovery scales) as torch.compile kernels (grassopt's presets; equal to the eager step within 1e-6 "
+               "relative per step, so a resume may switch it; the eager step, with one warning, where compile is "
+               "unavailable)", group="optimizer", run_control=True)
     eval_every: int = setting(100, "evaluate every N steps (0: only at the end)")
     eval_batch_size: int = setting(32, "sequences per evaluation batch", run_control=True)
     eval_tokens: int | None = setting(None, "evaluate on the first N tokens of the validation split (default: all "
@@ -195,6 +200,9 @@ class TrainConfig(RunConfig):
         if self.state_dtype != "float32" and self.preset not in PRESETS:
             raise ValueError(f"state_dtype={self.state_dtype!r} applies to grassopt's presets, not to {self.preset!r} "
                              "(for 8-bit AdamW as a reference use the preset ref-adamw8bit)")
+        if self.compile is not False and (self.compile is not True or self.preset not in PRESETS):
+            raise ValueError(f"compile={self.compile!r} must be True or False, and True applies to grassopt's presets "
+                             f"(SubspaceAdamW), not to {self.preset!r} (--compile)")
         if self.stochastic_rounding and (self.param_dtype not in ("bfloat16", *INT8_COMPUTE) or self.preset not in PRESETS):
             raise ValueError("stochastic_rounding=True rounds the updates of bfloat16 or int8 weights of grassopt's "
                              "presets: use it with param_dtype='bfloat16', 'int8' or 'int8-fp32' (--param-dtype) and a grassopt "
@@ -322,7 +330,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
                           options=cfg.options, seed=cfg.seed, state_dtype=cfg.state_dtype,
                           stochastic_rounding=cfg.stochastic_rounding, sketch=cfg.sketch, sketch_rank=cfg.sketch_rank,
                           plain_lr=cfg.plain_lr, plain_weight_decay=cfg.plain_weight_decay,
-                          plain_state_dtype=cfg.plain_state_dtype, sharded=cfg.fsdp)
+                          plain_state_dtype=cfg.plain_state_dtype, sharded=cfg.fsdp, compile=cfg.compile)
 
 
 #: Bytes of any optimizer's state tensors (:func:`grassopt.registry.state_bytes`).
