@@ -73,8 +73,8 @@ def _train_loss(model, data, pad_id):
     return ft.evaluate(model, data, pad_id, batch_size=16, device="cpu")["loss"]
 
 
-@pytest.mark.parametrize("method,lr", [("adamw-torch", 2e-4), ("lora", 3e-3), ("dora", 3e-3), ("galore", 2e-3),
-                                       ("subtrack++", 2e-3)])
+@pytest.mark.parametrize("method,lr", [("adamw-torch", 2e-4), ("lora", 3e-3), pytest.param("dora", 3e-3, marks=pytest.mark.slow),
+                                       pytest.param("galore", 2e-3, marks=pytest.mark.slow), ("subtrack++", 2e-3)])
 def test_few_steps_lower_the_training_loss(tiny_task, method, lr):
     cfg = ft.FinetuneConfig(method=method, lr=lr, rank=4, update_interval=3, seq_len=32, seed=0)
     model, tok = ft.build_model(cfg, tiny_task.num_labels)
@@ -188,7 +188,8 @@ def test_a_resume_over_another_task_is_refused_in_one_line_and_the_same_task_res
     assert s["steps"] == 3 and s["finished"]
 
 
-@pytest.mark.parametrize("method,opt", [("zo", {"law": "haar", "lazy": 5}), ("mezo", {})])
+@pytest.mark.parametrize("method,opt", [pytest.param("zo", {"law": "haar", "lazy": 5}, marks=pytest.mark.slow),
+                                        pytest.param("mezo", {}, marks=pytest.mark.slow)])
 def test_forward_only_methods_learn_count_passes_and_resume(tiny_task, tmp_path, method, opt):
     # the 16 training paragraphs are one batch: every step estimates the slope of the same loss
     kw = dict(method=method, lr=2e-3 if method == "zo" else 5e-4, rank=4, seq_len=32, batch_size=16, steps=20,

@@ -27,7 +27,7 @@ def final_params(out):
     return torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)["model"]
 
 
-@pytest.mark.parametrize("preset", ["subtrack++", "grassjump", "adamw-torch"])
+@pytest.mark.parametrize("preset", ["subtrack++", pytest.param("grassjump", marks=pytest.mark.slow), pytest.param("adamw-torch", marks=pytest.mark.slow)])
 def test_resume_two_times_20_equals_40_bit_for_bit(preset, tmp_path, sotu_1k):
     full = cfg(tmp_path / "a", preset=preset, steps=40)
     train(full, dataset=sotu_1k)
@@ -43,7 +43,13 @@ def test_resume_two_times_20_equals_40_bit_for_bit(preset, tmp_path, sotu_1k):
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.parametrize("preset", list(grassopt.PRESETS))
+#: presets whose training run is in the slow suite only (each is checked step by step against the float64
+#: reference in the default one); the default suite keeps one of each subspace rule and APOLLO's scaling
+SLOW_TRAIN = ("adamw", "apollo", "ldadam", "grasswalk")
+
+
+@pytest.mark.parametrize("preset", [pytest.param(p, marks=pytest.mark.slow) if p in SLOW_TRAIN else p
+                                    for p in grassopt.PRESETS])
 def test_every_preset_lowers_the_loss_on_real_text(preset, tmp_path, sotu_1k):
     s = train(cfg(tmp_path, preset=preset, steps=100, update_interval=20, eval_every=100, log_every=10),
               dataset=sotu_1k)
@@ -57,7 +63,8 @@ def s_out(tmp_path):
     return str(tmp_path / "run")
 
 
-@pytest.mark.parametrize("kw", [{"bf16": True}, {"param_dtype": "bfloat16"}], ids=["autocast", "bf16-params"])
+@pytest.mark.parametrize("kw", [pytest.param({"bf16": True}, marks=pytest.mark.slow, id="autocast"),
+                                pytest.param({"param_dtype": "bfloat16"}, id="bf16-params")])
 def test_bf16_autocast_and_bf16_parameters_lower_the_loss(kw, tmp_path, sotu_1k):
     s = train(cfg(tmp_path, preset="subtrack++", steps=60, eval_every=60, **kw), dataset=sotu_1k)
     assert s["final_eval_loss"] < 6.2
@@ -218,7 +225,7 @@ def _resume_equals_full(tmp_path, sotu_1k, **kw):
 
 
 @pytest.mark.parametrize("kw", [dict(preset="rso", sketch_rank=0.25, update_interval=7),
-                                dict(preset="adamw-torch", sketch="haar", sketch_rank=0.25),
+                                pytest.param(dict(preset="adamw-torch", sketch="haar", sketch_rank=0.25), marks=pytest.mark.slow),
                                 dict(preset="subtrack++", sketch="gaussian", sketch_rank=0.25)],
                          ids=["rso", "estimator-adamw", "estimator-subtrack++"])
 def test_sketched_training_learns_saves_activations_and_resumes_bit_identically(kw, tmp_path, sotu_1k):
@@ -231,7 +238,7 @@ def test_sketched_training_learns_saves_activations_and_resumes_bit_identically(
     assert hist[-1]["loss"] < hist[0]["loss"] - 0.5, (hist[0]["loss"], hist[-1]["loss"])
 
 
-@pytest.mark.parametrize("preset", ["subtrack++", "adamw-torch"])
+@pytest.mark.parametrize("preset", ["subtrack++", pytest.param("adamw-torch", marks=pytest.mark.slow)])
 def test_layerwise_training_equals_ordinary_training_and_resumes(preset, tmp_path, sotu_1k):
     kw = dict(preset=preset, grad_accum=2, clip=0.5, clip_mode="per-parameter")
     ordinary = train(cfg(tmp_path / "o", steps=40, **kw), dataset=sotu_1k)
