@@ -158,11 +158,15 @@ def _common(args: argparse.Namespace) -> dict:
 def stage2(args: argparse.Namespace) -> None:
     """Each method's hidden rate at the fixed plain_lr."""
     plain = _common(args)["plain_lr"]
-    cmds = [(f"2-{_slug(name)}", _bench(args, [
+    _run_all([_sweep(args, "2", name, variant, grid, plain)
+              for name, (variant, grid) in METHODS.items() if name in args.methods], args.jobs)
+
+
+def _sweep(args: argparse.Namespace, stage: str, name: str, variant: str, grid: list[float], plain: float):
+    """The bench invocation that sweeps ``variant``'s hidden rate over ``grid`` at ``plain`` (report ``<stage>-<name>``)."""
+    return (f"{stage}-{_slug(name)}", _bench(args, [
         "--presets", variant, "--plain-lr", f"{plain:g}", "--sweep-lrs", f"{variant}=" + ",".join(f"{x:g}" for x in grid),
-        "--sweep-only", "--report-dir", str(Path(args.out) / "reports" / f"2-{_slug(name)}")]))
-        for name, (variant, grid) in METHODS.items() if name in args.methods]
-    _run_all(cmds, args.jobs)
+        "--sweep-only", "--report-dir", str(Path(args.out) / "reports" / f"{stage}-{_slug(name)}")]))
 
 
 def _rates(args: argparse.Namespace) -> dict[str, tuple[str, float]]:
@@ -200,10 +204,7 @@ def stage4(args: argparse.Namespace) -> None:
     horizon and evaluation steps (so that seed 0 is its sweep run at that rate, with the same settings)."""
     plain = _common(args)["plain_lr"]
     chosen = {n: v for n, v in FRONTIER.items() if n in args.frontier}
-    _run_all([(f"4-{_slug(name)}", _bench(args, [
-        "--presets", variant, "--plain-lr", f"{plain:g}", "--sweep-lrs", f"{variant}=" + ",".join(f"{x:g}" for x in grid),
-        "--sweep-only", "--report-dir", str(Path(args.out) / "reports" / f"4-{_slug(name)}")]))
-        for name, (variant, grid) in chosen.items()], args.jobs)
+    _run_all([_sweep(args, "4", name, variant, grid, plain) for name, (variant, grid) in chosen.items()], args.jobs)
     rates = _rates(args)
     for name, (variant, _) in chosen.items():
         rows = _sweep_rows(args, f"4-{_slug(name)}")
