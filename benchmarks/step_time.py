@@ -346,7 +346,10 @@ def write_report(rows, profiles, updates, args, out: Path) -> None:
                   "one `update` of each rule as the optimizer calls it (given `Q^T X`, then the "
                   "re-orthonormalisation check). `svd` is a full thin SVD whatever the rank (measured once per shape). "
                   "`floor` is one projected step of that matrix (the two products); `T for 5%` is the update interval "
-                  "at which the updates cost 5% of the optimizer's time on this matrix (`20 * update / floor`).", "",
+                  "at which the updates cost 5% of the optimizer's time on this matrix (`20 * update / floor`)."
+                  + (f" These rows are reused from the run of {updates[0]['from']} (`--reuse-shapes`): they time "
+                     "the rules' updates alone, which the step's code does not touch." if "from" in updates[0] else ""),
+                  "",
                   "| model | rank | rule | one update (s) | / svd | floor step (s) | T for 5% |",
                   "|---|---:|---|---:|---:|---:|---:|"]
         svd = {(u["model"], u["rank"]): u["seconds"] for u in updates if u["rule"] == "svd"}
@@ -389,6 +392,22 @@ def write_report(rows, profiles, updates, args, out: Path) -> None:
     print("\n".join(lines))
 
 
+def reused_shapes(out: Path) -> list[dict]:
+    """The basis-update rows of the previous run in ``out``, each marked with that run's date."""
+    path = out / "step_time.json"
+    try:
+        prev = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise SystemExit(f"step_time.py: --reuse-shapes needs a previous {path}; run without it once") from None
+    updates = prev.get("updates") or []
+    if not updates:
+        raise SystemExit(f"step_time.py: {path} has no basis-update rows to reuse; run without --reuse-shapes")
+    import subprocess  # the date of the commit that stored them (a clone's files all carry its checkout time)
+    git = subprocess.run(["git", "log", "-1", "--format=%cs", "--", path.name], cwd=out, capture_output=True, text=True)
+    when = git.stdout.strip() or time.strftime("%Y-%m-%d", time.gmtime(path.stat().st_mtime))
+    return [{**u, "from": u.get("from", when)} for u in updates]
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=300)
@@ -400,6 +419,9 @@ def main(argv=None) -> None:
                                                      "adamw, state_dtype=int8", "adamw, state_dtype=int8, compile=True"],
                     help="presets whose non-update steps are profiled")
     ap.add_argument("--no-shapes", action="store_true", help="skip the 1B/7B basis-update part")
+    ap.add_argument("--reuse-shapes", action="store_true",
+                    help="take the 1B/7B basis-update part from the previous step_time.json in --out (it times the "
+                         "rules' updates alone, which the step's code does not touch), with the date of that run")
     ap.add_argument("--no-compile", dest="compile", action="store_false",
                     help="no compile=True rows (by default each grassopt row is followed by its compiled row)")
     ap.add_argument("--shape-repeats", type=int, default=3)
@@ -409,7 +431,8 @@ def main(argv=None) -> None:
     grads = make_grads(args.grad_sets)
     rows, runs = run_steps(args, grads)
     profiles = {label: profile(runs[label], grads) for label in args.profile if label in runs}
-    updates = [] if args.no_shapes else basis_updates(args.shape_repeats)
+    updates = [] if args.no_shapes else reused_shapes(Path(args.out)) if args.reuse_shapes \
+        else basis_updates(args.shape_repeats)
     write_report(rows, profiles, updates, args, Path(args.out))
 
 

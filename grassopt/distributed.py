@@ -294,12 +294,13 @@ class FSDPSubspaceAdamW(SubspaceAdamW):
 
     ``owners=True`` shares the projected work out instead: each projected matrix has one owner rank
     (:func:`assign_owners`: balanced by the cost of a basis update, ``m n min(m, n)``), which alone steps it
-    (basis updates included) and holds its low-rank state and generators. At a step, every matrix's gradient
-    and weight shards are gathered to its owner (``dist.gather``), the owners step their matrices (all ranks
-    at once), and each owner scatters the new rows back to their shards (``dist.scatter``). The numbers are
-    the replicated step's, bit for bit (the same function on the same whole matrices, with the same seeded
-    generators); the projected state and the subspace work per rank shrink to about 1/N. Transient memory:
-    the owned matrices and their gradients, whole (about 1/N of the projected weights, twice). Every rank
+    (basis updates included) and holds its low-rank state and generators. A step runs in rounds: in round
+    ``k``, every rank's ``k``-th owned matrix has its gradient and weight shards gathered to its owner
+    (``dist.gather``), the owners step them (all ranks at once), and each owner scatters the new rows back
+    to their shards (``dist.scatter``). The numbers are the replicated step's, bit for bit (the same function
+    on the same whole matrices, with the same seeded generators, each owner's in index order); the projected
+    state and the subspace work per rank shrink to about 1/N. Transient memory: one owned matrix and its
+    gradient, whole. Every rank
     must call :meth:`step` (and :meth:`state_dict`, which gathers the owners' states) together.
 
     Checkpoints: :meth:`state_dict` gathers everything into full tensors (a collective: call it on every
@@ -390,46 +391,53 @@ class FSDPSubspaceAdamW(SubspaceAdamW):
             self._step_sharded(proxy, p)
 
     def _step_owned(self, pairs: list[tuple[Tensor, DTensor]]) -> None:
-        """``owners=True``: each matrix's gradient and weight are gathered to its owner (every matrix
-        first), each owner steps its matrices (the ranks at once), then each owner scatters the new rows."""
+        """``owners=True``, in rounds: in round ``k`` every rank's ``k``-th owned matrix has its gradient and
+        weight gathered to its owner, the owners step them (the ranks at once), and each owner scatters the
+        new rows. A rank so holds one owned matrix and its gradient whole at a time, and each owner steps its
+        matrices in index order, as the replicated step does."""
         pairs = [(proxy, p) for proxy, p in pairs if p.grad is not None]
         if not pairs:
             return
         mesh = pairs[0][1].device_mesh
         group = mesh.get_group()
         me, world = mesh.get_local_rank(), mesh.size()
-        stepped: dict[int, list[Tensor]] = {}
-        gathered = []
+        queues: list[list[tuple[Tensor, DTensor]]] = [[] for _ in range(world)]
         for proxy, p in pairs:
-            owner = self._owner[id(proxy)]
-            sizes = _chunk_sizes(p.shape[0], world)
-            grad, weight = p.grad.to_local(), p.to_local()  # type: ignore[union-attr]  # (a DTensor's gradient)
-            lists: list[list[Tensor]] = []
-            for t in (grad, weight):
-                mine = _padded(t, sizes[0])
-                parts = [torch.empty_like(mine) for _ in range(world)] if me == owner else None
-                dist.gather(mine, parts, dst=dist.get_global_rank(group, owner), group=group)
-                lists.append(parts or [])
-            if me == owner:
-                gathered.append((proxy, [torch.cat([t[:n] for t, n in zip(parts, sizes)]) for parts in lists], sizes))
-        for proxy, (full_grad, full_weight), sizes in gathered:  # the same step as the replicated one
-            placeholder = proxy.data
-            proxy.data, proxy.grad = full_weight, full_grad
-            try:
-                super().step_parameters([proxy])
-                rows = proxy.data.split(sizes)
-                stepped[id(proxy)] = [_padded(r, sizes[0]) for r in rows]
-            finally:
-                proxy.grad = None
-                proxy.data = placeholder
-        for proxy, p in pairs:
-            owner = self._owner[id(proxy)]
-            local = p.to_local()
-            sizes = _chunk_sizes(p.shape[0], world)
-            out = torch.empty((sizes[0], *local.shape[1:]), dtype=local.dtype, device=local.device)
-            dist.scatter(out, stepped.get(id(proxy)) if me == owner else None, src=dist.get_global_rank(group, owner),
-                         group=group)
-            local.copy_(out[:sizes[me]])
+            queues[self._owner[id(proxy)]].append((proxy, p))
+        for k in range(max(len(q) for q in queues)):
+            rnd = [q[k] for q in queues if k < len(q)]  # at most one matrix per owner
+            mine: tuple[Tensor, list[Tensor], list[int]] | None = None
+            for proxy, p in rnd:
+                owner = self._owner[id(proxy)]
+                sizes = _chunk_sizes(p.shape[0], world)
+                lists: list[list[Tensor]] = []
+                for t in (p.grad.to_local(), p.to_local()):  # type: ignore[union-attr]  # (a DTensor's gradient)
+                    shard = _padded(t, sizes[0])
+                    parts = [torch.empty_like(shard) for _ in range(world)] if me == owner else None
+                    dist.gather(shard, parts, dst=dist.get_global_rank(group, owner), group=group)
+                    lists.append(parts or [])
+                if me == owner:
+                    mine = (proxy, [torch.cat([t[:n] for t, n in zip(parts, sizes)]) for parts in lists], sizes)
+            rows: list[Tensor] | None = None
+            if mine is not None:  # the same step as the replicated one, on the whole matrix
+                proxy, (full_grad, full_weight), sizes = mine[0], mine[1], mine[2]
+                placeholder = proxy.data
+                proxy.data, proxy.grad = full_weight, full_grad
+                try:
+                    super().step_parameters([proxy])
+                    rows = [_padded(r, sizes[0]) for r in proxy.data.split(sizes)]
+                finally:
+                    proxy.grad = None
+                    proxy.data = placeholder
+                mine = None  # (the whole matrix and gradient freed before the next round)
+                del full_grad, full_weight
+            for proxy, p in rnd:
+                owner = self._owner[id(proxy)]
+                local = p.to_local()
+                sizes = _chunk_sizes(p.shape[0], world)
+                out = torch.empty((sizes[0], *local.shape[1:]), dtype=local.dtype, device=local.device)
+                dist.scatter(out, rows if me == owner else None, src=dist.get_global_rank(group, owner), group=group)
+                local.copy_(out[:sizes[me]])
 
     @contextlib.contextmanager
     def _shards(self, pairs: list[tuple[Tensor, DTensor]]) -> Iterator[list[Tensor]]:

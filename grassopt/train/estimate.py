@@ -258,8 +258,9 @@ class Estimate:
         (:func:`grassopt.distributed.assign_owners`, ``FSDPSubspaceAdamW(owners=True)``), or, with
         ``owners=False``, whole on every rank; the activations of one rank's micro-batch; and ``transient``,
         what is gathered at the worst moment: the root's parameters and two blocks unsharded (FSDP2's default
-        prefetch), or the matrices a rank steps, whole, with their gradients (its owned ones; without owners,
-        the largest one), whichever is larger (an upper bound from the shapes, not a measurement)."""
+        prefetch), or the matrix a rank steps, whole, with its gradient (the largest of its owned ones, which
+        it gathers one at a time; without owners, the largest one), whichever is larger (an upper bound from
+        the shapes, not a measurement)."""
         if self.layerwise or self.mode is not None:
             raise ValueError("FSDP is priced without layer-wise updates and activation-saving layers: leave out "
                              "--layerwise and --activations")
@@ -288,8 +289,7 @@ class Estimate:
             unit[key] = unit.get(key, 0) + p.weights
         blocks = [v for k, v in unit.items() if k != "root"]
         gathered = unit.get("root", 0) + 2 * max(blocks, default=0)
-        stepped = (max(sum(p.weights + p.gradients for p in projected if p.name in names) for names in mine) if owners
-                   else max((p.weights + p.gradients for p in projected), default=0))
+        stepped = max((p.weights + p.gradients for p in projected), default=0)
         t["transient"] = 0 if world_size == 1 else max(gathered, stepped)
         t["sketch_matrices"] = self.sketch_matrices
         t["total"] = sum(t[k] for k in ("weights", "gradients", "states", "activations", "transient", "sketch_matrices"))
