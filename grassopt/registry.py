@@ -170,18 +170,21 @@ def _build_ref_apollo(r: Request) -> torch.optim.Optimizer:
                            lr=r.lr, betas=r.betas, weight_decay=r.weight_decay)
 
 
-def _hidden_by_rank(r: Request, ours: str) -> tuple[dict[int, list[nn.Parameter]], list[nn.Parameter]]:
-    """({rank: the hidden matrices at that rank}, every other trainable parameter): the targets and ranks of
-    :func:`grassopt.param_groups` (``r.rank``, else the default rank of our preset ``ours``); a matrix whose
-    short side is not larger than its rank is left with the others (as grassopt leaves it unprojected)."""
-    spec = default_rank(ours) if r.rank is None else r.rank
-    by_rank: dict[int, list[nn.Parameter]] = {}
-    for _, w in hidden_matrices(r.model, r.targets):
+def _by_rank(model: nn.Module, rank: int | str | None, targets: Iterable[str], ours: str
+             ) -> tuple[dict[int, list[nn.Parameter]], list[nn.Parameter]]:
+    """({rank: the hidden matrices at that rank, ranks ascending}, every other trainable parameter), each in
+    ``model.parameters()`` order: the targets and ranks of :func:`grassopt.param_groups` (``rank``, else the
+    default rank of our preset ``ours``); a matrix whose short side is not larger than its rank is left with
+    the others (as grassopt leaves it unprojected)."""
+    spec = default_rank(ours) if rank is None else rank
+    rank_of = {}
+    for _, w in hidden_matrices(model, targets):
         k = resolve_rank(spec, w.shape)
         if k < min(w.shape):
-            by_rank.setdefault(k, []).append(w)
-    inside = {id(w) for ws in by_rank.values() for w in ws}
-    return by_rank, [p for p in r.model.parameters() if p.requires_grad and id(p) not in inside]
+            rank_of[id(w)] = k
+    params = [p for p in model.parameters() if p.requires_grad]
+    by_rank = {k: [p for p in params if rank_of.get(id(p)) == k] for k in sorted(set(rank_of.values()))}
+    return by_rank, [p for p in params if id(p) not in rank_of]
 
 
 def _build_ref_alice(r: Request) -> torch.optim.Optimizer:
@@ -189,7 +192,7 @@ def _build_ref_alice(r: Request) -> torch.optim.Optimizer:
     ``torch.optim.AdamW`` on everything else (at ``plain_lr``), as one optimizer."""
     references.require(r.name)
     from pytorch_optimizer import Alice
-    by_rank, rest = _hidden_by_rank(r, "galore")
+    by_rank, rest = _by_rank(r.model, r.rank, r.targets, "galore")
     opts = {"alpha": 0.3, "alpha_c": 0.4, "gamma": 1.01, "leading_basis": 40, **r.options}
     interval = r.update_interval or SUBSPACE_DEFAULTS["update_interval"]
     groups = [{"params": ws, "rank": k, "update_interval": interval, **opts,
@@ -209,7 +212,7 @@ def _build_ref_galore_adafactor(r: Request) -> torch.optim.Optimizer:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from galore_torch import GaLoreAdafactor
-    by_rank, rest = _hidden_by_rank(r, "galore")
+    by_rank, rest = _by_rank(r.model, r.rank, r.targets, "galore")
     interval = r.update_interval or SUBSPACE_DEFAULTS["update_interval"]
     groups = [{"params": ws, "rank": k, "update_proj_gap": interval, "scale": r.options.get("alpha", 0.25),
                "proj_type": "std"} for k, ws in sorted(by_rank.items())]
@@ -303,16 +306,9 @@ def _reference_groups(model: nn.Module, rank: int | str | None, update_interval:
     else the default rank of our preset ``ours``) as :func:`grassopt.param_groups`. With ``plain``,
     the projected groups come first, then the unprojected hidden matrices (at lr), then the plain
     parameters at ``plain.lr`` and ``plain.weight_decay``."""
-    spec = default_rank(ours) if rank is None else rank
-    rank_of = {}
-    for _, w in hidden_matrices(model, targets):
-        r = resolve_rank(spec, w.shape)
-        if r < min(w.shape):
-            rank_of[id(w)] = r
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in rank_of]
-    projected = [{"params": [p for p in model.parameters() if rank_of.get(id(p)) == r], "rank": r,
-                  "update_proj_gap": update_interval or SUBSPACE_DEFAULTS["update_interval"],
-                  "proj_type": "std", **extra} for r in sorted(set(rank_of.values()))]
+    by_rank, rest = _by_rank(model, rank, targets, ours)
+    projected = [{"params": ws, "rank": r, "update_proj_gap": update_interval or SUBSPACE_DEFAULTS["update_interval"],
+                  "proj_type": "std", **extra} for r, ws in by_rank.items()]
     if plain is None:
         return [{"params": rest}, *projected]
     kept = {"params": [p for p in rest if id(p) in plain.hidden]}
