@@ -25,6 +25,12 @@ to a root sends each non-root's part once). FLOPs and bytes are counted at the l
 one basis update), which are not timed.
 
     python benchmarks/distributed.py [--model tiny] [--vocab 2048] [--worlds 1 2 4] [--presets subtrack++ galore]
+
+Presets: ``subtrack++`` (the default preset; its basis update is a Grassmann step, as cheap as the projections)
+and ``galore`` (an SVD of every gradient at a basis update: the case the basis-update time target is about).
+The default model, ``tiny`` with a 2048-token vocabulary, has 4 blocks (28 projected matrices: 3.2 M of its
+4.2 M parameters), so the owners balance to within a matrix at 2 and 4 ranks, and the whole command takes a
+few minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -524,28 +530,61 @@ def versions() -> dict[str, str]:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
             pass
+    import subprocess
+    try:  # the checkout that ran (PYTHONPATH=. runs it whatever is installed)
+        commit = subprocess.run(["git", "-C", str(HERE), "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    if commit:
+        out["grassopt"] = f"{out.get('grassopt', '?')} (commit {commit})"
     return out
 
 
-def report(rows: list[dict[str, Any]], args: argparse.Namespace, dest: Path, wall: float) -> str:
+def model_shape(args: argparse.Namespace) -> dict[str, int]:
+    """Parameters of the model and of its projected matrices (the hidden linear layers)."""
+    import grassopt
+    from grassopt.train.model import Llama, config
+
+    with torch.device("meta"):
+        model = Llama(config(args.model, vocab_size=args.vocab, max_seq_len=args.seq_len))
+    groups = grassopt.param_groups(model, "subtrack++", rank=args.rank)
+    projected = [p for g in groups if g.get("rank") is not None
+                 for p in (x[1] if isinstance(x, tuple) else x for x in g["params"])]
+    return {"parameters": sum(p.numel() for p in model.parameters()), "projected_matrices": len(projected),
+            "projected_parameters": sum(p.numel() for p in projected), "blocks": len(model.layers)}
+
+
+def report(rows: list[dict[str, Any]], args: argparse.Namespace, dest: Path, wall: float,
+           load: tuple[list[float], list[float]] | None = None) -> str:
+    """Write distributed.md (keeping its analysis block), .json and .png; return the markdown. ``load``: the
+    load averages (1, 5, 15 min) at the start and the end of the run."""
     summary = summarize(rows, args)
     add_ratios(summary)
     cores = os.cpu_count() or 1
     cmd = "python benchmarks/distributed.py " + " ".join(shlex.quote(a) for a in args.argv)
     vers = versions()
     steps = 1 + args.updates * args.update_interval
+    shape = model_shape(args)
+    loads = (f" Load average (1 min) {load[0][0]:.2f} at the start, {load[1][0]:.2f} at the end." if load else "")
     lines = [
         "# Per rank under DDP, replicated FSDP and owner-sharded FSDP, at 1, 2 and 4 processes", "",
         f"Command: `{cmd.strip()}` ({wall / 60:.1f} min). "
-        f"Machine: {platform.machine()}, {cores} cores; " + ", ".join(f"{k} {v}" for k, v in vers.items()) + ".",
+        f"Machine: {platform.machine()}, {cores} cores; " + ", ".join(f"{k} {v}" for k, v in vers.items()) + "." + loads,
         "",
-        f"Model `{args.model}` (vocabulary {args.vocab}), fp32, rank {args.rank} for the projected matrices, a basis "
+        f"Model `{args.model}` (vocabulary {args.vocab}; {shape['parameters'] / 1e6:.2f} M parameters, of which "
+        f"{shape['projected_parameters'] / 1e6:.2f} M in the {shape['projected_matrices']} projected matrices of "
+        f"{shape['blocks']} blocks), fp32, rank {args.rank} for the projected matrices, a basis "
         f"update every {args.update_interval} steps; each rank trains on its own micro-batch of {args.batch} x "
         f"{args.seq_len} random tokens; gloo, one intra-op thread per process; {steps} steps per case: the first (it "
         f"builds the bases) untimed, the last two (one normal step, one basis update) counted instead of timed. Every (preset, mode, world size) is a fresh "
         f"group of processes. `ddp`: `SubspaceAdamW` under `DistributedDataParallel`; `fsdp-replicated`: "
         f"`FSDPSubspaceAdamW(owners=False)`; `fsdp-owners`: `FSDPSubspaceAdamW(owners=True)` (what `grassopt train "
         f"--fsdp` uses). Ratios (×) are to the same preset and mode at world size 1.",
+        "",
+        "Presets: `subtrack++`, the default (its basis update is one Grassmann step: a few products of the gradient "
+        "with the basis, the size of the projections) and `galore`, whose basis update is an SVD of every gradient "
+        "(most of its update step's FLOPs): the telling case for the basis-update target.",
         "",
         f"**Timings were taken on a {cores}-core machine**: up to {cores} processes have a core each; at larger world "
         "sizes the processes share cores, so their wall times include waiting for a core, and the basis-update target "
@@ -616,7 +655,8 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, dest: Path, wal
     md.write_text(text + "\n" + (keep or "<!-- analysis -->\n<!-- /analysis -->\n"))
     (dest / "distributed.json").write_text(json.dumps(
         {"command": cmd.strip(), "args": {k: v for k, v in vars(args).items() if k != "argv"}, "versions": vers,
-         "machine": {"arch": platform.machine(), "cores": cores}, "wall_s": wall, "summary": summary, "rows": rows},
+         "machine": {"arch": platform.machine(), "cores": cores, "load_start_end": load}, "model": shape,
+         "wall_s": wall, "summary": summary, "rows": rows},
         indent=1))
     plot(summary, args, dest / "distributed.png", cores)
     return text
@@ -684,7 +724,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.update_interval < 2 or args.updates < 2:
         ap.error("--update-interval and --updates must be at least 2 (one basis update is counted, not timed)")
-    start = time.perf_counter()
+    start, load0 = time.perf_counter(), list(os.getloadavg())
     rows: list[dict[str, Any]] = []
     for preset in args.presets:
         for mode in args.modes:
@@ -693,7 +733,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows += run_case(args, preset, mode, world)
                 print(f"[distributed] {preset} {mode} N={world}: {time.perf_counter() - t0:.1f} s", file=sys.stderr,
                       flush=True)
-    print(report(rows, args, Path(args.dest), time.perf_counter() - start))
+    print(report(rows, args, Path(args.dest), time.perf_counter() - start, (load0, list(os.getloadavg()))))
     return 0
 
 
