@@ -711,7 +711,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vocab", type=int, default=2048,
                     help="vocabulary size (default 2048: the projected matrices hold most of the parameters)")
     ap.add_argument("--rank", type=int, default=64)
-    ap.add_argument("--update-interval", type=int, default=4, help="steps between basis updates (>= 2)")
+    ap.add_argument("--update-interval", type=int, default=3, help="steps between basis updates (>= 2)")
     ap.add_argument("--updates", type=int, default=4,
                     help="basis updates per case after the first step (one of them counted, the others timed)")
     ap.add_argument("--batch", type=int, default=2, help="sequences per rank and step")
