@@ -106,7 +106,10 @@ def main(argv=None) -> int:
                      f"{r['tokens_per_s']:.0f} | {r['tokens_per_s'] / ref['tokens_per_s']:.3f} | "
                      f"{r['state_bytes'] / 1e6:.2f} |")
     out = Path(args.out)
-    (out / "train_step_time.md").write_text("\n".join(lines) + "\n")
+    md = out / "train_step_time.md"  # the hand-written analysis of the last report is kept
+    old = md.read_text() if md.exists() else ""
+    keep = old[old.index("<!-- analysis -->"):] if "<!-- analysis -->" in old else "<!-- analysis -->\n<!-- /analysis -->\n"
+    md.write_text("\n".join(lines) + "\n\n" + keep)
     (out / "train_step_time.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     plot(rows, out / "train_step_time.png")
     print("\n".join(lines))
