@@ -179,8 +179,9 @@ def memory_part() -> list[dict]:
 
 
 def quality_part(out: Path, seeds: list[int]) -> dict:
+    shown = out.resolve().relative_to(ROOT) if out.resolve().is_relative_to(ROOT) else out
     cmd = ["grassopt", "bench", *QUALITY_ARGS, "--presets", *[v for _, v in QUALITY], "--seeds", *map(str, seeds),
-           "--title", "int8 weights and compressed bases (issue 28), on the contest protocol", "--out", str(out)]
+           "--title", "int8 weights and compressed bases (issue 28), on the contest protocol", "--out", str(shown)]
     subprocess.run([sys.executable, "-m", "grassopt", *cmd[1:]], check=True, cwd=ROOT)
     from grassopt.train.estimate import estimate
     rows = []
@@ -283,13 +284,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parts", nargs="+", default=["blocks", "bases", "memory", "quality"],
                     choices=["blocks", "bases", "memory", "quality"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    ap.add_argument("--out", default=str(HERE / "low_bit" / "quality"), help="the quality runs' bench folder (reused)")
+    ap.add_argument("--out", default="benchmarks/low_bit/quality",
+                    help="the quality runs' bench folder (finished runs are reused; their summaries are committed)")
     args = ap.parse_args(argv)
     store = HERE / "int8_weights.json"
     results = json.loads(store.read_text()) if store.exists() else {}
     for part in args.parts:
         results[part] = {"blocks": blocks_part, "bases": bases_part, "memory": memory_part}[part]() \
-            if part != "quality" else quality_part(Path(args.out), args.seeds)
+            if part != "quality" else quality_part(ROOT / args.out, args.seeds)
     store.write_text(json.dumps(results, indent=1))
     write(results, HERE / "int8_weights.md")
     return 0
