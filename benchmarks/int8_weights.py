@@ -21,7 +21,8 @@ exact: what ``grassopt memory 7b ...`` prints). Instant.
 basis updates every 40 steps, the common parts at ``plain_lr`` 0.1, ``subtrack++`` at the rate its sweep
 chose, 1e-2) at its sweep horizon (250 steps, 512k tokens), seeds 0 and 1, through ``grassopt bench``:
 float32 weights; int8 weights rounded stochastically and to nearest; int8 bases; and the configuration of
-the 10 GiB row (rank 1/16 of the short side, int8 weights and int8 bases) beside float32 at that rank.
+the 10 GiB row (rank 1/16 of the short side, int8 weights, int8 bases, then int8 moments too) beside
+float32 at that rank.
 ``int8-fp32`` keeps float32 around the int8 weights (their effect alone, at float32 speed: this CPU runs
 bf16 products far slower). Finished runs are reused; about 12 runs of 6 minutes on one idle thread.
 
@@ -91,7 +92,9 @@ QUALITY = [("float32", "subtrack++"),
            ("int8 bases", "subtrack++:basis_dtype=int8"),
            ("float32, rank 16", "subtrack++:rank=16"),
            ("rank 16, int8 weights (stochastic) and int8 bases",
-            "subtrack++:rank=16,param_dtype=int8-fp32,stochastic_rounding=True,basis_dtype=int8")]
+            "subtrack++:rank=16,param_dtype=int8-fp32,stochastic_rounding=True,basis_dtype=int8"),
+           ("rank 16, int8 weights (stochastic), int8 bases and int8 moments: the 10 GiB configuration",
+            "subtrack++:rank=16,param_dtype=int8-fp32,stochastic_rounding=True,basis_dtype=int8,state_dtype=int8")]
 QUALITY_ARGS = ["--model", "tiny", "--steps", "250", "--batch-size", "8", "--seq-len", "256", "--rank", "64",
                 "--update-interval", "40", "--eval-every", "250", "--threads", "1", "--no-refs", "--no-progress",
                 "--lr", "1e-2", "--plain-lr", "0.1"]

@@ -6,8 +6,8 @@ and against wall time as PNGs) sets every preset beside ``torch.optim.AdamW``. A
 learning-rate sweep first picks each preset's best rate on a short horizon; an optional sweep of a
 preset's ``plain_lr`` (the rate of what it does not project) then picks that at the chosen rate.
 Finished runs are reused when the bench is started again with the same settings (``--no-reuse`` to
-redo them); where the runs are (``out``, ``cache_dir``) does not count, so a bench folder moved or copied
-elsewhere keeps its runs.
+redo them), and a run stopped with a checkpoint (Ctrl-C) is resumed from it; where the runs are (``out``,
+``cache_dir``) does not count, so a bench folder moved or copied elsewhere keeps its runs.
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ BENCH_FLAGS = {
 BENCH_FIELDS = {
     "preset": "a variant's NAME (--presets)",
     "out": "each run's folder under --out (runs/<variant>-s<seed>, sweep/...)",
-    "resume": "a finished run is reused, any other is started afresh (--no-reuse: always afresh)",
+    "resume": "a finished run is reused, a stopped one with the same settings resumed from its checkpoint, any other "
+              "started afresh (--no-reuse: always afresh)",
     "overwrite": "as resume", "checkpoint_every": "each run checkpoints at its end only",
     "stop_after": "each run runs to its end", "plot": "each run writes its loss.png (the sweep's do not)",
     "profile_memory": "not measured by the bench", "subspace_quality": "not measured by the bench",
@@ -256,21 +257,26 @@ def preflight(label: str, cfg: TrainConfig) -> None:
 #: instead of an absolute --out, still reuses its runs. Safe for ``out``: the run checked is the one in ``cfg.out``.
 LOCATION_FIELDS = ("out", "cache_dir")
 #: Fields a reused run may differ in: the location fields and those that do not change its numbers or files.
-REUSE_IGNORES = ("progress", "threads", "plot", "overwrite", *LOCATION_FIELDS)
+REUSE_IGNORES = ("progress", "threads", "plot", "overwrite", "resume", "stop_after", *LOCATION_FIELDS)
 
 
 def _run(cfg: TrainConfig, reuse: bool, label: str) -> dict[str, Any]:
     """Train ``cfg`` unless a finished run with the same settings (but :data:`REUSE_IGNORES`) is already in
-    ``cfg.out``."""
+    ``cfg.out``. A run with the same settings that was stopped before its end with a checkpoint (Ctrl-C:
+    ``grassopt train`` writes one as it stops) is resumed from it, which gives the numbers of an
+    uninterrupted run; anything else is run afresh."""
     out = Path(cfg.out)
     summary_path, config_path = out / "summary.json", out / "config.json"
-    if reuse and summary_path.is_file() and config_path.is_file():
+    if reuse and config_path.is_file():
         saved = json.loads(config_path.read_text())
         same = not config_differences(saved, cfg, ignore=REUSE_IGNORES)
-        summary = json.loads(summary_path.read_text())
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
         if same and summary.get("finished"):
             print(f"[bench] {label}: reusing the finished run in {out}", file=sys.stderr)
             return summary
+        if same and (out / "checkpoint.pt").is_file():
+            print(f"[bench] {label}: resuming the stopped run in {out}", file=sys.stderr, flush=True)
+            return train(dataclasses.replace(cfg, resume=True, overwrite=False))
     print(f"[bench] {label}", file=sys.stderr, flush=True)
     return train(dataclasses.replace(cfg, overwrite=True))  # not reusable: run it afresh
 
